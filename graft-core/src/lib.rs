@@ -1,0 +1,53 @@
+//! `graft-core`: the model every graft component shares.
+//!
+//! graft hands a containerized program sockets that live in the host's network
+//! namespace. Four programs cooperate — the daemon `graftd`, the `ip graft`
+//! command, the preload library `libgraft-convert` and the `graft` launcher — and
+//! this crate is the vocabulary they agree on:
+//!
+//! * [`name`]: endpoint names (at most 15 bytes, as in AF_GRAFT).
+//! * [`endpoint`]: what an endpoint is (an IPv4/IPv6 address and port, or a unix
+//!   path) and how `ip graft` spells it.
+//! * [`rules`]: the ingress (`-i ADDR:PORT[-PORT]=EP`) and egress
+//!   (`-e PREFIX/LEN=EP`, `-x PREFIX/LEN`) mapping rules, their parser and matcher.
+//! * [`sockopt`]: which socket options a grafted socket carries over from the
+//!   application's socket, and which ones graftd refuses because they would let a
+//!   container escape the endpoint it was given.
+//! * [`proto`]: the two wire protocols: `control` (JSON over graftd's root-only
+//!   filesystem socket) and `broker` (fixed-size binary records over the
+//!   per-namespace abstract socket, parseable without allocation).
+//!
+//! Nothing here performs I/O policy; the crate only defines and validates.
+
+pub mod endpoint;
+pub mod name;
+pub mod netns;
+pub mod proto;
+pub mod rules;
+pub mod sockopt;
+
+pub use endpoint::{EndpointAddr, EndpointSpec};
+pub use name::EndpointName;
+pub use netns::NetnsId;
+
+/// Where graftd listens for `ip graft` requests unless told otherwise.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/graft/graftd.sock";
+/// Environment variable overriding [`DEFAULT_CONTROL_PATH`] for every client.
+pub const ENV_CONTROL: &str = "GRAFT_CONTROL";
+/// Abstract unix socket name (without the leading NUL) of the broker that graftd
+/// opens inside every network namespace that has endpoints.
+pub const DEFAULT_BROKER_NAME: &str = "graft/broker";
+/// Environment variable overriding [`DEFAULT_BROKER_NAME`] (tests run several
+/// daemons side by side).
+pub const ENV_BROKER: &str = "GRAFT_BROKER";
+/// Ingress rules for the preload library, as in AF_GRAFT's wrapper.
+pub const ENV_INGRESS: &str = "GRAFT_INGRESS_CONVERT";
+/// Egress rules for the preload library, as in AF_GRAFT's wrapper.
+pub const ENV_EGRESS: &str = "GRAFT_EGRESS_CONVERT";
+/// Egress prefixes that are never grafted.
+pub const ENV_EGRESS_EXCLUDE: &str = "GRAFT_EGRESS_EXCLUDE";
+/// `1` makes the preload library print one line per grafting decision.
+pub const ENV_VERBOSE: &str = "GRAFT_VERBOSE";
+/// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
+/// ingress-grafted socket.
+pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";

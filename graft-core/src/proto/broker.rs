@@ -1,0 +1,479 @@
+//! The broker protocol: fixed-size little-endian records, encoded and decoded
+//! without allocation so the preload library can use them anywhere.
+//!
+//! Request (`REQUEST_LEN` bytes exactly):
+//! ```text
+//!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup)
+//!  8 [u8;16] endpoint name, NUL-padded
+//! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
+//! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
+//! 40 options[MAX_OPTS], each: i32 level, i32 name, u32 len, [u8; 20] value
+//! ```
+//! Reply (`REPLY_LEN` bytes exactly; with the socket as SCM_RIGHTS on success):
+//! ```text
+//!  0 u32 magic   4 u16 version   6 u16 op
+//!  8 i32 errno (0 = success)     12 u32 reason (see `Reason`)
+//! 16 i32 option level, 20 i32 option name (of a refused option)
+//! 24 u32 address length          28 [u8; 128] sockaddr (bound address)
+//! ```
+
+use libc::c_int;
+
+use crate::name::{EndpointName, MAX_NAME_LEN};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"GRFT");
+pub const VERSION: u16 = 1;
+/// Most options one request carries.
+pub const MAX_OPTS: usize = 64;
+/// Largest option value.
+pub const OPT_VALUE_MAX: usize = 20;
+const OPT_LEN: usize = 12 + OPT_VALUE_MAX;
+const HEADER_LEN: usize = 40;
+/// Size of every request.
+pub const REQUEST_LEN: usize = HEADER_LEN + MAX_OPTS * OPT_LEN;
+/// Size of the address field of a reply.
+pub const ADDR_MAX: usize = 128;
+/// Size of every reply.
+pub const REPLY_LEN: usize = 28 + ADDR_MAX;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A socket bound to the endpoint.
+    Socket = 1,
+    /// Whether the endpoint exists (and its address); no socket.
+    Lookup = 2,
+}
+
+/// Which side of the application asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A `bind()`/`listen()` was grafted: a server socket.
+    Ingress = 0,
+    /// A `connect()`/`sendto()` was grafted: a client socket.
+    Egress = 1,
+}
+
+/// Why a request failed, beyond its errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    None = 0,
+    /// The record is not a valid request.
+    Malformed = 1,
+    /// No endpoint of that name in the caller's namespace.
+    NoEndpoint = 2,
+    /// An option in the request is refused (see the option fields).
+    OptionRefused = 3,
+    /// The socket family does not fit the endpoint's address.
+    FamilyMismatch = 4,
+    /// Creating, configuring or binding the socket in the target namespace failed.
+    SocketFailed = 5,
+    /// Policy refused the request.
+    Policy = 6,
+}
+
+impl Reason {
+    fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Reason::None,
+            1 => Reason::Malformed,
+            2 => Reason::NoEndpoint,
+            3 => Reason::OptionRefused,
+            4 => Reason::FamilyMismatch,
+            5 => Reason::SocketFailed,
+            6 => Reason::Policy,
+            _ => return None,
+        })
+    }
+
+    /// A short description for logs and error lines.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::None => "ok",
+            Reason::Malformed => "malformed request",
+            Reason::NoEndpoint => "no such endpoint in this network namespace",
+            Reason::OptionRefused => "socket option refused",
+            Reason::FamilyMismatch => "address family does not fit the endpoint",
+            Reason::SocketFailed => "creating or binding the host socket failed",
+            Reason::Policy => "refused by policy",
+        }
+    }
+}
+
+/// One socket option value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptValue {
+    pub level: c_int,
+    pub name: c_int,
+    pub len: u32,
+    pub value: [u8; OPT_VALUE_MAX],
+}
+
+impl OptValue {
+    pub const EMPTY: OptValue = OptValue {
+        level: 0,
+        name: 0,
+        len: 0,
+        value: [0; OPT_VALUE_MAX],
+    };
+
+    /// The meaningful bytes of the value.
+    pub fn bytes(&self) -> &[u8] {
+        &self.value[..(self.len as usize).min(OPT_VALUE_MAX)]
+    }
+
+    /// The value as an int, when it is one.
+    pub fn as_int(&self) -> Option<c_int> {
+        (self.len as usize == 4).then(|| {
+            c_int::from_le_bytes([self.value[0], self.value[1], self.value[2], self.value[3]])
+        })
+    }
+}
+
+/// A decoded broker request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    pub endpoint: EndpointName,
+    pub family: c_int,
+    pub sotype: c_int,
+    pub protocol: c_int,
+    pub purpose: Purpose,
+    pub nopts: usize,
+    pub opts: [OptValue; MAX_OPTS],
+}
+
+/// Why a record is not a valid request or reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record is {0} bytes, expected {1}")]
+    Size(usize, usize),
+    #[error("bad magic")]
+    Magic,
+    #[error("unsupported version {0}")]
+    Version(u16),
+    #[error("unknown op {0}")]
+    Op(u16),
+    #[error("bad endpoint name")]
+    Name,
+    #[error("unknown purpose {0}")]
+    Purpose(u16),
+    #[error("{0} options (at most {MAX_OPTS})")]
+    OptCount(u16),
+    #[error("option {0} has length {1} (at most {OPT_VALUE_MAX})")]
+    OptLen(usize, u32),
+    #[error("unused bytes are not zero")]
+    Padding,
+    #[error("unknown failure reason {0}")]
+    Reason(u32),
+    #[error("address length {0} (at most {ADDR_MAX})")]
+    AddrLen(u32),
+}
+
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn rd_i32(b: &[u8], at: usize) -> i32 {
+    rd_u32(b, at) as i32
+}
+fn wr(b: &mut [u8], at: usize, v: &[u8]) {
+    b[at..at + v.len()].copy_from_slice(v);
+}
+
+fn check_head(b: &[u8], want_len: usize) -> Result<u16, DecodeError> {
+    if b.len() != want_len {
+        return Err(DecodeError::Size(b.len(), want_len));
+    }
+    if rd_u32(b, 0) != MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    let v = rd_u16(b, 4);
+    if v != VERSION {
+        return Err(DecodeError::Version(v));
+    }
+    Ok(rd_u16(b, 6))
+}
+
+fn op_from(v: u16) -> Result<Op, DecodeError> {
+    match v {
+        1 => Ok(Op::Socket),
+        2 => Ok(Op::Lookup),
+        _ => Err(DecodeError::Op(v)),
+    }
+}
+
+impl Request {
+    /// A request with no options.
+    pub fn new(
+        op: Op,
+        endpoint: EndpointName,
+        family: c_int,
+        sotype: c_int,
+        protocol: c_int,
+        purpose: Purpose,
+    ) -> Self {
+        Request {
+            op,
+            endpoint,
+            family,
+            sotype,
+            protocol,
+            purpose,
+            nopts: 0,
+            opts: [OptValue::EMPTY; MAX_OPTS],
+        }
+    }
+
+    /// Adds an option; false when the request is full or the value too long.
+    pub fn push_opt(&mut self, level: c_int, name: c_int, value: &[u8]) -> bool {
+        if self.nopts >= MAX_OPTS || value.len() > OPT_VALUE_MAX {
+            return false;
+        }
+        let mut v = OptValue {
+            level,
+            name,
+            len: value.len() as u32,
+            value: [0; OPT_VALUE_MAX],
+        };
+        v.value[..value.len()].copy_from_slice(value);
+        self.opts[self.nopts] = v;
+        self.nopts += 1;
+        true
+    }
+
+    /// The options carried.
+    pub fn options(&self) -> &[OptValue] {
+        &self.opts[..self.nopts]
+    }
+
+    /// Encodes into `out`.
+    pub fn encode(&self, out: &mut [u8; REQUEST_LEN]) {
+        out.fill(0);
+        wr(out, 0, &MAGIC.to_le_bytes());
+        wr(out, 4, &VERSION.to_le_bytes());
+        wr(out, 6, &(self.op as u16).to_le_bytes());
+        wr(out, 8, self.endpoint.as_bytes());
+        wr(out, 24, &self.family.to_le_bytes());
+        wr(out, 28, &self.sotype.to_le_bytes());
+        wr(out, 32, &self.protocol.to_le_bytes());
+        wr(out, 36, &(self.purpose as u16).to_le_bytes());
+        wr(out, 38, &(self.nopts as u16).to_le_bytes());
+        for (i, o) in self.options().iter().enumerate() {
+            let at = HEADER_LEN + i * OPT_LEN;
+            wr(out, at, &o.level.to_le_bytes());
+            wr(out, at + 4, &o.name.to_le_bytes());
+            wr(out, at + 8, &o.len.to_le_bytes());
+            wr(out, at + 12, &o.value);
+        }
+    }
+
+    /// Decodes and validates a request record. Everything is checked: size,
+    /// magic, version, op, name, purpose, option count and lengths, and that
+    /// every byte not covered by a field is zero.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        let op = op_from(check_head(b, REQUEST_LEN)?)?;
+        let raw_name = &b[8..8 + 16];
+        let n = raw_name.iter().position(|&c| c == 0).unwrap_or(16);
+        if n > MAX_NAME_LEN || raw_name[n..].iter().any(|&c| c != 0) {
+            return Err(DecodeError::Name);
+        }
+        let endpoint = EndpointName::from_bytes(&raw_name[..n]).map_err(|_| DecodeError::Name)?;
+        let purpose = match rd_u16(b, 36) {
+            0 => Purpose::Ingress,
+            1 => Purpose::Egress,
+            v => return Err(DecodeError::Purpose(v)),
+        };
+        let nopts = rd_u16(b, 38);
+        if nopts as usize > MAX_OPTS {
+            return Err(DecodeError::OptCount(nopts));
+        }
+        let mut req = Request::new(
+            op,
+            endpoint,
+            rd_i32(b, 24),
+            rd_i32(b, 28),
+            rd_i32(b, 32),
+            purpose,
+        );
+        for i in 0..MAX_OPTS {
+            let at = HEADER_LEN + i * OPT_LEN;
+            let rec = &b[at..at + OPT_LEN];
+            if i >= nopts as usize {
+                if rec.iter().any(|&c| c != 0) {
+                    return Err(DecodeError::Padding);
+                }
+                continue;
+            }
+            let len = rd_u32(b, at + 8);
+            if len as usize > OPT_VALUE_MAX {
+                return Err(DecodeError::OptLen(i, len));
+            }
+            if rec[12 + len as usize..].iter().any(|&c| c != 0) {
+                return Err(DecodeError::Padding);
+            }
+            let mut v = OptValue {
+                level: rd_i32(b, at),
+                name: rd_i32(b, at + 4),
+                len,
+                value: [0; OPT_VALUE_MAX],
+            };
+            v.value.copy_from_slice(&rec[12..]);
+            req.opts[i] = v;
+        }
+        req.nopts = nopts as usize;
+        Ok(req)
+    }
+}
+
+/// A decoded broker reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub op: Op,
+    /// 0 on success, else the errno the application's call should fail with.
+    pub errno: c_int,
+    pub reason: Reason,
+    /// The refused option, when `reason` is `OptionRefused`.
+    pub opt_level: c_int,
+    pub opt_name: c_int,
+    /// The bound address (a raw `sockaddr`), on success.
+    pub addr_len: u32,
+    pub addr: [u8; ADDR_MAX],
+}
+
+impl Reply {
+    /// A success reply carrying the raw bound address.
+    pub fn ok(op: Op, addr: &[u8]) -> Self {
+        let mut r = Reply::err(op, 0, Reason::None);
+        let n = addr.len().min(ADDR_MAX);
+        r.addr[..n].copy_from_slice(&addr[..n]);
+        r.addr_len = n as u32;
+        r
+    }
+
+    /// A failure reply.
+    pub fn err(op: Op, errno: c_int, reason: Reason) -> Self {
+        Reply {
+            op,
+            errno,
+            reason,
+            opt_level: 0,
+            opt_name: 0,
+            addr_len: 0,
+            addr: [0; ADDR_MAX],
+        }
+    }
+
+    /// The raw bound address.
+    pub fn addr_bytes(&self) -> &[u8] {
+        &self.addr[..(self.addr_len as usize).min(ADDR_MAX)]
+    }
+
+    pub fn encode(&self, out: &mut [u8; REPLY_LEN]) {
+        out.fill(0);
+        wr(out, 0, &MAGIC.to_le_bytes());
+        wr(out, 4, &VERSION.to_le_bytes());
+        wr(out, 6, &(self.op as u16).to_le_bytes());
+        wr(out, 8, &self.errno.to_le_bytes());
+        wr(out, 12, &(self.reason as u32).to_le_bytes());
+        wr(out, 16, &self.opt_level.to_le_bytes());
+        wr(out, 20, &self.opt_name.to_le_bytes());
+        wr(out, 24, &self.addr_len.to_le_bytes());
+        wr(out, 28, &self.addr);
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        let op = op_from(check_head(b, REPLY_LEN)?)?;
+        let reason = Reason::from_u32(rd_u32(b, 12)).ok_or(DecodeError::Reason(rd_u32(b, 12)))?;
+        let addr_len = rd_u32(b, 24);
+        if addr_len as usize > ADDR_MAX {
+            return Err(DecodeError::AddrLen(addr_len));
+        }
+        let mut addr = [0u8; ADDR_MAX];
+        addr.copy_from_slice(&b[28..28 + ADDR_MAX]);
+        Ok(Reply {
+            op,
+            errno: rd_i32(b, 8),
+            reason,
+            opt_level: rd_i32(b, 16),
+            opt_name: rd_i32(b, 20),
+            addr_len,
+            addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Request {
+        let mut r = Request::new(
+            Op::Socket,
+            EndpointName::new("ep-in4").unwrap(),
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            0,
+            Purpose::Ingress,
+        );
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_le_bytes()));
+        r
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let r = sample();
+        let mut buf = [0u8; REQUEST_LEN];
+        r.encode(&mut buf);
+        assert_eq!(Request::decode(&buf).unwrap(), r);
+    }
+
+    #[test]
+    fn request_rejects_bad_records() {
+        let mut buf = [0u8; REQUEST_LEN];
+        sample().encode(&mut buf);
+        assert_eq!(
+            Request::decode(&buf[..10]),
+            Err(DecodeError::Size(10, REQUEST_LEN))
+        );
+        let mut big = buf.to_vec();
+        big.push(0);
+        assert!(matches!(Request::decode(&big), Err(DecodeError::Size(..))));
+        let mut b = buf;
+        b[0] ^= 1;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Magic));
+        let mut b = buf;
+        b[6] = 9;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Op(9)));
+        let mut b = buf;
+        b[8] = b' ';
+        assert_eq!(Request::decode(&b), Err(DecodeError::Name));
+        let mut b = buf;
+        b[38] = 200;
+        assert_eq!(Request::decode(&b), Err(DecodeError::OptCount(200)));
+        let mut b = buf;
+        b[HEADER_LEN + 8] = 99;
+        assert_eq!(Request::decode(&b), Err(DecodeError::OptLen(0, 99)));
+        let mut b = buf;
+        b[REQUEST_LEN - 1] = 1;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Padding));
+        let mut b = buf;
+        b[8..24].fill(0);
+        assert_eq!(Request::decode(&b), Err(DecodeError::Name));
+    }
+
+    #[test]
+    fn reply_round_trips() {
+        let r = Reply::ok(Op::Socket, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut buf = [0u8; REPLY_LEN];
+        r.encode(&mut buf);
+        let d = Reply::decode(&buf).unwrap();
+        assert_eq!(d, r);
+        assert_eq!(d.addr_bytes(), &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut b = buf;
+        b[24] = 200;
+        assert_eq!(Reply::decode(&b), Err(DecodeError::AddrLen(200)));
+    }
+}

@@ -1,0 +1,469 @@
+//! Mapping rules: which application sockets are grafted, and onto which
+//! endpoint.
+//!
+//! * Ingress `ADDR:PORT[-PORT]=EP`: a `bind()` to exactly `ADDR` (a wildcard
+//!   such as `0.0.0.0`/`::`, or a specific address) with a port in the range is
+//!   grafted onto `EP`. IPv6 addresses may be written bare (`:::80=ep`, as in
+//!   AF_GRAFT) or bracketed (`[::]:80=ep`).
+//! * Egress `PREFIX/LEN=EP`: the first `connect()`/`sendto()` of a socket to a
+//!   destination inside the prefix is grafted onto `EP`; longest prefix wins.
+//! * Exclusion `PREFIX/LEN`: destinations inside it are never grafted (it takes
+//!   part in longest-prefix matching and wins ties).
+//!
+//! In the environment (`GRAFT_INGRESS_CONVERT`, `GRAFT_EGRESS_CONVERT`,
+//! `GRAFT_EGRESS_EXCLUDE`) rules are separated by whitespace or commas.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::name::{EndpointName, NameError};
+
+/// Why a mapping rule does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("\"{0}\": expected ADDR:PORT[-PORT]=ENDPOINT")]
+    IngressShape(String),
+    #[error("\"{0}\": expected PREFIX/LEN=ENDPOINT")]
+    EgressShape(String),
+    #[error("\"{0}\": expected PREFIX/LEN")]
+    ExcludeShape(String),
+    #[error("\"{rule}\": \"{addr}\" is not an IPv4 or IPv6 address")]
+    BadAddr { rule: String, addr: String },
+    #[error("\"{rule}\": \"{port}\" is not a port (0-65535)")]
+    BadPort { rule: String, port: String },
+    #[error("\"{0}\": port range is reversed")]
+    ReversedRange(String),
+    #[error("\"{rule}\": prefix length \"{len}\" is not valid for this address family")]
+    BadPrefixLen { rule: String, len: String },
+    #[error("\"{0}\": address has bits set beyond the prefix length")]
+    HostBits(String),
+    #[error("\"{rule}\": {err}")]
+    Name { rule: String, err: NameError },
+}
+
+/// `ADDR:PORT[-PORT]=EP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngressRule {
+    pub addr: IpAddr,
+    pub ports: (u16, u16),
+    pub endpoint: EndpointName,
+}
+
+/// An IP prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+/// `PREFIX/LEN=EP` (`endpoint: Some`) or an exclusion (`endpoint: None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressRule {
+    pub prefix: Prefix,
+    pub endpoint: Option<EndpointName>,
+}
+
+/// What egress matching decided for a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressDecision {
+    /// Graft onto this endpoint.
+    Graft(EndpointName),
+    /// An exclusion matched: leave the socket alone.
+    Excluded,
+    /// No rule covers the destination: leave the socket alone.
+    NoRule,
+}
+
+fn parse_name(rule: &str, s: &str) -> Result<EndpointName, RuleError> {
+    EndpointName::new(s).map_err(|err| RuleError::Name {
+        rule: rule.to_owned(),
+        err,
+    })
+}
+
+fn parse_port(rule: &str, s: &str) -> Result<u16, RuleError> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RuleError::BadPort {
+            rule: rule.to_owned(),
+            port: s.to_owned(),
+        });
+    }
+    s.parse().map_err(|_| RuleError::BadPort {
+        rule: rule.to_owned(),
+        port: s.to_owned(),
+    })
+}
+
+fn parse_ip(rule: &str, s: &str) -> Result<IpAddr, RuleError> {
+    s.parse().map_err(|_| RuleError::BadAddr {
+        rule: rule.to_owned(),
+        addr: s.to_owned(),
+    })
+}
+
+impl std::str::FromStr for IngressRule {
+    type Err = RuleError;
+
+    fn from_str(rule: &str) -> Result<Self, RuleError> {
+        let shape = || RuleError::IngressShape(rule.to_owned());
+        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
+        let endpoint = parse_name(rule, ep)?;
+        let (addr, ports) = if let Some(rest) = lhs.strip_prefix('[') {
+            let (a, p) = rest.split_once("]:").ok_or_else(shape)?;
+            (a, p)
+        } else {
+            lhs.rsplit_once(':').ok_or_else(shape)?
+        };
+        let addr = parse_ip(rule, addr)?;
+        let ports = match ports.split_once('-') {
+            Some((lo, hi)) => (parse_port(rule, lo)?, parse_port(rule, hi)?),
+            None => {
+                let p = parse_port(rule, ports)?;
+                (p, p)
+            }
+        };
+        if ports.0 > ports.1 {
+            return Err(RuleError::ReversedRange(rule.to_owned()));
+        }
+        Ok(IngressRule {
+            addr,
+            ports,
+            endpoint,
+        })
+    }
+}
+
+impl fmt::Display for IngressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:")?,
+            IpAddr::V6(a) => write!(f, "[{a}]:")?,
+        }
+        if self.ports.0 == self.ports.1 {
+            write!(f, "{}={}", self.ports.0, self.endpoint)
+        } else {
+            write!(f, "{}-{}={}", self.ports.0, self.ports.1, self.endpoint)
+        }
+    }
+}
+
+impl Prefix {
+    fn parse(rule: &str, s: &str, shape: impl Fn() -> RuleError) -> Result<Self, RuleError> {
+        let (a, l) = s.split_once('/').ok_or_else(shape)?;
+        let addr = parse_ip(rule, a)?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|n| *n <= max && l.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| RuleError::BadPrefixLen {
+                rule: rule.to_owned(),
+                len: l.to_owned(),
+            })?;
+        let p = Prefix { addr, len };
+        if p.mask(addr) != addr {
+            return Err(RuleError::HostBits(rule.to_owned()));
+        }
+        Ok(p)
+    }
+
+    /// `a` with the bits beyond this prefix's length cleared (in `a`'s family).
+    fn mask(&self, a: IpAddr) -> IpAddr {
+        match a {
+            IpAddr::V4(v) => {
+                let bits = u32::from(v);
+                let m = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len.min(32)))
+                };
+                IpAddr::V4(Ipv4Addr::from(bits & m))
+            }
+            IpAddr::V6(v) => {
+                let bits = u128::from(v);
+                let m = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.len.min(128)))
+                };
+                IpAddr::V6(Ipv6Addr::from(bits & m))
+            }
+        }
+    }
+
+    /// Whether `a` (same family; callers canonicalize v4-mapped addresses)
+    /// lies inside this prefix.
+    pub fn contains(&self, a: IpAddr) -> bool {
+        a.is_ipv4() == self.addr.is_ipv4() && self.mask(a) == self.addr
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for EgressRule {
+    type Err = RuleError;
+
+    fn from_str(rule: &str) -> Result<Self, RuleError> {
+        let shape = || RuleError::EgressShape(rule.to_owned());
+        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
+        let endpoint = parse_name(rule, ep)?;
+        Ok(EgressRule {
+            prefix: Prefix::parse(rule, lhs, shape)?,
+            endpoint: Some(endpoint),
+        })
+    }
+}
+
+impl EgressRule {
+    /// Parses an exclusion, `PREFIX/LEN`.
+    pub fn parse_exclude(rule: &str) -> Result<Self, RuleError> {
+        let shape = || RuleError::ExcludeShape(rule.to_owned());
+        Ok(EgressRule {
+            prefix: Prefix::parse(rule, rule, shape)?,
+            endpoint: None,
+        })
+    }
+}
+
+impl fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.endpoint {
+            Some(ep) => write!(f, "{}={}", self.prefix, ep),
+            None => write!(f, "{}", self.prefix),
+        }
+    }
+}
+
+/// Splits an environment value into rule strings.
+pub fn split_env(v: &str) -> impl Iterator<Item = &str> {
+    v.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+}
+
+/// Every rule a process runs with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    pub ingress: Vec<IngressRule>,
+    pub egress: Vec<EgressRule>,
+}
+
+impl RuleSet {
+    /// Parses the three environment values (each may be absent).
+    pub fn from_env_values(
+        ingress: Option<&str>,
+        egress: Option<&str>,
+        exclude: Option<&str>,
+    ) -> Result<Self, RuleError> {
+        let mut set = RuleSet::default();
+        for r in ingress.into_iter().flat_map(split_env) {
+            set.ingress.push(r.parse()?);
+        }
+        for r in egress.into_iter().flat_map(split_env) {
+            set.egress.push(r.parse()?);
+        }
+        for r in exclude.into_iter().flat_map(split_env) {
+            set.egress.push(EgressRule::parse_exclude(r)?);
+        }
+        Ok(set)
+    }
+
+    /// Whether any rule exists at all.
+    pub fn is_empty(&self) -> bool {
+        self.ingress.is_empty() && self.egress.is_empty()
+    }
+
+    /// The endpoint a `bind()` to `addr:port` is grafted onto: the first ingress
+    /// rule whose address equals `addr` (canonicalized: `::ffff:a.b.c.d` is
+    /// `a.b.c.d`) and whose range holds `port`.
+    pub fn match_ingress(&self, addr: IpAddr, port: u16) -> Option<EndpointName> {
+        let addr = addr.to_canonical();
+        self.ingress
+            .iter()
+            .find(|r| r.addr.to_canonical() == addr && r.ports.0 <= port && port <= r.ports.1)
+            .map(|r| r.endpoint)
+    }
+
+    /// Whether some ingress rule names `addr` with a range that holds port 0,
+    /// i.e. a `listen()` on a socket bound to `addr:0` is a server to graft.
+    pub fn ingress_covers_port_zero(&self, addr: IpAddr) -> Option<EndpointName> {
+        self.match_ingress(addr, 0)
+    }
+
+    /// Longest-prefix egress decision for destination `dst`.
+    pub fn match_egress(&self, dst: IpAddr) -> EgressDecision {
+        let dst = dst.to_canonical();
+        let mut best: Option<&EgressRule> = None;
+        for r in self.egress.iter().filter(|r| r.prefix.contains(dst)) {
+            best = match best {
+                None => Some(r),
+                Some(b) if r.prefix.len > b.prefix.len => Some(r),
+                Some(b) if r.prefix.len == b.prefix.len && r.endpoint.is_none() => Some(r),
+                keep => keep,
+            };
+        }
+        match best {
+            None => EgressDecision::NoRule,
+            Some(EgressRule {
+                endpoint: Some(ep), ..
+            }) => EgressDecision::Graft(*ep),
+            Some(_) => EgressDecision::Excluded,
+        }
+    }
+
+    /// Renders the rules back into the three environment values.
+    pub fn to_env_values(&self) -> (String, String, String) {
+        let join = |it: Vec<String>| it.join(" ");
+        (
+            join(self.ingress.iter().map(|r| r.to_string()).collect()),
+            join(
+                self.egress
+                    .iter()
+                    .filter(|r| r.endpoint.is_some())
+                    .map(|r| r.to_string())
+                    .collect(),
+            ),
+            join(
+                self.egress
+                    .iter()
+                    .filter(|r| r.endpoint.is_none())
+                    .map(|r| r.to_string())
+                    .collect(),
+            ),
+        )
+    }
+
+    /// Every endpoint name the rules refer to, without repeats.
+    pub fn endpoints(&self) -> Vec<EndpointName> {
+        let mut v: Vec<EndpointName> = self
+            .ingress
+            .iter()
+            .map(|r| r.endpoint)
+            .chain(self.egress.iter().filter_map(|r| r.endpoint))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(s: &str) -> EndpointName {
+        EndpointName::new(s).unwrap()
+    }
+
+    #[test]
+    fn ingress_forms() {
+        let r: IngressRule = "0.0.0.0:0-65535=ep-in4".parse().unwrap();
+        assert_eq!(r.addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(r.ports, (0, 65535));
+        let r: IngressRule = ":::0-65535=ep-in6".parse().unwrap();
+        assert_eq!(r.addr, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        let r: IngressRule = "[::1]:80=ep-in6".parse().unwrap();
+        assert_eq!((r.addr, r.ports), ("::1".parse().unwrap(), (80, 80)));
+        assert_eq!(r.to_string(), "[::1]:80=ep-in6");
+        assert_eq!(
+            r.to_string().parse::<IngressRule>().unwrap(),
+            r,
+            "display round-trips"
+        );
+    }
+
+    #[test]
+    fn ingress_errors_are_precise() {
+        let e = |s: &str| s.parse::<IngressRule>().unwrap_err().to_string();
+        assert_eq!(
+            e("0.0.0.0:80"),
+            "\"0.0.0.0:80\": expected ADDR:PORT[-PORT]=ENDPOINT"
+        );
+        assert_eq!(
+            e("0.0.0.0:70000=ep"),
+            "\"0.0.0.0:70000=ep\": \"70000\" is not a port (0-65535)"
+        );
+        assert_eq!(
+            e("1.2.3:80=ep"),
+            "\"1.2.3:80=ep\": \"1.2.3\" is not an IPv4 or IPv6 address"
+        );
+        assert_eq!(
+            e("0.0.0.0:90-80=ep"),
+            "\"0.0.0.0:90-80=ep\": port range is reversed"
+        );
+        assert!(e("0.0.0.0:80=waytoolongendpointname").contains("longer than 15 bytes"));
+        assert!(e("0.0.0.0:+80=ep").contains("is not a port"));
+    }
+
+    #[test]
+    fn egress_longest_prefix_wins_and_exclusions() {
+        let set = RuleSet::from_env_values(
+            None,
+            Some("0.0.0.0/0=ep-out4, 10.0.0.0/8=ep-ten ::/0=ep-out6"),
+            Some("127.0.0.0/8 10.1.0.0/16"),
+        )
+        .unwrap();
+        let d = |s: &str| set.match_egress(s.parse().unwrap());
+        assert_eq!(d("192.0.2.1"), EgressDecision::Graft(ep("ep-out4")));
+        assert_eq!(d("10.2.3.4"), EgressDecision::Graft(ep("ep-ten")));
+        assert_eq!(d("10.1.3.4"), EgressDecision::Excluded);
+        assert_eq!(d("127.0.0.1"), EgressDecision::Excluded);
+        assert_eq!(d("::ffff:127.0.0.1"), EgressDecision::Excluded);
+        assert_eq!(d("::ffff:192.0.2.1"), EgressDecision::Graft(ep("ep-out4")));
+        assert_eq!(d("2001:db8::1"), EgressDecision::Graft(ep("ep-out6")));
+        let none = RuleSet::from_env_values(None, Some("10.0.0.0/8=x"), None).unwrap();
+        assert_eq!(
+            none.match_egress("1.1.1.1".parse().unwrap()),
+            EgressDecision::NoRule
+        );
+    }
+
+    #[test]
+    fn egress_errors() {
+        let e = |s: &str| s.parse::<EgressRule>().unwrap_err().to_string();
+        assert_eq!(
+            e("10.0.0.1/8=x"),
+            "\"10.0.0.1/8=x\": address has bits set beyond the prefix length"
+        );
+        assert_eq!(
+            e("10.0.0.0/33=x"),
+            "\"10.0.0.0/33=x\": prefix length \"33\" is not valid for this address family"
+        );
+        assert_eq!(
+            e("10.0.0.0=x"),
+            "\"10.0.0.0=x\": expected PREFIX/LEN=ENDPOINT"
+        );
+    }
+
+    #[test]
+    fn ingress_matches_exact_address_and_range() {
+        let set = RuleSet::from_env_values(
+            Some("0.0.0.0:0-65535=ep-in4 :::80-90=ep-in6 127.0.0.1:9000=lo"),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            set.match_ingress("0.0.0.0".parse().unwrap(), 5201),
+            Some(ep("ep-in4"))
+        );
+        assert_eq!(
+            set.match_ingress("::".parse().unwrap(), 85),
+            Some(ep("ep-in6"))
+        );
+        assert_eq!(set.match_ingress("::".parse().unwrap(), 91), None);
+        assert_eq!(set.match_ingress("127.0.0.1".parse().unwrap(), 9001), None);
+        assert_eq!(
+            set.match_ingress("::ffff:127.0.0.1".parse().unwrap(), 9000),
+            Some(ep("lo"))
+        );
+        let (i, e, x) = set.to_env_values();
+        assert_eq!(
+            RuleSet::from_env_values(Some(&i), Some(&e), Some(&x)).unwrap(),
+            set
+        );
+    }
+}
