@@ -1,1 +1,428 @@
+//! `graft-tests`: the end-to-end test harness.
+//!
+//! Every test here runs real programs (graftd, `ip graft`, `graft`, iperf3,
+//! nginx, curl, socat, python3 …) inside network namespaces the test creates,
+//! and asserts on what crosses the wire. The helpers below give each test its
+//! own namespaces and its own graftd (private control socket and broker name),
+//! and tear everything down in `Drop`, so a failing test still leaves no
+//! namespace, process or socket file behind.
+//!
+//! The binaries are taken from the cargo target directory (`make test` builds
+//! them first) or from `GRAFT_BIN_DIR`. Tests need root; without it they print
+//! one `SKIP:` line saying so.
 
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Whether we run as root; if not, prints the one skip line and returns false.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        println!("SKIP: {test}: needs root (network namespaces, graftd)");
+        false
+    }
+}
+
+/// Whether a program is installed; if not, prints the skip line.
+pub fn have_or_skip(test: &str, prog: &str) -> bool {
+    if which(prog).is_some() {
+        true
+    } else {
+        println!("SKIP: {test}: `{prog}` is not installed (make deps installs it)");
+        false
+    }
+}
+
+/// Finds a program on PATH.
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The directory holding graft's built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GRAFT_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug")
+}
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of one of graft's binaries; panics with the fix when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` (make test does) first",
+        p.display()
+    );
+    p
+}
+
+/// Path of the preload library.
+pub fn preload_lib() -> PathBuf {
+    bin("libgraft_convert.so")
+}
+
+/// A PATH with a directory whose `ip` is graft's wrapper (so `ip graft …`
+/// works, and `ip netns exec X ip graft …` too) in front of the system's.
+pub fn path_with_wrapper() -> String {
+    let dir = std::env::temp_dir().join(format!("graft-test-bin-{}", std::process::id()));
+    if !dir.join("ip").exists() {
+        std::fs::create_dir_all(&dir).expect("create wrapper bin dir");
+        let link = |src: &Path, name: &str| {
+            let _ = std::os::unix::fs::symlink(src, dir.join(name));
+        };
+        link(&workspace_root().join("iproute-graft/ip"), "ip");
+        for b in ["ip-graft", "graft", "graftd", "docker-ns-exec"] {
+            link(&bin_dir().join(b), b);
+        }
+    }
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    )
+}
+
+/// Runs a command to completion, returning its output (never panics on a
+/// non-zero exit; callers assert on status and text).
+pub fn run<I, S>(prog: impl AsRef<OsStr>, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let prog = prog.as_ref().to_owned();
+    Command::new(&prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog:?}: {e}"))
+}
+
+/// Runs a command, asserting success, returning stdout as text.
+pub fn run_ok<I, S>(prog: impl AsRef<OsStr>, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let prog = prog.as_ref().to_owned();
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = run(&prog, &args);
+    assert!(
+        out.status.success(),
+        "{prog:?} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace made for one test, with only `lo` (up). Dropping it
+/// kills every process still inside and deletes it.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(&format!("gt-{prefix}-"));
+        run_ok("ip", ["netns", "add", &name]);
+        let ns = Netns { name };
+        run_ok("ip", ["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs inside this namespace.
+    pub fn cmd(&self, prog: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(prog);
+        c
+    }
+
+    /// `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Kills every process inside the namespace.
+    pub fn kill_all(&self) {
+        let out = run("ip", ["netns", "pids", &self.name]);
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = run("ip", ["netns", "del", &self.name]);
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub what: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, what: &str) -> Self {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Proc {
+            child,
+            what: what.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for exit up to `limit`; kills it past that (and panics).
+    pub fn wait_timeout(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not finish within {limit:?}", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private graftd: its own control socket in a temp directory, its own
+/// broker name, its log in a file printed if the test fails.
+pub struct Graftd {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub control: PathBuf,
+    pub broker: String,
+    pub log: PathBuf,
+}
+
+impl Graftd {
+    /// Starts graftd and waits until its control socket answers.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique("graftd-"));
+        std::fs::create_dir_all(&dir).expect("graftd temp dir");
+        let control = dir.join("graftd.sock");
+        let broker = unique("graft-test/");
+        let log = dir.join("graftd.log");
+        let logf = std::fs::File::create(&log).expect("graftd log file");
+        let mut cmd = Command::new(bin("graftd"));
+        cmd.arg("--control")
+            .arg(&control)
+            .arg("--broker-name")
+            .arg(&broker)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log"))
+            .stderr(logf);
+        let proc = Proc::spawn(cmd, "graftd");
+        let d = Graftd {
+            proc,
+            dir,
+            control,
+            broker,
+            log,
+        };
+        let start = Instant::now();
+        while !d.control.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "graftd did not create its control socket; log:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The environment a client of this daemon needs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                graft_core::ENV_CONTROL.to_owned(),
+                self.control.display().to_string(),
+            ),
+            (graft_core::ENV_BROKER.to_owned(), self.broker.clone()),
+            ("PATH".to_owned(), path_with_wrapper()),
+        ]
+    }
+
+    /// Applies [`Graftd::env`] to a command.
+    pub fn apply(&self, cmd: &mut Command) {
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+    }
+
+    /// `ip graft ARGS` run inside `ns` (or the test's own namespace), through
+    /// the `ip` wrapper, as a user would type it.
+    pub fn ip_graft(&self, ns: Option<&Netns>, args: &[&str]) -> Output {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, "ip", "graft"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("ip");
+                c.arg("graft");
+                c
+            }
+        };
+        cmd.args(args).stdin(Stdio::null());
+        self.apply(&mut cmd);
+        cmd.output().expect("run ip graft")
+    }
+
+    /// Like [`Graftd::ip_graft`], asserting success; returns stdout.
+    pub fn ip_graft_ok(&self, ns: Option<&Netns>, args: &[&str]) -> String {
+        let out = self.ip_graft(ns, args);
+        assert!(
+            out.status.success(),
+            "ip graft {args:?} failed ({}): {}\ngraftd log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether graftd is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.proc.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Graftd {
+    fn drop(&mut self) {
+        self.proc.term();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() {
+            eprintln!("---- graftd log ----\n{}", self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until a TCP connect to `addr` succeeds from this namespace.
+pub fn wait_tcp(addr: SocketAddr, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        assert!(start.elapsed() < limit, "nothing listens on {addr} after {limit:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Waits until `f` returns true, panicking with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Connects, sends `req`, reads until EOF or `limit`; returns what came back.
+pub fn tcp_exchange(addr: SocketAddr, req: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect_timeout(&addr, limit).expect("connect");
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    s.write_all(req).expect("write");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Reads a child's stdout line by line until one contains `needle`.
+pub fn wait_line(r: impl Read, needle: &str, limit: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if line.contains(&needle) {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("no line containing {needle:?} within {limit:?}"))
+}
