@@ -412,7 +412,7 @@ pub fn tcp_exchange(addr: SocketAddr, req: &[u8], limit: Duration) -> Vec<u8> {
 }
 
 /// Reads a child's stdout line by line until one contains `needle`.
-pub fn wait_line(r: impl Read, needle: &str, limit: Duration) -> String {
+pub fn wait_line(r: impl Read + Send + 'static, needle: &str, limit: Duration) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     let needle = needle.to_owned();
     std::thread::spawn(move || {
