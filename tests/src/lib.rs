@@ -414,10 +414,10 @@ pub fn tcp_exchange(addr: SocketAddr, req: &[u8], limit: Duration) -> Vec<u8> {
 /// Reads a child's stdout line by line until one contains `needle`.
 pub fn wait_line(r: impl Read + Send + 'static, needle: &str, limit: Duration) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
-    let needle = needle.to_owned();
+    let want = needle.to_owned();
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if line.contains(&needle) {
+            if line.contains(&want) {
                 let _ = tx.send(line);
                 return;
             }
