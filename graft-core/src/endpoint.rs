@@ -115,6 +115,10 @@ pub struct EndpointSpec {
     /// The target namespace as the user wrote it (`1`, `c1`, `/proc/1/ns/net`),
     /// kept for display only; `None` means graftd's own namespace.
     pub netns: Option<String>,
+    /// Egress policy (`allow`/`deny` clauses), enforced in the kernel by
+    /// graft-ebpf when it is loaded. Empty: allow everything (as AF_GRAFT).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy: Vec<crate::rules::PolicyRule>,
 }
 
 impl fmt::Display for EndpointSpec {
@@ -122,6 +126,9 @@ impl fmt::Display for EndpointSpec {
         write!(f, "{} {}", self.name, self.addr)?;
         if let Some(ns) = &self.netns {
             write!(f, " netns {ns}")?;
+        }
+        for p in &self.policy {
+            write!(f, " {p}")?;
         }
         Ok(())
     }
@@ -140,6 +147,7 @@ mod tests {
                 port: Some(8080),
             },
             netns: Some("1".into()),
+            policy: vec![],
         };
         assert_eq!(
             ep.to_string(),
@@ -152,8 +160,12 @@ mod tests {
                 port: None,
             },
             netns: None,
+            policy: vec!["allow 2001:db8::/32:443".parse().unwrap()],
         };
-        assert_eq!(ep.to_string(), "ep-out6 type ipv6 addr :: port dynamic");
+        assert_eq!(
+            ep.to_string(),
+            "ep-out6 type ipv6 addr :: port dynamic allow 2001:db8::/32:443"
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum RuleError {
     HostBits(String),
     #[error("\"{rule}\": {err}")]
     Name { rule: String, err: NameError },
+    #[error("\"{0}\": expected PREFIX/LEN[:PORT[-PORT]]")]
+    PolicyShape(String),
 }
 
 /// `ADDR:PORT[-PORT]=EP`.
@@ -235,6 +237,121 @@ impl fmt::Display for EgressRule {
             Some(ep) => write!(f, "{}={}", self.prefix, ep),
             None => write!(f, "{}", self.prefix),
         }
+    }
+}
+
+/// Whether an egress policy clause allows or denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// One `allow PREFIX[:PORT[-PORT]]` / `deny …` clause of `ip graft add`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub action: PolicyAction,
+    pub prefix: Prefix,
+    /// Destination port range; `None` is every port.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl PolicyRule {
+    /// Parses the argument of an `allow`/`deny` keyword: `PREFIX/LEN[:PORT[-PORT]]`.
+    pub fn parse(action: PolicyAction, arg: &str) -> Result<Self, RuleError> {
+        let shape = || RuleError::PolicyShape(arg.to_owned());
+        let (addr, rest) = arg.split_once('/').ok_or_else(shape)?;
+        let (len, ports) = match rest.split_once(':') {
+            Some((l, p)) => (l, Some(p)),
+            None => (rest, None),
+        };
+        let prefix = Prefix::parse(arg, &format!("{addr}/{len}"), shape)?;
+        let ports = match ports {
+            None => None,
+            Some(p) => {
+                let r = match p.split_once('-') {
+                    Some((lo, hi)) => (parse_port(arg, lo)?, parse_port(arg, hi)?),
+                    None => {
+                        let v = parse_port(arg, p)?;
+                        (v, v)
+                    }
+                };
+                if r.0 > r.1 {
+                    return Err(RuleError::ReversedRange(arg.to_owned()));
+                }
+                Some(r)
+            }
+        };
+        Ok(PolicyRule {
+            action,
+            prefix,
+            ports,
+        })
+    }
+
+    fn matches(&self, dst: IpAddr, port: u16) -> bool {
+        self.prefix.contains(dst.to_canonical())
+            && self.ports.is_none_or(|(lo, hi)| lo <= port && port <= hi)
+    }
+}
+
+impl std::str::FromStr for PolicyRule {
+    type Err = RuleError;
+    /// Parses `allow ARG` or `deny ARG`.
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        match s.split_once(' ') {
+            Some(("allow", a)) => PolicyRule::parse(PolicyAction::Allow, a),
+            Some(("deny", a)) => PolicyRule::parse(PolicyAction::Deny, a),
+            _ => Err(RuleError::PolicyShape(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for PolicyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kw = match self.action {
+            PolicyAction::Allow => "allow",
+            PolicyAction::Deny => "deny",
+        };
+        write!(f, "{kw} {}", self.prefix)?;
+        match self.ports {
+            Some((lo, hi)) if lo == hi => write!(f, ":{lo}"),
+            Some((lo, hi)) => write!(f, ":{lo}-{hi}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl serde::Serialize for PolicyRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PolicyRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether an endpoint's egress policy lets a socket reach `dst:port`: the
+/// longest matching prefix decides (deny wins a tie); with no match, the
+/// destination is allowed unless the policy has at least one `allow` clause.
+pub fn policy_allows(policy: &[PolicyRule], dst: IpAddr, port: u16) -> bool {
+    let mut best: Option<&PolicyRule> = None;
+    for r in policy.iter().filter(|r| r.matches(dst, port)) {
+        best = match best {
+            None => Some(r),
+            Some(b) if r.prefix.len > b.prefix.len => Some(r),
+            Some(b) if r.prefix.len == b.prefix.len && r.action == PolicyAction::Deny => Some(r),
+            keep => keep,
+        };
+    }
+    match best {
+        Some(r) => r.action == PolicyAction::Allow,
+        None => !policy.iter().any(|r| r.action == PolicyAction::Allow),
     }
 }
 
@@ -436,6 +553,39 @@ mod tests {
             e("10.0.0.0=x"),
             "\"10.0.0.0=x\": expected PREFIX/LEN=ENDPOINT"
         );
+    }
+
+    #[test]
+    fn policy_longest_prefix_and_default() {
+        let p = |s: &str| s.parse::<PolicyRule>().unwrap();
+        let pol = vec![
+            p("allow 10.0.0.0/8:80-443"),
+            p("deny 10.1.0.0/16"),
+            p("allow ::/0"),
+        ];
+        let ok = |a: &str, port| policy_allows(&pol, a.parse().unwrap(), port);
+        assert!(ok("10.2.0.1", 80));
+        assert!(
+            !ok("10.2.0.1", 22),
+            "outside the allowed ports, and allow clauses exist"
+        );
+        assert!(!ok("10.1.0.1", 80));
+        assert!(ok("2001:db8::1", 9));
+        assert!(!ok("192.0.2.1", 80));
+        assert!(policy_allows(&[], "192.0.2.1".parse().unwrap(), 1));
+        let deny_only = vec![p("deny 127.0.0.0/8:22")];
+        assert!(policy_allows(&deny_only, "127.0.0.1".parse().unwrap(), 80));
+        assert!(!policy_allows(
+            &deny_only,
+            "::ffff:127.0.0.1".parse().unwrap(),
+            22
+        ));
+        assert_eq!(
+            p("allow 2001:db8::/32:443").to_string(),
+            "allow 2001:db8::/32:443"
+        );
+        assert!("allow 10.0.0.0/8:99999".parse::<PolicyRule>().is_err());
+        assert!("permit 10.0.0.0/8".parse::<PolicyRule>().is_err());
     }
 
     #[test]

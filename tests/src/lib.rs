@@ -386,7 +386,10 @@ pub fn wait_tcp(addr: SocketAddr, limit: Duration) {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return;
         }
-        assert!(start.elapsed() < limit, "nothing listens on {addr} after {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "nothing listens on {addr} after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -395,7 +398,10 @@ pub fn wait_tcp(addr: SocketAddr, limit: Duration) {
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }

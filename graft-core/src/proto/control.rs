@@ -33,13 +33,28 @@ pub enum Request {
     Show {},
 }
 
-/// Per-endpoint counters.
+/// Per-endpoint counters. The first two are graftd's own; the rest come from
+/// graft-ebpf and are absent (`None`) when it is not loaded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Sockets handed out.
     pub sockets: u64,
     /// Requests refused (bad options, family mismatch, bind failure).
     pub refused: u64,
+    /// connect()/sendmsg() calls refused by the egress policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_denied: Option<u64>,
+    /// TCP connections established by grafted sockets actively (connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_established: Option<u64>,
+    /// TCP connections established passively (accepted on grafted listeners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_established: Option<u64>,
+    /// Bytes sent / received over grafted TCP connections (when counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
 }
 
 /// One endpoint as `show` reports it.
@@ -120,6 +135,7 @@ mod tests {
                     port: Some(8080),
                 },
                 netns: Some("1".into()),
+                policy: vec![],
             },
             target_fd: true,
         };
