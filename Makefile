@@ -1,0 +1,71 @@
+# graft — build, test, demo and benchmark entry points.
+#
+# `make demo` and `make test` work on a fresh Debian machine as root: they
+# install the packages they need (apt), build, and run.
+
+CARGO   ?= cargo
+PREFIX  ?= /usr/local
+PROFILE ?= debug
+
+# Debian packages the build, the tests, the demo and the benchmarks use.
+DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
+	iperf3 nginx-light curl socat python3 netcat-openbsd \
+	clang llvm libbpf-dev bpftool \
+	wrk debootstrap gnuplot-nox jq
+
+.PHONY: all deps build release test check lint unit e2e demo bench bench-quick bench-smoke install uninstall clean
+
+all: build
+
+# Installs only what is missing, so repeated runs cost nothing.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "deps: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "deps: all packages present"; fi
+	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust (rustup) first"; exit 1; }
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+release: deps
+	$(CARGO) build --workspace --release
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The test command of the README and of CI: lint, unit tests, end-to-end tests
+# (real programs in real namespaces; they need root), and the benchmark
+# harness's smoke run (one quick cell per path).
+test: build lint
+	$(CARGO) test --workspace --no-fail-fast
+	bench/run --smoke
+
+demo: build
+	scripts/demo
+
+bench: release
+	bench/run --full
+
+bench-quick: release
+	bench/run --quick
+
+install: release
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/graft
+	install -m 0755 target/release/graftd target/release/ip-graft target/release/graft \
+		target/release/docker-ns-exec $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 iproute-graft/ip $(DESTDIR)$(PREFIX)/bin/ip
+	install -m 0644 target/release/libgraft_convert.so $(DESTDIR)$(PREFIX)/lib/graft/libgraft-convert.so
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,graftd ip-graft graft docker-ns-exec ip)
+	rm -rf $(DESTDIR)$(PREFIX)/lib/graft
+
+clean:
+	$(CARGO) clean
