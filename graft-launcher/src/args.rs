@@ -1,0 +1,442 @@
+//! The command line of `graft`, and the environment it turns into.
+//!
+//! Options are read getopt-style up to the first non-option word (or `--`), so
+//! `graft iperf3 -s` leaves `-s` to iperf3. Short options may be clustered
+//! (`-vn`) and take their value attached or as the next word (`-iADDR`,
+//! `-i ADDR`); long forms take `--opt=VALUE` or `--opt VALUE`.
+
+use std::ffi::OsString;
+
+use graft_core::rules::{EgressRule, IngressRule, RuleError, RuleSet};
+
+/// One line, printed with usage errors and by `-h`.
+pub const USAGE: &str = "usage: graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... \
+[-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--] COMMAND [ARGS...]";
+
+/// What `getsockname()` reports on an ingress-grafted socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetsocknamePolicy {
+    /// The host address the socket is really bound to (AF_GRAFT's behaviour).
+    Host,
+    /// The address the application asked for in `bind()`.
+    App,
+}
+
+impl GetsocknamePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GetsocknamePolicy::Host => "host",
+            GetsocknamePolicy::App => "app",
+        }
+    }
+}
+
+/// A parsed command line that runs a program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub verbose: bool,
+    /// Whether to check graftd's broker and the endpoints before exec.
+    pub check: bool,
+    pub ingress: Vec<IngressRule>,
+    pub egress: Vec<EgressRule>,
+    /// Exclusions (`endpoint: None`).
+    pub exclude: Vec<EgressRule>,
+    pub getsockname: Option<GetsocknamePolicy>,
+    /// The program and its arguments; never empty.
+    pub command: Vec<OsString>,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Run(Args),
+    Help,
+    Version,
+}
+
+/// Why the command line is not usable. Every variant is a usage error (exit 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("{0}")]
+    Rule(#[from] RuleError),
+    #[error("unknown option \"{0}\"")]
+    Unknown(String),
+    #[error("option \"{0}\" needs a value")]
+    MissingValue(String),
+    #[error("option \"{0}\" takes no value")]
+    UnexpectedValue(String),
+    #[error("value of option \"{0}\" is not valid UTF-8")]
+    NotUtf8(String),
+    #[error("\"{0}\" is not a getsockname policy (host or app)")]
+    BadPolicy(String),
+    #[error("no command given")]
+    NoCommand,
+    #[error("{var} (from the environment): {err}")]
+    Inherited { var: &'static str, err: RuleError },
+}
+
+impl ArgsError {
+    /// Whether the usage line helps the reader (not for a bad mapping, whose
+    /// message already says what is expected).
+    pub fn wants_usage(&self) -> bool {
+        !matches!(self, ArgsError::Rule(_) | ArgsError::Inherited { .. })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Valued {
+    Ingress,
+    Egress,
+    Exclude,
+    Getsockname,
+}
+
+impl Valued {
+    fn from_short(c: char) -> Option<Self> {
+        Some(match c {
+            'i' => Valued::Ingress,
+            'e' => Valued::Egress,
+            'x' => Valued::Exclude,
+            'g' => Valued::Getsockname,
+            _ => return None,
+        })
+    }
+
+    fn from_long(s: &str) -> Option<Self> {
+        Some(match s {
+            "ingress" => Valued::Ingress,
+            "egress" => Valued::Egress,
+            "exclude" => Valued::Exclude,
+            "getsockname" => Valued::Getsockname,
+            _ => return None,
+        })
+    }
+}
+
+struct Builder {
+    args: Args,
+    help: bool,
+    version: bool,
+}
+
+impl Builder {
+    fn take(&mut self, opt: Valued, v: &str) -> Result<(), ArgsError> {
+        match opt {
+            Valued::Ingress => self.args.ingress.push(v.parse()?),
+            Valued::Egress => self.args.egress.push(v.parse()?),
+            Valued::Exclude => self.args.exclude.push(EgressRule::parse_exclude(v)?),
+            Valued::Getsockname => {
+                self.args.getsockname = Some(match v {
+                    "host" => GetsocknamePolicy::Host,
+                    "app" => GetsocknamePolicy::App,
+                    _ => return Err(ArgsError::BadPolicy(v.to_owned())),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// A flag without value; `shown` is how the user spelled it.
+    fn flag(&mut self, name: &str, shown: &str) -> Result<(), ArgsError> {
+        match name {
+            "v" | "verbose" => self.args.verbose = true,
+            "n" | "no-check" => self.args.check = false,
+            "h" | "help" => self.help = true,
+            "version" => self.version = true,
+            _ => return Err(ArgsError::Unknown(shown.to_owned())),
+        }
+        Ok(())
+    }
+}
+
+fn value_of(shown: &str, next: Option<OsString>) -> Result<String, ArgsError> {
+    let v = next.ok_or_else(|| ArgsError::MissingValue(shown.to_owned()))?;
+    v.into_string()
+        .map_err(|_| ArgsError::NotUtf8(shown.to_owned()))
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, ArgsError> {
+    let mut b = Builder {
+        args: Args {
+            verbose: false,
+            check: true,
+            ingress: Vec::new(),
+            egress: Vec::new(),
+            exclude: Vec::new(),
+            getsockname: None,
+            command: Vec::new(),
+        },
+        help: false,
+        version: false,
+    };
+    let mut it = argv.into_iter();
+    while let Some(arg) = it.next() {
+        // A word that is not text cannot be one of our options: it starts the command.
+        let Some(s) = arg.to_str() else {
+            b.args.command.push(arg);
+            break;
+        };
+        if s == "--" {
+            break;
+        }
+        if let Some(long) = s.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (long, None),
+            };
+            match Valued::from_long(name) {
+                Some(opt) => {
+                    let v = match inline {
+                        Some(v) => v,
+                        None => value_of(s, it.next())?,
+                    };
+                    b.take(opt, &v)?;
+                }
+                None if inline.is_some()
+                    && matches!(name, "verbose" | "no-check" | "help" | "version") =>
+                {
+                    return Err(ArgsError::UnexpectedValue(format!("--{name}")));
+                }
+                None if name.len() == 1 => return Err(ArgsError::Unknown(s.to_owned())),
+                None => b.flag(name, s)?,
+            }
+        } else if s.len() > 1 && s.starts_with('-') {
+            let cluster = &s[1..];
+            for (at, c) in cluster.char_indices() {
+                if let Some(opt) = Valued::from_short(c) {
+                    let rest = &cluster[at + c.len_utf8()..];
+                    let v = if rest.is_empty() {
+                        value_of(&format!("-{c}"), it.next())?
+                    } else {
+                        rest.to_owned()
+                    };
+                    b.take(opt, &v)?;
+                    break;
+                }
+                let name = c.to_string();
+                b.flag(&name, &format!("-{c}"))?;
+            }
+        } else {
+            b.args.command.push(arg);
+            break;
+        }
+    }
+    if b.help {
+        return Ok(Parsed::Help);
+    }
+    if b.version {
+        return Ok(Parsed::Version);
+    }
+    b.args.command.extend(it);
+    if b.args.command.is_empty() {
+        return Err(ArgsError::NoCommand);
+    }
+    Ok(Parsed::Run(b.args))
+}
+
+/// The rule variables the program runs with, and every rule they hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleEnv {
+    /// `(variable, value)` pairs to set; a variable with no rule is not listed.
+    pub vars: Vec<(&'static str, String)>,
+    /// Rules from the command line first, then the inherited ones.
+    pub rules: RuleSet,
+}
+
+impl Args {
+    /// Combines the command line's rules with rules already in the
+    /// environment (so `graft … -- graft … -- cmd` adds up). The command
+    /// line's come first: for ingress the first match wins, and for egress an
+    /// equally long prefix keeps the earlier rule. Inherited values are
+    /// validated too, since the preload library would refuse them anyway.
+    pub fn rule_env(
+        &self,
+        inherited: impl Fn(&str) -> Option<String>,
+    ) -> Result<RuleEnv, ArgsError> {
+        use graft_core::{ENV_EGRESS, ENV_EGRESS_EXCLUDE, ENV_INGRESS};
+        let old = |var: &'static str| -> Result<RuleSet, ArgsError> {
+            let v = inherited(var);
+            let (i, e, x) = match var {
+                ENV_INGRESS => (v.as_deref(), None, None),
+                ENV_EGRESS => (None, v.as_deref(), None),
+                _ => (None, None, v.as_deref()),
+            };
+            RuleSet::from_env_values(i, e, x).map_err(|err| ArgsError::Inherited { var, err })
+        };
+        let mut rules = RuleSet {
+            ingress: self.ingress.clone(),
+            egress: self.egress.iter().chain(&self.exclude).copied().collect(),
+        };
+        rules.ingress.extend(old(ENV_INGRESS)?.ingress);
+        rules.egress.extend(old(ENV_EGRESS)?.egress);
+        rules.egress.extend(old(ENV_EGRESS_EXCLUDE)?.egress);
+        let (i, e, x) = rules.to_env_values();
+        let vars = [(ENV_INGRESS, i), (ENV_EGRESS, e), (ENV_EGRESS_EXCLUDE, x)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        Ok(RuleEnv { vars, rules })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: &[&str]) -> Result<Parsed, ArgsError> {
+        parse(v.iter().map(OsString::from))
+    }
+
+    fn run(v: &[&str]) -> Args {
+        match p(v) {
+            Ok(Parsed::Run(a)) => a,
+            other => panic!("{v:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn af_graft_command_line() {
+        let a = run(&[
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-i",
+            ":::0-65535=ep-in6",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "-e",
+            "::/0=ep-out6",
+            "--",
+            "iperf3",
+            "-s",
+        ]);
+        assert_eq!(a.ingress.len(), 2);
+        assert_eq!(a.egress.len(), 2);
+        assert!(a.check && !a.verbose);
+        assert_eq!(a.command, vec![OsString::from("iperf3"), "-s".into()]);
+    }
+
+    #[test]
+    fn stops_at_first_word_and_keeps_the_rest_verbatim() {
+        let a = run(&["-v", "iperf3", "-s", "--", "-i", "x"]);
+        assert!(a.verbose);
+        assert_eq!(
+            a.command,
+            ["iperf3", "-s", "--", "-i", "x"].map(OsString::from)
+        );
+        let a = run(&["--", "--weird-name"]);
+        assert_eq!(a.command, vec![OsString::from("--weird-name")]);
+        let a = run(&["-", "x"]);
+        assert_eq!(a.command[0], "-", "a lone dash is a word");
+    }
+
+    #[test]
+    fn clusters_attached_values_and_long_forms() {
+        let a = run(&[
+            "-vn",
+            "-i0.0.0.0:80=a",
+            "-x",
+            "127.0.0.0/8",
+            "--egress=10.0.0.0/8=b",
+            "--exclude",
+            "::1/128",
+            "-g",
+            "app",
+            "--no-check",
+            "cmd",
+        ]);
+        assert!(a.verbose && !a.check);
+        assert_eq!(a.ingress[0].to_string(), "0.0.0.0:80=a");
+        assert_eq!(a.exclude.len(), 2);
+        assert_eq!(a.egress[0].to_string(), "10.0.0.0/8=b");
+        assert_eq!(a.getsockname, Some(GetsocknamePolicy::App));
+        let a = run(&["-vi", "0.0.0.0:80=a", "cmd"]);
+        assert!(a.verbose && a.ingress.len() == 1);
+        let a = run(&["--getsockname=host", "cmd"]);
+        assert_eq!(a.getsockname, Some(GetsocknamePolicy::Host));
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(p(&[]), Err(ArgsError::NoCommand));
+        assert_eq!(p(&["-v", "--"]), Err(ArgsError::NoCommand));
+        assert_eq!(p(&["-z", "cmd"]), Err(ArgsError::Unknown("-z".into())));
+        assert_eq!(p(&["-vz", "cmd"]), Err(ArgsError::Unknown("-z".into())));
+        assert_eq!(
+            p(&["--frob", "cmd"]),
+            Err(ArgsError::Unknown("--frob".into()))
+        );
+        assert_eq!(p(&["-i"]), Err(ArgsError::MissingValue("-i".into())));
+        assert_eq!(
+            p(&["--egress"]),
+            Err(ArgsError::MissingValue("--egress".into()))
+        );
+        assert_eq!(
+            p(&["--verbose=1", "cmd"]),
+            Err(ArgsError::UnexpectedValue("--verbose".into()))
+        );
+        assert_eq!(
+            p(&["-g", "both", "cmd"]),
+            Err(ArgsError::BadPolicy("both".into()))
+        );
+        assert_eq!(p(&["-h"]), Ok(Parsed::Help));
+        assert_eq!(p(&["--help", "cmd"]), Ok(Parsed::Help));
+        assert_eq!(p(&["--version"]), Ok(Parsed::Version));
+    }
+
+    #[test]
+    fn bad_mappings_carry_the_rule_error_text() {
+        let e = p(&["-i", "0.0.0.0:80", "cmd"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"0.0.0.0:80\": expected ADDR:PORT[-PORT]=ENDPOINT"
+        );
+        assert!(!e.wants_usage());
+        let e = p(&["-e", "10.0.0.1/8=x", "cmd"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"10.0.0.1/8=x\": address has bits set beyond the prefix length"
+        );
+        let e = p(&["-x", "10.0.0.0/8=x", "cmd"]).unwrap_err();
+        assert!(e.to_string().starts_with("\"10.0.0.0/8=x\": "), "{e}");
+        let e = p(&["-i", "0.0.0.0:80=sixteen-bytes-xx", "cmd"]).unwrap_err();
+        assert!(e.to_string().contains("longer than 15 bytes"), "{e}");
+    }
+
+    #[test]
+    fn rule_env_puts_the_command_line_first_and_validates_inherited() {
+        let a = run(&[
+            "-i",
+            "0.0.0.0:80=a",
+            "-e",
+            "0.0.0.0/0=b",
+            "-x",
+            "127.0.0.0/8",
+            "cmd",
+        ]);
+        let env = a
+            .rule_env(|k| (k == graft_core::ENV_INGRESS).then(|| ":::80=c, [::1]:81=d".to_owned()))
+            .unwrap();
+        assert_eq!(
+            env.vars,
+            vec![
+                (
+                    graft_core::ENV_INGRESS,
+                    "0.0.0.0:80=a [::]:80=c [::1]:81=d".to_owned()
+                ),
+                (graft_core::ENV_EGRESS, "0.0.0.0/0=b".to_owned()),
+                (graft_core::ENV_EGRESS_EXCLUDE, "127.0.0.0/8".to_owned()),
+            ]
+        );
+        assert_eq!(env.rules.endpoints().len(), 4);
+        let e = a
+            .rule_env(|k| (k == graft_core::ENV_EGRESS).then(|| "nonsense".to_owned()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "GRAFT_EGRESS_CONVERT (from the environment): \"nonsense\": expected PREFIX/LEN=ENDPOINT"
+        );
+        let none = run(&["cmd"]).rule_env(|_| None).unwrap();
+        assert!(none.vars.is_empty() && none.rules.is_empty());
+    }
+}
