@@ -26,9 +26,9 @@ const REPLY_TIMEOUT_SECS: i64 = 5;
 pub enum CheckError {
     #[error(
         "graftd's broker \"{name}\" does not answer in this network namespace ({err}): \
-         start graftd, and add the endpoints from inside this namespace \
-         (ip graft add {hint} type ipv4|ipv6 addr ADDR port PORT|dynamic); \
-         or skip this check with --no-check"
+         start graftd, and add the endpoints in this namespace \
+         (ip graft add {hint} addr ADDR port PORT|dynamic; for a container: \
+         docker-ns-exec CONTAINER ip graft add …), or skip this check with --no-check"
     )]
     Unreachable {
         name: String,
@@ -227,7 +227,8 @@ pub fn check(broker: &str, rules: &RuleSet, verbose: bool) -> Result<(), CheckEr
     let Some(first) = endpoints.first() else {
         return Ok(());
     };
-    let b = Broker::connect(broker, first.as_str())?;
+    let hint = format!("{first} type {}", kind_of(rules, *first));
+    let b = Broker::connect(broker, &hint)?;
     for ep in endpoints {
         let reply = b.lookup(ep, family_of(rules, ep))?;
         match (reply.errno, reply.reason) {
@@ -298,7 +299,10 @@ mod tests {
     #[test]
     fn no_broker_is_a_clear_error() {
         let name = format!("graft-test/none-{}", std::process::id());
-        let e = Broker::connect(&name, "ep-in4").err().unwrap().to_string();
+        let e = Broker::connect(&name, "ep-in4 type ipv4")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("does not answer in this network namespace"),
             "{e}"
