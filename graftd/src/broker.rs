@@ -1,0 +1,663 @@
+//! The brokers: one abstract `SOCK_SEQPACKET` listener per namespace with
+//! endpoints, all served by one thread that stays in graftd's own namespace.
+//!
+//! Each listener was created inside its namespace (see
+//! [`crate::netns::make_broker`]), so only processes of that namespace can
+//! connect to it; every connection remembers which listener it came from and
+//! is served from that namespace's table only. Everything is non-blocking: a
+//! client that sends slowly or never reads its replies costs the others
+//! nothing (a reply that cannot be sent at once closes the connection).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use graft_core::proto::broker::{Op, OptValue, Reason, Reply, Request, REPLY_LEN, REQUEST_LEN};
+use graft_core::sockopt::{self, Class, Kind};
+use graft_core::{EndpointAddr, NetnsId};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::factory::{self, BindAddr, SocketParams};
+use crate::state::{Endpoint, Target};
+use crate::sys;
+use crate::Ctx;
+
+/// Most connections one namespace's broker keeps open.
+pub const MAX_CONNS_PER_BROKER: usize = 1024;
+/// Most records served from one connection before looking at the others.
+const BURST: usize = 16;
+/// How long accepting pauses when graftd is out of descriptors.
+const EMFILE_PAUSE: Duration = Duration::from_millis(100);
+
+/// Instructions from the control thread.
+pub enum Cmd {
+    /// Start serving a namespace's listener.
+    Open(NetnsId, OwnedFd),
+    /// Stop serving a namespace: close its listener and connections.
+    Close(NetnsId),
+}
+
+/// The control thread's handle on the broker thread.
+pub struct Handle {
+    tx: mpsc::Sender<Cmd>,
+    wake: UnixDatagram,
+}
+
+impl Handle {
+    pub fn send(&self, cmd: Cmd) {
+        if self.tx.send(cmd).is_err() {
+            log::error!("broker thread is gone");
+            return;
+        }
+        // A full wake buffer means a wake-up is already pending.
+        let _ = self.wake.send(&[1]);
+    }
+}
+
+/// Starts the broker thread.
+pub fn spawn(ctx: Arc<Ctx>) -> io::Result<Handle> {
+    let (tx, rx) = mpsc::channel();
+    let (wake, wake_rx) = UnixDatagram::pair()?;
+    wake.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || Loop::new(ctx, rx, wake_rx).run())?;
+    Ok(Handle { tx, wake })
+}
+
+struct Conn {
+    fd: OwnedFd,
+    ns: NetnsId,
+}
+
+struct Loop {
+    ctx: Arc<Ctx>,
+    rx: mpsc::Receiver<Cmd>,
+    wake: UnixDatagram,
+    listeners: HashMap<NetnsId, OwnedFd>,
+    conns: Vec<Conn>,
+    per_ns: HashMap<NetnsId, usize>,
+    accept_paused_until: Option<Instant>,
+}
+
+impl Loop {
+    fn new(ctx: Arc<Ctx>, rx: mpsc::Receiver<Cmd>, wake: UnixDatagram) -> Self {
+        Loop {
+            ctx,
+            rx,
+            wake,
+            listeners: HashMap::new(),
+            conns: Vec::new(),
+            per_ns: HashMap::new(),
+            accept_paused_until: None,
+        }
+    }
+
+    fn run(mut self) {
+        let mut buf = [0u8; REQUEST_LEN + 1];
+        loop {
+            let now = Instant::now();
+            let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
+            if accepting {
+                self.accept_paused_until = None;
+            }
+            let lids: Vec<NetnsId> = if accepting {
+                self.listeners.keys().copied().collect()
+            } else {
+                vec![]
+            };
+            let (wake_ev, lev, cev) = {
+                let mut pfds = Vec::with_capacity(1 + lids.len() + self.conns.len());
+                pfds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+                for id in &lids {
+                    if let Some(l) = self.listeners.get(id) {
+                        pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+                    }
+                }
+                for c in &self.conns {
+                    pfds.push(PollFd::new(c.fd.as_fd(), PollFlags::POLLIN));
+                }
+                let timeout = match self.accept_paused_until {
+                    Some(t) => PollTimeout::try_from(t.saturating_duration_since(now))
+                        .unwrap_or(PollTimeout::MAX),
+                    None => PollTimeout::NONE,
+                };
+                match nix::poll::poll(&mut pfds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        log::error!("broker poll failed: {e}; broker thread stops");
+                        return;
+                    }
+                }
+                let ev: Vec<PollFlags> = pfds
+                    .iter()
+                    .map(|p| p.revents().unwrap_or(PollFlags::empty()))
+                    .collect();
+                let wake_ev = ev[0];
+                let lev = ev[1..1 + lids.len()].to_vec();
+                let cev = ev[1 + lids.len()..].to_vec();
+                (wake_ev, lev, cev)
+            };
+
+            // Connections first: their indices are only valid until the
+            // table changes.
+            let mut dead = Vec::new();
+            for (i, ev) in cev.iter().enumerate() {
+                if ev.is_empty() {
+                    continue;
+                }
+                if !self.serve(i, &mut buf) {
+                    dead.push(i);
+                }
+            }
+            for i in dead.into_iter().rev() {
+                self.drop_conn(i);
+            }
+            for (id, ev) in lids.iter().zip(lev) {
+                if !ev.is_empty() {
+                    self.accept(*id);
+                }
+            }
+            if !wake_ev.is_empty() {
+                let mut b = [0u8; 64];
+                while self.wake.recv(&mut b).is_ok() {}
+                while let Ok(cmd) = self.rx.try_recv() {
+                    self.command(cmd);
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Open(ns, fd) => {
+                log::debug!("broker for {ns} opened");
+                self.listeners.insert(ns, fd);
+            }
+            Cmd::Close(ns) => {
+                self.listeners.remove(&ns);
+                let before = self.conns.len();
+                self.conns.retain(|c| c.ns != ns);
+                self.per_ns.remove(&ns);
+                log::debug!(
+                    "broker for {ns} closed ({} connections dropped)",
+                    before - self.conns.len()
+                );
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, i: usize) {
+        let c = self.conns.swap_remove(i);
+        if let Some(n) = self.per_ns.get_mut(&c.ns) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn accept(&mut self, ns: NetnsId) {
+        for _ in 0..BURST {
+            let Some(l) = self.listeners.get(&ns) else {
+                return;
+            };
+            match sys::accept(l.as_fd()) {
+                Ok(fd) => {
+                    let n = self.per_ns.entry(ns).or_insert(0);
+                    if *n >= MAX_CONNS_PER_BROKER {
+                        log::warn!("broker for {ns}: {MAX_CONNS_PER_BROKER} connections open, refusing another");
+                        continue;
+                    }
+                    *n += 1;
+                    self.conns.push(Conn { fd, ns });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    log::warn!("broker: out of descriptors ({e}); pausing accepts");
+                    self.accept_paused_until = Some(Instant::now() + EMFILE_PAUSE);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The peer gave up before we accepted it: nothing to do.
+                Err(e) => {
+                    log::debug!("broker for {ns}: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Serves what connection `i` sent; false when it must be closed.
+    fn serve(&mut self, i: usize, buf: &mut [u8; REQUEST_LEN + 1]) -> bool {
+        let (fd, ns) = (&self.conns[i].fd, self.conns[i].ns);
+        for _ in 0..BURST {
+            let rx = match sys::recv_record(fd.as_fd(), buf) {
+                Ok(Some(rx)) => rx,
+                Ok(None) => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            };
+            let len = rx.len.min(buf.len());
+            let (reply, sock) = if rx.truncated || !rx.fds.is_empty() || rx.ctrunc {
+                log::debug!(
+                    "broker for {ns}: malformed record ({} bytes, {} descriptors attached)",
+                    rx.len,
+                    rx.fds.len()
+                );
+                (
+                    Reply::err(guess_op(&buf[..len]), libc::EINVAL, Reason::Malformed),
+                    None,
+                )
+            } else {
+                handle(&self.ctx, ns, &buf[..len])
+            };
+            drop(rx);
+            let mut out = [0u8; REPLY_LEN];
+            reply.encode(&mut out);
+            if let Err(e) = sys::send_record(fd.as_fd(), &out, sock.as_ref().map(|s| s.as_fd())) {
+                log::debug!("broker for {ns}: cannot reply ({e}); closing the connection");
+                return false;
+            }
+            // graftd's copy of the socket is closed here; the client owns it.
+            drop(sock);
+        }
+        true
+    }
+}
+
+/// The op of a record that failed to decode, for the reply header.
+fn guess_op(b: &[u8]) -> Op {
+    if b.len() >= 8 && u16::from_le_bytes([b[6], b[7]]) == Op::Lookup as u16 {
+        Op::Lookup
+    } else {
+        Op::Socket
+    }
+}
+
+/// A refused request: errno, reason and (for option refusals) the option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub errno: libc::c_int,
+    pub reason: Reason,
+    pub opt: Option<(libc::c_int, libc::c_int)>,
+}
+
+impl Refusal {
+    fn new(errno: libc::c_int, reason: Reason) -> Self {
+        Refusal {
+            errno,
+            reason,
+            opt: None,
+        }
+    }
+    fn opt(errno: libc::c_int, reason: Reason, o: &OptValue) -> Self {
+        Refusal {
+            errno,
+            reason,
+            opt: Some((o.level, o.name)),
+        }
+    }
+    fn reply(&self, op: Op) -> Reply {
+        let mut r = Reply::err(op, self.errno, self.reason);
+        if let Some((l, n)) = self.opt {
+            r.opt_level = l;
+            r.opt_name = n;
+        }
+        r
+    }
+}
+
+/// Answers one record from a client of namespace `ns`'s broker.
+pub fn handle(ctx: &Ctx, ns: NetnsId, rec: &[u8]) -> (Reply, Option<OwnedFd>) {
+    let req = match Request::decode(rec) {
+        Ok(r) => r,
+        Err(e) => {
+            log::debug!("broker for {ns}: malformed request: {e}");
+            return (
+                Reply::err(guess_op(rec), libc::EINVAL, Reason::Malformed),
+                None,
+            );
+        }
+    };
+    let ep = ctx.state().lookup(ns, &req.endpoint);
+    let Some(ep) = ep else {
+        let errno = match req.op {
+            Op::Lookup => libc::ENOENT,
+            Op::Socket => libc::EADDRNOTAVAIL,
+        };
+        log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
+        return (Reply::err(req.op, errno, Reason::NoEndpoint), None);
+    };
+    match req.op {
+        Op::Lookup => (
+            Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
+            None,
+        ),
+        Op::Socket => match socket_for(ctx, &ep, &req) {
+            Ok(made) => {
+                ep.count(true);
+                log::debug!(
+                    "{ns} endpoint {}: handed out a {} socket",
+                    ep.spec.name,
+                    describe(&req)
+                );
+                (Reply::ok(Op::Socket, &made.addr), Some(made.fd))
+            }
+            Err(r) => {
+                ep.count(false);
+                let opt = r
+                    .opt
+                    .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
+                    .unwrap_or_default();
+                log::info!(
+                    "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
+                    ep.spec.name,
+                    describe(&req),
+                    r.reason.describe(),
+                    io::Error::from_raw_os_error(r.errno)
+                );
+                (r.reply(Op::Socket), None)
+            }
+        },
+    }
+}
+
+fn label(level: libc::c_int, name: libc::c_int) -> String {
+    sockopt::lookup(level, name)
+        .map(|o| format!(", {}", o.label))
+        .unwrap_or_default()
+}
+
+fn describe(req: &Request) -> String {
+    let fam = match req.family {
+        libc::AF_INET => "AF_INET",
+        libc::AF_INET6 => "AF_INET6",
+        libc::AF_UNIX => "AF_UNIX",
+        _ => "other-family",
+    };
+    let ty = match req.sotype {
+        libc::SOCK_STREAM => "stream",
+        libc::SOCK_DGRAM => "dgram",
+        libc::SOCK_SEQPACKET => "seqpacket",
+        _ => "other-type",
+    };
+    format!("{fam} {ty}")
+}
+
+fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, Refusal> {
+    let params = plan(&ep.spec.addr, req)?;
+    let made = match &ep.target {
+        Target::Own => factory::make_here(&params),
+        Target::Foreign(w) => w.make(params),
+    }
+    .map_err(|e| {
+        log::debug!("endpoint {}: {e}", ep.spec.name);
+        Refusal {
+            errno: e.errno(),
+            reason: Reason::SocketFailed,
+            opt: e.option(),
+        }
+    })?;
+    ctx.hooks
+        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref())
+        .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EPERM), Reason::Policy))?;
+    Ok(made)
+}
+
+/// The address an endpoint is configured with, as a raw sockaddr (port 0 for
+/// `dynamic`).
+pub fn configured_sockaddr(addr: &EndpointAddr) -> Vec<u8> {
+    use nix::sys::socket::{SockaddrIn, SockaddrIn6, UnixAddr};
+    match addr {
+        EndpointAddr::Ipv4 { addr, port } => sys::sockaddr_bytes(&SockaddrIn::from(
+            SocketAddrV4::new(*addr, port.unwrap_or(0)),
+        )),
+        EndpointAddr::Ipv6 { addr, port } => sys::sockaddr_bytes(&SockaddrIn6::from(
+            SocketAddrV6::new(*addr, port.unwrap_or(0), 0, 0),
+        )),
+        EndpointAddr::Unix { path } => UnixAddr::new(path.as_path())
+            .map(|a| sys::sockaddr_bytes(&a))
+            .unwrap_or_default(),
+    }
+}
+
+/// Decides, without touching the system, how to make the socket a request
+/// asks for: checks family, type, protocol and every option against the
+/// endpoint, and picks the address to bind.
+pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal> {
+    const TYPE_MASK: libc::c_int = 0xf;
+    if req.sotype & !TYPE_MASK != 0 {
+        return Err(Refusal::new(libc::EINVAL, Reason::Malformed));
+    }
+    let mismatch = || Refusal::new(libc::EAFNOSUPPORT, Reason::FamilyMismatch);
+    let mapped = matches!(addr, EndpointAddr::Ipv4 { .. }) && req.family == libc::AF_INET6;
+    let bind = match (addr, req.family) {
+        (EndpointAddr::Ipv4 { addr, port }, libc::AF_INET) => {
+            BindAddr::V4(SocketAddrV4::new(*addr, port.unwrap_or(0)))
+        }
+        (EndpointAddr::Ipv4 { addr, port }, libc::AF_INET6) => BindAddr::V6(SocketAddrV6::new(
+            addr.to_ipv6_mapped(),
+            port.unwrap_or(0),
+            0,
+            0,
+        )),
+        (EndpointAddr::Ipv6 { addr, port }, libc::AF_INET6) => {
+            BindAddr::V6(SocketAddrV6::new(*addr, port.unwrap_or(0), 0, 0))
+        }
+        (EndpointAddr::Unix { path }, libc::AF_UNIX) => BindAddr::Unix(path.clone()),
+        _ => return Err(mismatch()),
+    };
+    let unix = req.family == libc::AF_UNIX;
+    let proto_ok = match req.sotype {
+        libc::SOCK_STREAM => req.protocol == 0 || (!unix && req.protocol == libc::IPPROTO_TCP),
+        libc::SOCK_DGRAM => req.protocol == 0 || (!unix && req.protocol == libc::IPPROTO_UDP),
+        libc::SOCK_SEQPACKET if unix => req.protocol == 0,
+        _ => return Err(Refusal::new(libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch)),
+    };
+    if !proto_ok {
+        return Err(Refusal::new(libc::EPROTONOSUPPORT, Reason::FamilyMismatch));
+    }
+    let mut opts = Vec::with_capacity(req.nopts);
+    for o in req.options() {
+        let Some(known) = sockopt::lookup(o.level, o.name) else {
+            return Err(Refusal::opt(libc::EPERM, Reason::OptionRefused, o));
+        };
+        if known.class == Class::Refuse {
+            return Err(Refusal::opt(libc::EPERM, Reason::OptionRefused, o));
+        }
+        let len = o.len as usize;
+        let size_ok = match known.kind {
+            Kind::Name16 => (1..=Kind::Name16.size()).contains(&len),
+            k => len == k.size(),
+        };
+        if !size_ok {
+            return Err(Refusal::opt(libc::EINVAL, Reason::Malformed, o));
+        }
+        if (o.level, o.name) == (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT) {
+            // Binding without a port would leave the socket re-bindable by
+            // the application to any host address: the port is always taken
+            // at bind instead, which is only slower for connect-heavy apps.
+            continue;
+        }
+        if mapped
+            && (o.level, o.name) == (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+            && o.as_int() != Some(0)
+        {
+            return Err(Refusal::opt(libc::EAFNOSUPPORT, Reason::FamilyMismatch, o));
+        }
+        opts.push(*o);
+    }
+    Ok(SocketParams {
+        family: req.family,
+        sotype: req.sotype,
+        protocol: req.protocol,
+        opts,
+        bind,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_core::proto::broker::Purpose;
+    use graft_core::EndpointName;
+
+    fn v4() -> EndpointAddr {
+        EndpointAddr::Ipv4 {
+            addr: "127.0.0.1".parse().unwrap(),
+            port: Some(8080),
+        }
+    }
+
+    fn req(family: libc::c_int, sotype: libc::c_int, protocol: libc::c_int) -> Request {
+        Request::new(
+            Op::Socket,
+            EndpointName::new("ep").unwrap(),
+            family,
+            sotype,
+            protocol,
+            Purpose::Ingress,
+        )
+    }
+
+    fn int(v: i32) -> [u8; 4] {
+        v.to_le_bytes()
+    }
+
+    #[test]
+    fn escaping_options_are_refused() {
+        for (l, n, v) in [
+            (libc::SOL_SOCKET, libc::SO_BINDTODEVICE, b"lo\0".to_vec()),
+            (libc::SOL_SOCKET, libc::SO_MARK, int(1).to_vec()),
+            (libc::IPPROTO_IP, libc::IP_TRANSPARENT, int(1).to_vec()),
+            (libc::IPPROTO_IP, libc::IP_FREEBIND, int(1).to_vec()),
+            (libc::SOL_SOCKET, 9999, int(1).to_vec()),
+        ] {
+            let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(r.push_opt(l, n, &v));
+            let e = plan(&v4(), &r).unwrap_err();
+            assert_eq!(
+                (e.errno, e.reason, e.opt),
+                (libc::EPERM, Reason::OptionRefused, Some((l, n)))
+            );
+        }
+    }
+
+    #[test]
+    fn option_sizes_are_exact() {
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &[1, 0]));
+        assert_eq!(plan(&v4(), &r).unwrap_err().reason, Reason::Malformed);
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(r.push_opt(libc::IPPROTO_TCP, libc::TCP_CONGESTION, b"cubic"));
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &int(1)));
+        let p = plan(&v4(), &r).unwrap();
+        assert_eq!(p.opts.len(), 2);
+    }
+
+    #[test]
+    fn bind_address_no_port_is_never_applied() {
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &int(1)));
+        assert!(plan(&v4(), &r).unwrap().opts.is_empty());
+    }
+
+    #[test]
+    fn families_map_to_the_endpoint() {
+        let p = plan(&v4(), &req(libc::AF_INET6, libc::SOCK_STREAM, 0)).unwrap();
+        assert_eq!(
+            p.bind,
+            BindAddr::V6("[::ffff:127.0.0.1]:8080".parse().unwrap())
+        );
+        let mut r = req(libc::AF_INET6, libc::SOCK_STREAM, 0);
+        assert!(r.push_opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &int(1)));
+        assert_eq!(plan(&v4(), &r).unwrap_err().reason, Reason::FamilyMismatch);
+        let mut r = req(libc::AF_INET6, libc::SOCK_STREAM, 0);
+        assert!(r.push_opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &int(0)));
+        assert!(plan(&v4(), &r).is_ok());
+        let v6 = EndpointAddr::Ipv6 {
+            addr: "::1".parse().unwrap(),
+            port: None,
+        };
+        let e = plan(&v6, &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap_err();
+        assert_eq!(
+            (e.errno, e.reason),
+            (libc::EAFNOSUPPORT, Reason::FamilyMismatch)
+        );
+        let unix = EndpointAddr::Unix {
+            path: "/run/x".into(),
+        };
+        assert_eq!(
+            plan(&unix, &req(libc::AF_INET, libc::SOCK_STREAM, 0))
+                .unwrap_err()
+                .errno,
+            libc::EAFNOSUPPORT
+        );
+        assert!(plan(&unix, &req(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0)).is_ok());
+        assert_eq!(
+            plan(&v4(), &req(libc::AF_UNIX, libc::SOCK_STREAM, 0))
+                .unwrap_err()
+                .errno,
+            libc::EAFNOSUPPORT
+        );
+        assert_eq!(
+            plan(&v4(), &req(libc::AF_PACKET, libc::SOCK_RAW, 0))
+                .unwrap_err()
+                .errno,
+            libc::EAFNOSUPPORT
+        );
+    }
+
+    #[test]
+    fn types_and_protocols_are_checked() {
+        assert!(plan(
+            &v4(),
+            &req(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        )
+        .is_ok());
+        assert!(plan(
+            &v4(),
+            &req(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+        )
+        .is_ok());
+        assert_eq!(
+            plan(
+                &v4(),
+                &req(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_UDP)
+            )
+            .unwrap_err()
+            .errno,
+            libc::EPROTONOSUPPORT
+        );
+        assert_eq!(
+            plan(&v4(), &req(libc::AF_INET, libc::SOCK_RAW, 0))
+                .unwrap_err()
+                .errno,
+            libc::ESOCKTNOSUPPORT
+        );
+        assert_eq!(
+            plan(&v4(), &req(libc::AF_INET, libc::SOCK_SEQPACKET, 0))
+                .unwrap_err()
+                .errno,
+            libc::ESOCKTNOSUPPORT
+        );
+        let e = plan(
+            &v4(),
+            &req(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0),
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn lookup_address_is_the_configured_one() {
+        let b = configured_sockaddr(&v4());
+        assert_eq!(&b[2..8], &[0x1f, 0x90, 127, 0, 0, 1]);
+    }
+}
