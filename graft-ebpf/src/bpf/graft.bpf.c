@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/* graft's kernel-side companion.
+ *
+ * graftd attaches these programs to a cgroup of its own. Every socket it hands
+ * out was created by graftd, so it belongs to that cgroup wherever the program
+ * using it runs, and connections accepted from a grafted listener inherit the
+ * listener's cgroup. Sockets graftd has not marked (graft_sk_map) are left
+ * alone by every program here.
+ *
+ *  - cgroup/connect4, connect6, sendmsg4, sendmsg6: the endpoint's egress
+ *    policy (same semantics as graft_core::rules::policy_allows).
+ *  - sockops: per-endpoint connection and byte counters, and (splicing on)
+ *    insertion of established grafted sockets into graft_socks.
+ *  - sk_msg (attached to graft_socks): redirects each send into the peer's
+ *    receive queue when the peer is a grafted socket of this host too.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "graft.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+/* include/net/tcp_states.h */
+#define GRAFT_TCP_CLOSE 7
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader before loading: whether established sockets go into the
+ * splice map (the verifier drops the dead branch when off). */
+const volatile __u32 splice_enabled = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct graft_sk);
+} graft_sk_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct graft_policy);
+} graft_policy_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct graft_counters);
+} graft_counters_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct graft_sock_key);
+	__type(value, __u32);
+} graft_socks SEC(".maps");
+
+/* Endpoint of each socket in graft_socks, so that the sender's sk_msg can
+ * credit the bytes it redirects to the receiving endpoint. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct graft_sock_key);
+	__type(value, __u32);
+} graft_sock_ep SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct graft_global);
+} graft_global_map SEC(".maps");
+
+static __always_inline struct graft_counters *counters(__u32 endpoint)
+{
+	return bpf_map_lookup_elem(&graft_counters_map, &endpoint);
+}
+
+/* ---------------------------------------------------------------- policy */
+
+/* 1 if the endpoint's policy lets a socket reach dst:port. dst holds network
+ * order words (IPv4: word 0). Longest matching prefix decides, deny wins a
+ * tie, and with no match the destination is allowed unless some clause is an
+ * allow. A socket whose endpoint graftd no longer knows is refused. */
+static __always_inline int policy_allows(__u32 endpoint, __u8 family,
+					 const __u32 dst[4], __u16 port)
+{
+	struct graft_policy *pol = bpf_map_lookup_elem(&graft_policy_map, &endpoint);
+	int best_len = -1;
+	int best_deny = 0;
+
+	if (!pol)
+		return 0;
+	for (int i = 0; i < GRAFT_MAX_RULES; i++) {
+		const struct graft_rule *r;
+
+		if (i >= pol->count)
+			break;
+		r = &pol->rules[i];
+		if (r->family != family)
+			continue;
+		if (port < r->port_lo || port > r->port_hi)
+			continue;
+		if ((dst[0] & r->mask[0]) != r->addr[0] ||
+		    (dst[1] & r->mask[1]) != r->addr[1] ||
+		    (dst[2] & r->mask[2]) != r->addr[2] ||
+		    (dst[3] & r->mask[3]) != r->addr[3])
+			continue;
+		if ((int)r->prefix_len > best_len) {
+			best_len = r->prefix_len;
+			best_deny = r->action == GRAFT_DENY;
+		} else if ((int)r->prefix_len == best_len && r->action == GRAFT_DENY) {
+			best_deny = 1;
+		}
+	}
+	if (best_len >= 0)
+		return !best_deny;
+	return !pol->has_allow;
+}
+
+static __always_inline int verdict(struct bpf_sock_addr *ctx, __u8 family,
+				   const __u32 dst[4])
+{
+	struct graft_sk *gs = bpf_sk_storage_get(&graft_sk_map, ctx->sk, 0, 0);
+	struct graft_counters *c;
+	__u16 port;
+
+	if (!gs)
+		return 1;
+	port = bpf_ntohs((__u16)ctx->user_port);
+	if (policy_allows(gs->endpoint, family, dst, port))
+		return 1;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->policy_denied, 1);
+	return 0;
+}
+
+static __always_inline int verdict4(struct bpf_sock_addr *ctx)
+{
+	__u32 dst[4] = { ctx->user_ip4, 0, 0, 0 };
+
+	return verdict(ctx, GRAFT_FAMILY_V4, dst);
+}
+
+static __always_inline int verdict6(struct bpf_sock_addr *ctx)
+{
+	__u32 dst[4];
+
+	dst[0] = ctx->user_ip6[0];
+	dst[1] = ctx->user_ip6[1];
+	dst[2] = ctx->user_ip6[2];
+	dst[3] = ctx->user_ip6[3];
+	/* ::ffff:a.b.c.d is a.b.c.d, as Ipv6Addr::to_canonical says. */
+	if (dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0xffff)) {
+		__u32 v4[4] = { dst[3], 0, 0, 0 };
+
+		return verdict(ctx, GRAFT_FAMILY_V4, v4);
+	}
+	return verdict(ctx, GRAFT_FAMILY_V6, dst);
+}
+
+SEC("cgroup/connect4")
+int graft_connect4(struct bpf_sock_addr *ctx)
+{
+	return verdict4(ctx);
+}
+
+SEC("cgroup/connect6")
+int graft_connect6(struct bpf_sock_addr *ctx)
+{
+	return verdict6(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int graft_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return verdict4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int graft_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return verdict6(ctx);
+}
+
+/* --------------------------------------------------------------- sockops */
+
+static __always_inline int is_v4_mapped(const __u32 ip[4])
+{
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void sock_key(struct bpf_sock_ops *skops, struct graft_sock_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->netns = bpf_get_netns_cookie(skops);
+	k->local_port = skops->local_port;
+	k->remote_port = bpf_ntohl(skops->remote_port);
+	if (skops->family == AF_INET) {
+		k->family = GRAFT_FAMILY_V4;
+		k->local_ip[0] = skops->local_ip4;
+		k->remote_ip[0] = skops->remote_ip4;
+		return;
+	}
+	k->local_ip[0] = skops->local_ip6[0];
+	k->local_ip[1] = skops->local_ip6[1];
+	k->local_ip[2] = skops->local_ip6[2];
+	k->local_ip[3] = skops->local_ip6[3];
+	k->remote_ip[0] = skops->remote_ip6[0];
+	k->remote_ip[1] = skops->remote_ip6[1];
+	k->remote_ip[2] = skops->remote_ip6[2];
+	k->remote_ip[3] = skops->remote_ip6[3];
+	k->family = GRAFT_FAMILY_V6;
+	if (is_v4_mapped(k->local_ip) && is_v4_mapped(k->remote_ip)) {
+		k->family = GRAFT_FAMILY_V4;
+		k->local_ip[0] = k->local_ip[3];
+		k->remote_ip[0] = k->remote_ip[3];
+		k->local_ip[1] = k->local_ip[2] = k->local_ip[3] = 0;
+		k->remote_ip[1] = k->remote_ip[2] = k->remote_ip[3] = 0;
+	}
+}
+
+static __always_inline void splice_insert(struct bpf_sock_ops *skops, struct graft_sk *gs)
+{
+	struct graft_sock_key k;
+	long err;
+
+	/* Bytes already sent through TCP (data in the SYN): this direction
+	 * stays on TCP for good. */
+	if (skops->data_segs_out > 0)
+		gs->flags |= GRAFT_SK_NO_SPLICE;
+	sock_key(skops, &k);
+	err = bpf_sock_hash_update(skops, &graft_socks, &k, BPF_ANY);
+	if (err) {
+		__u32 zero = 0;
+		struct graft_global *g = bpf_map_lookup_elem(&graft_global_map, &zero);
+		struct graft_counters *c = counters(gs->endpoint);
+
+		gs->flags |= GRAFT_SK_NO_SPLICE;
+		if (g) {
+			g->last_splice_error = (__u64)err;
+			__sync_fetch_and_add(&g->splice_errors, 1);
+		}
+		if (c)
+			__sync_fetch_and_add(&c->splice_refused, 1);
+		return;
+	}
+	bpf_map_update_elem(&graft_sock_ep, &k, &gs->endpoint, BPF_ANY);
+}
+
+SEC("sockops")
+int graft_sockops(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct graft_counters *c;
+	struct graft_sk *gs;
+	__u32 op = skops->op;
+
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	if (!sk)
+		return 1;
+	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, 0);
+	if (!gs)
+		return 1;
+	c = counters(gs->endpoint);
+
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		/* args[1] is the new state. */
+		if (skops->args[1] != GRAFT_TCP_CLOSE || !(gs->flags & GRAFT_SK_ESTABLISHED))
+			return 1;
+		gs->flags &= ~GRAFT_SK_ESTABLISHED;
+		if (c) {
+			__sync_fetch_and_add(&c->bytes_sent, skops->bytes_acked);
+			__sync_fetch_and_add(&c->bytes_received, skops->bytes_received);
+		}
+		if (splice_enabled) {
+			struct graft_sock_key k;
+
+			sock_key(skops, &k);
+			bpf_map_delete_elem(&graft_sock_ep, &k);
+		}
+		return 1;
+	}
+
+	if (c) {
+		if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+			__sync_fetch_and_add(&c->active_established, 1);
+		else
+			__sync_fetch_and_add(&c->passive_established, 1);
+	}
+	gs->flags |= GRAFT_SK_ESTABLISHED;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (splice_enabled)
+		splice_insert(skops, gs);
+	return 1;
+}
+
+/* ---------------------------------------------------------------- sk_msg */
+
+SEC("sk_msg")
+int graft_sk_msg(struct sk_msg_md *msg)
+{
+	struct graft_sock_key peer;
+	struct graft_counters *c;
+	struct graft_sk *gs;
+	__u32 *peer_ep;
+	__u32 size = msg->size;
+
+	if (!msg->sk)
+		return SK_PASS;
+	gs = bpf_sk_storage_get(&graft_sk_map, msg->sk, 0, 0);
+	if (!gs || (gs->flags & GRAFT_SK_NO_SPLICE))
+		return SK_PASS;
+
+	/* The peer's own key: our remote side is its local side. */
+	__builtin_memset(&peer, 0, sizeof(peer));
+	peer.netns = bpf_get_netns_cookie(msg);
+	peer.local_port = bpf_ntohl(msg->remote_port);
+	peer.remote_port = msg->local_port;
+	if (msg->family == AF_INET) {
+		peer.family = GRAFT_FAMILY_V4;
+		peer.local_ip[0] = msg->remote_ip4;
+		peer.remote_ip[0] = msg->local_ip4;
+	} else {
+		peer.family = GRAFT_FAMILY_V6;
+		peer.local_ip[0] = msg->remote_ip6[0];
+		peer.local_ip[1] = msg->remote_ip6[1];
+		peer.local_ip[2] = msg->remote_ip6[2];
+		peer.local_ip[3] = msg->remote_ip6[3];
+		peer.remote_ip[0] = msg->local_ip6[0];
+		peer.remote_ip[1] = msg->local_ip6[1];
+		peer.remote_ip[2] = msg->local_ip6[2];
+		peer.remote_ip[3] = msg->local_ip6[3];
+		if (is_v4_mapped(peer.local_ip) && is_v4_mapped(peer.remote_ip)) {
+			peer.family = GRAFT_FAMILY_V4;
+			peer.local_ip[0] = peer.local_ip[3];
+			peer.remote_ip[0] = peer.remote_ip[3];
+			peer.local_ip[1] = peer.local_ip[2] = peer.local_ip[3] = 0;
+			peer.remote_ip[1] = peer.remote_ip[2] = peer.remote_ip[3] = 0;
+		}
+	}
+
+	/* A failed lookup leaves no redirect target, and SK_PASS then sends
+	 * through TCP; from then on this direction stays on TCP. */
+	if (bpf_msg_redirect_hash(msg, &graft_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
+		gs->flags |= GRAFT_SK_NO_SPLICE;
+		return SK_PASS;
+	}
+	c = counters(gs->endpoint);
+	if (c) {
+		__sync_fetch_and_add(&c->spliced_msgs, 1);
+		__sync_fetch_and_add(&c->spliced_bytes, size);
+		__sync_fetch_and_add(&c->bytes_sent, size);
+	}
+	peer_ep = bpf_map_lookup_elem(&graft_sock_ep, &peer);
+	if (peer_ep) {
+		c = counters(*peer_ep);
+		if (c)
+			__sync_fetch_and_add(&c->bytes_received, size);
+	}
+	return SK_PASS;
+}

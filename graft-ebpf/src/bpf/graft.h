@@ -1,0 +1,87 @@
+/* Layouts shared by the eBPF programs and the Rust loader (src/maps.rs mirrors
+ * every struct here field for field; change both together). */
+#ifndef GRAFT_H
+#define GRAFT_H
+
+#include <linux/types.h>
+
+/* Most allow/deny clauses one endpoint's policy may hold. The policy check is a
+ * bounded loop over them; the loader refuses longer policies. */
+#define GRAFT_MAX_RULES 32
+
+#define GRAFT_FAMILY_V4 4
+#define GRAFT_FAMILY_V6 6
+
+#define GRAFT_ALLOW 1
+#define GRAFT_DENY 2
+
+/* Per-socket marker, in a BPF_F_CLONE socket-local storage: graftd sets it on
+ * every socket it hands out, and the kernel copies it onto every connection
+ * accepted from a marked listener. A socket without it is not grafted and is
+ * never touched. */
+struct graft_sk {
+	__u32 endpoint; /* graftd's endpoint id (never 0) */
+	__u32 flags;
+};
+
+/* graft_sk.flags */
+/* This socket's sending direction went through TCP at least once (or may
+ * have, e.g. data in the SYN): it must never switch to redirection, or the
+ * peer could read later bytes before earlier ones. */
+#define GRAFT_SK_NO_SPLICE 1u
+/* Counted at establishment: the close accounting applies. */
+#define GRAFT_SK_ESTABLISHED 2u
+
+/* One clause: destination inside addr/mask (network order words; IPv4 uses
+ * word 0 only) with a port in [port_lo, port_hi]. */
+struct graft_rule {
+	__u8 family;
+	__u8 action;
+	__u8 prefix_len;
+	__u8 pad;
+	__u16 port_lo;
+	__u16 port_hi;
+	__u32 addr[4];
+	__u32 mask[4];
+};
+
+struct graft_policy {
+	__u32 count;
+	/* Whether any clause is an allow: then a destination no clause covers is
+	 * denied. */
+	__u32 has_allow;
+	struct graft_rule rules[GRAFT_MAX_RULES];
+};
+
+/* Per-endpoint counters, updated with atomic adds. */
+struct graft_counters {
+	__u64 policy_denied;
+	__u64 active_established;
+	__u64 passive_established;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u64 spliced_msgs;
+	__u64 spliced_bytes;
+	__u64 splice_refused; /* sockhash insertion failed (EBUSY: another owner) */
+};
+
+/* Key of the splice socket hash: one established TCP socket, seen from its
+ * own side. v4-mapped IPv6 connections are stored as IPv4, so a dual-stack
+ * socket and a plain IPv4 peer find each other. */
+struct graft_sock_key {
+	__u64 netns;
+	__u32 family;
+	__u32 local_port;  /* host order */
+	__u32 remote_port; /* host order */
+	__u32 pad;
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+};
+
+/* Global (not per-endpoint) diagnostics, index 0 of an array. */
+struct graft_global {
+	__u64 last_splice_error; /* negative errno of the last failed insertion */
+	__u64 splice_errors;
+};
+
+#endif

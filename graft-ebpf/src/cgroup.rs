@@ -1,0 +1,221 @@
+//! Placing the process in a cgroup v2 of its own.
+//!
+//! The programs are attached to a child of the cgroup the process runs in, and
+//! the whole process (every thread: `cgroup.procs`) moves into it. A child of
+//! the current cgroup is the one place we can always move to without breaking
+//! cgroup v2's "no internal processes" rule: the current cgroup already holds
+//! processes, so it has no domain controllers enabled for its children.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let op = op.into();
+    move |source| Error::Io { op, source }
+}
+
+/// Undoes the `\NNN` octal escapes of /proc/self/mountinfo fields.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4);
+        if b[i] == b'\\' {
+            if let Some(o) = oct.filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c))) {
+                let v = o.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every cgroup2 mount as (mount point, root inside the hierarchy).
+pub(crate) fn cgroup2_mounts(mountinfo: &str) -> Vec<(PathBuf, String)> {
+    let mut v = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        if post.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let f: Vec<&str> = pre.split_whitespace().collect();
+        if f.len() < 5 {
+            continue;
+        }
+        v.push((PathBuf::from(unescape(f[4])), unescape(f[3])));
+    }
+    v
+}
+
+/// The process's cgroup v2 path (the `0::PATH` line of /proc/self/cgroup).
+pub(crate) fn own_cgroup_path(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end_matches(" (deleted)").to_owned())
+}
+
+/// The directory of cgroup `path` under one of the mounts whose root holds it.
+pub(crate) fn cgroup_dir(mounts: &[(PathBuf, String)], path: &str) -> Option<PathBuf> {
+    for (mnt, root) in mounts {
+        let rest = if root == "/" {
+            Some(path)
+        } else {
+            path.strip_prefix(root.as_str())
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+        };
+        if let Some(rest) = rest {
+            let rest = rest.trim_start_matches('/');
+            return Some(if rest.is_empty() {
+                mnt.clone()
+            } else {
+                mnt.join(rest)
+            });
+        }
+    }
+    None
+}
+
+/// The cgroup the process now runs in, which it leaves on drop.
+#[derive(Debug)]
+pub struct Placement {
+    /// Where the process was, and goes back to.
+    pub original: PathBuf,
+    /// The cgroup made for it.
+    pub dir: PathBuf,
+    /// Opened directory, what programs attach to.
+    pub fd: fs::File,
+}
+
+fn move_pid(dir: &Path, pid: u32) -> Result<(), Error> {
+    let procs = dir.join("cgroup.procs");
+    fs::write(&procs, pid.to_string()).map_err(io_err(format!(
+        "move process {pid} into cgroup {}",
+        dir.display()
+    )))
+}
+
+/// Removes leftovers of earlier runs that died without cleaning up: sibling
+/// cgroups named `graftd-PID` whose PID is gone and that hold no process.
+fn remove_stale(parent: &Path) {
+    let Ok(rd) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("graftd-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let empty = fs::read_to_string(e.path().join("cgroup.procs"))
+            .map(|s| s.trim().is_empty())
+            .unwrap_or(false);
+        if empty && fs::remove_dir(e.path()).is_ok() {
+            log::info!("removed stale cgroup {}", e.path().display());
+        }
+    }
+}
+
+impl Placement {
+    /// Creates `NAME` under the process's current cgroup v2 and moves the
+    /// whole process into it.
+    pub fn enter(name: &str) -> Result<Self, Error> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read /proc/self/mountinfo"))?;
+        let mounts = cgroup2_mounts(&mountinfo);
+        if mounts.is_empty() {
+            return Err(Error::NoCgroup2);
+        }
+        let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
+        let path = own_cgroup_path(&own).ok_or(Error::NoCgroup2)?;
+        let original = cgroup_dir(&mounts, &path).ok_or_else(|| Error::CgroupNotVisible {
+            path: path.clone(),
+        })?;
+        remove_stale(&original);
+        let dir = original.join(name);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(format!("create cgroup {}", dir.display()))(e)),
+        }
+        let fd = fs::File::open(&dir).map_err(io_err(format!("open cgroup {}", dir.display())))?;
+        if let Err(e) = move_pid(&dir, std::process::id()) {
+            let _ = fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(Placement { original, dir, fd })
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        if let Err(e) = move_pid(&self.original, std::process::id()) {
+            log::warn!("{e}");
+            return;
+        }
+        if let Err(e) = fs::remove_dir(&self.dir) {
+            log::warn!("remove cgroup {}: {e}", self.dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_hybrid_mount() {
+        let m = cgroup2_mounts(HYBRID);
+        assert_eq!(m, vec![(PathBuf::from("/sys/fs/cgroup/unified"), "/".to_owned())]);
+        assert_eq!(
+            cgroup_dir(&m, "/"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup_dir(&m, "/system.slice/graftd.service"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified/system.slice/graftd.service"))
+        );
+    }
+
+    #[test]
+    fn non_root_mount_and_escapes() {
+        let mi = "50 1 0:40 /kubepods/pod\\0401 /mnt/cg\\040x rw - cgroup2 cgroup2 rw\n";
+        let m = cgroup2_mounts(mi);
+        assert_eq!(m, vec![(PathBuf::from("/mnt/cg x"), "/kubepods/pod 1".to_owned())]);
+        assert_eq!(
+            cgroup_dir(&m, "/kubepods/pod 1/c"),
+            Some(PathBuf::from("/mnt/cg x/c"))
+        );
+        assert_eq!(cgroup_dir(&m, "/kubepods/pod 10"), None);
+        assert_eq!(cgroup_dir(&m, "/other"), None);
+    }
+
+    #[test]
+    fn own_path() {
+        assert_eq!(
+            own_cgroup_path("4:memory:/x\n0::/a/b\n").as_deref(),
+            Some("/a/b")
+        );
+        assert_eq!(own_cgroup_path("4:memory:/x\n"), None);
+    }
+}
