@@ -1,1 +1,97 @@
+//! `libgraft-convert`: the preload library (`LD_PRELOAD=libgraft_convert.so`,
+//! normally set by the `graft` launcher) that grafts an unmodified program's
+//! sockets onto host sockets handed out by graftd.
+//!
+//! # What it does
+//!
+//! It shadows `socket`, `bind`, `listen`, `connect`, `sendto`, `sendmsg`,
+//! `sendmmsg`, `getsockname`, `close`, `dup`, `dup2`, `dup3`, `fcntl`/`fcntl64`
+//! (`F_DUPFD`, `F_DUPFD_CLOEXEC`), `accept` and `accept4`. With no rules in the
+//! environment every call is one relaxed load away from the real function.
+//!
+//! * **Ingress** (`GRAFT_INGRESS_CONVERT`, `-i ADDR:PORT[-PORT]=EP`): a
+//!   `bind()` to a matching address and port (not 0) is replaced by a host
+//!   socket graftd creates and binds to the endpoint; `bind()` then returns 0
+//!   without touching the container's stack. A dual-stack `[::]` bind
+//!   (IPV6_V6ONLY off) with no `::` rule takes the `0.0.0.0` rule, since it
+//!   serves IPv4 too (iperf3 binds `[::]` by default). A `bind()` to port 0 is
+//!   what clients do, so it is done locally and decided later: at `listen()`
+//!   (a server: grafted if a rule for that address covers port 0) or at the
+//!   first send/connect (egress). A `listen()` on an unbound socket counts as
+//!   a bind to the wildcard, port 0.
+//! * **Egress** (`GRAFT_EGRESS_CONVERT`, `-e PREFIX/LEN=EP`; exclusions
+//!   `GRAFT_EGRESS_EXCLUDE`, `-x PREFIX/LEN`): the first `connect()`,
+//!   `sendto()`, `sendmsg()` or `sendmmsg()` with a destination, on a socket
+//!   not bound by the application (or bound to port 0), is matched by longest
+//!   prefix (v4-mapped IPv6 destinations match IPv4 rules). A match is grafted
+//!   before the real call runs on the new socket, so a non-blocking connect
+//!   still returns EINPROGRESS. Excluded and unmatched sockets are left alone
+//!   for good.
+//! * **Grafting**: a broker request (family, type, protocol, purpose, and the
+//!   options the application set: every option of
+//!   `graft_core::sockopt::SNAPSHOT` whose value differs from a fresh socket of
+//!   the same kind) goes to graftd's abstract socket `"\0" + $GRAFT_BROKER`
+//!   (default `graft/broker`) in the current network namespace; the reply
+//!   carries the host socket, which is `dup3`'d over the application's
+//!   descriptor keeping O_NONBLOCK and FD_CLOEXEC.
+//! * **Fail closed**: when a matching socket cannot be grafted (no graftd, no
+//!   such endpoint, an option or policy refused) the call fails and one line
+//!   on stderr names the call, the address, the endpoint and the fix. errno:
+//!   EADDRNOTAVAIL for bind/listen and ENETUNREACH for connect/sends when graftd
+//!   or the endpoint is missing, EPERM for a refused option, EAFNOSUPPORT for
+//!   a family mismatch, ETIMEDOUT when graftd does not answer within 5 s,
+//!   otherwise graftd's errno. The socket is never left on the container's
+//!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
+//!   `connect()` fail with EINVAL and prints one line per process.
+//! * **getsockname**: `GRAFT_GETSOCKNAME=host` (default, as AF_GRAFT) reports
+//!   the host address the socket really has; `app` reports, for sockets
+//!   grafted on ingress, the address the application bound (with the real port
+//!   if it asked for port 0). Egress sockets always report the host address.
+//! * `GRAFT_VERBOSE=1` (`graft -v`) prints one line per decision:
+//!   `graft: pid 123 fd 5 bind 0.0.0.0:5201 -> ep-in4 (host 127.0.0.1:8080)`,
+//!   `graft: pid 123 fd 6 connect 127.0.0.1:9000 -> not grafted (excluded)`.
+//!
+//! # How it stays out of the way
+//!
+//! * Real functions are resolved once in a constructor (`dlsym(RTLD_NEXT)`)
+//!   into atomics; before that, calls go straight to `syscall(2)`. The library's
+//!   own I/O uses raw system calls so it never re-enters itself.
+//! * Per-descriptor state lives in a lock-free two-level table ([`table`]):
+//!   no fixed descriptor limit, pages from mmap(2), never the allocator. A send
+//!   with no destination costs nothing; one on a decided socket costs one
+//!   table load. Descriptors received over SCM_RIGHTS or inherited across exec
+//!   start unknown and are classified on first use (type, family, bound or
+//!   connected). `dup`/`dup2`/`dup3`/`F_DUPFD` copy the state; `close` clears it.
+//!   The state belongs to a descriptor, not an open file description: grafting
+//!   replaces the socket behind one descriptor number, and other duplicates
+//!   made before the decision keep the original socket.
+//! * errno is saved on entry and restored on success paths; no panic unwinds
+//!   into C (decisions run under `catch_unwind`; a bug fails the call with EIO).
+//! * One cached broker connection per process ([`broker`]): re-made after
+//!   fork, guarded by a try-lock so concurrent threads and signal handlers
+//!   never wait (they use a one-off connection), with send/receive timeouts.
+//!   Decision paths use only system calls and stack buffers, so a signal
+//!   handler that connects while its thread is mid-decision is still decided
+//!   (never silently passed through); a thread-local guard only covers the
+//!   constructor, whose dlsym and environment parsing may call back into us.
+//! * Exec'd programs read the environment again in their own constructor.
+//!
+//! Statically linked programs (and Go programs making raw system calls)
+//! cannot be intercepted by any preload library; the `graft` launcher warns.
+//!
+//! Unsafe code lives in [`sys`] (the C boundary), [`table`] (mmap'd pages),
+//! the configuration pointer in `config`, and the exported functions.
 
+// Unit tests build without the exported functions (the test binary must not
+// interpose on itself), which leaves the code they call unused there.
+#![cfg_attr(test, allow(dead_code))]
+
+mod addr;
+mod broker;
+mod config;
+mod graft;
+#[cfg(not(test))]
+mod interpose;
+mod log;
+mod sys;
+mod table;

@@ -1,0 +1,205 @@
+//! Talking to graftd's per-namespace broker.
+//!
+//! One cached connection per process, kept at a high descriptor number with
+//! close-on-exec. Before each use it is checked: same pid (a forked child
+//! never shares its parent's connection mid-request: it closes its inherited
+//! copy and connects anew) and same inode (the application may have closed
+//! or reused the number; then the number is no longer ours and is left
+//! alone). An atomic try-lock holding the owner's pid guards it; a thread or
+//! signal handler that finds it busy uses a one-off connection instead, so
+//! nothing ever waits for a lock. A lock still held by another pid was held
+//! across fork() and is taken over. Every broker socket has send and receive
+//! timeouts, so no call blocks forever on a stuck graftd.
+
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use graft_core::proto::broker::{Reply, Request, REPLY_LEN, REQUEST_LEN};
+use libc::c_int;
+
+use crate::sys;
+
+/// Seconds a broker exchange may take.
+pub const TIMEOUT_SECS: i64 = 5;
+
+static CACHE_FD: AtomicI32 = AtomicI32::new(-1);
+static CACHE_PID: AtomicI32 = AtomicI32::new(0);
+static CACHE_INO: AtomicU64 = AtomicU64::new(0);
+/// pid of the holder, 0 when free.
+static LOCK: AtomicI32 = AtomicI32::new(0);
+
+/// Why an exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// No broker to connect to (graftd not running for this namespace).
+    Unreachable(c_int),
+    /// graftd did not answer within [`TIMEOUT_SECS`].
+    Timeout,
+    /// The connection broke mid-exchange.
+    Io(c_int),
+    /// The reply is not a valid record.
+    Protocol(&'static str),
+}
+
+/// A decoded reply and, on success, the host socket.
+pub struct Answer {
+    pub reply: Reply,
+    pub fd: Option<OwnedFd>,
+}
+
+/// Sends `req` to the broker named `name` and returns its answer.
+pub fn ask(name: &str, req: &Request) -> Result<Answer, Error> {
+    let mut buf = [0u8; REQUEST_LEN];
+    req.encode(&mut buf);
+    let pid = sys::sys_getpid();
+    if try_lock(pid) {
+        let r = ask_cached(name, &buf, pid);
+        LOCK.store(0, Ordering::Release);
+        r
+    } else {
+        let conn = connect(name)?;
+        exchange(conn.as_raw_fd(), &buf)
+    }
+}
+
+fn try_lock(pid: i32) -> bool {
+    let cur = LOCK.load(Ordering::Acquire);
+    if cur == pid {
+        return false;
+    }
+    LOCK.compare_exchange(cur, pid, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
+fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
+    let (fd, fresh) = match cached(pid) {
+        Some(fd) => (fd, false),
+        None => (open_cached(name, pid)?, true),
+    };
+    match exchange(fd, buf) {
+        Ok(a) => Ok(a),
+        // A connection that worked before may have been closed by a restarted
+        // graftd: try once more on a fresh one.
+        Err(Error::Io(_)) if !fresh => {
+            forget(true);
+            let fd = open_cached(name, pid)?;
+            let r = exchange(fd, buf);
+            if r.is_err() {
+                forget(true);
+            }
+            r
+        }
+        Err(e) => {
+            // After a timeout a late reply could still arrive: never reuse.
+            forget(true);
+            Err(e)
+        }
+    }
+}
+
+/// The cached connection, if it is still ours and still the same socket.
+fn cached(pid: i32) -> Option<RawFd> {
+    let fd = CACHE_FD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return None;
+    }
+    let same = matches!(sys::sys_fstat(fd), Some((ino, mode))
+        if ino == CACHE_INO.load(Ordering::Relaxed) && mode & libc::S_IFMT == libc::S_IFSOCK);
+    if !same {
+        // The application closed or reused the number: it is not ours to close.
+        forget(false);
+        return None;
+    }
+    if CACHE_PID.load(Ordering::Relaxed) != pid {
+        // Inherited across fork(): our copy, closed so the parent's stays private.
+        forget(true);
+        return None;
+    }
+    Some(fd)
+}
+
+fn forget(close: bool) {
+    let fd = CACHE_FD.swap(-1, Ordering::Relaxed);
+    if close && fd >= 0 {
+        sys::sys_close(fd);
+    }
+}
+
+fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
+    let conn = connect(name)?;
+    // Far from the low numbers programs expect to get from socket()/open().
+    let limit = sys::nofile_limit().min(1 << 20);
+    let high = (limit - limit / 4) as libc::c_long;
+    let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high) {
+        Ok(hi) => {
+            drop(conn);
+            hi
+        }
+        Err(_) => conn.into_raw_fd(),
+    };
+    let ino = sys::sys_fstat(fd).map(|(i, _)| i).unwrap_or(0);
+    CACHE_INO.store(ino, Ordering::Relaxed);
+    CACHE_PID.store(pid, Ordering::Relaxed);
+    CACHE_FD.store(fd, Ordering::Relaxed);
+    Ok(fd)
+}
+
+/// A new connection to the broker, with timeouts.
+pub fn connect(name: &str) -> Result<OwnedFd, Error> {
+    let s = sys::sys_socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
+        .map_err(Error::Unreachable)?;
+    sys::sys_set_timeouts(s.as_raw_fd(), TIMEOUT_SECS).map_err(Error::Io)?;
+    let (addr, len) = abstract_addr(name);
+    for _ in 0..16 {
+        match sys::sys_connect(s.as_raw_fd(), &addr[..len]) {
+            Ok(()) | Err(libc::EISCONN) => return Ok(s),
+            Err(libc::EINTR) => continue,
+            Err(libc::EAGAIN) | Err(libc::EINPROGRESS) => return Err(Error::Timeout),
+            Err(e) => return Err(Error::Unreachable(e)),
+        }
+    }
+    Err(Error::Unreachable(libc::EINTR))
+}
+
+/// `sockaddr_un` for the abstract name "\0" + `name` (callers bound the
+/// name to 100 bytes; longer names are cut).
+fn abstract_addr(name: &str) -> ([u8; 110], usize) {
+    let mut a = [0u8; 110];
+    a[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+    let n = name.len().min(a.len() - 3);
+    a[3..3 + n].copy_from_slice(&name.as_bytes()[..n]);
+    (a, 3 + n)
+}
+
+/// One request/reply pair on `fd`.
+fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
+    match sys::sys_send(fd, req) {
+        Ok(n) if n == req.len() => {}
+        Ok(_) => return Err(Error::Protocol("short send")),
+        Err(libc::EAGAIN) => return Err(Error::Timeout),
+        Err(e) => return Err(Error::Io(e)),
+    }
+    let mut buf = [0u8; REPLY_LEN + 1];
+    let r = sys::sys_recv_fd(fd, &mut buf).map_err(|e| {
+        if e == libc::EAGAIN {
+            Error::Timeout
+        } else {
+            Error::Io(e)
+        }
+    })?;
+    let mut first = r.fd;
+    if r.len == 0 {
+        return Err(Error::Io(libc::ECONNRESET));
+    }
+    if r.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || r.len != REPLY_LEN {
+        return Err(Error::Protocol("wrong size"));
+    }
+    let reply = Reply::decode(&buf[..REPLY_LEN]).map_err(|_| Error::Protocol("malformed"))?;
+    if reply.errno == 0 && first.is_none() {
+        return Err(Error::Protocol("success without a socket"));
+    }
+    if reply.errno != 0 {
+        first = None;
+    }
+    Ok(Answer { reply, fd: first })
+}

@@ -1,0 +1,392 @@
+//! The exported C functions that shadow libc's, and the constructor.
+//!
+//! Each one is a thin shell: a relaxed load or two decides whether there is
+//! anything to do at all; if so the decision runs in [`crate::graft`] (safe
+//! code) under `catch_unwind`, with errno saved on entry and restored on every
+//! success path.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use libc::{c_int, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+
+use crate::graft::{self, Call, Next};
+use crate::sys::{self, errno, set_errno};
+use crate::{addr, config, table};
+
+thread_local! {
+    /// Set while this thread runs the library's own initialization (dlsym,
+    /// reading the environment, allocating the configuration): anything
+    /// those call back into passes straight through.
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    INSIDE.set(true);
+    let _ = catch_unwind(|| {
+        sys::resolve_all();
+        config::init();
+    });
+    INSIDE.set(false);
+}
+
+/// Runs a decision; a panic (a bug) fails the call rather than unwinding
+/// into C.
+fn decide(f: impl FnOnce() -> Next) -> Next {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(Next::Fail(libc::EIO))
+}
+
+/// Copies the caller's address and parses it; `None` for anything that is
+/// not AF_INET/AF_INET6 (or too short).
+///
+/// # Safety
+/// `p` must be null or point at `len` readable bytes (the caller's contract
+/// with the kernel).
+unsafe fn read_addr(p: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    if p.is_null() || len < 2 {
+        return None;
+    }
+    let n = (len as usize).min(addr::MAX);
+    let mut b = [0u8; addr::MAX];
+    // SAFETY: the caller promised `len` readable bytes at `p`; we read at most
+    // that many into our own buffer.
+    unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), b.as_mut_ptr(), n) };
+    addr::parse(&b[..n])
+}
+
+/// Applies a decision around the real call `real` (which returns 0 on success).
+fn finish(fd: c_int, next: Next, saved: c_int, real: impl FnOnce() -> c_int) -> c_int {
+    match next {
+        Next::Real => {
+            set_errno(saved);
+            real()
+        }
+        Next::RealThenSet(st, sa) => {
+            set_errno(saved);
+            let r = real();
+            if r == 0 {
+                let e = errno();
+                match sa {
+                    Some(sa) => table::set_with_addr(fd, st, &addr::encode(&sa).0),
+                    None => table::set(fd, st),
+                }
+                set_errno(e);
+            }
+            r
+        }
+        Next::Done => {
+            set_errno(saved);
+            0
+        }
+        Next::Fail(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+/// Whether `fd` still needs an egress decision.
+#[inline(always)]
+fn undecided(fd: c_int) -> bool {
+    matches!(
+        table::state(fd),
+        table::UNKNOWN | table::CANDIDATE | table::PORT0
+    )
+}
+
+/// Egress decision for a send with destination `sa`; returns the errno to
+/// fail with, if any.
+fn send_decision(call: Call, fd: c_int, sa: SocketAddr) -> Option<c_int> {
+    if INSIDE.get() {
+        return None;
+    }
+    let saved = errno();
+    match decide(|| graft::on_connect(call, fd, sa)) {
+        Next::Fail(e) => Some(e),
+        _ => {
+            set_errno(saved);
+            None
+        }
+    }
+}
+
+/// # Safety
+/// socket(2).
+#[no_mangle]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let fd = unsafe { sys::socket(domain, ty, proto) };
+    if fd >= 0 && config::active() {
+        let saved = errno();
+        let base = ty & 0xf;
+        let inet = domain == libc::AF_INET || domain == libc::AF_INET6;
+        let st = if inet && (base == libc::SOCK_STREAM || base == libc::SOCK_DGRAM) {
+            table::CANDIDATE
+        } else {
+            table::LOCAL
+        };
+        table::set(fd, st);
+        set_errno(saved);
+    }
+    fd
+}
+
+/// # Safety
+/// bind(2).
+#[no_mangle]
+pub unsafe extern "C" fn bind(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let real = || unsafe { sys::bind(fd, a, len) };
+    if !config::active() || INSIDE.get() {
+        return real();
+    }
+    // SAFETY: the caller's pointer and length, as bind(2) takes them.
+    let Some(sa) = (unsafe { read_addr(a, len) }) else {
+        return real();
+    };
+    let saved = errno();
+    let next = decide(|| graft::on_bind(fd, sa));
+    finish(fd, next, saved, real)
+}
+
+/// # Safety
+/// listen(2).
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    if !config::active()
+        || INSIDE.get()
+        || !matches!(
+            table::state(fd),
+            table::UNKNOWN | table::CANDIDATE | table::PORT0
+        )
+    {
+        return sys::listen(fd, backlog);
+    }
+    let saved = errno();
+    let next = decide(|| graft::on_listen(fd));
+    finish(fd, next, saved, || sys::listen(fd, backlog))
+}
+
+/// # Safety
+/// connect(2).
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let real = || unsafe { sys::connect(fd, a, len) };
+    if !config::active() || !undecided(fd) || INSIDE.get() {
+        return real();
+    }
+    // SAFETY: the caller's pointer and length, as connect(2) takes them.
+    let Some(sa) = (unsafe { read_addr(a, len) }) else {
+        return real();
+    };
+    let saved = errno();
+    let next = decide(|| graft::on_connect(Call::Connect, fd, sa));
+    finish(fd, next, saved, real)
+}
+
+/// # Safety
+/// sendto(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    a: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    if !a.is_null() && config::active() && undecided(fd) {
+        // SAFETY: the caller's pointer and length, as sendto(2) takes them.
+        if let Some(sa) = unsafe { read_addr(a, len) } {
+            if let Some(e) = send_decision(Call::Sendto, fd, sa) {
+                set_errno(e);
+                return -1;
+            }
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { sys::sendto(fd, buf, n, flags, a, len) }
+}
+
+/// # Safety
+/// sendmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if !msg.is_null() && config::active() && undecided(fd) {
+        // SAFETY: msg is non-null and, per sendmsg(2), points at a msghdr.
+        let (name, namelen) = unsafe { ((*msg).msg_name, (*msg).msg_namelen) };
+        // SAFETY: msg_name/msg_namelen describe the destination, per sendmsg(2).
+        if let Some(sa) = unsafe { read_addr(name.cast(), namelen) } {
+            if let Some(e) = send_decision(Call::Sendmsg, fd, sa) {
+                set_errno(e);
+                return -1;
+            }
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { sys::sendmsg(fd, msg, flags) }
+}
+
+/// # Safety
+/// sendmmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+    if !v.is_null() && config::active() && undecided(fd) {
+        for i in 0..n as usize {
+            // SAFETY: per sendmmsg(2), v points at n mmsghdr records.
+            let (name, namelen) = unsafe {
+                let h = &(*v.add(i)).msg_hdr;
+                (h.msg_name, h.msg_namelen)
+            };
+            if name.is_null() {
+                continue;
+            }
+            // SAFETY: msg_name/msg_namelen describe the destination.
+            if let Some(sa) = unsafe { read_addr(name.cast(), namelen) } {
+                if let Some(e) = send_decision(Call::Sendmmsg, fd, sa) {
+                    set_errno(e);
+                    return -1;
+                }
+            }
+            break;
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { sys::sendmmsg(fd, v, n, flags) }
+}
+
+/// # Safety
+/// getsockname(2).
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sys::getsockname(fd, a, len) };
+    if r != 0 || a.is_null() || len.is_null() || !config::getsockname_app() {
+        return r;
+    }
+    if table::state(fd) != table::INGRESS {
+        return r;
+    }
+    let saved = errno();
+    let app = catch_unwind(|| {
+        let (b, n) = sys::sys_sockname(fd, false).ok()?;
+        graft::app_sockname(fd, &b[..n])
+    })
+    .ok()
+    .flatten();
+    if let Some((b, n)) = app {
+        let copy = n.min(cap as usize);
+        // SAFETY: the caller gave `cap` writable bytes at `a` and a writable
+        // `len`, as getsockname(2) requires; we write at most `cap` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), a.cast::<u8>(), copy);
+            *len = n as socklen_t;
+        }
+    }
+    set_errno(saved);
+    r
+}
+
+/// # Safety
+/// close(2).
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if config::active() {
+        table::reset(fd);
+    }
+    sys::close(fd)
+}
+
+fn copied(from: c_int, r: c_int) -> c_int {
+    if r >= 0 && r != from && config::active() {
+        let saved = errno();
+        table::copy(from, r);
+        set_errno(saved);
+    }
+    r
+}
+
+/// # Safety
+/// dup(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    copied(fd, sys::dup(fd))
+}
+
+/// # Safety
+/// dup2(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    copied(old, sys::dup2(old, new))
+}
+
+/// # Safety
+/// dup3(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    copied(old, sys::dup3(old, new, flags))
+}
+
+/// # Safety
+/// fcntl(2). Declared with one unsigned-long argument: on the supported
+/// targets an int or pointer third argument arrives in the same register.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sys::fcntl(fd, cmd, arg, false) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        return copied(fd, r);
+    }
+    r
+}
+
+/// # Safety
+/// fcntl(2) (the LFS name C programs built with _FILE_OFFSET_BITS=64 call).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sys::fcntl(fd, cmd, arg, true) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        return copied(fd, r);
+    }
+    r
+}
+
+fn accepted(r: c_int) -> c_int {
+    if r >= 0 && config::active() {
+        let saved = errno();
+        // A connection is never grafted again: keep sends on it on the fast path.
+        table::set(r, table::LOCAL);
+        set_errno(saved);
+    }
+    r
+}
+
+/// # Safety
+/// accept(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged.
+    accepted(unsafe { sys::accept(fd, a, len) })
+}
+
+/// # Safety
+/// accept4(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarded unchanged.
+    accepted(unsafe { sys::accept4(fd, a, len, flags) })
+}

@@ -1,0 +1,539 @@
+//! The C boundary: the real libc functions behind the ones we interpose, and
+//! the raw system calls the library uses for its own work.
+//!
+//! Our exported `socket`, `close`, `fcntl`, … shadow libc's inside this very
+//! library too (a call from Rust code here goes through the PLT and lands on
+//! our own export), so the library's own I/O never calls those names: it uses
+//! `syscall(2)` directly. The real functions are looked up once, in the
+//! constructor, with `dlsym(RTLD_NEXT, …)`; until then (or if a lookup fails)
+//! every pass-through goes straight to the system call.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use libc::{c_int, c_long, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t};
+
+/// The interposed functions, in the order of [`NAMES`].
+#[derive(Clone, Copy)]
+#[repr(usize)]
+pub enum Sym {
+    Socket,
+    Bind,
+    Listen,
+    Connect,
+    Sendto,
+    Sendmsg,
+    Sendmmsg,
+    Getsockname,
+    Close,
+    Dup,
+    Dup2,
+    Dup3,
+    Fcntl,
+    Fcntl64,
+    Accept,
+    Accept4,
+}
+
+const NAMES: [&[u8]; 16] = [
+    b"socket\0",
+    b"bind\0",
+    b"listen\0",
+    b"connect\0",
+    b"sendto\0",
+    b"sendmsg\0",
+    b"sendmmsg\0",
+    b"getsockname\0",
+    b"close\0",
+    b"dup\0",
+    b"dup2\0",
+    b"dup3\0",
+    b"fcntl\0",
+    b"fcntl64\0",
+    b"accept\0",
+    b"accept4\0",
+];
+
+/// Addresses of the real functions (0: not resolved, use the system call).
+static REAL: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+
+/// Looks every real function up once. Called from the constructor only.
+pub fn resolve_all() {
+    for (slot, name) in REAL.iter().zip(NAMES) {
+        // SAFETY: `name` is NUL-terminated; RTLD_NEXT has no other precondition
+        // and returns NULL when the symbol is absent.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) };
+        slot.store(p as usize, Ordering::Relaxed);
+    }
+}
+
+#[inline(always)]
+fn real(s: Sym) -> usize {
+    REAL[s as usize].load(Ordering::Relaxed)
+}
+
+type SocketFn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+type AddrFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type SendtoFn =
+    unsafe extern "C" fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> isize;
+type SendmsgFn = unsafe extern "C" fn(c_int, *const msghdr, c_int) -> isize;
+type SendmmsgFn = unsafe extern "C" fn(c_int, *mut mmsghdr, c_uint, c_int) -> c_int;
+type NameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
+type IntFn = unsafe extern "C" fn(c_int) -> c_int;
+type Int2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type Int3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+
+/// Calls the real function `$sym` with C type `$ty`, or falls back to `$fallback`.
+macro_rules! call_real {
+    ($sym:expr, $ty:ty, ($($arg:expr),*), $fallback:expr) => {{
+        let f = real($sym);
+        if f == 0 {
+            $fallback
+        } else {
+            // SAFETY: `f` is what dlsym returned for this symbol's name, whose C
+            // signature is `$ty`; the caller passes the arguments it received.
+            let f: $ty = unsafe { std::mem::transmute::<usize, $ty>(f) };
+            unsafe { f($($arg),*) }
+        }
+    }};
+}
+
+// The pass-through calls. They are `unsafe` because they forward the caller's
+// raw pointers unchanged; the kernel validates them (EFAULT).
+
+/// # Safety
+/// Same contract as socket(2).
+pub unsafe fn socket(d: c_int, t: c_int, p: c_int) -> c_int {
+    call_real!(Sym::Socket, SocketFn, (d, t, p), unsafe {
+        libc::syscall(libc::SYS_socket, d, t, p) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as bind(2).
+pub unsafe fn bind(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
+    call_real!(Sym::Bind, AddrFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_bind, fd, a, l) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as connect(2).
+pub unsafe fn connect(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
+    call_real!(Sym::Connect, AddrFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_connect, fd, a, l) as c_int
+    })
+}
+
+pub fn listen(fd: c_int, backlog: c_int) -> c_int {
+    call_real!(Sym::Listen, ListenFn, (fd, backlog), unsafe {
+        // SAFETY: listen(2) takes no pointers.
+        libc::syscall(libc::SYS_listen, fd, backlog) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as sendto(2).
+pub unsafe fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    a: *const sockaddr,
+    l: socklen_t,
+) -> isize {
+    call_real!(Sym::Sendto, SendtoFn, (fd, buf, n, flags, a, l), unsafe {
+        libc::syscall(libc::SYS_sendto, fd, buf, n, flags, a, l) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as sendmsg(2).
+pub unsafe fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> isize {
+    call_real!(Sym::Sendmsg, SendmsgFn, (fd, m, flags), unsafe {
+        libc::syscall(libc::SYS_sendmsg, fd, m, flags) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as sendmmsg(2).
+pub unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+    call_real!(Sym::Sendmmsg, SendmmsgFn, (fd, v, n, flags), unsafe {
+        libc::syscall(libc::SYS_sendmmsg, fd, v, n, flags) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as getsockname(2).
+pub unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
+    call_real!(Sym::Getsockname, NameFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_getsockname, fd, a, l) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as accept4(2).
+pub unsafe fn accept4(fd: c_int, a: *mut sockaddr, l: *mut socklen_t, flags: c_int) -> c_int {
+    call_real!(Sym::Accept4, Accept4Fn, (fd, a, l, flags), unsafe {
+        libc::syscall(libc::SYS_accept4, fd, a, l, flags) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as accept(2).
+pub unsafe fn accept(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
+    call_real!(Sym::Accept, NameFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_accept4, fd, a, l, 0) as c_int
+    })
+}
+
+pub fn close(fd: c_int) -> c_int {
+    call_real!(Sym::Close, IntFn, (fd), unsafe {
+        // SAFETY: close(2) takes no pointers.
+        libc::syscall(libc::SYS_close, fd) as c_int
+    })
+}
+
+pub fn dup(fd: c_int) -> c_int {
+    call_real!(Sym::Dup, IntFn, (fd), unsafe {
+        // SAFETY: dup(2) takes no pointers.
+        libc::syscall(libc::SYS_dup, fd) as c_int
+    })
+}
+
+pub fn dup2(old: c_int, new: c_int) -> c_int {
+    call_real!(Sym::Dup2, Int2Fn, (old, new), {
+        if old == new {
+            // dup2(fd, fd) is "is fd valid?"; dup3 would say EINVAL.
+            match sys_fcntl(old, libc::F_GETFD, 0) {
+                Ok(_) => old,
+                Err(_) => -1,
+            }
+        } else {
+            // SAFETY: dup3(2) takes no pointers.
+            unsafe { libc::syscall(libc::SYS_dup3, old, new, 0) as c_int }
+        }
+    })
+}
+
+pub fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    call_real!(Sym::Dup3, Int3Fn, (old, new, flags), unsafe {
+        // SAFETY: dup3(2) takes no pointers.
+        libc::syscall(libc::SYS_dup3, old, new, flags) as c_int
+    })
+}
+
+/// The real fcntl (`wide`: the `fcntl64` symbol). The third argument is passed
+/// as an unsigned long, which carries any int or pointer in the x86_64 and
+/// aarch64 calling conventions.
+///
+/// # Safety
+/// Same contract as fcntl(2) for `cmd` (the argument may be a pointer).
+pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong, wide: bool) -> c_int {
+    let sym = if wide && real(Sym::Fcntl64) != 0 {
+        Sym::Fcntl64
+    } else {
+        Sym::Fcntl
+    };
+    call_real!(sym, FcntlFn, (fd, cmd, arg), unsafe {
+        libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as c_int
+    })
+}
+
+// ---- errno -----------------------------------------------------------------
+
+#[inline(always)]
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+#[inline(always)]
+pub fn set_errno(e: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e }
+}
+
+// ---- raw system calls for the library's own work ---------------------------
+
+fn check(r: c_long) -> Result<c_long, c_int> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+/// socket(2), bypassing every interposer.
+pub fn sys_socket(d: c_int, t: c_int, p: c_int) -> Result<OwnedFd, c_int> {
+    // SAFETY: no pointers.
+    let fd = check(unsafe { libc::syscall(libc::SYS_socket, d, t, p) })?;
+    // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// close(2) of a descriptor the library owns as a raw number (the cached
+/// broker connection, extra SCM_RIGHTS descriptors).
+pub fn sys_close(fd: RawFd) {
+    // SAFETY: no pointers.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+}
+
+pub fn sys_fcntl(fd: RawFd, cmd: c_int, arg: c_long) -> Result<c_int, c_int> {
+    // SAFETY: only called with int-argument commands.
+    check(unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) }).map(|r| r as c_int)
+}
+
+pub fn sys_dup3(old: RawFd, new: RawFd, flags: c_int) -> Result<(), c_int> {
+    // SAFETY: no pointers.
+    check(unsafe { libc::syscall(libc::SYS_dup3, old, new, flags) }).map(|_| ())
+}
+
+/// getsockopt(2) into `buf`; the length the kernel wrote.
+pub fn sys_getsockopt(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> Option<usize> {
+    let mut len = buf.len() as socklen_t;
+    // SAFETY: buf/len describe a writable buffer of that size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd,
+            level,
+            name,
+            buf.as_mut_ptr(),
+            &mut len as *mut socklen_t,
+        )
+    };
+    (r == 0).then_some((len as usize).min(buf.len()))
+}
+
+pub fn sys_getsockopt_int(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
+    let mut b = [0u8; 4];
+    match sys_getsockopt(fd, level, name, &mut b)? {
+        4 => Some(c_int::from_ne_bytes(b)),
+        _ => None,
+    }
+}
+
+pub fn sys_setsockopt(fd: RawFd, level: c_int, name: c_int, val: &[u8]) -> Result<(), c_int> {
+    // SAFETY: val is a readable buffer of that size.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_setsockopt,
+            fd,
+            level,
+            name,
+            val.as_ptr(),
+            val.len() as socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// SO_RCVTIMEO and SO_SNDTIMEO of `secs` seconds.
+pub fn sys_set_timeouts(fd: RawFd, secs: i64) -> Result<(), c_int> {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: timeval is plain data; we view its bytes for setsockopt.
+    let b = unsafe {
+        std::slice::from_raw_parts(
+            (&tv as *const libc::timeval).cast::<u8>(),
+            std::mem::size_of::<libc::timeval>(),
+        )
+    };
+    sys_setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, b)?;
+    sys_setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, b)
+}
+
+/// getsockname(2)/getpeername(2) into a 128-byte buffer.
+pub fn sys_sockname(fd: RawFd, peer: bool) -> Result<([u8; 128], usize), c_int> {
+    let mut buf = [0u8; 128];
+    let mut len: socklen_t = 128;
+    let nr = if peer {
+        libc::SYS_getpeername
+    } else {
+        libc::SYS_getsockname
+    };
+    // SAFETY: buf/len describe a writable 128-byte buffer.
+    check(unsafe { libc::syscall(nr, fd, buf.as_mut_ptr(), &mut len as *mut socklen_t) })?;
+    Ok((buf, (len as usize).min(128)))
+}
+
+pub fn sys_connect(fd: RawFd, addr: &[u8]) -> Result<(), c_int> {
+    // SAFETY: addr is a readable buffer of that size.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_connect,
+            fd,
+            addr.as_ptr(),
+            addr.len() as socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+pub fn sys_getpid() -> i32 {
+    // SAFETY: no arguments.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// (inode, mode) of an open descriptor.
+pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a writable stat.
+    let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) };
+    (r == 0).then_some((st.st_ino, st.st_mode))
+}
+
+/// Writes all of `b` to stderr (best effort, bounded retries).
+pub fn sys_write_stderr(mut b: &[u8]) {
+    for _ in 0..16 {
+        if b.is_empty() {
+            return;
+        }
+        // SAFETY: b is a readable buffer of that size.
+        let r = unsafe { libc::syscall(libc::SYS_write, 2, b.as_ptr(), b.len()) };
+        if r > 0 {
+            b = &b[(r as usize).min(b.len())..];
+        } else if r < 0 && errno() == libc::EINTR {
+            continue;
+        } else {
+            return;
+        }
+    }
+}
+
+/// Sends one record (MSG_NOSIGNAL: a dead graftd is an error, not SIGPIPE).
+pub fn sys_send(fd: RawFd, b: &[u8]) -> Result<usize, c_int> {
+    loop {
+        // SAFETY: b is a readable buffer of that size; no address.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                fd,
+                b.as_ptr(),
+                b.len(),
+                libc::MSG_NOSIGNAL,
+                std::ptr::null::<sockaddr>(),
+                0,
+            )
+        };
+        match check(r) {
+            Err(libc::EINTR) => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
+/// What [`sys_recv_fd`] received.
+pub struct Received {
+    pub len: usize,
+    pub flags: c_int,
+    /// The first SCM_RIGHTS descriptor; any others were closed.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Receives one record and its SCM_RIGHTS descriptors (close-on-exec),
+/// keeping the first and closing the rest. Bounded EINTR retries; the
+/// socket's SO_RCVTIMEO bounds the wait.
+pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
+    // Room for one cmsg with 4 ints, aligned for cmsghdr.
+    let mut cbuf = [0u64; 8];
+    for _ in 0..64 {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is valid (no name, no iov) before we fill it.
+        let mut msg: msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        // SAFETY: msg points at live buffers of the sizes it states.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_recvmsg,
+                fd,
+                &mut msg as *mut msghdr,
+                libc::MSG_CMSG_CLOEXEC,
+            )
+        };
+        let n = match check(r) {
+            Err(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(n) => n as usize,
+        };
+        let mut out = Received {
+            len: n,
+            flags: msg.msg_flags,
+            fd: None,
+        };
+        // SAFETY: msg was filled by the kernel; the CMSG_* macros walk the
+        // control buffer it describes and never leave it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const c_int;
+                    let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..payload / std::mem::size_of::<c_int>() {
+                        let f = std::ptr::read_unaligned(data.add(i));
+                        if out.fd.is_none() {
+                            // The kernel just installed f for us; nobody else owns it.
+                            out.fd = Some(OwnedFd::from_raw_fd(f));
+                        } else {
+                            sys_close(f);
+                        }
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        return Ok(out);
+    }
+    Err(libc::EINTR)
+}
+
+/// Anonymous zeroed memory straight from the kernel (no allocator: safe in
+/// signal handlers and under allocator re-entrancy).
+pub fn sys_mmap(size: usize) -> Option<*mut u8> {
+    // SAFETY: anonymous private mapping, no file, no fixed address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p.cast())
+}
+
+/// # Safety
+/// `p`/`size` must be a mapping from [`sys_mmap`] that nothing references.
+pub unsafe fn sys_munmap(p: *mut u8, size: usize) {
+    // SAFETY: forwarded to the caller.
+    unsafe { libc::munmap(p.cast(), size) };
+}
+
+/// Soft RLIMIT_NOFILE.
+pub fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur
+    } else {
+        1024
+    }
+}
