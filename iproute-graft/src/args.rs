@@ -48,15 +48,23 @@ pub struct GlobalOpts {
 }
 
 /// Splits `args` (everything after the program name) into global options and
-/// the rest. A leading `graft` object word (or an abbreviation of it) after the
-/// options is skipped, so both `ip-graft -j show` and the wrapper's
-/// `ip-graft -j graft show` work.
+/// the rest. One `graft` object word (or an abbreviation of it) among the
+/// options is skipped, so `ip-graft -j show`, the wrapper's
+/// `ip-graft -j graft show` and `ip-graft graft -j show` all work.
 pub fn parse_global(args: &[String]) -> Result<(GlobalOpts, &[String]), Usage> {
     let mut o = GlobalOpts::default();
     let mut i = 0;
+    let mut object_seen = false;
     while i < args.len() {
         let raw = args[i].as_str();
         if !raw.starts_with('-') {
+            // Options may also follow the object word (`ip graft -j show`),
+            // which iproute2 itself would refuse; accepting it costs nothing.
+            if !object_seen && matches(raw, "graft") {
+                object_seen = true;
+                i += 1;
+                continue;
+            }
             break;
         }
         // iproute2 accepts `--json` as well as `-json`.
@@ -97,13 +105,7 @@ pub fn parse_global(args: &[String]) -> Result<(GlobalOpts, &[String]), Usage> {
         }
         i += 1;
     }
-    let mut rest = &args[i..];
-    if let Some(first) = rest.first() {
-        if matches(first, "graft") {
-            rest = &rest[1..];
-        }
-    }
-    Ok((o, rest))
+    Ok((o, &args[i..]))
 }
 
 #[cfg(test)]
@@ -129,6 +131,15 @@ mod tests {
         let a = v("gr add x");
         let (_, rest) = parse_global(&a).unwrap();
         assert_eq!(rest, &v("add x")[..]);
+
+        let a = v("-s graft -j show graft");
+        let (o, rest) = parse_global(&a).unwrap();
+        assert!(o.json && o.stats == 1);
+        assert_eq!(rest, &v("show graft")[..]);
+
+        // Only one object word: a second one is a (bad) command.
+        let a = v("graft graft");
+        assert_eq!(parse_global(&a).unwrap().1, &v("graft")[..]);
 
         let a = v("-json -pretty -statistics -s --human -d");
         let (o, rest) = parse_global(&a).unwrap();

@@ -11,7 +11,12 @@ use std::path::PathBuf;
 /// Why a `netns` argument does not name a network namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("Error: cannot find netns \"{spec}\": {}: {}", path.display(), desc(source))]
+    #[error(
+        "Error: cannot {} netns \"{spec}\": {}: {}",
+        if source.kind() == io::ErrorKind::NotFound { "find" } else { "open" },
+        path.display(),
+        desc(source)
+    )]
     Open {
         spec: String,
         path: PathBuf,
@@ -69,14 +74,25 @@ pub fn open_self() -> io::Result<OwnedFd> {
     Ok(File::open("/proc/self/ns/net")?.into())
 }
 
-/// Whether `f` is an nsfs file of a network namespace. The kernel names an
-/// open namespace descriptor `net:[INODE]` in `/proc/self/fd`, which tells the
-/// type without an ioctl (and so without unsafe code).
+/// Whether `f` is an nsfs file of a network namespace. An nsfs descriptor
+/// opened through `/proc/PID/ns/*` shows as `TYPE:[INODE]` in `/proc/self/fd`,
+/// which tells the type without an ioctl (and so without unsafe code); one
+/// opened through a bind mount (`/run/netns/NAME`) shows the mount's path, and
+/// there graftd's `setns(CLONE_NEWNET)` is the final judge.
 fn is_net_ns(f: &File) -> bool {
+    use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+    if !fstatfs(f).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC) {
+        return false;
+    }
     let link = format!("/proc/self/fd/{}", f.as_raw_fd());
-    std::fs::read_link(link)
-        .map(|t| t.to_string_lossy().starts_with("net:["))
-        .unwrap_or(false)
+    let Ok(target) = std::fs::read_link(link) else {
+        return true;
+    };
+    let t = target.to_string_lossy();
+    let typed = t.split_once(":[").is_some_and(|(kind, _)| {
+        !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    });
+    !typed || t.starts_with("net:[")
 }
 
 #[cfg(test)]
@@ -107,6 +123,26 @@ mod tests {
             open("/etc/hostname").unwrap_err().to_string(),
             "Error: netns \"/etc/hostname\" (/etc/hostname) is not a network namespace"
         );
+    }
+
+    #[test]
+    fn bind_mounted_namespace_is_accepted() {
+        // `ip netns add` bind-mounts nsfs files under /run/netns; use one if
+        // this machine has any (needs no privileges to open).
+        let Ok(dir) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(f) = File::open(e.path()) {
+                if nix::sys::statfs::fstatfs(&f)
+                    .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+                {
+                    assert!(open(&name).is_ok(), "{name}");
+                    return;
+                }
+            }
+        }
     }
 
     #[test]

@@ -45,9 +45,14 @@ pub fn run(
             );
         }
     }
-    // graftd's table order is its own business; users get a stable listing.
-    eps.sort_by_key(|a| a.spec.name);
+    sort(&mut eps);
     Ok(render(&eps, opts))
+}
+
+/// graftd's table order is its own business; users get a stable listing,
+/// alphabetical by name (EndpointName's own order puts shorter names first).
+fn sort(eps: &mut [EndpointInfo]) {
+    eps.sort_by(|a, b| a.spec.name.as_str().cmp(b.spec.name.as_str()));
 }
 
 /// Formats endpoints as text or JSON, per the global options.
@@ -329,6 +334,16 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert!(v[0].get("stats").is_none());
         assert_eq!(render(&[], &o), "[]\n");
+    }
+
+    #[test]
+    fn listing_is_alphabetical() {
+        let mut eps = vec![
+            ep("b type unix path /b", Stats::default()),
+            ep("aa type unix path /a", Stats::default()),
+        ];
+        sort(&mut eps);
+        assert_eq!(eps[0].spec.name.as_str(), "aa");
     }
 
     #[test]
