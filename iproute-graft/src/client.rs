@@ -42,12 +42,8 @@ pub enum ClientError {
         errno: Errno,
         hint: &'static str,
     },
-    #[error(
-        "Error: graftd at {} did not answer within {} s",
-        .0.display(),
-        TIMEOUT.as_secs()
-    )]
-    Timeout(PathBuf),
+    #[error("Error: graftd at {} did not answer within {:?}", .0.display(), .1)]
+    Timeout(PathBuf, Duration),
     #[error("Error: graftd closed the connection without answering (ip graft must run as root)")]
     Closed,
     #[error("Error: {op} on graftd's control socket failed: {}", errno.desc())]
@@ -90,9 +86,18 @@ pub struct Answer {
 /// Sends `req` with `fds` attached (the caller's namespace first) and returns
 /// graftd's answer.
 pub fn call(path: &Path, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Answer, ClientError> {
-    let sock = connect(path)?;
+    call_with_timeout(path, req, fds, TIMEOUT)
+}
+
+fn call_with_timeout(
+    path: &Path,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<Answer, ClientError> {
+    let sock = connect(path, timeout)?;
     send(&sock, req, fds)?;
-    let reply = receive(&sock, path)?;
+    let reply = receive(&sock, path, timeout)?;
     match reply {
         Reply::Ok { netns, endpoints } => Ok(Answer { netns, endpoints }),
         Reply::Error(e) => {
@@ -118,7 +123,7 @@ fn one_line(s: &str) -> String {
         .to_owned()
 }
 
-fn connect(path: &Path) -> Result<OwnedFd, ClientError> {
+fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, ClientError> {
     let io = |op| move |errno| ClientError::Io { op, errno };
     let sock = socket::socket(
         AddressFamily::Unix,
@@ -127,7 +132,8 @@ fn connect(path: &Path) -> Result<OwnedFd, ClientError> {
         None,
     )
     .map_err(io("socket()"))?;
-    let tv = TimeVal::new(TIMEOUT.as_secs() as _, 0);
+    // Bounded by TIMEOUT-sized values: the casts cannot overflow.
+    let tv = TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &tv)
         .map_err(io("setsockopt(SO_RCVTIMEO)"))?;
     socket::setsockopt(&sock, socket::sockopt::SendTimeout, &tv)
@@ -146,7 +152,7 @@ fn connect(path: &Path) -> Result<OwnedFd, ClientError> {
             errno,
             hint: " (ip graft must run as root)",
         }),
-        Err(Errno::EAGAIN) => Err(ClientError::Timeout(path.to_owned())),
+        Err(Errno::EAGAIN) => Err(ClientError::Timeout(path.to_owned(), timeout)),
         Err(errno) => Err(ClientError::Connect {
             path: path.to_owned(),
             errno,
@@ -193,7 +199,7 @@ fn send(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(), Cli
     })
 }
 
-fn receive(sock: &OwnedFd, path: &Path) -> Result<Reply, ClientError> {
+fn receive(sock: &OwnedFd, path: &Path, timeout: Duration) -> Result<Reply, ClientError> {
     // One byte more than the largest valid record, so an oversized one shows.
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
     for _ in 0..MAX_EINTR_RETRIES {
@@ -214,7 +220,7 @@ fn receive(sock: &OwnedFd, path: &Path) -> Result<Reply, ClientError> {
                     .map_err(|e| ClientError::BadReply(e.to_string()));
             }
             Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Err(ClientError::Timeout(path.to_owned())),
+            Err(Errno::EAGAIN) => return Err(ClientError::Timeout(path.to_owned(), timeout)),
             Err(Errno::ECONNRESET) => return Err(ClientError::Closed),
             Err(errno) => {
                 return Err(ClientError::Io {
@@ -403,6 +409,36 @@ mod tests {
                 p.display()
             )
         );
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn silent_graftd_times_out() {
+        // A listener that accepts (the kernel does, from its backlog) but
+        // never answers.
+        let p =
+            std::env::temp_dir().join(format!("ip-graft-test-{}-silent.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let l = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::bind(l.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
+        socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        let t = Duration::from_millis(200);
+        let e = call_with_timeout(&p, &Request::Show {}, &[], t).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Error: graftd at {} did not answer within 200ms",
+                p.display()
+            )
+        );
+        assert_eq!(e.exit_code(), 1);
+        drop(l);
         let _ = std::fs::remove_file(p);
     }
 

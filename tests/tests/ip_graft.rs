@@ -76,6 +76,89 @@ fn ns_id(p: &str) -> (u64, u64) {
     (m.dev(), m.ino())
 }
 
+/// Asks graftd's broker in `ns` for a socket of `family` on endpoint `ep`, the
+/// way the preload library does, from a thread dedicated to that namespace.
+/// `bind_to_device` adds SO_BINDTODEVICE, an option graftd must refuse.
+/// Returns the reply's errno (0: a socket came with it, and was closed).
+fn broker_request(g: &Graftd, ns: &Netns, ep: &str, bind_to_device: bool) -> i32 {
+    use graft_core::proto::broker::{self, Op, Purpose};
+    use nix::sys::socket::{self as s, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+
+    let nspath = ns.path();
+    let name = g.broker.clone();
+    let ep = graft_core::EndpointName::new(ep).expect("endpoint name");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&nspath).expect("open netns");
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let sock = s::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let tv = nix::sys::time::TimeVal::new(10, 0);
+        s::setsockopt(&sock, s::sockopt::ReceiveTimeout, &tv).expect("timeout");
+        s::connect(
+            sock.as_raw_fd(),
+            &UnixAddr::new_abstract(name.as_bytes()).expect("addr"),
+        )
+        .expect("connect to the broker");
+        let mut req = broker::Request::new(
+            Op::Socket,
+            ep,
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            0,
+            Purpose::Egress,
+        );
+        if bind_to_device {
+            assert!(req.push_opt(libc::SOL_SOCKET, libc::SO_BINDTODEVICE, b"lo\0"));
+        }
+        let mut out = [0u8; broker::REQUEST_LEN];
+        req.encode(&mut out);
+        s::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&out)],
+            &[],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send");
+        let mut buf = [0u8; broker::REPLY_LEN + 1];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let m = s::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .expect("recv");
+        let n = m.bytes;
+        let mut fds = Vec::new();
+        for c in m.cmsgs().expect("cmsgs") {
+            if let s::ControlMessageOwned::ScmRights(v) = c {
+                fds.extend(v);
+            }
+        }
+        for fd in &fds {
+            nix::unistd::close(*fd).expect("close");
+        }
+        let reply = broker::Reply::decode(&buf[..n]).expect("broker reply");
+        assert_eq!(
+            reply.errno == 0,
+            fds.len() == 1,
+            "a socket comes with success only"
+        );
+        reply.errno
+    })
+    .join()
+    .expect("broker thread")
+}
+
 fn json(s: &str) -> Vec<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"));
@@ -227,6 +310,35 @@ fn walkthrough_shows_af_graft_lines() {
         assert_eq!(e["stats"]["sockets"], 0, "{e}");
         assert_eq!(e["stats"]["refused"], 0, "{e}");
     }
+    // Counters move: two sockets handed out, one request refused (it carried
+    // SO_BINDTODEVICE, which would let a container escape its endpoint).
+    assert_eq!(broker_request(&g, &c1, "ep-out4", false), 0);
+    assert_eq!(broker_request(&g, &c1, "ep-out4", false), 0);
+    assert_ne!(broker_request(&g, &c1, "ep-out4", true), 0);
+    let s = ok(&g, Some(&c1), &["-s", "graft", "show", "ep-out4"]);
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 3, "{s}");
+    assert_eq!(lines[0], "ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    assert_eq!(
+        lines[1].split_whitespace().take(2).collect::<Vec<_>>(),
+        ["sockets", "refused"]
+    );
+    assert_eq!(
+        lines[2].split_whitespace().take(2).collect::<Vec<_>>(),
+        ["2", "1"],
+        "{s}"
+    );
+    let e = json(&ok(
+        &g,
+        Some(&c1),
+        &["-s", "-j", "graft", "show", "ep-out4"],
+    ));
+    assert_eq!(e[0]["stats"]["sockets"], 2);
+    assert_eq!(e[0]["stats"]["refused"], 1);
+    assert_eq!(
+        json(&ok(&g, Some(&c1), &["-s", "-j", "graft", "show", "ep-in4"]))[0]["stats"]["sockets"],
+        0
+    );
 
     // `netns 1`, exactly as AF_GRAFT's walkthrough types it.
     let add1 = [
