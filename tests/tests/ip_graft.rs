@@ -792,3 +792,86 @@ fn help_and_passthrough_to_system_ip() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn policy_clauses_and_details() {
+    if !root_or_skip("policy_clauses_and_details") {
+        return;
+    }
+    let g = Graftd::start();
+    let c = Netns::new("pol");
+    ok(
+        &g,
+        Some(&c),
+        &[
+            "graft",
+            "add",
+            "ep-pol",
+            "type",
+            "ipv4",
+            "addr",
+            "0.0.0.0",
+            "port",
+            "dynamic",
+            "allow",
+            "10.0.0.0/8:443",
+            "deny",
+            "10.1.0.0/16",
+            "allow",
+            "192.168.0.0/16:1000-2000",
+        ],
+    );
+    assert_eq!(
+        ok(&g, Some(&c), &["graft", "show"]),
+        "ep-pol type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:443 deny 10.1.0.0/16 \
+         allow 192.168.0.0/16:1000-2000\n"
+    );
+    let e = json(&ok(&g, Some(&c), &["-j", "graft", "show"]));
+    assert_eq!(
+        e[0]["policy"],
+        serde_json::json!([
+            {"action": "allow", "prefix": "10.0.0.0/8", "ports": [443, 443]},
+            {"action": "deny", "prefix": "10.1.0.0/16"},
+            {"action": "allow", "prefix": "192.168.0.0/16", "ports": [1000, 2000]},
+        ])
+    );
+    // -d names the namespace sockets are made in (here graftd's, the host's).
+    let (dev, ino) = ns_id("/proc/self/ns/net");
+    assert_eq!(
+        ok(&g, Some(&c), &["-d", "graft", "show"]),
+        format!(
+            "ep-pol type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:443 deny 10.1.0.0/16 \
+             allow 192.168.0.0/16:1000-2000\n    target net:[{ino}] dev {dev}\n"
+        )
+    );
+}
+
+#[test]
+fn non_root_is_told_to_run_as_root() {
+    if !root_or_skip("non_root_is_told_to_run_as_root")
+        || !graft_tests::have_or_skip("non_root_is_told_to_run_as_root", "setpriv")
+    {
+        return;
+    }
+    let g = Graftd::start();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "ip",
+        "graft",
+        "show",
+    ])
+    .stdin(Stdio::null());
+    g.apply(&mut cmd);
+    let out = cmd.output().expect("run setpriv");
+    let e = fails(&out, 1, "non-root");
+    assert_eq!(
+        e,
+        format!(
+            "Error: cannot connect to graftd at {}: Permission denied (ip graft must run as root)",
+            g.control.display()
+        )
+    );
+}
