@@ -77,7 +77,8 @@ pub fn control_path() -> PathBuf {
 /// What a successful reply carries.
 #[derive(Debug)]
 pub struct Answer {
-    /// The caller's namespace as graftd identified it.
+    /// The caller's namespace as graftd identified it (no command prints it
+    /// today; the client tests check it arrives).
     #[allow(dead_code)]
     pub netns: NetnsId,
     pub endpoints: Vec<EndpointInfo>,
