@@ -67,7 +67,20 @@ pub fn spawn(ctx: Arc<Ctx>) -> io::Result<Handle> {
     wake_rx.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("broker".into())
-        .spawn(move || Loop::new(ctx, rx, wake_rx).run())?;
+        .spawn(move || {
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Loop::new(ctx, rx, wake_rx).run()
+            }));
+            // Without its broker thread graftd would accept endpoints it can
+            // no longer serve: fail loudly instead.
+            let why = if served.is_err() {
+                "panicked"
+            } else {
+                "stopped"
+            };
+            log::error!("broker thread {why}; graftd exits");
+            std::process::exit(70);
+        })?;
     Ok(Handle { tx, wake })
 }
 

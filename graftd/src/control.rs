@@ -137,7 +137,9 @@ pub fn serve(
         };
         if !ev[0].is_empty() {
             if let Ok(Some(si)) = signals.read_signal() {
-                log::info!("signal {} received, shutting down", si.ssi_signo);
+                let name = nix::sys::signal::Signal::try_from(si.ssi_signo as i32)
+                    .map_or("a signal", |s| s.as_str());
+                log::info!("{name} received, shutting down");
                 return Ok(());
             }
         }
