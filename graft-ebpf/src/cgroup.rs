@@ -140,11 +140,11 @@ impl Placement {
         if mounts.is_empty() {
             return Err(Error::NoCgroup2);
         }
-        let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
+        let own =
+            fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
         let path = own_cgroup_path(&own).ok_or(Error::NoCgroup2)?;
-        let original = cgroup_dir(&mounts, &path).ok_or_else(|| Error::CgroupNotVisible {
-            path: path.clone(),
-        })?;
+        let original = cgroup_dir(&mounts, &path)
+            .ok_or_else(|| Error::CgroupNotVisible { path: path.clone() })?;
         remove_stale(&original);
         let dir = original.join(name);
         match fs::create_dir(&dir) {
@@ -186,14 +186,19 @@ mod tests {
     #[test]
     fn finds_hybrid_mount() {
         let m = cgroup2_mounts(HYBRID);
-        assert_eq!(m, vec![(PathBuf::from("/sys/fs/cgroup/unified"), "/".to_owned())]);
+        assert_eq!(
+            m,
+            vec![(PathBuf::from("/sys/fs/cgroup/unified"), "/".to_owned())]
+        );
         assert_eq!(
             cgroup_dir(&m, "/"),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(
             cgroup_dir(&m, "/system.slice/graftd.service"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified/system.slice/graftd.service"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/unified/system.slice/graftd.service"
+            ))
         );
     }
 
@@ -201,7 +206,10 @@ mod tests {
     fn non_root_mount_and_escapes() {
         let mi = "50 1 0:40 /kubepods/pod\\0401 /mnt/cg\\040x rw - cgroup2 cgroup2 rw\n";
         let m = cgroup2_mounts(mi);
-        assert_eq!(m, vec![(PathBuf::from("/mnt/cg x"), "/kubepods/pod 1".to_owned())]);
+        assert_eq!(
+            m,
+            vec![(PathBuf::from("/mnt/cg x"), "/kubepods/pod 1".to_owned())]
+        );
         assert_eq!(
             cgroup_dir(&m, "/kubepods/pod 1/c"),
             Some(PathBuf::from("/mnt/cg x/c"))

@@ -70,7 +70,11 @@ pub enum Error {
     #[error("{op}: {detail}")]
     Bpf { op: String, detail: String },
     #[error("endpoint {name}: policy has {len} clauses, the kernel program checks at most {max}")]
-    PolicyTooLong { name: String, len: usize, max: usize },
+    PolicyTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("endpoint {name} in {netns} is not registered with the eBPF companion")]
     UnknownEndpoint { name: String, netns: NetnsId },
 }
@@ -283,16 +287,26 @@ impl Companion {
     /// Marks a socket graftd hands out as belonging to `key` (which must have
     /// been added). Non-inet sockets are accepted and ignored.
     pub fn register_socket(&mut self, fd: BorrowedFd<'_>, key: &EndpointKey) -> Result<(), Error> {
-        let id = *self.endpoints.get(key).ok_or_else(|| Error::UnknownEndpoint {
-            name: key.name.to_string(),
-            netns: key.netns,
-        })?;
+        let id = *self
+            .endpoints
+            .get(key)
+            .ok_or_else(|| Error::UnknownEndpoint {
+                name: key.name.to_string(),
+                netns: key.netns,
+            })?;
         if !is_inet(fd) {
             return Ok(());
         }
         let raw = fd.as_raw_fd();
         self.sk
-            .insert(&raw, GraftSk { endpoint: id, flags: 0 }, 0)
+            .insert(
+                &raw,
+                GraftSk {
+                    endpoint: id,
+                    flags: 0,
+                },
+                0,
+            )
             .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))
     }
 

@@ -99,7 +99,11 @@ fn words(a: IpAddr) -> (u8, [u32; 4]) {
 fn mask_words(v4: bool, len: u8) -> [u32; 4] {
     let bits = if v4 { 32 } else { 128 };
     let len = u32::from(len).min(bits);
-    let m: u128 = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    let m: u128 = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
     let be = m.to_be_bytes();
     let mut w = [0u32; 4];
     for (i, c) in be.chunks_exact(4).enumerate() {

@@ -29,7 +29,12 @@
 #define AF_INET6 10
 #endif
 /* include/net/tcp_states.h */
+#define GRAFT_TCP_FIN_WAIT1 4
+#define GRAFT_TCP_FIN_WAIT2 5
 #define GRAFT_TCP_CLOSE 7
+#define GRAFT_TCP_CLOSE_WAIT 8
+#define GRAFT_TCP_LAST_ACK 9
+#define GRAFT_TCP_CLOSING 11
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -279,13 +284,38 @@ int graft_sockops(struct bpf_sock_ops *skops)
 	c = counters(gs->endpoint);
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
-		/* args[1] is the new state. */
-		if (skops->args[1] != GRAFT_TCP_CLOSE || !(gs->flags & GRAFT_SK_ESTABLISHED))
+		__u32 from = skops->args[0], to = skops->args[1];
+
+		if (!(gs->flags & GRAFT_SK_ESTABLISHED))
 			return 1;
+		/* bytes_acked and bytes_received count sequence space: the
+		 * active side's SYN and each FIN take one. Follow the FINs
+		 * through the state changes so the totals are payload only. */
+		if (to == GRAFT_TCP_FIN_WAIT1 || to == GRAFT_TCP_LAST_ACK)
+			gs->flags |= GRAFT_SK_FIN_SENT;
+		if (to == GRAFT_TCP_CLOSE_WAIT || to == GRAFT_TCP_CLOSING)
+			gs->flags |= GRAFT_SK_FIN_RCVD;
+		if (to != GRAFT_TCP_CLOSE)
+			return 1;
+		/* Into TIME_WAIT (which the full socket leaves as CLOSE): the
+		 * peer's FIN arrived, and ours is acknowledged. */
+		if ((from == GRAFT_TCP_FIN_WAIT2 || from == GRAFT_TCP_FIN_WAIT1) &&
+		    skops->snd_una == skops->snd_nxt)
+			gs->flags |= GRAFT_SK_FIN_RCVD;
 		gs->flags &= ~GRAFT_SK_ESTABLISHED;
 		if (c) {
-			__sync_fetch_and_add(&c->bytes_sent, skops->bytes_acked);
-			__sync_fetch_and_add(&c->bytes_received, skops->bytes_received);
+			__u64 sent = skops->bytes_acked, rcvd = skops->bytes_received;
+			__u64 ctl = 0;
+
+			if (gs->flags & GRAFT_SK_ACTIVE)
+				ctl++;
+			if ((gs->flags & GRAFT_SK_FIN_SENT) && skops->snd_una == skops->snd_nxt)
+				ctl++;
+			sent = sent > ctl ? sent - ctl : 0;
+			if ((gs->flags & GRAFT_SK_FIN_RCVD) && rcvd > 0)
+				rcvd--;
+			__sync_fetch_and_add(&c->bytes_sent, sent);
+			__sync_fetch_and_add(&c->bytes_received, rcvd);
 		}
 		if (splice_enabled) {
 			struct graft_sock_key k;
@@ -303,6 +333,8 @@ int graft_sockops(struct bpf_sock_ops *skops)
 			__sync_fetch_and_add(&c->passive_established, 1);
 	}
 	gs->flags |= GRAFT_SK_ESTABLISHED;
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		gs->flags |= GRAFT_SK_ACTIVE;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	if (splice_enabled)
 		splice_insert(skops, gs);

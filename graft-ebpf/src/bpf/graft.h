@@ -31,6 +31,11 @@ struct graft_sk {
 #define GRAFT_SK_NO_SPLICE 1u
 /* Counted at establishment: the close accounting applies. */
 #define GRAFT_SK_ESTABLISHED 2u
+/* Byte accounting: established by connect(); our FIN went out; the peer's
+ * FIN came in. */
+#define GRAFT_SK_ACTIVE 4u
+#define GRAFT_SK_FIN_SENT 8u
+#define GRAFT_SK_FIN_RCVD 16u
 
 /* One clause: destination inside addr/mask (network order words; IPv4 uses
  * word 0 only) with a port in [port_lo, port_hi]. */

@@ -1,0 +1,661 @@
+//! The companion without graftd: this test process plays graftd. It starts
+//! the companion (which moves the process into a cgroup of its own and
+//! attaches the programs there), makes sockets, marks them with an endpoint
+//! as graftd does when it hands one out, and checks what the kernel does with
+//! them. The tests share one process, so they run one at a time (a lock).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use graft_core::rules::{policy_allows, PolicyRule};
+use graft_core::{EndpointName, NetnsId};
+use graft_ebpf::{Companion, EndpointKey, Options};
+use graft_tests::{root_or_skip, Netns};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn start(test: &str, splice: bool) -> Option<Companion> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let name = format!("graft-test-{}-{test}", std::process::id());
+    match Companion::start(&Options {
+        splice,
+        cgroup_name: Some(name),
+    }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("SKIP: {test}: eBPF companion unavailable: {e}");
+            None
+        }
+    }
+}
+
+fn key(netns: NetnsId, name: &str) -> EndpointKey {
+    EndpointKey {
+        netns,
+        name: EndpointName::new(name).unwrap(),
+    }
+}
+
+fn rules(s: &[&str]) -> Vec<PolicyRule> {
+    s.iter().map(|r| r.parse().unwrap()).collect()
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Runs `f` on a thread that entered `ns` (and dies with it).
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let file = std::fs::File::open(ns.path()).expect("open netns");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+#[test]
+fn policy_refuses_connect_and_sendto_with_eperm() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = start("policy", false) else {
+        return;
+    };
+    let here = NetnsId::current().unwrap();
+    let ep = key(here, "ep-pol");
+    c.add_endpoint(
+        ep,
+        &rules(&[
+            "allow 127.0.0.0/8",
+            "deny 127.0.0.2/32",
+            "deny ::1/128:1-1000",
+        ]),
+    )
+    .unwrap();
+
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let server2 = TcpListener::bind("127.0.0.2:0").unwrap();
+    let port2 = server2.local_addr().unwrap().port();
+    let udp_rx = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let udp_rx_addr = udp_rx.local_addr().unwrap();
+    let udp_ok = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp_rx
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    udp_ok
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+
+    // TCP: a marked socket reaches the allowed address, not the denied one.
+    let mk = |c: &mut Companion| {
+        let s = socket(libc::AF_INET, libc::SOCK_STREAM);
+        c.register_socket(s.as_fd(), &ep).unwrap();
+        s
+    };
+    let s = mk(&mut c);
+    connect(&s, &SocketAddr::from(([127, 0, 0, 1], port))).expect("allowed connect");
+    let s = mk(&mut c);
+    let e = connect(&s, &SocketAddr::from(([127, 0, 0, 2], port2))).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "denied connect: {e}");
+    // Outside every clause while an allow exists: denied too.
+    let s = mk(&mut c);
+    let e = connect(&s, &SocketAddr::from(([10, 0, 0, 1], 80))).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "unlisted destination: {e}");
+
+    // UDP sendto: the datagram to the denied address never leaves.
+    let u = socket(libc::AF_INET, libc::SOCK_DGRAM);
+    c.register_socket(u.as_fd(), &ep).unwrap();
+    let u = UdpSocket::from(u);
+    let e = u.send_to(b"denied", udp_rx_addr).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "denied sendto: {e}");
+    u.send_to(b"allowed", udp_ok.local_addr().unwrap())
+        .expect("allowed sendto");
+    let mut buf = [0u8; 64];
+    let (n, from) = udp_ok.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"allowed");
+    assert_eq!(from.port(), u.local_addr().unwrap().port());
+
+    // IPv6 and v4-mapped destinations on a dual-stack socket.
+    let l6 = TcpListener::bind("[::1]:0").unwrap();
+    let p6 = l6.local_addr().unwrap().port();
+    let s6 = socket(libc::AF_INET6, libc::SOCK_STREAM);
+    c.register_socket(s6.as_fd(), &ep).unwrap();
+    let e = connect(&s6, &"[::1]:999".parse().unwrap()).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "denied v6 port: {e}");
+    let s6 = socket(libc::AF_INET6, libc::SOCK_STREAM);
+    c.register_socket(s6.as_fd(), &ep).unwrap();
+    // ::1 is outside the only allow (an IPv4 prefix): denied.
+    let e = connect(&s6, &format!("[::1]:{p6}").parse().unwrap()).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "v6 outside allow: {e}");
+    let s6 = socket(libc::AF_INET6, libc::SOCK_STREAM);
+    c.register_socket(s6.as_fd(), &ep).unwrap();
+    let e = connect(&s6, &format!("[::ffff:127.0.0.2]:{port2}").parse().unwrap()).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "v4-mapped denied: {e}");
+    let s6 = socket(libc::AF_INET6, libc::SOCK_STREAM);
+    c.register_socket(s6.as_fd(), &ep).unwrap();
+    connect(&s6, &format!("[::ffff:127.0.0.1]:{port}").parse().unwrap())
+        .expect("v4-mapped allowed");
+
+    let n = c.counters(&ep).unwrap();
+    assert_eq!(n.policy_denied, 6, "{n:?}");
+
+    // The same destinations from sockets graftd did not mark: untouched,
+    // even though they live in the companion's cgroup.
+    let plain = TcpStream::connect(("127.0.0.2", port2)).expect("unmarked connect");
+    drop(plain);
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(b"plain", udp_rx_addr)
+        .expect("unmarked sendto");
+    let (n, _) = udp_rx.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"plain");
+
+    // And a program in another cgroup (the one we came from).
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "read x; exec socat -u OPEN:/dev/null TCP:127.0.0.2:{port2}"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        c.original_cgroup().join("cgroup.procs"),
+        child.id().to_string(),
+    )
+    .unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "socat in the original cgroup failed: {st}");
+    assert_eq!(c.counters(&ep).unwrap().policy_denied, 6);
+}
+
+/// Every policy/destination/port combination gives EPERM exactly when
+/// graft-core's `policy_allows` says no. Runs in a namespace where every
+/// address is local, so `connect()` on a UDP socket succeeds when allowed.
+#[test]
+fn policy_matches_graft_core() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = start("differential", false) else {
+        return;
+    };
+    let ns = Netns::new("ebpf");
+    graft_tests::run_ok(
+        "ip",
+        [
+            "-n",
+            &ns.name,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+        ],
+    );
+    graft_tests::run_ok(
+        "ip",
+        [
+            "-n", &ns.name, "-6", "route", "add", "local", "::/0", "dev", "lo",
+        ],
+    );
+    let nsid = in_netns(&ns, || NetnsId::current().unwrap());
+    let policies = [
+        rules(&[]),
+        rules(&["deny 10.0.0.0/8"]),
+        rules(&["allow 10.0.0.0/8", "deny 10.1.0.0/16:80-90"]),
+        rules(&["allow 10.1.0.0/16", "deny 10.1.0.0/16"]),
+        rules(&[
+            "allow 0.0.0.0/0:53",
+            "deny 10.0.0.0/8:53",
+            "allow 10.1.2.3/32",
+        ]),
+        rules(&["allow ::/0", "deny fd00::/8", "allow fd00:1::/32:443"]),
+        rules(&["deny 192.0.2.0/24", "allow 0.0.0.0/0", "deny 2001:db8::/32"]),
+    ];
+    let dsts: Vec<IpAddr> = [
+        "10.0.0.1",
+        "10.1.2.3",
+        "10.1.200.1",
+        "10.2.0.0",
+        "192.0.2.7",
+        "8.8.8.8",
+        "fd00::1",
+        "fd00:1::5",
+        "2001:db8::1",
+        "2001:db9::1",
+        "::ffff:10.1.2.3",
+        "::ffff:192.0.2.7",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let ports = [1u16, 53, 79, 80, 90, 91, 443, 65535];
+    let mut denied_expected = 0;
+    let mut checked = 0;
+    for (i, p) in policies.iter().enumerate() {
+        let ep = key(nsid, &format!("ep{i}"));
+        c.add_endpoint(ep, p).unwrap();
+        for d in &dsts {
+            for port in ports {
+                let fam = if d.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                let s = in_netns(&ns, || socket(fam, libc::SOCK_DGRAM));
+                c.register_socket(s.as_fd(), &ep).unwrap();
+                let r = connect(&s, &SocketAddr::new(*d, port));
+                let want = policy_allows(p, *d, port);
+                match (&r, want) {
+                    (Ok(()), true) => {}
+                    (Err(e), false) if errno(e) == libc::EPERM => denied_expected += 1,
+                    _ => panic!(
+                        "policy {p:?} to {d} port {port}: got {r:?}, graft-core allows={want}"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(c.counters(&ep).unwrap().policy_denied as usize, {
+            // per endpoint: recount from graft-core
+            dsts.iter()
+                .flat_map(|d| ports.iter().map(move |p| (*d, *p)))
+                .filter(|(d, port)| !policy_allows(p, *d, *port))
+                .count()
+        });
+    }
+    assert!(
+        denied_expected > 50 && checked - denied_expected > 50,
+        "{denied_expected}/{checked}"
+    );
+}
+
+/// Connection counters and bytes, without splicing (TCP's own byte counts).
+#[test]
+fn counters_count_connections_and_bytes() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = start("counters", false) else {
+        return;
+    };
+    let here = NetnsId::current().unwrap();
+    let (srv, cli) = (key(here, "ep-srv"), key(here, "ep-cli"));
+    c.add_endpoint(srv, &[]).unwrap();
+    c.add_endpoint(cli, &[]).unwrap();
+    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
+    let addr = l.local_addr().unwrap();
+    const N: usize = 5;
+    let mut sent = 0u64;
+    for i in 0..N {
+        let s = client(&mut c, &cli, addr);
+        let (a, _) = l.accept().unwrap();
+        let out = pattern(1000 * (i + 1), i as u8);
+        let back = pattern(77 * (i + 1), 100 + i as u8);
+        let (got_srv, got_cli) = exchange(a, s, &back, &out);
+        assert_eq!(got_srv, out);
+        assert_eq!(got_cli, back);
+        sent += out.len() as u64;
+    }
+    let back_total: u64 = (0..N).map(|i| 77 * (i as u64 + 1)).sum();
+    // Close accounting runs when each socket reaches CLOSE (after FIN/ACK).
+    graft_tests::wait_until("byte counters", Duration::from_secs(10), || {
+        let a = c.counters(&cli).unwrap();
+        let b = c.counters(&srv).unwrap();
+        a.bytes_sent == sent
+            && b.bytes_received == sent
+            && b.bytes_sent == back_total
+            && a.bytes_received == back_total
+    });
+    let a = c.counters(&cli).unwrap();
+    let b = c.counters(&srv).unwrap();
+    assert_eq!(
+        (a.active_established, a.passive_established),
+        (N as u64, 0),
+        "{a:?}"
+    );
+    assert_eq!(
+        (b.active_established, b.passive_established),
+        (0, N as u64),
+        "{b:?}"
+    );
+    assert_eq!(a.spliced_msgs + b.spliced_msgs, 0);
+    // An unmarked client of the grafted listener counts on the listener only.
+    let plain = TcpStream::connect(addr).unwrap();
+    let (a2, _) = l.accept().unwrap();
+    drop((plain, a2));
+    let b = c.counters(&srv).unwrap();
+    assert_eq!(b.passive_established, N as u64 + 1);
+    assert_eq!(c.counters(&cli).unwrap().active_established, N as u64);
+}
+
+#[test]
+fn splice_carries_bytes_exactly_v4_v6_dualstack() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = start("splice", true) else {
+        return;
+    };
+    let here = NetnsId::current().unwrap();
+    let (srv, cli) = (key(here, "sp-srv"), key(here, "sp-cli"));
+    c.add_endpoint(srv, &[]).unwrap();
+    c.add_endpoint(cli, &[]).unwrap();
+    for (bind, connect_to) in [
+        ("127.0.0.1:0", None),
+        ("[::1]:0", None),
+        // Dual-stack listener, IPv4 client: both keyed as IPv4.
+        ("[::]:0", Some("127.0.0.1")),
+    ] {
+        let l = listener(&mut c, &srv, bind.parse().unwrap());
+        let mut addr = l.local_addr().unwrap();
+        if let Some(ip) = connect_to {
+            addr = SocketAddr::new(ip.parse().unwrap(), addr.port());
+        }
+        let before =
+            c.counters(&cli).unwrap().spliced_bytes + c.counters(&srv).unwrap().spliced_bytes;
+        // Large both ways at once, then half-close from each side.
+        let s = client(&mut c, &cli, addr);
+        let (a, _) = l.accept().unwrap();
+        let big_out = pattern(24 << 20, 1);
+        let big_back = pattern(9 << 20, 2);
+        let (got_srv, got_cli) = exchange(a, s, &big_back, &big_out);
+        assert_eq!(
+            checksum(&got_srv),
+            checksum(&big_out),
+            "{bind}: client->server"
+        );
+        assert_eq!(got_srv.len(), big_out.len());
+        assert_eq!(
+            checksum(&got_cli),
+            checksum(&big_back),
+            "{bind}: server->client"
+        );
+        assert_eq!(got_cli.len(), big_back.len());
+        // Small messages, ping-pong.
+        let s = client(&mut c, &cli, addr);
+        let (mut a, _) = l.accept().unwrap();
+        let mut s2 = s;
+        for i in 0..500usize {
+            let m = pattern(1 + i % 97, i as u8);
+            s2.write_all(&m).unwrap();
+            let mut got = vec![0u8; m.len()];
+            a.read_exact(&mut got).unwrap();
+            assert_eq!(got, m);
+            let k = (1 + i % 5).min(m.len());
+            a.write_all(&got[..k]).unwrap();
+            let mut back = vec![0u8; k];
+            s2.read_exact(&mut back).unwrap();
+            assert_eq!(back, m[..k]);
+        }
+        // Close: the reader sees EOF after the last byte; the closed socket
+        // leaves the map (the next connection on a new port works).
+        s2.write_all(b"last").unwrap();
+        drop(s2);
+        let mut rest = Vec::new();
+        a.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"last");
+        let after =
+            c.counters(&cli).unwrap().spliced_bytes + c.counters(&srv).unwrap().spliced_bytes;
+        let total = (24u64 << 20)
+            + (9 << 20)
+            + (0..500u64)
+                .map(|i| 1 + i % 97 + (1 + i % 5).min(1 + i % 97))
+                .sum::<u64>()
+            + 4;
+        assert_eq!(
+            after - before,
+            total,
+            "{bind}: every byte went through the splice"
+        );
+    }
+    assert!(c.splice_problem().is_none());
+}
+
+/// Two namespaces, the same 4-tuple in each, at the same time: the netns
+/// cookie in the key keeps them apart.
+#[test]
+fn splice_keeps_namespaces_apart() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = start("splice-ns", true) else {
+        return;
+    };
+    let ns1 = Netns::new("sp1");
+    let ns2 = Netns::new("sp2");
+    let mut pairs = Vec::new();
+    for ns in [&ns1, &ns2] {
+        let id = in_netns(ns, || NetnsId::current().unwrap());
+        let (srv, cli) = (key(id, "srv"), key(id, "cli"));
+        c.add_endpoint(srv, &[]).unwrap();
+        c.add_endpoint(cli, &[]).unwrap();
+        let (l, s) = in_netns(ns, || {
+            let l = socket(libc::AF_INET, libc::SOCK_STREAM);
+            let s = socket(libc::AF_INET, libc::SOCK_STREAM);
+            (l, s)
+        });
+        c.register_socket(l.as_fd(), &srv).unwrap();
+        c.register_socket(s.as_fd(), &cli).unwrap();
+        reuse(&l);
+        reuse(&s);
+        bind(&l, &"127.0.0.1:7000".parse().unwrap()).unwrap();
+        bind(&s, &"127.0.0.1:7001".parse().unwrap()).unwrap();
+        // SAFETY: l is an open socket we own; listen(2) on it.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 8) }, 0);
+        connect(&s, &"127.0.0.1:7000".parse().unwrap()).unwrap();
+        let l = TcpListener::from(l);
+        let (a, peer) = l.accept().unwrap();
+        assert_eq!(peer, "127.0.0.1:7001".parse().unwrap());
+        pairs.push((a, TcpStream::from(s), srv, cli));
+    }
+    // Both at once, different bytes in each namespace.
+    let results: Vec<_> = std::thread::scope(|sc| {
+        let hs: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (a, s, _, _))| {
+                let a = a.try_clone().unwrap();
+                let s = s.try_clone().unwrap();
+                sc.spawn(move || {
+                    let out = pattern(4 << 20, 10 + i as u8);
+                    let back = pattern(1 << 20, 20 + i as u8);
+                    let (g1, g2) = exchange(a, s, &back, &out);
+                    (g1 == out, g2 == back)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, vec![(true, true), (true, true)]);
+    for (_, _, srv, cli) in &pairs {
+        let s = c.counters(srv).unwrap();
+        let k = c.counters(cli).unwrap();
+        assert_eq!(k.spliced_bytes, 4 << 20, "{k:?}");
+        assert_eq!(s.spliced_bytes, 1 << 20, "{s:?}");
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn socket(family: i32, ty: i32) -> OwnedFd {
+    // SAFETY: plain socket(2); the result is checked before being owned.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn connect(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = sockaddr(a);
+    // SAFETY: ss/len describe a valid socket address.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn bind(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = sockaddr(a);
+    // SAFETY: ss/len describe a valid socket address.
+    let rc = unsafe {
+        libc::bind(
+            s.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn reuse(s: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: SO_REUSEADDR takes an int.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+}
+
+/// A marked listener (as graftd hands out: marked before listen()).
+fn listener(c: &mut Companion, ep: &EndpointKey, addr: SocketAddr) -> TcpListener {
+    let fam = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let s = socket(fam, libc::SOCK_STREAM);
+    c.register_socket(s.as_fd(), ep).unwrap();
+    reuse(&s);
+    bind(&s, &addr).unwrap();
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(unsafe { libc::listen(s.as_raw_fd(), 16) }, 0);
+    TcpListener::from(s)
+}
+
+fn client(c: &mut Companion, ep: &EndpointKey, to: SocketAddr) -> TcpStream {
+    let fam = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let s = socket(fam, libc::SOCK_STREAM);
+    c.register_socket(s.as_fd(), ep).unwrap();
+    connect(&s, &to).unwrap();
+    TcpStream::from(s)
+}
+
+/// Deterministic bytes that differ by position and seed.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_u32 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 11) as u8
+        })
+        .collect()
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &c| {
+        (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Both directions at once in odd-sized writes; each side half-closes after
+/// its last byte and reads to EOF. Returns (what the server read, what the
+/// client read).
+fn exchange(srv: TcpStream, cli: TcpStream, srv_out: &[u8], cli_out: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    for s in [&srv, &cli] {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    }
+    std::thread::scope(|sc| {
+        let w = |mut s: TcpStream, data: &[u8]| {
+            let mut off = 0;
+            let mut step = 1;
+            while off < data.len() {
+                let n = (step * 4093).min(data.len() - off);
+                s.write_all(&data[off..off + n]).unwrap();
+                off += n;
+                step = step % 40 + 1;
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+        };
+        let r = |mut s: TcpStream| {
+            let mut v = Vec::new();
+            match s.read_to_end(&mut v) {
+                Ok(_) => v,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    panic!("read timed out after {} bytes", v.len())
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        };
+        let (sw, cw) = (srv.try_clone().unwrap(), cli.try_clone().unwrap());
+        let h1 = sc.spawn(move || w(sw, srv_out));
+        let h2 = sc.spawn(move || w(cw, cli_out));
+        let h3 = sc.spawn(move || r(srv));
+        let h4 = sc.spawn(move || r(cli));
+        h1.join().unwrap();
+        h2.join().unwrap();
+        (h3.join().unwrap(), h4.join().unwrap())
+    })
+}
