@@ -97,6 +97,7 @@ struct Loop {
     conns: Vec<Conn>,
     per_ns: HashMap<NetnsId, usize>,
     accept_paused_until: Option<Instant>,
+    log_budget: LogBudget,
 }
 
 impl Loop {
@@ -109,6 +110,7 @@ impl Loop {
             conns: Vec::new(),
             per_ns: HashMap::new(),
             accept_paused_until: None,
+            log_budget: LogBudget::default(),
         }
     }
 
@@ -268,7 +270,7 @@ impl Loop {
                     None,
                 )
             } else {
-                handle(&self.ctx, ns, &buf[..len])
+                handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
             };
             drop(rx);
             let mut out = [0u8; REPLY_LEN];
@@ -281,6 +283,49 @@ impl Loop {
             drop(sock);
         }
         true
+    }
+}
+
+/// Refusals are worth an info line each, but a client must not be able to
+/// flood the log: past a few per second they drop to debug level, and the
+/// next info line says how many were demoted.
+#[derive(Debug)]
+pub struct LogBudget {
+    window: Instant,
+    used: u32,
+    demoted: u64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        LogBudget {
+            window: Instant::now(),
+            used: 0,
+            demoted: 0,
+        }
+    }
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 20;
+
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.demoted > 0 {
+                log::info!(
+                    "{} more refusals in the last period were logged at debug level",
+                    self.demoted
+                );
+            }
+            *self = LogBudget::default();
+        }
+        if self.used < Self::PER_SECOND {
+            self.used += 1;
+            true
+        } else {
+            self.demoted += 1;
+            false
+        }
     }
 }
 
@@ -327,7 +372,12 @@ impl Refusal {
 }
 
 /// Answers one record from a client of namespace `ns`'s broker.
-pub fn handle(ctx: &Ctx, ns: NetnsId, rec: &[u8]) -> (Reply, Option<OwnedFd>) {
+pub fn handle(
+    ctx: &Ctx,
+    ns: NetnsId,
+    rec: &[u8],
+    log_budget: &mut LogBudget,
+) -> (Reply, Option<OwnedFd>) {
     let req = match Request::decode(rec) {
         Ok(r) => r,
         Err(e) => {
@@ -368,7 +418,13 @@ pub fn handle(ctx: &Ctx, ns: NetnsId, rec: &[u8]) -> (Reply, Option<OwnedFd>) {
                     .opt
                     .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
                     .unwrap_or_default();
-                log::info!(
+                let level = if log_budget.take() {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
                     "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
                     ep.spec.name,
                     describe(&req),

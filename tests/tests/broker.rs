@@ -520,6 +520,34 @@ fn malformed_broker_requests_are_answered_and_service_continues() {
         assert!(fd.is_some());
     }
 
+    // Random damage to a valid record, and random records: every one gets a
+    // well-formed reply (a socket only with success), and nothing breaks.
+    let conn = broker_connect(&d, &c1).unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..300 {
+        let rec = if i % 3 == 0 {
+            let n = 1 + (rnd() as usize) % (bp::REQUEST_LEN + 64);
+            (0..n).map(|_| rnd() as u8).collect::<Vec<u8>>()
+        } else {
+            let mut b = good.clone();
+            for _ in 0..1 + rnd() % 4 {
+                let at = (rnd() as usize) % b.len();
+                b[at] = rnd() as u8;
+            }
+            b
+        };
+        let (r, fd) = broker_raw(&conn, &rec).expect("an answer to every record");
+        assert_eq!(fd.is_some(), r.errno == 0, "record {i}: {r:?}");
+    }
+    let (r, fd) = broker_raw(&conn, &good).expect("served");
+    assert_eq!((r.errno, fd.is_some()), (0, true));
+
     // A request carrying a descriptor is malformed too (and the descriptor
     // is not kept).
     let conn = broker_connect(&d, &c1).unwrap();
@@ -950,4 +978,52 @@ fn daemon_lifecycle() {
     });
     p.term();
     assert!(p.wait_timeout(LIMIT).success());
+}
+
+#[test]
+fn non_root_callers_are_refused() {
+    if !root_or_skip("non_root_callers_are_refused") {
+        return;
+    }
+    let python = Path::new("/usr/bin/python3");
+    if !python.exists() || graft_tests::which("setpriv").is_none() {
+        println!("SKIP: non_root_callers_are_refused: needs /usr/bin/python3 and setpriv");
+        return;
+    }
+    let d = Graftd::start();
+    // Open the socket's mode so only SO_PEERCRED stands in the way.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&d.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(10)
+s.connect(sys.argv[1])
+fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+socket.send_fds(s, [b'{"op":"ping"}'], [fd])
+sys.stdout.write(s.recv(70000).decode())
+"#;
+    let out = graft_tests::run(
+        "setpriv",
+        [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+            d.control.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = control::decode_reply(&out.stdout).expect("reply");
+    expect_err(reply, libc::EPERM, "root only (caller uid 65534)");
+    // Root still gets served.
+    let me = ns_fd(None);
+    let r = ctl_raw(&d, &control::encode(&Request::Ping {}), &[me.as_fd()]);
+    assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
 }
