@@ -31,6 +31,8 @@ use crate::Ctx;
 pub const MAX_CONNS_PER_BROKER: usize = 1024;
 /// Most records served from one connection before looking at the others.
 const BURST: usize = 16;
+/// Longest the control thread waits for a broker to be closed.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long accepting pauses when graftd is out of descriptors.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
 
@@ -38,8 +40,9 @@ const EMFILE_PAUSE: Duration = Duration::from_millis(100);
 pub enum Cmd {
     /// Start serving a namespace's listener.
     Open(NetnsId, OwnedFd),
-    /// Stop serving a namespace: close its listener and connections.
-    Close(NetnsId),
+    /// Stop serving a namespace: close its listener and connections, then
+    /// acknowledge (the abstract name is free again once acknowledged).
+    Close(NetnsId, mpsc::SyncSender<()>),
 }
 
 /// The control thread's handle on the broker thread.
@@ -49,7 +52,24 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn send(&self, cmd: Cmd) {
+    /// Hands a namespace's new listener to the broker thread.
+    pub fn open(&self, ns: NetnsId, listener: OwnedFd) {
+        self.send(Cmd::Open(ns, listener));
+    }
+
+    /// Closes a namespace's broker and waits until it is closed, so a new
+    /// endpoint added right after can bind the same abstract name again.
+    /// Must not be called with the state lock held (the broker thread may be
+    /// waiting for it).
+    pub fn close(&self, ns: NetnsId) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Cmd::Close(ns, tx));
+        if rx.recv_timeout(CLOSE_TIMEOUT).is_err() {
+            log::warn!("broker thread did not confirm closing the broker of {ns}");
+        }
+    }
+
+    fn send(&self, cmd: Cmd) {
         if self.tx.send(cmd).is_err() {
             log::error!("broker thread is gone");
             return;
@@ -196,7 +216,7 @@ impl Loop {
                 log::debug!("broker for {ns} opened");
                 self.listeners.insert(ns, fd);
             }
-            Cmd::Close(ns) => {
+            Cmd::Close(ns, done) => {
                 self.listeners.remove(&ns);
                 let before = self.conns.len();
                 self.conns.retain(|c| c.ns != ns);
@@ -205,6 +225,7 @@ impl Loop {
                     "broker for {ns} closed ({} connections dropped)",
                     before - self.conns.len()
                 );
+                let _ = done.send(());
             }
         }
     }

@@ -21,7 +21,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{self as nsock, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
-use crate::broker::{self, Cmd};
+use crate::broker;
 use crate::factory::TargetWorker;
 use crate::state::Target;
 use crate::{gc, netns, sys, Ctx};
@@ -311,10 +311,10 @@ fn del(ctx: &Ctx, brokers: &broker::Handle, ns: NetnsId, name: &EndpointName) ->
     let mut st = ctx.state();
     match st.remove(ns, name) {
         Ok((ep, emptied)) => {
-            if emptied {
-                brokers.send(Cmd::Close(ns));
-            }
             drop(st);
+            if emptied {
+                brokers.close(ns);
+            }
             ctx.hooks.endpoint_removed(&ep.hook_ref());
             log::info!(
                 "{ns}: removed endpoint {}{}",
@@ -384,7 +384,7 @@ fn add(
     };
     let ep = st.insert(ns, caller_fd, spec, target_id, target);
     if let Some(l) = listener {
-        brokers.send(Cmd::Open(ns, l));
+        brokers.open(ns, l);
     }
     drop(st);
     ctx.hooks.endpoint_added(&ep.hook_ref());

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 
 use graft_core::NetnsId;
 
-use crate::broker::{self, Cmd};
+use crate::broker;
 use crate::Ctx;
 
 /// Checks every known namespace and forgets the unused ones.
@@ -33,8 +33,8 @@ pub fn collect(ctx: &Ctx, brokers: &broker::Handle) {
         let Some(entry) = st.forget(*ns) else {
             continue;
         };
-        brokers.send(Cmd::Close(*ns));
         drop(st);
+        brokers.close(*ns);
         let names: Vec<String> = entry.endpoints.keys().map(|n| n.to_string()).collect();
         for ep in entry.endpoints.values() {
             ctx.hooks.endpoint_removed(&ep.hook_ref());

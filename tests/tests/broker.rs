@@ -829,6 +829,20 @@ fn duplicate_add_and_del() {
     let eps = show(&d, &c1);
     assert_eq!(eps.len(), 1);
     assert_eq!(eps[0].spec.addr, v4("127.0.0.1", Some(9090)));
+
+    // Removing the last endpoint closes the broker; adding one right after
+    // opens it again under the same name, every time.
+    for i in 0..20 {
+        assert!(
+            matches!(ctl(&d, Some(&c1), &del, None), Reply::Ok { .. }),
+            "del {i}"
+        );
+        let r = ctl(&d, Some(&c1), &add, None);
+        assert!(matches!(r, Reply::Ok { .. }), "re-add {i}: {r:?}");
+    }
+    let conn = broker_connect(&d, &c1).expect("broker after re-adding");
+    let (r, _) = broker(&conn, &sock_req("ep-in4", libc::AF_INET, libc::SOCK_DGRAM));
+    assert_eq!(inet_addr(r.addr_bytes()), "127.0.0.1:9090".parse().unwrap());
 }
 
 #[test]
