@@ -1,0 +1,1344 @@
+//! End-to-end tests of libgraft-convert and `graft` (issue 3): unmodified
+//! Debian programs (iperf3, nginx, curl, socat, python3) run under `graft`
+//! inside a network namespace that has nothing but loopback, and are reached
+//! from / reach the host namespace through graftd's endpoints. Each test has
+//! its own namespace and its own graftd; assertions are on what crossed the
+//! wire (bytes, peer addresses) and on exact error text.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use graft_tests::{
+    bin, have_or_skip, preload_lib, root_or_skip, unique, wait_tcp, wait_until, Graftd, Netns, Proc,
+};
+
+const PY: &str = "/usr/bin/python3";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// One test's world: a namespace with only loopback, a private graftd, and a
+/// scratch directory.
+struct Env {
+    ns: Netns,
+    d: Graftd,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str) -> Option<Env> {
+        if !root_or_skip(test) || !have_or_skip(test, "python3") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(unique("graft-cv-"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Some(Env {
+            ns: Netns::new("cv"),
+            d: Graftd::start(),
+            dir,
+        })
+    }
+
+    /// `ip graft add ARGS` inside the namespace.
+    fn add(&self, args: &[&str]) {
+        let mut a = vec!["add"];
+        a.extend_from_slice(args);
+        self.d.ip_graft_ok(Some(&self.ns), &a);
+    }
+
+    /// `graft ARGS` inside the namespace, as a user runs it.
+    fn graft(&self, args: &[&str]) -> Command {
+        let mut c = self.ns.cmd(bin("graft"));
+        c.args(args).stdin(Stdio::null());
+        self.d.apply(&mut c);
+        c
+    }
+
+    /// Writes a python script with `@NAME@` placeholders filled in.
+    fn script(&self, name: &str, body: &str, vars: &[(&str, String)]) -> String {
+        let mut text = body.to_owned();
+        for (k, v) in vars {
+            text = text.replace(&format!("@{k}@"), v);
+        }
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write script");
+        p.display().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a command to completion within `limit`, capturing its output.
+fn output(mut cmd: Command, what: &str, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut p = Proc::spawn(cmd, what);
+    let mut so = p.child.stdout.take().expect("stdout");
+    let mut se = p.child.stderr.take().expect("stderr");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = p.wait_timeout(limit);
+    Output {
+        status,
+        stdout: t1.join().expect("stdout reader"),
+        stderr: t2.join().expect("stderr reader"),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Output with a successful exit; returns (stdout, stderr).
+fn output_ok(cmd: Command, what: &str) -> (String, String) {
+    let o = output(cmd, what, LIMIT);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    (text(&o.stdout), text(&o.stderr))
+}
+
+/// The lines a preload library or launcher printed.
+fn graft_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("graft: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A port free on the host's loopback right now.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    let u = UdpSocket::bind(l.local_addr().expect("addr")).ok();
+    let p = l.local_addr().expect("addr").port();
+    drop(u);
+    p
+}
+
+const BODY: &str = "hello-from-host";
+
+/// A host-namespace HTTP-ish server: answers every connection with a fixed
+/// response and records the peer address it saw.
+struct HostTcp {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    count: Arc<AtomicUsize>,
+}
+
+fn host_http(bind: &str) -> HostTcp {
+    let l = TcpListener::bind(bind).expect("host server bind");
+    // A deeper accept queue for the many-connections test.
+    // SAFETY: listen(2) on a socket we own; no pointers.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    let addr = l.local_addr().expect("addr");
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let (p2, c2) = (peers.clone(), count.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            if let Ok(peer) = s.peer_addr() {
+                p2.lock().expect("peers").push(peer);
+            }
+            c2.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap_or(0);
+                if buf[..n].starts_with(b"x") {
+                    // The many-connections client: hold it open until it closes.
+                    let _ = s.set_read_timeout(Some(LIMIT));
+                    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                    return;
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+            });
+        }
+    });
+    HostTcp { addr, peers, count }
+}
+
+/// Forwards every line of a child's output (draining it to the end, so the
+/// child never writes into a closed pipe).
+fn lines_of(r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The first line containing `needle`, within `limit`.
+fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str, limit: Duration) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(_) => continue,
+            Err(_) => panic!("no line containing {needle:?} within {limit:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- ingress --
+
+#[test]
+fn iperf3_tcp_and_udp_server_reached_from_host() {
+    let Some(env) = Env::new("iperf3_tcp_and_udp_server_reached_from_host") else {
+        return;
+    };
+    if !have_or_skip("iperf3", "iperf3") {
+        return;
+    }
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    for udp in [false, true] {
+        let mut cmd = env.graft(&[
+            "-v",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "--",
+            "iperf3",
+            "-s",
+            "-1",
+            "--forceflush",
+        ]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut srv = Proc::spawn(cmd, "iperf3 -s");
+        let so = lines_of(srv.child.stdout.take().expect("stdout"));
+        let mut se = srv.child.stderr.take().expect("stderr");
+        wait_for(&so, "Server listening", LIMIT);
+        let mut args = vec!["-c", "127.0.0.1", "-p"];
+        let ps = port.to_string();
+        args.push(&ps);
+        args.extend(["-t", "1", "-J"]);
+        if udp {
+            args.push("-u");
+        }
+        let mut c = Command::new("iperf3");
+        c.args(&args);
+        let (out, _) = output_ok(c, "iperf3 -c");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        let bytes = if udp {
+            v["end"]["sum"]["bytes"].as_u64()
+        } else {
+            v["end"]["sum_received"]["bytes"].as_u64()
+        };
+        assert!(
+            bytes.unwrap_or(0) > 0,
+            "iperf3 (udp={udp}) moved no bytes: {out}"
+        );
+        let st = srv.wait_timeout(LIMIT);
+        assert!(st.success(), "iperf3 -s exited with {st}");
+        let mut err = String::new();
+        let _ = se.read_to_string(&mut err);
+        // iperf3 binds a dual-stack [::]: the 0.0.0.0 rule takes it.
+        let want = format!("bind [::]:5201 -> ep-in4 (host [::ffff:127.0.0.1]:{port})");
+        assert!(
+            graft_lines(&err).iter().any(|l| l.contains(&want)),
+            "no verbose line with {want:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
+    let Some(env) = Env::new("nginx_master_and_workers_on_ipv4_and_ipv6_endpoints") else {
+        return;
+    };
+    if !have_or_skip("nginx", "nginx") || !have_or_skip("nginx", "curl") {
+        return;
+    }
+    let p4 = free_port();
+    let p6 = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &p4.to_string(),
+    ]);
+    env.add(&[
+        "ep-in6",
+        "type",
+        "ipv6",
+        "addr",
+        "::1",
+        "port",
+        &p6.to_string(),
+    ]);
+    let d = env.dir.display().to_string();
+    std::fs::create_dir_all(env.dir.join("www")).expect("www");
+    std::fs::write(env.dir.join("www/index.html"), "graft-nginx-page\n").expect("index");
+    std::fs::write(
+        env.dir.join("nginx.conf"),
+        format!(
+            "user root;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n\
+             server {{ listen 80; listen [::]:80; root {d}/www; }}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    let cmd = env.graft(&[
+        "-i",
+        "0.0.0.0:0-65535=ep-in4",
+        "-i",
+        ":::0-65535=ep-in6",
+        "--",
+        "nginx",
+        "-p",
+        &d,
+        "-c",
+        &format!("{d}/nginx.conf"),
+        "-e",
+        &format!("{d}/error.log"),
+        "-g",
+        "daemon off;",
+    ]);
+    let _nginx = Proc::spawn(cmd, "nginx");
+    let a4: SocketAddr = format!("127.0.0.1:{p4}").parse().expect("addr");
+    let a6: SocketAddr = format!("[::1]:{p6}").parse().expect("addr");
+    wait_tcp(a4, LIMIT);
+    wait_tcp(a6, LIMIT);
+    for url in [
+        format!("http://127.0.0.1:{p4}/"),
+        format!("http://[::1]:{p6}/"),
+    ] {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-g", "--max-time", "10", &url]);
+        let (out, _) = output_ok(c, "curl");
+        assert_eq!(out, "graft-nginx-page\n", "page from {url}");
+    }
+    let log = env.dir.join("access.log");
+    wait_until("both requests in nginx's access log", LIMIT, || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        t.lines()
+            .any(|l| l.starts_with("127.0.0.1 - ") && l.contains("GET / "))
+            && t.lines()
+                .any(|l| l.starts_with("::1 - ") && l.contains("GET / "))
+    });
+    let ps = graft_tests::run("ip", ["netns", "pids", &env.ns.name]);
+    assert!(
+        text(&ps.stdout).split_whitespace().count() >= 3,
+        "nginx should run a master and two workers"
+    );
+}
+
+// ----------------------------------------------------------------- egress --
+
+#[test]
+fn egress_curl_python_socat_reach_host_server() {
+    let Some(env) = Env::new("egress_curl_python_socat_reach_host_server") else {
+        return;
+    };
+    if !have_or_skip("egress", "curl") || !have_or_skip("egress", "socat") {
+        return;
+    }
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let url = format!("http://127.0.0.1:{}/", srv.addr.port());
+
+    // Without graft the namespace cannot reach the host server at all.
+    let mut c = env.ns.cmd("curl");
+    c.args(["-sS", "--max-time", "5", &url]);
+    let o = output(c, "plain curl", LIMIT);
+    assert!(
+        !o.status.success(),
+        "the namespace must have no route of its own"
+    );
+    assert!(srv.peers.lock().expect("peers").is_empty());
+
+    let (out, err) = output_ok(
+        env.graft(&[
+            "-v",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url,
+        ]),
+        "graft curl",
+    );
+    assert_eq!(out, BODY);
+    let want = format!(
+        "connect 127.0.0.1:{} -> ep-out4 (host 0.0.0.0:",
+        srv.addr.port()
+    );
+    assert!(
+        graft_lines(&err).iter().any(|l| l.contains(&want)),
+        "verbose line {want:?} missing:\n{err}"
+    );
+
+    let py = env.script(
+        "client.py",
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', @PORT@), timeout=10)\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n\
+         \x20   b = s.recv(4096)\n\
+         \x20   if not b: break\n\
+         \x20   data += b\n\
+         print(data.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n",
+        &[("PORT", srv.addr.port().to_string())],
+    );
+    let (out, _) = output_ok(
+        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
+        "python",
+    );
+    assert_eq!(out, BODY);
+
+    let sh = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | socat -t 5 - TCP:127.0.0.1:{}",
+        srv.addr.port()
+    );
+    let (out, _) = output_ok(
+        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", "sh", "-c", &sh]),
+        "socat",
+    );
+    assert!(out.ends_with(BODY), "socat got {out:?}");
+
+    let peers = srv.peers.lock().expect("peers").clone();
+    assert_eq!(peers.len(), 3, "curl, python and socat each connected once");
+    assert!(peers.iter().all(|p| p.ip().to_string() == "127.0.0.1"));
+}
+
+#[test]
+fn egress_udp_sendto_sendmsg_and_v4_mapped() {
+    let Some(env) = Env::new("egress_udp_sendto_sendmsg_and_v4_mapped") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let u = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    let port = u.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = u.recv_from(&mut buf) {
+            s2.lock().expect("seen").push((from, buf[..n].to_vec()));
+            let mut r = b"pong:".to_vec();
+            r.extend_from_slice(&buf[..n]);
+            let _ = u.send_to(&r, from);
+        }
+    });
+    let py = env.script(
+        "udp.py",
+        "import socket\n\
+         A = ('127.0.0.1', @PORT@)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10)\n\
+         s.sendto(b'ping', A); print(s.recv(100).decode(), s.getsockname()[1])\n\
+         t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); t.settimeout(10)\n\
+         t.sendmsg([b'msg'], [], 0, A); print(t.recv(100).decode(), t.getsockname()[1])\n\
+         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.settimeout(10)\n\
+         u.sendto(b'mapped', ('::ffff:127.0.0.1', @PORT@)); print(u.recv(100).decode(), u.getsockname()[1])\n",
+        &[("PORT", port.to_string())],
+    );
+    let (out, err) = output_ok(
+        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
+        "udp client",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "stdout: {out}\nstderr: {err}");
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 3);
+    for (line, (want, (from, data))) in lines
+        .iter()
+        .zip(["ping", "msg", "mapped"].iter().zip(seen.iter()))
+    {
+        let (reply, sport) = line.split_once(' ').expect("two fields");
+        assert_eq!(reply, format!("pong:{want}"));
+        assert_eq!(data, want.as_bytes());
+        // The server saw the host-side source: the grafted socket's own port.
+        assert_eq!(from.ip().to_string(), "127.0.0.1");
+        assert_eq!(from.port().to_string(), sport);
+    }
+    for call in [
+        "sendto 127.0.0.1:",
+        "sendmsg 127.0.0.1:",
+        "sendto [::ffff:127.0.0.1]:",
+    ] {
+        assert!(
+            graft_lines(&err)
+                .iter()
+                .any(|l| l.contains(call) && l.contains("-> ep-out4")),
+            "no grafting line for {call:?}:\n{err}"
+        );
+    }
+}
+
+// -------------------------------------------------------------- unmatched --
+
+#[test]
+fn unmatched_sockets_stay_on_the_container_stack() {
+    let Some(env) = Env::new("unmatched_sockets_stay_on_the_container_stack") else {
+        return;
+    };
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &free_port().to_string(),
+    ]);
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let py = env.script(
+        "local.py",
+        "import socket\n\
+         l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()\n\
+         c = socket.create_connection(l.getsockname(), timeout=10); a, peer = l.accept()\n\
+         c.sendall(b'tcp-local'); print(a.recv(100).decode(), peer[0])\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', 0))\n\
+         v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         v.sendto(b'udp-local', u.getsockname()); print(u.recv(100).decode())\n",
+        &[],
+    );
+    for (rules, why) in [
+        (
+            vec!["-i", "0.0.0.0:0-65535=ep-in4", "-e", "10.0.0.0/8=ep-out4"],
+            "no rule",
+        ),
+        (
+            vec![
+                "-i",
+                "0.0.0.0:0-65535=ep-in4",
+                "-e",
+                "0.0.0.0/0=ep-out4",
+                "-x",
+                "127.0.0.0/8",
+            ],
+            "excluded",
+        ),
+    ] {
+        let mut args = vec!["-v"];
+        args.extend(rules);
+        args.extend(["--", PY, &py]);
+        let (out, err) = output_ok(env.graft(&args), "local talk");
+        assert_eq!(out, "tcp-local 127.0.0.1\nudp-local\n", "stderr: {err}");
+        let lines = graft_lines(&err);
+        assert!(
+            lines.iter().any(|l| l.contains("connect 127.0.0.1:")
+                && l.ends_with(&format!("-> not grafted ({why})"))),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("listen 127.0.0.1:0 -> not grafted (no rule)")),
+            "{lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("-> ep-")),
+            "nothing may be grafted: {lines:?}"
+        );
+    }
+}
+
+// --------------------------------------------------------------- failures --
+
+/// What every failure script checks: the call fails with an errno, and the
+/// container's own stack got nothing.
+const FAIL_PY: &str = "import socket\n\
+l = socket.socket(); l.bind(('127.0.0.1', @LPORT@)); l.listen(); l.setblocking(False)\n\
+c = socket.socket()\n\
+try:\n\
+\x20   c.connect(('127.0.0.1', @LPORT@)); print('connect ok')\n\
+except OSError as e:\n\
+\x20   print('connect', e.errno, e.strerror)\n\
+try:\n\
+\x20   l.accept(); print('local listener got a connection')\n\
+except BlockingIOError:\n\
+\x20   print('local listener got nothing')\n\
+s = socket.socket()\n\
+try:\n\
+\x20   s.bind(('0.0.0.0', @BPORT@)); print('bind ok')\n\
+except OSError as e:\n\
+\x20   print('bind', e.errno, e.strerror)\n\
+hexport = '%04X' % @BPORT@\n\
+n = sum(1 for f in ('/proc/self/net/tcp', '/proc/self/net/tcp6') for line in open(f).readlines()[1:]\n\
+\x20       if line.split()[1].endswith(':' + hexport))\n\
+print('local sockets on port', n)\n";
+
+fn fail_script(env: &Env) -> (String, u16, u16) {
+    let (lport, bport) = (7001u16, 7002u16);
+    let py = env.script(
+        "fail.py",
+        FAIL_PY,
+        &[("LPORT", lport.to_string()), ("BPORT", bport.to_string())],
+    );
+    (py, lport, bport)
+}
+
+const FAIL_OUT: &str = "connect 101 Network is unreachable\nlocal listener got nothing\n\
+bind 99 Cannot assign requested address\nlocal sockets on port 0\n";
+
+#[test]
+fn graftd_stopped_fails_closed_with_one_line() {
+    let Some(mut env) = Env::new("graftd_stopped_fails_closed_with_one_line") else {
+        return;
+    };
+    if !have_or_skip("graftd_stopped", "curl") {
+        return;
+    }
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &free_port().to_string(),
+    ]);
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    env.d.proc.term();
+    wait_until("graftd to exit", LIMIT, || !env.d.alive());
+    let broker = env.d.broker.clone();
+
+    let url = format!("http://127.0.0.1:{}/", srv.addr.port());
+    let o = output(
+        env.graft(&[
+            "-n",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url,
+        ]),
+        "curl",
+        LIMIT,
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert_eq!(
+        graft_lines(&err),
+        vec![format!(
+            "graft: connect 127.0.0.1:{}: endpoint \"ep-out4\": graftd is not reachable in this \
+             network namespace (broker \"{broker}\"): start graftd and add the endpoint with \
+             \"ip graft add ep-out4 ...\"",
+            srv.addr.port()
+        )],
+        "stderr: {err}"
+    );
+    assert!(
+        err.contains("Couldn't connect to server"),
+        "curl says: {err}"
+    );
+
+    let (py, lport, bport) = fail_script(&env);
+    let o = output(
+        env.graft(&[
+            "-n",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            PY,
+            &py,
+        ]),
+        "fail.py",
+        LIMIT,
+    );
+    let err = text(&o.stderr);
+    assert_eq!(text(&o.stdout), FAIL_OUT, "stderr: {err}");
+    let head = |call: &str, a: &str, ep: &str| {
+        format!(
+            "graft: {call} {a}: endpoint \"{ep}\": graftd is not reachable in this network \
+             namespace (broker \"{broker}\"): start graftd and add the endpoint with \"ip graft \
+             add {ep} ...\""
+        )
+    };
+    assert_eq!(
+        graft_lines(&err),
+        vec![
+            head("connect", &format!("127.0.0.1:{lport}"), "ep-out4"),
+            head("bind", &format!("0.0.0.0:{bport}"), "ep-in4"),
+        ]
+    );
+    assert!(srv.peers.lock().expect("peers").is_empty());
+}
+
+#[test]
+fn missing_endpoint_fails_closed_with_one_line() {
+    let Some(env) = Env::new("missing_endpoint_fails_closed_with_one_line") else {
+        return;
+    };
+    if !have_or_skip("missing_endpoint", "curl") {
+        return;
+    }
+    // Some endpoint exists (so the broker is there), but not the ones used.
+    env.add(&[
+        "ep-other",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let url = format!("http://127.0.0.1:{}/", srv.addr.port());
+    let o = output(
+        env.graft(&[
+            "-n",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url,
+        ]),
+        "curl",
+        LIMIT,
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert_eq!(
+        graft_lines(&err),
+        vec![format!(
+            "graft: connect 127.0.0.1:{}: endpoint \"ep-out4\" does not exist in this network \
+             namespace: add it with \"ip graft add ep-out4 type ipv4 addr ADDR port PORT\"",
+            srv.addr.port()
+        )],
+        "stderr: {err}"
+    );
+    assert!(
+        err.contains("Couldn't connect to server"),
+        "curl says: {err}"
+    );
+
+    let (py, lport, bport) = fail_script(&env);
+    let o = output(
+        env.graft(&[
+            "-n",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            PY,
+            &py,
+        ]),
+        "fail.py",
+        LIMIT,
+    );
+    let err = text(&o.stderr);
+    assert_eq!(text(&o.stdout), FAIL_OUT, "stderr: {err}");
+    assert_eq!(
+        graft_lines(&err),
+        vec![
+            format!(
+                "graft: connect 127.0.0.1:{lport}: endpoint \"ep-out4\" does not exist in this \
+                 network namespace: add it with \"ip graft add ep-out4 type ipv4 addr ADDR port PORT\""
+            ),
+            format!(
+                "graft: bind 0.0.0.0:{bport}: endpoint \"ep-in4\" does not exist in this \
+                 network namespace: add it with \"ip graft add ep-in4 type ipv4 addr ADDR port PORT\""
+            ),
+        ]
+    );
+    assert!(srv.peers.lock().expect("peers").is_empty());
+}
+
+#[test]
+fn bad_mapping_is_refused_by_graft_and_by_the_library() {
+    let Some(env) = Env::new("bad_mapping_is_refused_by_graft_and_by_the_library") else {
+        return;
+    };
+    // The launcher refuses before exec.
+    let o = output(
+        env.graft(&["-i", "0.0.0.0:99999=ep-in4", "--", PY, "-c", "print('ran')"]),
+        "graft bad",
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty(), "the command must not run");
+    let lines = graft_lines(&text(&o.stderr));
+    assert!(
+        lines.len() == 1 && lines[0].contains("\"99999\" is not a port (0-65535)"),
+        "{lines:?}"
+    );
+
+    // A bad environment reaching the library directly fails closed: every
+    // IPv4/IPv6 bind and connect fails with EINVAL, one line per process.
+    let py = env.script(
+        "bad.py",
+        "import socket\n\
+         for i in range(2):\n\
+         \x20   try:\n\
+         \x20       socket.socket().bind(('0.0.0.0', 7000)); print('bound')\n\
+         \x20   except OSError as e:\n\
+         \x20       print('bind', e.errno)\n\
+         try:\n\
+         \x20   socket.socket().connect(('127.0.0.1', 7000))\n\
+         except OSError as e:\n\
+         \x20   print('connect', e.errno)\n\
+         a, b = socket.socketpair(); a.send(b'unix ok'); print(b.recv(10).decode())\n",
+        &[],
+    );
+    let mut c = env.ns.cmd(PY);
+    c.arg(&py)
+        .env("LD_PRELOAD", preload_lib())
+        .env("GRAFT_INGRESS_CONVERT", "0.0.0.0:99999=ep-in4")
+        .stdin(Stdio::null());
+    env.d.apply(&mut c);
+    let o = output(c, "bad env", LIMIT);
+    assert_eq!(
+        text(&o.stdout),
+        "bind 22\nbind 22\nconnect 22\nunix ok\n",
+        "stderr: {}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        graft_lines(&text(&o.stderr)),
+        vec![
+            "graft: bad mapping in GRAFT_INGRESS_CONVERT: \"0.0.0.0:99999=ep-in4\": \"99999\" \
+             is not a port (0-65535): fix the rule (graft -i ADDR:PORT[-PORT]=EP, -e \
+             PREFIX/LEN=EP, -x PREFIX/LEN); every IPv4/IPv6 bind and connect fails with EINVAL \
+             until then"
+                .to_owned()
+        ]
+    );
+}
+
+#[test]
+fn refused_option_fails_the_bind() {
+    let Some(env) = Env::new("refused_option_fails_the_bind") else {
+        return;
+    };
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &free_port().to_string(),
+    ]);
+    let py = env.script(
+        "mark.py",
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 7)\n\
+         try:\n\
+         \x20   s.bind(('0.0.0.0', 7000)); print('bound')\n\
+         except OSError as e:\n\
+         \x20   print('bind', e.errno, e.strerror)\n",
+        &[],
+    );
+    let o = output(
+        env.graft(&["-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &py]),
+        "SO_MARK",
+        LIMIT,
+    );
+    assert_eq!(text(&o.stdout), "bind 1 Operation not permitted\n");
+    assert_eq!(
+        graft_lines(&text(&o.stderr)),
+        vec![
+            "graft: bind 0.0.0.0:7000: endpoint \"ep-in4\": option SO_MARK refused by graftd: \
+              do not set it on a socket graft maps, or leave this address out of the graft rules"
+                .to_owned()
+        ]
+    );
+}
+
+// -------------------------------------------------------------- processes --
+
+#[test]
+fn fork_after_grafting_child_accepts_and_grafts_anew() {
+    let Some(env) = Env::new("fork_after_grafting_child_accepts_and_grafts_anew") else {
+        return;
+    };
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let py = env.script(
+        "fork.py",
+        "import socket, os\n\
+         A = ('127.0.0.1', @HP@)\n\
+         def get():\n\
+         \x20   e = socket.create_connection(A, timeout=10); e.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         \x20   return e.recv(1000)\n\
+         assert b'@BODY@' in get()  # the parent's broker connection is now cached\n\
+         s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen(8)\n\
+         print('listening', flush=True)\n\
+         pid = os.fork()\n\
+         if pid == 0:\n\
+         \x20   c, peer = s.accept(); c.sendall(b'child'); c.close()\n\
+         \x20   os._exit(0 if b'@BODY@' in get() else 3)\n\
+         s.close()\n\
+         _, st = os.waitpid(pid, 0)\n\
+         print('child exit', os.waitstatus_to_exitcode(st), flush=True)\n",
+        &[("HP", srv.addr.port().to_string()), ("BODY", BODY.to_owned())],
+    );
+    let mut cmd = env.graft(&[
+        "-i",
+        "0.0.0.0:0-65535=ep-in4",
+        "-e",
+        "0.0.0.0/0=ep-out4",
+        "--",
+        PY,
+        &py,
+    ]);
+    cmd.stdout(Stdio::piped());
+    let mut p = Proc::spawn(cmd, "fork.py");
+    let so = p.child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut so = so;
+        let _ = so.read_to_string(&mut all);
+        let _ = tx.send(all);
+    });
+    wait_tcp_no_consume(port);
+    let got = graft_tests::tcp_exchange(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        b"",
+        Duration::from_secs(10),
+    );
+    assert_eq!(got, b"child");
+    let st = p.wait_timeout(LIMIT);
+    assert!(st.success());
+    let out = rx.recv_timeout(LIMIT).expect("output");
+    assert_eq!(out, "listening\nchild exit 0\n");
+    assert_eq!(
+        srv.count.load(Ordering::SeqCst),
+        2,
+        "parent and child reached the host"
+    );
+}
+
+/// Waits until something listens on 127.0.0.1:port, without connecting (a
+/// probe connection would be accepted by one-shot servers).
+fn wait_tcp_no_consume(port: u16) {
+    let hex = format!(":{port:04X} ");
+    wait_until(&format!("a listener on port {port}"), LIMIT, || {
+        ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && format!("{} ", cols[1]).ends_with(&hex) && cols[3] == "0A"
+                })
+        })
+    });
+}
+
+#[test]
+fn exec_and_child_processes_are_grafted() {
+    let Some(env) = Env::new("exec_and_child_processes_are_grafted") else {
+        return;
+    };
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let child = env.script(
+        "child.py",
+        "import socket\n\
+         e = socket.create_connection(('127.0.0.1', @HP@), timeout=10)\n\
+         e.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); d = b''\n\
+         while True:\n\
+         \x20   b = e.recv(1000)\n\
+         \x20   if not b: break\n\
+         \x20   d += b\n\
+         print(d.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n",
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let server = env.script(
+        "server.py",
+        "import socket, subprocess, sys\n\
+         s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen()\n\
+         c, _ = s.accept()\n\
+         out = subprocess.run([sys.executable, '@CHILD@'], capture_output=True, timeout=30)\n\
+         c.sendall(out.stdout + out.stderr); c.close()\n",
+        &[("CHILD", child)],
+    );
+    let sh = format!("exec {PY} {server}");
+    let cmd = env.graft(&[
+        "-i",
+        "0.0.0.0:0-65535=ep-in4",
+        "-e",
+        "0.0.0.0/0=ep-out4",
+        "--",
+        "sh",
+        "-c",
+        &sh,
+    ]);
+    let mut p = Proc::spawn(cmd, "sh -c exec python3");
+    wait_tcp_no_consume(port);
+    let got = graft_tests::tcp_exchange(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        b"",
+        LIMIT,
+    );
+    assert_eq!(text(&got), BODY);
+    assert!(p.wait_timeout(LIMIT).success());
+    assert_eq!(srv.count.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn thousand_concurrent_grafted_connections() {
+    let Some(env) = Env::new("thousand_concurrent_grafted_connections") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let py = env.script(
+        "many.py",
+        "import socket, threading, selectors, resource, time, sys\n\
+         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))\n\
+         A = ('127.0.0.1', @HP@); N = 1000; T = 10\n\
+         socks = []; errs = []; lock = threading.Lock()\n\
+         def work():\n\
+         \x20   mine = []\n\
+         \x20   for i in range(N // T):\n\
+         \x20       s = socket.socket(); s.setblocking(False)\n\
+         \x20       r = s.connect_ex(A)\n\
+         \x20       if r not in (0, 115): errs.append(r)\n\
+         \x20       mine.append(s)\n\
+         \x20   with lock: socks.extend(mine)\n\
+         ts = [threading.Thread(target=work) for _ in range(T)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         sel = selectors.DefaultSelector()\n\
+         for s in socks: sel.register(s, selectors.EVENT_WRITE)\n\
+         pending = len(socks); ok = 0; deadline = time.time() + 60\n\
+         while pending and time.time() < deadline:\n\
+         \x20   for key, _ in sel.select(timeout=1):\n\
+         \x20       s = key.fileobj; sel.unregister(s); pending -= 1\n\
+         \x20       e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)\n\
+         \x20       if e: errs.append(e)\n\
+         \x20       else: s.send(b'x'); ok += 1\n\
+         print('open', ok, 'errors', errs[:5], flush=True)\n\
+         sys.stdin.read()\n",
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let mut cmd = env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut p = Proc::spawn(cmd, "many.py");
+    let so = lines_of(p.child.stdout.take().expect("stdout"));
+    let line = wait_for(&so, "open ", Duration::from_secs(120));
+    assert_eq!(line, "open 1000 errors []");
+    wait_until("1000 connections at the host server", LIMIT, || {
+        srv.count.load(Ordering::SeqCst) >= 1000
+    });
+    assert_eq!(srv.count.load(Ordering::SeqCst), 1000);
+    drop(p.child.stdin.take());
+    assert!(p.wait_timeout(LIMIT).success());
+}
+
+#[test]
+fn so_reuseport_two_listeners_on_one_endpoint() {
+    let Some(env) = Env::new("so_reuseport_two_listeners_on_one_endpoint") else {
+        return;
+    };
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    let py = env.script(
+        "reuseport.py",
+        "import socket, selectors\n\
+         ls = []\n\
+         for i in range(2):\n\
+         \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         \x20   s.bind(('0.0.0.0', 7000)); s.listen(64); ls.append(s)\n\
+         print('listening', [s.getsockname() for s in ls], flush=True)\n\
+         sel = selectors.DefaultSelector()\n\
+         for i, s in enumerate(ls): sel.register(s, selectors.EVENT_READ, i)\n\
+         counts = [0, 0]\n\
+         while sum(counts) < 40:\n\
+         \x20   for key, _ in sel.select(timeout=30):\n\
+         \x20       c, _ = key.fileobj.accept(); c.sendall(b'L%d' % key.data); c.close()\n\
+         \x20       counts[key.data] += 1\n\
+         print('counts', counts, flush=True)\n",
+        &[],
+    );
+    let mut cmd = env.graft(&["-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &py]);
+    cmd.stdout(Stdio::piped());
+    let mut p = Proc::spawn(cmd, "reuseport.py");
+    let mut so = p.child.stdout.take().expect("stdout");
+    let mut first = Vec::new();
+    let mut b = [0u8; 1];
+    while !first.ends_with(b"\n") && first.len() < 1000 {
+        if so.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        first.push(b[0]);
+    }
+    assert_eq!(
+        text(&first),
+        format!("listening [('127.0.0.1', {port}), ('127.0.0.1', {port})]\n")
+    );
+    let mut seen = [0usize; 2];
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut r = Vec::new();
+        s.read_to_end(&mut r).expect("read");
+        match r.as_slice() {
+            b"L0" => seen[0] += 1,
+            b"L1" => seen[1] += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let mut rest = String::new();
+    let _ = so.read_to_string(&mut rest);
+    assert!(p.wait_timeout(LIMIT).success());
+    assert_eq!(rest, format!("counts [{}, {}]\n", seen[0], seen[1]));
+    assert!(
+        seen[0] > 0 && seen[1] > 0,
+        "the kernel spreads 40 connections over both listeners: {seen:?}"
+    );
+}
+
+// ----------------------------------------------------- socket semantics --
+
+#[test]
+fn getsockname_policy_host_and_app() {
+    let Some(env) = Env::new("getsockname_policy_host_and_app") else {
+        return;
+    };
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    env.add(&[
+        "ep-dyn",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        "dynamic",
+    ]);
+    let py = env.script(
+        "names.py",
+        "import socket\n\
+         s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen(); print(*s.getsockname())\n\
+         t = socket.socket(); t.bind(('0.0.0.0', 0)); t.listen(); print(*t.getsockname())\n\
+         r = socket.socket(); r.connect(('127.0.0.1', @PORT@)); print(*r.getsockname())\n",
+        &[("PORT", port.to_string())],
+    );
+    let rules = [
+        "-v",
+        "-i",
+        "0.0.0.0:7000=ep-in4",
+        "-i",
+        "0.0.0.0:0=ep-dyn",
+        "-e",
+        "0.0.0.0/0=ep-dyn",
+    ];
+    let run = |policy: Option<&str>| {
+        let mut args: Vec<&str> = rules.to_vec();
+        if let Some(p) = policy {
+            args.extend(["-g", p]);
+        }
+        args.extend(["--", PY, &py]);
+        output_ok(env.graft(&args), "names.py")
+    };
+    let (host, err) = run(None);
+    let l: Vec<&str> = host.lines().collect();
+    assert_eq!(l.len(), 3, "{host}\n{err}");
+    assert_eq!(l[0], format!("127.0.0.1 {port}"));
+    let dyn_port: u16 = l[1]
+        .strip_prefix("127.0.0.1 ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("listen-time graft onto ep-dyn: {host}\n{err}"));
+    assert_ne!(dyn_port, 0);
+    assert!(
+        graft_lines(&err).iter().any(|x| x.ends_with(&format!(
+            "listen 0.0.0.0:0 -> ep-dyn (host 127.0.0.1:{dyn_port})"
+        ))),
+        "{err}"
+    );
+    assert!(
+        l[2].starts_with("127.0.0.1 "),
+        "egress reports the host address"
+    );
+
+    let (app, err) = run(Some("app"));
+    let l: Vec<&str> = app.lines().collect();
+    assert_eq!(l.len(), 3, "{app}\n{err}");
+    assert_eq!(l[0], "0.0.0.0 7000");
+    let p: u16 = l[1]
+        .strip_prefix("0.0.0.0 ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("app policy, port 0: {app}"));
+    assert_ne!(p, 0, "the real port replaces the 0 the app asked for");
+    assert!(
+        l[2].starts_with("127.0.0.1 "),
+        "egress always reports the host address"
+    );
+}
+
+#[test]
+fn options_carry_over_to_the_host_socket() {
+    let Some(env) = Env::new("options_carry_over_to_the_host_socket") else {
+        return;
+    };
+    let port = free_port();
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &port.to_string(),
+    ]);
+    let py = env.script(
+        "opts.py",
+        "import socket\n\
+         S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
+         s = socket.socket()\n\
+         s.setsockopt(S, socket.SO_RCVBUF, 65536); s.setsockopt(T, socket.TCP_NODELAY, 1)\n\
+         s.setsockopt(S, socket.SO_REUSEADDR, 1); s.setsockopt(S, socket.SO_KEEPALIVE, 1)\n\
+         s.setsockopt(T, socket.TCP_KEEPIDLE, 77)\n\
+         s.bind(('0.0.0.0', 7000))\n\
+         print(*s.getsockname(), s.getsockopt(S, socket.SO_RCVBUF), s.getsockopt(T, socket.TCP_NODELAY),\n\
+         \x20     s.getsockopt(S, socket.SO_REUSEADDR), s.getsockopt(S, socket.SO_KEEPALIVE),\n\
+         \x20     s.getsockopt(T, socket.TCP_KEEPIDLE))\n",
+        &[],
+    );
+    let (out, err) = output_ok(
+        env.graft(&["-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &py]),
+        "opts.py",
+    );
+    // The kernel reports twice the SO_RCVBUF that was set.
+    assert_eq!(out, format!("127.0.0.1 {port} 131072 1 1 1 77\n"), "{err}");
+}
+
+#[test]
+fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
+    let Some(env) = Env::new("nonblocking_connect_keeps_einprogress_and_fd_flags") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let py = env.script(
+        "nb.py",
+        "import socket, select, fcntl, os\n\
+         A = ('127.0.0.1', @HP@)\n\
+         s = socket.socket(); s.setblocking(False); os.set_inheritable(s.fileno(), True)\n\
+         print('connect_ex', s.connect_ex(A))\n\
+         select.select([], [s], [], 10)\n\
+         print('so_error', s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))\n\
+         print('nonblock', bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK),\n\
+         \x20     'inheritable', os.get_inheritable(s.fileno()))\n\
+         t = socket.create_connection(A, timeout=None)\n\
+         print('blocking', t.getblocking(), 'inheritable', os.get_inheritable(t.fileno()))\n\
+         d = t.dup(); print('dup', d.getpeername() == t.getpeername())\n",
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let (out, err) = output_ok(
+        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
+        "nb.py",
+    );
+    assert_eq!(
+        out,
+        "connect_ex 115\nso_error 0\nnonblock True inheritable True\n\
+         blocking True inheritable False\ndup True\n",
+        "{err}"
+    );
+    wait_until("two connections at the host", LIMIT, || {
+        srv.count.load(Ordering::SeqCst) == 2
+    });
+}
