@@ -495,7 +495,7 @@ fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, 
         }
     })?;
     ctx.hooks
-        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref())
+        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref(), req.purpose)
         .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EPERM), Reason::Policy))?;
     Ok(made)
 }
@@ -743,6 +743,94 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason, Reason::Malformed);
+    }
+
+    struct Refuser;
+    impl crate::ebpf_hooks::Hooks for Refuser {
+        fn socket_handed_out(
+            &self,
+            _sock: std::os::fd::BorrowedFd<'_>,
+            _ep: &crate::ebpf_hooks::EndpointRef<'_>,
+            _purpose: Purpose,
+        ) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        }
+    }
+
+    fn ctx_with(hooks: Box<dyn crate::ebpf_hooks::Hooks>) -> (Ctx, NetnsId) {
+        let (fd, own) = crate::netns::open_own().unwrap();
+        let mut st = crate::state::State::new(own);
+        let ns = NetnsId { dev: 4, ino: 77 };
+        let spec = graft_core::EndpointSpec {
+            name: EndpointName::new("ep").unwrap(),
+            addr: EndpointAddr::Ipv4 {
+                addr: "127.0.0.1".parse().unwrap(),
+                port: None,
+            },
+            netns: None,
+            policy: vec![],
+        };
+        st.check_add(ns, &spec, own).unwrap();
+        st.insert(ns, fd, spec, own, Target::Own);
+        let ctx = Ctx {
+            state: std::sync::Mutex::new(st),
+            hooks,
+            broker_name: "test".into(),
+        };
+        (ctx, ns)
+    }
+
+    fn bytes(r: &Request) -> Vec<u8> {
+        let mut b = [0u8; REQUEST_LEN];
+        r.encode(&mut b);
+        b.to_vec()
+    }
+
+    #[test]
+    fn handle_serves_only_the_namespace_table() {
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let mut lb = LogBudget::default();
+        let (r, fd) = handle(
+            &ctx,
+            ns,
+            &bytes(&req(libc::AF_INET, libc::SOCK_STREAM, 0)),
+            &mut lb,
+        );
+        assert_eq!((r.errno, fd.is_some()), (0, true));
+        let other = NetnsId { dev: 4, ino: 78 };
+        let (r, fd) = handle(
+            &ctx,
+            other,
+            &bytes(&req(libc::AF_INET, libc::SOCK_STREAM, 0)),
+            &mut lb,
+        );
+        assert_eq!(
+            (r.errno, r.reason, fd.is_none()),
+            (libc::EADDRNOTAVAIL, Reason::NoEndpoint, true)
+        );
+        let (r, _) = handle(&ctx, ns, &[0u8; 10], &mut lb);
+        assert_eq!((r.errno, r.reason), (libc::EINVAL, Reason::Malformed));
+    }
+
+    #[test]
+    fn a_refusing_hook_fails_closed() {
+        let (ctx, ns) = ctx_with(Box::new(Refuser));
+        let mut lb = LogBudget::default();
+        let (r, fd) = handle(
+            &ctx,
+            ns,
+            &bytes(&req(libc::AF_INET, libc::SOCK_STREAM, 0)),
+            &mut lb,
+        );
+        assert_eq!(
+            (r.errno, r.reason, fd.is_none()),
+            (libc::EACCES, Reason::Policy, true)
+        );
+        let ep = ctx
+            .state()
+            .lookup(ns, &EndpointName::new("ep").unwrap())
+            .unwrap();
+        assert_eq!((ep.stats().sockets, ep.stats().refused), (0, 1));
     }
 
     #[test]

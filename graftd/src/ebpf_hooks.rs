@@ -11,11 +11,20 @@
 //!   `Reason::Policy`), so a policy that cannot be recorded fails closed.
 //! * [`Hooks::merge_stats`] fills the optional counters of `Stats`; graftd's
 //!   own counters (`sockets`, `refused`) are already set.
+//!
+//! Call sites: `main.rs` (`load`, then `daemon_started`, before any thread
+//! starts serving), `control.rs` (`endpoint_added`, `endpoint_removed`,
+//! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
+//! of a forgotten namespace), `broker.rs` (`socket_handed_out`, on the broker
+//! thread, after bind and before the reply is sent). To plug graft-ebpf in,
+//! make `load` return its implementation (falling back to [`NoHooks`] with
+//! one log line when the programs cannot be loaded).
 
 use std::io;
 use std::os::fd::BorrowedFd;
 
 use graft_core::endpoint::EndpointAddr;
+use graft_core::proto::broker::Purpose;
 use graft_core::proto::control::Stats;
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
@@ -57,8 +66,15 @@ pub trait Hooks: Send + Sync {
     /// forgotten).
     fn endpoint_removed(&self, _ep: &EndpointRef<'_>) {}
 
-    /// A socket was made and bound for `ep` and is about to be handed out.
-    fn socket_handed_out(&self, _sock: BorrowedFd<'_>, _ep: &EndpointRef<'_>) -> io::Result<()> {
+    /// A socket was made and bound for `ep` and is about to be handed out;
+    /// `purpose` says whether the application asked for it to listen
+    /// (ingress) or to connect/send (egress).
+    fn socket_handed_out(
+        &self,
+        _sock: BorrowedFd<'_>,
+        _ep: &EndpointRef<'_>,
+        _purpose: Purpose,
+    ) -> io::Result<()> {
         Ok(())
     }
 

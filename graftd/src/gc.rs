@@ -7,6 +7,10 @@
 //! netns add` and Docker create; seen in `/proc/self/mountinfo` as a mount
 //! whose root is `net:[INODE]`). Descriptors held open by other processes are
 //! not looked at: a namespace kept only that way has no process to serve.
+//!
+//! This needs graftd to see every process and mount: it must run in the
+//! host's PID and mount namespaces (as a system service does). A namespace
+//! forgotten by mistake fails closed: its processes get "no endpoint".
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
