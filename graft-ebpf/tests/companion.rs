@@ -639,14 +639,33 @@ fn exchange(srv: TcpStream, cli: TcpStream, srv_out: &[u8], cli_out: &[u8]) -> (
             }
             s.shutdown(Shutdown::Write).unwrap();
         };
+        // A blocking read on a spliced socket can fail with EAGAIN when a
+        // wake-up that brought no data (the writer thread's write space)
+        // ends the kernel's single wait (tcp_bpf_recvmsg). Event-driven
+        // programs poll again; this reader does the same, within a bound.
         let r = |mut s: TcpStream| {
             let mut v = Vec::new();
-            match s.read_to_end(&mut v) {
-                Ok(_) => v,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    panic!("read timed out after {} bytes", v.len())
+            let mut buf = vec![0u8; 64 * 1024];
+            let start = std::time::Instant::now();
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return v,
+                    Ok(n) => v.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(60),
+                            "no EOF within 60 s after {} bytes",
+                            v.len()
+                        );
+                        let mut fds = [nix::poll::PollFd::new(
+                            s.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => panic!("read: {e}"),
                 }
-                Err(e) => panic!("read: {e}"),
             }
         };
         let (sw, cw) = (srv.try_clone().unwrap(), cli.try_clone().unwrap());
