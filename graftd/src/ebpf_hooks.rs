@@ -1,8 +1,9 @@
 //! Where graft-ebpf plugs into graftd.
 //!
 //! graftd calls these hooks at the points the kernel-side companion needs to
-//! know about; every method has a no-op default, and [`NoHooks`] is what runs
-//! when the eBPF programs are not built in or cannot be loaded. Contract:
+//! know about; every method has a no-op default. [`load`] returns graft-ebpf's
+//! companion, or [`WithoutEbpf`] when it is turned off (`--no-ebpf`) or cannot
+//! load (no cgroup v2, BTF or privileges; logged once). Contract:
 //!
 //! * Hooks run on graftd's threads (control thread, broker thread) and must
 //!   return quickly; they never block on I/O of a client.
@@ -16,12 +17,12 @@
 //! starts serving), `control.rs` (`endpoint_added`, `endpoint_removed`,
 //! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
 //! of a forgotten namespace), `broker.rs` (`socket_handed_out`, on the broker
-//! thread, after bind and before the reply is sent). To plug graft-ebpf in,
-//! make `load` return its implementation (falling back to [`NoHooks`] with
-//! one log line when the programs cannot be loaded).
+//! thread, after bind and before the reply is sent), `daemon_stopping` from
+//! `main.rs` on the way out.
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::{Mutex, MutexGuard};
 
 use graft_core::endpoint::EndpointAddr;
 use graft_core::proto::broker::Purpose;
@@ -34,6 +35,8 @@ use graft_core::{EndpointName, NetnsId};
 pub struct DaemonInfo {
     /// `graftd --splice` was given.
     pub splice: bool,
+    /// `graftd --no-ebpf` was not given: try to load the companion.
+    pub ebpf: bool,
     /// graftd's own network namespace (the default target).
     pub own_netns: NetnsId,
 }
@@ -80,23 +83,162 @@ pub trait Hooks: Send + Sync {
 
     /// `show` asks for the counters of `ep`: add the kernel-side ones.
     fn merge_stats(&self, _ep: &EndpointRef<'_>, _stats: &mut Stats) {}
+
+    /// graftd is about to exit: undo what `load` set up.
+    fn daemon_stopping(&self) {}
 }
 
-/// graftd without its kernel-side companion.
+/// Hooks that do nothing (unit tests of graftd).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct NoHooks;
 
+#[cfg(test)]
 impl Hooks for NoHooks {}
 
-/// The hooks graftd runs with.
+/// The hooks graftd runs with: graft-ebpf's companion, or, when it is
+/// turned off or cannot load, [`WithoutEbpf`] after one log line saying why.
 pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
-    log::info!(
-        "eBPF companion not built in: running without in-kernel egress policy, kernel counters{}",
-        if info.splice {
-            " and splicing (--splice ignored)"
-        } else {
-            " and splicing"
+    let without = "running without in-kernel egress policy, kernel counters and splicing";
+    if !info.ebpf {
+        log::info!("eBPF companion disabled (--no-ebpf): {without}");
+        return Box::new(WithoutEbpf);
+    }
+    let opts = graft_ebpf::Options {
+        splice: info.splice,
+        cgroup_name: None,
+    };
+    match graft_ebpf::Companion::start(&opts) {
+        Ok(c) => {
+            log::info!(
+                "eBPF companion attached to cgroup {} (egress policy, counters, splicing {})",
+                c.cgroup().display(),
+                if c.splice() { "on" } else { "off" }
+            );
+            Box::new(Ebpf {
+                companion: Mutex::new(Some(c)),
+            })
         }
-    );
-    Box::new(NoHooks)
+        Err(e) => {
+            log::warn!("eBPF companion unavailable ({e}): {without}");
+            Box::new(WithoutEbpf)
+        }
+    }
+}
+
+/// graftd when the companion is off: egress policies cannot be enforced, so
+/// the sockets of an endpoint that has one are refused (fail closed); every
+/// other endpoint works as usual.
+#[derive(Debug, Default)]
+pub struct WithoutEbpf;
+
+impl Hooks for WithoutEbpf {
+    fn endpoint_added(&self, ep: &EndpointRef<'_>) {
+        if !ep.policy.is_empty() {
+            log::warn!(
+                "endpoint {} has an egress policy but the eBPF companion is not loaded: its sockets will be refused",
+                ep.name
+            );
+        }
+    }
+
+    fn socket_handed_out(
+        &self,
+        _sock: BorrowedFd<'_>,
+        ep: &EndpointRef<'_>,
+        _purpose: Purpose,
+    ) -> io::Result<()> {
+        if ep.policy.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+    }
+}
+
+/// graft-ebpf's companion behind graftd's hooks.
+struct Ebpf {
+    /// `None` once stopping.
+    companion: Mutex<Option<graft_ebpf::Companion>>,
+}
+
+impl Ebpf {
+    /// The companion's maps are only ever changed under this lock; a panic
+    /// while holding it leaves them consistent, so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, Option<graft_ebpf::Companion>> {
+        self.companion.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn key(ep: &EndpointRef<'_>) -> graft_ebpf::EndpointKey {
+    graft_ebpf::EndpointKey {
+        netns: ep.netns,
+        name: *ep.name,
+    }
+}
+
+fn is_inet(ep: &EndpointRef<'_>) -> bool {
+    !matches!(ep.addr, EndpointAddr::Unix { .. })
+}
+
+impl Hooks for Ebpf {
+    fn endpoint_added(&self, ep: &EndpointRef<'_>) {
+        if let Some(c) = self.lock().as_mut() {
+            if let Err(e) = c.add_endpoint(key(ep), ep.policy) {
+                // Its sockets are refused in socket_handed_out (fail closed).
+                log::error!("{e}");
+            }
+        }
+    }
+
+    fn endpoint_removed(&self, ep: &EndpointRef<'_>) {
+        if let Some(c) = self.lock().as_mut() {
+            c.remove_endpoint(&key(ep));
+        }
+    }
+
+    fn socket_handed_out(
+        &self,
+        sock: BorrowedFd<'_>,
+        ep: &EndpointRef<'_>,
+        _purpose: Purpose,
+    ) -> io::Result<()> {
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        };
+        if let Some(line) = c.splice_problem() {
+            log::warn!("{line}");
+        }
+        c.register_socket_with_policy(sock, &key(ep), ep.policy)
+            .map_err(|e| {
+                log::error!("refusing a socket of endpoint {}: {e}", ep.name);
+                io::Error::from_raw_os_error(libc::EPERM)
+            })
+    }
+
+    fn merge_stats(&self, ep: &EndpointRef<'_>, stats: &mut Stats) {
+        if !is_inet(ep) {
+            return;
+        }
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return;
+        };
+        if let Some(line) = c.splice_problem() {
+            log::warn!("{line}");
+        }
+        if let Some(n) = c.counters(&key(ep)) {
+            stats.policy_denied = Some(n.policy_denied);
+            stats.active_established = Some(n.active_established);
+            stats.passive_established = Some(n.passive_established);
+            stats.bytes_sent = Some(n.bytes_sent);
+            stats.bytes_received = Some(n.bytes_received);
+        }
+    }
+
+    fn daemon_stopping(&self) {
+        // Detaches the programs, moves graftd back to its cgroup, removes ours.
+        drop(self.lock().take());
+    }
 }

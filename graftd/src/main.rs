@@ -51,6 +51,9 @@ struct Cli {
     /// Splice local grafted connections in the kernel (needs graft-ebpf).
     #[arg(long)]
     splice: bool,
+    /// Do not load the eBPF companion (no in-kernel egress policy, counters or splicing).
+    #[arg(long)]
+    no_ebpf: bool,
     /// Debug logging (RUST_LOG overrides).
     #[arg(short, long)]
     verbose: bool,
@@ -106,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = control::bind(&cli.control)?;
     let info = DaemonInfo {
         splice: cli.splice,
+        ebpf: !cli.no_ebpf,
         own_netns: own,
     };
     let hooks = ebpf_hooks::load(&info);
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let r = control::serve(&ctx, &brokers, &listener, &signals);
     control::remove(&cli.control);
+    ctx.hooks.daemon_stopping();
     r?;
     log::info!("graftd stopped");
     Ok(())
