@@ -477,7 +477,23 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
          t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); t.settimeout(10)\n\
          t.sendmsg([b'msg'], [], 0, A); print(t.recv(100).decode(), t.getsockname()[1])\n\
          u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.settimeout(10)\n\
-         u.sendto(b'mapped', ('::ffff:127.0.0.1', @PORT@)); print(u.recv(100).decode(), u.getsockname()[1])\n",
+         u.sendto(b'mapped', ('::ffff:127.0.0.1', @PORT@)); print(u.recv(100).decode(), u.getsockname()[1])\n\
+         import ctypes\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         class iovec(ctypes.Structure): _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]\n\
+         class msghdr(ctypes.Structure): _fields_ = [('name', ctypes.c_void_p), ('namelen', ctypes.c_uint32),\n\
+         \x20   ('iov', ctypes.POINTER(iovec)), ('iovlen', ctypes.c_size_t), ('control', ctypes.c_void_p),\n\
+         \x20   ('controllen', ctypes.c_size_t), ('flags', ctypes.c_int)]\n\
+         class mmsghdr(ctypes.Structure): _fields_ = [('hdr', msghdr), ('len', ctypes.c_uint)]\n\
+         class sin(ctypes.Structure): _fields_ = [('family', ctypes.c_uint16), ('port', ctypes.c_uint16),\n\
+         \x20   ('addr', ctypes.c_uint32), ('zero', ctypes.c_uint64)]\n\
+         w = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); w.settimeout(10)\n\
+         sa = sin(socket.AF_INET, socket.htons(@PORT@), int.from_bytes(socket.inet_aton('127.0.0.1'), 'little'), 0)\n\
+         data = ctypes.create_string_buffer(b'mmsg', 4); iov = iovec(ctypes.cast(data, ctypes.c_void_p), 4)\n\
+         m = mmsghdr(msghdr(ctypes.cast(ctypes.pointer(sa), ctypes.c_void_p), ctypes.sizeof(sa),\n\
+         \x20   ctypes.pointer(iov), 1, None, 0, 0), 0)\n\
+         assert libc.sendmmsg(w.fileno(), ctypes.byref(m), 1, 0) == 1, ctypes.get_errno()\n\
+         print(w.recv(100).decode(), w.getsockname()[1])\n",
         &[("PORT", port.to_string())],
     );
     let (out, err) = output_ok(
@@ -485,12 +501,12 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
         "udp client",
     );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "stdout: {out}\nstderr: {err}");
+    assert_eq!(lines.len(), 4, "stdout: {out}\nstderr: {err}");
     let seen = seen.lock().expect("seen").clone();
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 4);
     for (line, (want, (from, data))) in lines
         .iter()
-        .zip(["ping", "msg", "mapped"].iter().zip(seen.iter()))
+        .zip(["ping", "msg", "mapped", "mmsg"].iter().zip(seen.iter()))
     {
         let (reply, sport) = line.split_once(' ').expect("two fields");
         assert_eq!(reply, format!("pong:{want}"));
@@ -503,6 +519,7 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
         "sendto 127.0.0.1:",
         "sendmsg 127.0.0.1:",
         "sendto [::ffff:127.0.0.1]:",
+        "sendmmsg 127.0.0.1:",
     ] {
         assert!(
             graft_lines(&err)
@@ -1341,4 +1358,121 @@ fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
     wait_until("two connections at the host", LIMIT, || {
         srv.count.load(Ordering::SeqCst) == 2
     });
+}
+
+#[test]
+fn egress_ipv6_and_client_bind_port_zero() {
+    let Some(env) = Env::new("egress_ipv6_and_client_bind_port_zero") else {
+        return;
+    };
+    if !have_or_skip("egress_ipv6", "curl") {
+        return;
+    }
+    env.add(&[
+        "ep-in4",
+        "type",
+        "ipv4",
+        "addr",
+        "127.0.0.1",
+        "port",
+        &free_port().to_string(),
+    ]);
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    env.add(&["ep-out6", "type", "ipv6", "addr", "::", "port", "dynamic"]);
+    let srv6 = host_http("[::1]:0");
+    let srv4 = host_http("127.0.0.1:0");
+    let url = format!("http://[::1]:{}/", srv6.addr.port());
+    let (out, err) = output_ok(
+        env.graft(&[
+            "-v",
+            "-e",
+            "::/0=ep-out6",
+            "--",
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "10",
+            &url,
+        ]),
+        "curl -6",
+    );
+    assert_eq!(out, BODY, "{err}");
+    assert_eq!(srv6.peers.lock().expect("peers")[0].ip().to_string(), "::1");
+
+    // A client that binds port 0 before connecting is a client, even with an
+    // ingress rule covering port 0: it is grafted on egress, not ingress.
+    let py = env.script(
+        "client_bind0.py",
+        "import socket\n\
+         c = socket.socket(); c.bind(('0.0.0.0', 0)); c.connect(('127.0.0.1', @HP@))\n\
+         c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(c.recv(1000).split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
+        &[("HP", srv4.addr.port().to_string())],
+    );
+    let (out, err) = output_ok(
+        env.graft(&[
+            "-v",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            PY,
+            &py,
+        ]),
+        "client_bind0.py",
+    );
+    assert_eq!(out, format!("{BODY}\n"), "{err}");
+    let lines = graft_lines(&err);
+    assert!(
+        lines.iter().any(|l| l.contains(&format!(
+            "connect 127.0.0.1:{} -> ep-out4",
+            srv4.addr.port()
+        ))),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("-> ep-in4")), "{lines:?}");
+    assert_eq!(srv4.count.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn socket_inherited_across_exec_is_classified_and_grafted() {
+    let Some(env) = Env::new("socket_inherited_across_exec_is_classified_and_grafted") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    // The first image makes the socket; the exec'd one has never seen it and
+    // must classify it (unbound, unconnected AF_INET stream) on connect.
+    let second = env.script(
+        "second.py",
+        "import socket, sys\n\
+         s = socket.socket(fileno=int(sys.argv[1]))\n\
+         s.connect(('127.0.0.1', @HP@)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         print(s.recv(1000).split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let first = env.script(
+        "first.py",
+        "import socket, os, sys\n\
+         s = socket.socket(); os.set_inheritable(s.fileno(), True)\n\
+         os.execv(sys.executable, [sys.executable, '@SECOND@', str(s.fileno())])\n",
+        &[("SECOND", second)],
+    );
+    let (out, err) = output_ok(
+        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &first]),
+        "exec inherit",
+    );
+    assert_eq!(out, format!("{BODY}\n"), "{err}");
+    assert_eq!(srv.count.load(Ordering::SeqCst), 1);
+    assert!(
+        graft_lines(&err)
+            .iter()
+            .any(|l| l.contains(&format!("connect 127.0.0.1:{} -> ep-out4", srv.addr.port()))),
+        "{err}"
+    );
 }
