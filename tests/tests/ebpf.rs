@@ -1,0 +1,665 @@
+//! End-to-end tests of graft-ebpf inside graftd (issue 6): the in-kernel
+//! egress policy (EPERM from connect()/sendto() of a grafted program, other
+//! programs untouched), the per-endpoint counters of `ip -s graft show`,
+//! splicing (`graftd --splice`) of grafted↔grafted connections, and graftd
+//! without eBPF (`--no-ebpf`).
+//!
+//! The applications are python3 scripts run under `graft` inside namespaces
+//! that have nothing but loopback. Splice tests put the endpoints' sockets in
+//! a target namespace of their own, so that the TCP segment counters of that
+//! namespace (`nstat`) show whether the bytes went through TCP at all.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use graft_tests::{bin, have_or_skip, root_or_skip, unique, Graftd, Netns, Proc};
+
+const PY: &str = "/usr/bin/python3";
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The applications. Readers use a socket timeout: CPython then polls and
+/// retries a read that fails with EAGAIN, which a spliced socket may return
+/// to a blocking read on a wake-up without data (see graft-ebpf's docs).
+const SCRIPT: &str = r#"
+import hashlib, random, socket, sys, threading, errno
+
+def fam(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+def pattern(seed, n):
+    return random.Random(seed).randbytes(n)
+
+def transfer(s, seed, n, tag):
+    s.settimeout(60)
+    data = pattern(seed, n)
+    def writer():
+        off, step = 0, 1
+        while off < len(data):
+            k = min(step * 4093, len(data) - off)
+            s.sendall(data[off:off + k])
+            off += k
+            step = step % 40 + 1
+        s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=writer)
+    t.start()
+    h, got = hashlib.sha256(), 0
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        h.update(b)
+        got += len(b)
+    t.join()
+    print(f"{tag} sent {len(data)} {hashlib.sha256(data).hexdigest()} got {got} {h.hexdigest()}", flush=True)
+
+def pingpong(s, count, tag):
+    s.settimeout(60)
+    for i in range(count):
+        m = pattern(i, 1 + i % 97)
+        s.sendall(m)
+        back = b""
+        while len(back) < len(m):
+            b = s.recv(len(m) - len(back))
+            if not b:
+                raise SystemExit(f"{tag}: EOF in ping-pong")
+            back += b
+        assert back == m, f"{tag}: echo mismatch at {i}"
+    print(f"{tag} pingpong ok {count}", flush=True)
+
+def echo(s):
+    s.settimeout(60)
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        s.sendall(b)
+
+mode = sys.argv[1]
+if mode == "server":
+    host, port, seed, n, conns = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    l = socket.socket(fam(host), socket.SOCK_STREAM)
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((host, port))
+    l.listen(16)
+    print("listening", flush=True)
+    for i in range(conns):
+        c, _ = l.accept()
+        if i % 2 == 0:
+            transfer(c, seed, n, "server")
+        else:
+            echo(c)
+        c.close()
+elif mode == "client":
+    host, port, seed, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    s = socket.create_connection((host, port), timeout=30)
+    transfer(s, seed, n, "client")
+    s.close()
+    if len(sys.argv) > 6 and sys.argv[6] == "once":
+        sys.exit(0)
+    s = socket.create_connection((host, port), timeout=30)
+    pingpong(s, 300, "client")
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(1) == b""
+    s.close()
+elif mode == "probe":
+    # probe tcp|udp HOST PORT: one line, "ok" or the errno name.
+    proto, host, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    try:
+        if proto == "tcp":
+            s = socket.socket(fam(host), socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect((host, port))
+            s.sendall(b"probe")
+        else:
+            s = socket.socket(fam(host), socket.SOCK_DGRAM)
+            s.sendto(b"probe", (host, port))
+        print(f"{proto} {port} ok", flush=True)
+    except OSError as e:
+        print(f"{proto} {port} {errno.errorcode.get(e.errno, e.errno)}", flush=True)
+"#;
+
+struct Env {
+    d: Graftd,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str, args: &[&str]) -> Option<Env> {
+        if !root_or_skip(test) || !have_or_skip(test, "python3") || !have_or_skip(test, "nstat") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(unique("graft-ebpf-"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        std::fs::write(dir.join("app.py"), SCRIPT).expect("write app.py");
+        Some(Env {
+            d: Graftd::start_with(args),
+            dir,
+        })
+    }
+
+    /// Whether graftd runs with its companion; if not, the skip line.
+    fn ebpf_or_skip(&self, test: &str) -> bool {
+        let start = Instant::now();
+        loop {
+            let log = self.d.log_text();
+            if log.contains("eBPF companion attached") {
+                return true;
+            }
+            if log.contains("eBPF companion unavailable") {
+                println!(
+                    "SKIP: {test}: {}",
+                    log.lines()
+                        .find(|l| l.contains("unavailable"))
+                        .unwrap_or("")
+                );
+                return false;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "graftd said nothing about eBPF:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn add(&self, ns: &Netns, args: &[&str]) {
+        let mut a = vec!["add"];
+        a.extend_from_slice(args);
+        self.d.ip_graft_ok(Some(ns), &a);
+    }
+
+    /// `graft RULES -- python3 app.py ARGS` inside `ns`.
+    fn app(&self, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
+        let mut c = ns.cmd(bin("graft"));
+        c.args(rules)
+            .arg("--")
+            .arg(PY)
+            .arg(self.dir.join("app.py"))
+            .args(args)
+            .stdin(Stdio::null());
+        self.d.apply(&mut c);
+        c
+    }
+
+    /// `ip -s -j graft show` in `ns`: the stats object of endpoint `name`.
+    fn stats(&self, ns: &Netns, name: &str) -> serde_json::Value {
+        let out = self.d.ip_graft_ok(Some(ns), &["-s", "-j", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j graft show JSON");
+        v.as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == name))
+            .unwrap_or_else(|| panic!("no endpoint {name} in {out}"))["stats"]
+            .clone()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run_bounded(mut cmd: Command, what: &str) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut p = Proc::spawn(cmd, what);
+    let mut so = p.child.stdout.take().expect("stdout");
+    let mut se = p.child.stderr.take().expect("stderr");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let status = p.wait_timeout(LIMIT);
+    Output {
+        status,
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    }
+}
+
+fn ok(cmd: Command, what: &str) -> String {
+    let o = run_bounded(cmd, what);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// A host TCP server counting accepted connections and a UDP receiver, on
+/// one port each, in the test's (host) namespace.
+struct HostSinks {
+    tcp: std::net::TcpListener,
+    udp: std::net::UdpSocket,
+}
+
+impl HostSinks {
+    fn new(ip: &str) -> HostSinks {
+        let tcp = std::net::TcpListener::bind((ip, 0)).expect("bind tcp sink");
+        let udp = std::net::UdpSocket::bind((ip, 0)).expect("bind udp sink");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        udp.set_nonblocking(true).expect("nonblocking");
+        HostSinks { tcp, udp }
+    }
+    fn tcp_port(&self) -> u16 {
+        self.tcp.local_addr().expect("addr").port()
+    }
+    fn udp_port(&self) -> u16 {
+        self.udp.local_addr().expect("addr").port()
+    }
+    /// Connections accepted and datagrams received so far.
+    fn drain(&self) -> (usize, usize) {
+        let mut t = 0;
+        while self.tcp.accept().is_ok() {
+            t += 1;
+        }
+        let mut u = 0;
+        let mut buf = [0u8; 64];
+        while self.udp.recv_from(&mut buf).is_ok() {
+            u += 1;
+        }
+        (t, u)
+    }
+}
+
+#[test]
+fn policy_denies_with_eperm_and_counts() {
+    let test = "policy_denies_with_eperm_and_counts";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let ns = Netns::new("pol");
+    let allowed = HostSinks::new("127.0.0.1");
+    let denied = HostSinks::new("127.0.0.2");
+    let (ta, ua) = (
+        allowed.tcp_port().to_string(),
+        allowed.udp_port().to_string(),
+    );
+    let (td, ud) = (denied.tcp_port().to_string(), denied.udp_port().to_string());
+    env.add(
+        &ns,
+        &[
+            "ep-out",
+            "type",
+            "ipv4",
+            "addr",
+            "0.0.0.0",
+            "port",
+            "dynamic",
+            "allow",
+            "127.0.0.1/32",
+            "deny",
+            "127.0.0.2/32",
+        ],
+    );
+    let rules = ["-e", "127.0.0.0/8=ep-out"];
+    let probe = |proto: &str, host: &str, port: &str| {
+        ok(env.app(&ns, &rules, &["probe", proto, host, port]), "probe")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(probe("tcp", "127.0.0.1", &ta), format!("tcp {ta} ok"));
+    assert_eq!(probe("tcp", "127.0.0.2", &td), format!("tcp {td} EPERM"));
+    assert_eq!(probe("udp", "127.0.0.1", &ua), format!("udp {ua} ok"));
+    assert_eq!(probe("udp", "127.0.0.2", &ud), format!("udp {ud} EPERM"));
+    wait_for_sinks(&allowed, (1, 1));
+    assert_eq!(denied.drain(), (0, 0), "a denied destination was reached");
+    let s = env.stats(&ns, "ep-out");
+    assert_eq!(s["policy_denied"], 2, "{s}");
+    assert_eq!(s["sockets"], 4, "{s}");
+
+    // The same destinations from a program graftd did not give a socket: in
+    // the host namespace and in another cgroup, it is not touched.
+    let mut c = Command::new(PY);
+    c.arg(env.dir.join("app.py"))
+        .args(["probe", "tcp", "127.0.0.2", &td]);
+    assert_eq!(ok(c, "host probe").trim(), format!("tcp {td} ok"));
+    let mut c = Command::new(PY);
+    c.arg(env.dir.join("app.py"))
+        .args(["probe", "udp", "127.0.0.2", &ud]);
+    assert_eq!(ok(c, "host probe").trim(), format!("udp {ud} ok"));
+    wait_for_sinks(&denied, (1, 1));
+    assert_eq!(env.stats(&ns, "ep-out")["policy_denied"], 2);
+}
+
+fn wait_for_sinks(s: &HostSinks, want: (usize, usize)) {
+    let start = Instant::now();
+    let mut got = (0, 0);
+    while got != want {
+        let (t, u) = s.drain();
+        got = (got.0 + t, got.1 + u);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sinks saw {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One line of a transfer: (sent len, sent sha, got len, got sha).
+fn transfer_line(out: &str, tag: &str) -> (u64, String, u64, String) {
+    let l = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{tag} sent ")))
+        .unwrap_or_else(|| panic!("no {tag} transfer line in {out}"));
+    let f: Vec<&str> = l.split_whitespace().collect();
+    (
+        f[2].parse().unwrap(),
+        f[3].to_owned(),
+        f[5].parse().unwrap(),
+        f[6].to_owned(),
+    )
+}
+
+/// TCP segments sent in namespace `ns` (nstat, absolute counter).
+fn out_segs(ns: &Netns) -> u64 {
+    let o = graft_tests::run_ok(
+        "ip",
+        ["netns", "exec", &ns.name, "nstat", "-a", "-z", "TcpOutSegs"],
+    );
+    o.lines()
+        .find_map(|l| l.strip_prefix("TcpOutSegs"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpOutSegs in {o}"))
+}
+
+/// A grafted server in `srv_ns` and a grafted client in `cli_ns`, both on
+/// endpoints whose sockets live in `target`. Returns (server, client) lines.
+#[allow(clippy::too_many_arguments)]
+fn run_pair(
+    env: &Env,
+    srv_ns: &Netns,
+    cli_ns: &Netns,
+    ip: &str,
+    port: u16,
+    rules: (&str, &str),
+    n: usize,
+    pingpong: bool,
+) -> (String, String) {
+    let (rule_in, rule_out) = rules;
+    let p = port.to_string();
+    let ns_ = n.to_string();
+    let conns = if pingpong { "2" } else { "1" };
+    let mut srv = env.app(
+        srv_ns,
+        &["-i", rule_in],
+        &["server", ip, &p, "7", &ns_, conns],
+    );
+    srv.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut srv = Proc::spawn(srv, "server");
+    let so = srv.child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(so).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server start");
+    assert_eq!(first, "listening");
+    let once = if pingpong { "twice" } else { "once" };
+    let cli = ok(
+        env.app(
+            cli_ns,
+            &["-e", rule_out],
+            &["client", ip, &p, "9", &ns_, once],
+        ),
+        "client",
+    );
+    let st = srv.wait_timeout(LIMIT);
+    let mut out = String::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(1)) {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    assert!(st.success(), "server failed: {st}\n{out}");
+    (out, cli)
+}
+
+fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
+    let s = transfer_line(srv, "server");
+    let c = transfer_line(cli, "client");
+    assert_eq!((c.0, s.2), (n, n), "client->server length");
+    assert_eq!(c.1, s.3, "client->server checksum");
+    assert_eq!((s.0, c.2), (n, n), "server->client length");
+    assert_eq!(s.1, c.3, "server->client checksum");
+    if pingpong {
+        assert!(cli.contains("client pingpong ok 300"), "{cli}");
+    }
+}
+
+/// grafted↔grafted with --splice, IPv4 and IPv6: the bytes arrive exactly
+/// (sha256 both ways, ping-pong, half-close, close), TCP in the sockets'
+/// namespace carries only control segments, and the counters match.
+#[test]
+fn splice_grafted_pairs_v4_v6_byte_exact() {
+    let test = "splice_grafted_pairs_v4_v6_byte_exact";
+    let Some(env) = Env::new(test, &["--splice"]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let host = Netns::new("sph");
+    let c1 = Netns::new("sp1");
+    let c2 = Netns::new("sp2");
+    const N: usize = 8 << 20;
+    for (ty, ip, any) in [("ipv4", "127.0.0.1", "0.0.0.0"), ("ipv6", "::1", "::")] {
+        let port = 15000;
+        let ps = port.to_string();
+        let (ein, eout) = (format!("in-{ty}"), format!("out-{ty}"));
+        env.add(
+            &c1,
+            &[
+                &ein, "type", ty, "addr", ip, "port", &ps, "netns", &host.name,
+            ],
+        );
+        env.add(
+            &c2,
+            &[
+                &eout, "type", ty, "addr", any, "port", "dynamic", "netns", &host.name,
+            ],
+        );
+        let rule_in = format!("{ip}:{port}={ein}");
+        let rule_out = if ty == "ipv4" {
+            format!("{ip}/32={eout}")
+        } else {
+            format!("{ip}/128={eout}")
+        };
+        let segs = out_segs(&host);
+        let (srv, cli) = run_pair(&env, &c1, &c2, ip, port, (&rule_in, &rule_out), N, true);
+        check_pair(&srv, &cli, N as u64, true);
+        let segs = out_segs(&host) - segs;
+        // 2 × 8 MiB through TCP on loopback takes hundreds of segments;
+        // spliced, only handshakes, FINs and their ACKs remain.
+        assert!(
+            segs < 60,
+            "{ty}: {segs} TCP segments: the transfer was not spliced"
+        );
+        let si = env.stats(&c1, &ein);
+        let so = env.stats(&c2, &eout);
+        let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
+        assert_eq!(si["passive_established"], 2, "{si}");
+        assert_eq!(so["active_established"], 2, "{so}");
+        assert_eq!(so["bytes_sent"], N as u64 + pp, "{so}");
+        assert_eq!(si["bytes_received"], N as u64 + pp, "{si}");
+        assert_eq!(si["bytes_sent"], N as u64 + pp, "{si}");
+        assert_eq!(so["bytes_received"], N as u64 + pp, "{so}");
+    }
+}
+
+/// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
+#[test]
+fn splice_same_four_tuple_in_two_namespaces() {
+    let test = "splice_same_four_tuple_in_two_namespaces";
+    let Some(env) = Env::new(test, &["--splice"]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let h1 = Netns::new("st1");
+    let h2 = Netns::new("st2");
+    let c = Netns::new("stc");
+    const N: usize = 4 << 20;
+    for h in [&h1, &h2] {
+        let tag = &h.name[h.name.len() - 3..];
+        env.add(
+            &c,
+            &[
+                &format!("i{tag}"),
+                "type",
+                "ipv4",
+                "addr",
+                "127.0.0.1",
+                "port",
+                "15500",
+                "netns",
+                &h.name,
+            ],
+        );
+        // A fixed client port: both connections are 127.0.0.1:15501 -> 127.0.0.1:15500.
+        env.add(
+            &c,
+            &[
+                &format!("o{tag}"),
+                "type",
+                "ipv4",
+                "addr",
+                "127.0.0.1",
+                "port",
+                "15501",
+                "netns",
+                &h.name,
+            ],
+        );
+    }
+    let tags: Vec<String> = [&h1, &h2]
+        .iter()
+        .map(|h| h.name[h.name.len() - 3..].to_owned())
+        .collect();
+    let outs: Vec<(String, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = tags
+            .iter()
+            .map(|tag| {
+                let env = &env;
+                let c = &c;
+                s.spawn(move || {
+                    run_pair(
+                        env,
+                        c,
+                        c,
+                        "127.0.0.1",
+                        15500,
+                        (
+                            &format!("127.0.0.1:15500=i{tag}"),
+                            &format!("127.0.0.1/32=o{tag}"),
+                        ),
+                        N,
+                        false,
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("pair")).collect()
+    });
+    for (srv, cli) in &outs {
+        check_pair(srv, cli, N as u64, false);
+    }
+    for tag in &tags {
+        let so = env.stats(&c, &format!("o{tag}"));
+        assert_eq!(so["bytes_sent"], N as u64, "{so}");
+        assert_eq!(so["active_established"], 1, "{so}");
+    }
+}
+
+/// Without eBPF: one line says so, endpoints without a policy work, and
+/// one with a policy refuses its sockets (the policy cannot be enforced).
+#[test]
+fn no_ebpf_says_so_once_and_works() {
+    let test = "no_ebpf_says_so_once_and_works";
+    let Some(env) = Env::new(test, &["--no-ebpf"]) else {
+        return;
+    };
+    let ns = Netns::new("noe");
+    let sink = HostSinks::new("127.0.0.1");
+    let tp = sink.tcp_port().to_string();
+    env.add(
+        &ns,
+        &[
+            "ep-out", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+        ],
+    );
+    env.add(
+        &ns,
+        &[
+            "ep-pol",
+            "type",
+            "ipv4",
+            "addr",
+            "0.0.0.0",
+            "port",
+            "dynamic",
+            "allow",
+            "127.0.0.1/32",
+        ],
+    );
+    let out = ok(
+        env.app(
+            &ns,
+            &["-e", "127.0.0.1/32=ep-out"],
+            &["probe", "tcp", "127.0.0.1", &tp],
+        ),
+        "probe",
+    );
+    assert_eq!(out.trim(), format!("tcp {tp} ok"));
+    wait_for_sinks(&sink, (1, 0));
+    let o = run_bounded(
+        env.app(
+            &ns,
+            &["-e", "127.0.0.1/32=ep-pol"],
+            &["probe", "tcp", "127.0.0.1", &tp],
+        ),
+        "probe",
+    );
+    assert!(
+        !text(&o.stdout).contains(" ok"),
+        "a policy endpoint worked without eBPF: {}",
+        text(&o.stdout)
+    );
+    let shown = env.d.ip_graft_ok(Some(&ns), &["-s", "show"]);
+    assert!(
+        shown.contains("ep-out type ipv4 addr 0.0.0.0 port dynamic"),
+        "{shown}"
+    );
+    let s = env.stats(&ns, "ep-out");
+    assert_eq!(s["sockets"], 1, "{s}");
+    assert!(
+        s.get("policy_denied").is_none(),
+        "kernel counters without eBPF: {s}"
+    );
+    let log = env.d.log_text();
+    assert_eq!(
+        log.matches("eBPF companion disabled (--no-ebpf)").count(),
+        1,
+        "{log}"
+    );
+}
