@@ -47,6 +47,12 @@ pub use maps::{GraftCounters, GraftGlobal, GraftSk};
 /// The compiled programs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/graft.bpf.o"));
 
+/// The compiled eBPF object (ELF with BTF), for diagnostics and for tests
+/// that need a second, independent instance of the programs.
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 const CGROUP_PROGRAMS: [&str; 4] = [
     "graft_connect4",
     "graft_connect6",

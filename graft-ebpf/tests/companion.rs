@@ -678,3 +678,112 @@ fn exchange(srv: TcpStream, cli: TcpStream, srv_out: &[u8], cli_out: &[u8]) -> (
         (h3.join().unwrap(), h4.join().unwrap())
     })
 }
+
+/// A socket that another sk_msg program already owns cannot join our splice
+/// map (EBUSY): the companion says so once, and the bytes still arrive.
+/// The other owner here is a second instance of the same programs, attached
+/// to the cgroup before ours, so its sockops runs first.
+#[test]
+fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !root_or_skip("ebusy") {
+        return;
+    }
+    let name = format!("graft-test-{}-ebusy", std::process::id());
+    // Where Companion::start will put us: a child of our current cgroup.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let Some(mnt) = mounts.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
+    }) else {
+        println!("SKIP: ebusy: no cgroup2 mount");
+        return;
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_owned();
+    let dir = std::path::Path::new(&mnt)
+        .join(own.trim_start_matches('/'))
+        .join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cg = std::fs::File::open(&dir).unwrap();
+
+    let on = 1u32;
+    let mut foreign = match aya::EbpfLoader::new()
+        .override_global("splice_enabled", &on, true)
+        .load(graft_ebpf::object())
+    {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            println!("SKIP: ebusy: cannot load eBPF: {e}");
+            return;
+        }
+    };
+    let socks: aya::maps::SockHash<aya::maps::MapData, [u8; 56]> =
+        aya::maps::SockHash::try_from(foreign.take_map("graft_socks").unwrap()).unwrap();
+    {
+        let msg: &mut aya::programs::SkMsg = foreign
+            .program_mut("graft_sk_msg")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        msg.load().unwrap();
+        msg.attach(socks.fd()).unwrap();
+        let so: &mut aya::programs::SockOps = foreign
+            .program_mut("graft_sockops")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        so.load().unwrap();
+        so.attach(&cg, aya::programs::CgroupAttachMode::Single)
+            .unwrap();
+    }
+    let mut fmark: aya::maps::SkStorage<aya::maps::MapData, graft_ebpf::GraftSk> =
+        aya::maps::SkStorage::try_from(foreign.take_map("graft_sk_map").unwrap()).unwrap();
+    let mut fcounters: aya::maps::HashMap<aya::maps::MapData, u32, graft_ebpf::GraftCounters> =
+        aya::maps::HashMap::try_from(foreign.take_map("graft_counters_map").unwrap()).unwrap();
+    fcounters
+        .insert(1, graft_ebpf::GraftCounters::default(), 0)
+        .unwrap();
+
+    let mut c = Companion::start(&Options {
+        splice: true,
+        cgroup_name: Some(name),
+    })
+    .expect("companion");
+    let here = NetnsId::current().unwrap();
+    let (srv, cli) = (key(here, "eb-srv"), key(here, "eb-cli"));
+    c.add_endpoint(srv, &[]).unwrap();
+    c.add_endpoint(cli, &[]).unwrap();
+    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
+    let mark = graft_ebpf::GraftSk {
+        endpoint: 1,
+        flags: 0,
+    };
+    fmark.insert(&l.as_raw_fd(), mark, 0).unwrap();
+    let s = socket(libc::AF_INET, libc::SOCK_STREAM);
+    c.register_socket(s.as_fd(), &cli).unwrap();
+    fmark.insert(&s.as_raw_fd(), mark, 0).unwrap();
+    connect(&s, &l.local_addr().unwrap()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    let out = pattern(1 << 20, 3);
+    let back = pattern(1 << 16, 4);
+    let (got_srv, got_cli) = exchange(a, TcpStream::from(s), &back, &out);
+    assert!(got_srv == out && got_cli == back, "bytes differ");
+    let line = c.splice_problem().expect("the EBUSY is reported");
+    assert!(
+        line.contains("2 connection(s)") && line.contains("EBUSY"),
+        "{line}"
+    );
+    assert_eq!(c.splice_problem(), None, "reported once");
+    let k = c.counters(&cli).unwrap();
+    assert_eq!((k.splice_refused, k.spliced_bytes), (1, 0), "{k:?}");
+    drop(c);
+    drop(foreign);
+    let _ = std::fs::remove_dir(&dir);
+}
