@@ -171,11 +171,12 @@ fn host_http(bind: &str) -> HostTcp {
                     while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
                     return;
                 }
-                let _ = write!(
-                    s,
+                // One write, so clients see the answer in one segment.
+                let answer = format!(
                     "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
                     BODY.len()
                 );
+                let _ = s.write_all(answer.as_bytes());
             });
         }
     });
@@ -943,7 +944,11 @@ fn fork_after_grafting_child_accepts_and_grafts_anew() {
          A = ('127.0.0.1', @HP@)\n\
          def get():\n\
          \x20   e = socket.create_connection(A, timeout=10); e.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-         \x20   return e.recv(1000)\n\
+         \x20   d = b''\n\
+         \x20   while True:\n\
+         \x20       b = e.recv(1000)\n\
+         \x20       if not b: return d\n\
+         \x20       d += b\n\
          assert b'@BODY@' in get()  # the parent's broker connection is now cached\n\
          s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen(8)\n\
          print('listening', flush=True)\n\
@@ -1408,7 +1413,8 @@ fn egress_ipv6_and_client_bind_port_zero() {
         "client_bind0.py",
         "import socket\n\
          c = socket.socket(); c.bind(('0.0.0.0', 0)); c.connect(('127.0.0.1', @HP@))\n\
-         c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(c.recv(1000).split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
+         c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); c.shutdown(socket.SHUT_WR)\n\
+         print(c.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
         &[("HP", srv4.addr.port().to_string())],
     );
     let (out, err) = output_ok(
@@ -1453,7 +1459,7 @@ fn socket_inherited_across_exec_is_classified_and_grafted() {
         "import socket, sys\n\
          s = socket.socket(fileno=int(sys.argv[1]))\n\
          s.connect(('127.0.0.1', @HP@)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-         print(s.recv(1000).split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
+         print(s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
         &[("HP", srv.addr.port().to_string())],
     );
     let first = env.script(
