@@ -39,6 +39,8 @@ pub enum Error {
     Io(c_int),
     /// The reply is not a valid record.
     Protocol(&'static str),
+    /// The descriptor could not be received (MSG_CTRUNC: no free slot).
+    NoRoom,
 }
 
 /// A decoded reply and, on success, the host socket.
@@ -191,7 +193,10 @@ fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
     if r.len == 0 {
         return Err(Error::Io(libc::ECONNRESET));
     }
-    if r.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || r.len != REPLY_LEN {
+    if r.flags & libc::MSG_CTRUNC != 0 {
+        return Err(Error::NoRoom);
+    }
+    if r.flags & libc::MSG_TRUNC != 0 || r.len != REPLY_LEN {
         return Err(Error::Protocol("wrong size"));
     }
     let reply = Reply::decode(&buf[..REPLY_LEN]).map_err(|_| Error::Protocol("malformed"))?;

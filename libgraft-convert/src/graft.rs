@@ -153,6 +153,12 @@ pub fn on_bind(fd: RawFd, sa: SocketAddr) -> Next {
     let Some(k) = graftable(fd, &sa) else {
         return Next::Real;
     };
+    if st == table::UNKNOWN && bound_or_connected(fd) {
+        // Inherited or received already bound: the kernel will refuse the
+        // second bind; the socket stays the container's.
+        table::set(fd, table::LOCAL);
+        return Next::Real;
+    }
     if sa.port() != 0 {
         return match ingress_match(cfg, fd, &k, &sa) {
             Some((ep, v6)) => match graft(cfg, fd, Call::Bind, &sa, ep, v6, Purpose::Ingress, k) {
@@ -198,6 +204,9 @@ pub fn on_listen(fd: RawFd) -> Next {
                 return Next::Real;
             };
             if k.sotype != libc::SOCK_STREAM || bound_or_connected(fd) {
+                if k.family == libc::AF_INET || k.family == libc::AF_INET6 {
+                    table::set(fd, table::LOCAL);
+                }
                 return Next::Real;
             }
             match k.family {
@@ -268,10 +277,8 @@ pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
 
 /// Reads the options the application set (those that differ from a fresh
 /// socket of the same kind) into the request.
-fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) {
-    let Ok(probe) = sys::sys_socket(k.family, k.sotype | libc::SOCK_CLOEXEC, k.protocol) else {
-        return;
-    };
+fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
+    let probe = sys::sys_socket(k.family, k.sotype | libc::SOCK_CLOEXEC, k.protocol)?;
     for o in SNAPSHOT.iter().filter(|o| o.applies(k.family, k.sotype)) {
         let size = o.kind.size();
         let mut a = [0u8; 20];
@@ -293,6 +300,7 @@ fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) {
             req.push_opt(o.level, o.name, &a[..na]);
         }
     }
+    Ok(())
 }
 
 /// Installs `new` over the application's `fd`, keeping O_NONBLOCK and
@@ -354,8 +362,16 @@ fn graft(
     k: Kind,
 ) -> Result<(), c_int> {
     let mut req = Request::new(Op::Socket, ep, k.family, k.sotype, k.protocol, purpose);
-    snapshot(fd, &k, &mut req);
     let head = Head { call, sa, ep };
+    if let Err(e) = snapshot(fd, &k, &mut req) {
+        // Grafting without the application's options would change its
+        // behaviour silently; and the reply's descriptor would not fit either.
+        say!(
+            "{head}: cannot read the socket's options to carry them over ({})",
+            errstr(e)
+        );
+        return Err(e);
+    }
     let fam = if ep_v6 { "ipv6" } else { "ipv4" };
     let answer = match broker::ask(&cfg.broker, &req) {
         Ok(a) => a,
@@ -381,6 +397,13 @@ fn graft(
                 errstr(e)
             );
             return Err(call.unreachable_errno());
+        }
+        Err(broker::Error::NoRoom) => {
+            say!(
+                "{head}: the host socket did not fit in this process (descriptor limit \
+                 reached?): raise the limit (ulimit -n) or close descriptors"
+            );
+            return Err(libc::EMFILE);
         }
         Err(broker::Error::Protocol(what)) => {
             say!(
