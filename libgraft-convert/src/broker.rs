@@ -208,3 +208,112 @@ fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
     }
     Ok(Answer { reply, fd: first })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_core::proto::broker::{Op, Reason};
+    use nix::sys::socket::{
+        recv, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+        UnixAddr,
+    };
+    use std::io::IoSlice;
+    use std::os::fd::AsFd;
+
+    /// Runs one exchange against a peer that answers with `reply` bytes and
+    /// `nfds` descriptors.
+    fn answer(reply: Vec<u8>, nfds: usize) -> Result<Answer, Error> {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut buf = vec![0u8; REQUEST_LEN + 1];
+            let n = recv(b.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            assert_eq!(n, REQUEST_LEN);
+            let files: Vec<std::fs::File> = (0..nfds)
+                .map(|_| std::fs::File::open("/dev/null").unwrap())
+                .collect();
+            let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            let c: &[ControlMessage] = if nfds > 0 { &cmsg } else { &[] };
+            sendmsg::<UnixAddr>(
+                b.as_fd().as_raw_fd(),
+                &[IoSlice::new(&reply)],
+                c,
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        });
+        let mut req = [0u8; REQUEST_LEN];
+        Request::new(
+            Op::Socket,
+            graft_core::EndpointName::new("ep").unwrap(),
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            0,
+            graft_core::proto::broker::Purpose::Egress,
+        )
+        .encode(&mut req);
+        let r = exchange(a.as_raw_fd(), &req);
+        peer.join().unwrap();
+        r
+    }
+
+    fn encoded(r: Reply) -> Vec<u8> {
+        let mut b = [0u8; REPLY_LEN];
+        r.encode(&mut b);
+        b.to_vec()
+    }
+
+    #[test]
+    fn success_carries_the_socket_close_on_exec() {
+        let a = answer(
+            encoded(Reply::ok(Op::Socket, &[2, 0, 0, 80, 127, 0, 0, 1])),
+            3,
+        )
+        .unwrap();
+        assert_eq!(a.reply.errno, 0);
+        let fd = a.fd.expect("the socket");
+        let flags = sys::sys_fcntl(fd.as_raw_fd(), libc::F_GETFD, 0).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received close-on-exec");
+    }
+
+    #[test]
+    fn bad_replies_are_rejected() {
+        assert_eq!(
+            answer(encoded(Reply::ok(Op::Socket, &[])), 0).err(),
+            Some(Error::Protocol("success without a socket"))
+        );
+        let mut long = encoded(Reply::ok(Op::Socket, &[]));
+        long.push(0);
+        assert_eq!(answer(long, 1).err(), Some(Error::Protocol("wrong size")));
+        let mut bad = encoded(Reply::ok(Op::Socket, &[]));
+        bad[0] ^= 0xff;
+        assert_eq!(answer(bad, 1).err(), Some(Error::Protocol("malformed")));
+        assert_eq!(answer(vec![], 0).err(), Some(Error::Io(libc::ECONNRESET)));
+    }
+
+    #[test]
+    fn failure_reply_drops_any_descriptor() {
+        let a = answer(
+            encoded(Reply::err(Op::Socket, libc::EPERM, Reason::OptionRefused)),
+            1,
+        )
+        .unwrap();
+        assert_eq!(a.reply.errno, libc::EPERM);
+        assert!(a.fd.is_none());
+    }
+
+    #[test]
+    fn no_broker_is_unreachable() {
+        assert!(matches!(
+            connect("graft-test/nobody-listens-here"),
+            Err(Error::Unreachable(libc::ECONNREFUSED))
+        ));
+    }
+}

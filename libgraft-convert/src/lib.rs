@@ -40,6 +40,8 @@
 //!   EADDRNOTAVAIL for bind/listen and ENETUNREACH for connect/sends when graftd
 //!   or the endpoint is missing, EPERM for a refused option, EAFNOSUPPORT for
 //!   a family mismatch, ETIMEDOUT when graftd does not answer within 5 s,
+//!   EMFILE when the host socket (or the probe socket used to tell which
+//!   options the application set) does not fit under the descriptor limit,
 //!   otherwise graftd's errno. The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
