@@ -1482,3 +1482,119 @@ fn socket_inherited_across_exec_is_classified_and_grafted() {
         "{err}"
     );
 }
+
+/// A C program (built with the `cc` that cargo links with): errno is kept on
+/// success, F_DUPFD copies the decision, and a signal handler that grafts
+/// while the main thread is grafting (so the broker connection is busy)
+/// neither deadlocks nor fails.
+const SIGNALS_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
+static struct sockaddr_in dst;
+static volatile sig_atomic_t handler_ok, handler_fail;
+
+static void on_alarm(int sig) {
+    (void)sig;
+    int saved = errno;
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s >= 0 && connect(s, (struct sockaddr *)&dst, sizeof dst) == 0)
+        handler_ok++;
+    else
+        handler_fail++;
+    close(s);
+    errno = saved;
+}
+
+int main(int argc, char **argv) {
+    dst.sin_family = AF_INET;
+    dst.sin_port = htons(atoi(argv[1]));
+    dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    errno = 4242;
+    int r = connect(s, (struct sockaddr *)&dst, sizeof dst);
+    printf("connect %d errno %d\n", r, errno);
+    errno = 4343;
+    int d = fcntl(s, F_DUPFD_CLOEXEC, 100);
+    struct sockaddr_in a, b;
+    socklen_t la = sizeof a, lb = sizeof b;
+    getpeername(s, (struct sockaddr *)&a, &la);
+    getpeername(d, (struct sockaddr *)&b, &lb);
+    printf("dup %d same peer %d errno %d\n", d >= 100, memcmp(&a, &b, sizeof a) == 0, errno);
+    close(d);
+    close(s);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval it = {{0, 1000}, {0, 1000}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    int ok = 0, fail = 0;
+    for (int i = 0; i < 300; i++) {
+        int c = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(c, (struct sockaddr *)&dst, sizeof dst) == 0)
+            ok++;
+        else {
+            fail++;
+            perror("connect");
+        }
+        close(c);
+    }
+    struct itimerval off;
+    memset(&off, 0, sizeof off);
+    setitimer(ITIMER_REAL, &off, NULL);
+    printf("main ok %d fail %d; handler grafted %s, failed %d\n", ok, fail,
+           handler_ok > 0 ? "yes" : "no", (int)handler_fail);
+    return 0;
+}
+"#;
+
+#[test]
+fn c_program_errno_dup_and_signal_handlers() {
+    let Some(env) = Env::new("c_program_errno_dup_and_signal_handlers") else {
+        return;
+    };
+    if !have_or_skip("c_program", "cc") {
+        return;
+    }
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    let src = env.dir.join("signals.c");
+    let exe = env.dir.join("signals");
+    std::fs::write(&src, SIGNALS_C).expect("write C");
+    let mut cc = Command::new("cc");
+    cc.arg("-O2").arg("-o").arg(&exe).arg(&src);
+    output_ok(cc, "cc");
+    let exe = exe.display().to_string();
+    let (out, err) = output_ok(
+        env.graft(&[
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            &exe,
+            &srv.addr.port().to_string(),
+        ]),
+        "signals",
+    );
+    assert_eq!(
+        out,
+        "connect 0 errno 4242\ndup 1 same peer 1 errno 4343\n\
+         main ok 300 fail 0; handler grafted yes, failed 0\n",
+        "{err}"
+    );
+    assert!(srv.count.load(Ordering::SeqCst) >= 301);
+}
