@@ -1598,3 +1598,67 @@ fn c_program_errno_dup_and_signal_handlers() {
     );
     assert!(srv.count.load(Ordering::SeqCst) >= 301);
 }
+
+#[test]
+fn stuck_or_garbled_broker_fails_closed() {
+    let Some(env) = Env::new("stuck_or_garbled_broker_fails_closed") else {
+        return;
+    };
+    // A stand-in broker inside the namespace that never answers, or answers
+    // garbage: the library must give up in bounded time, never hang, never
+    // fall back to the container's stack.
+    let fake = env.script(
+        "fake_broker.py",
+        "import socket, sys\n\
+         l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); l.bind('\\0' + sys.argv[1]); l.listen()\n\
+         print('ready', flush=True)\n\
+         held = []\n\
+         while True:\n\
+         \x20   c, _ = l.accept(); held.append(c); c.recv(8192)\n\
+         \x20   if sys.argv[2] == 'garbage': c.send(b'GRFT' + b'\\xff' * 12)\n",
+        &[],
+    );
+    let client = env.script(
+        "bind.py",
+        "import socket\n\
+         try:\n\
+         \x20   socket.socket().bind(('0.0.0.0', 7000)); print('bound')\n\
+         except OSError as e:\n\
+         \x20   print('bind', e.errno, e.strerror)\n",
+        &[],
+    );
+    for (mode, want_out, want_line) in [
+        (
+            "silent",
+            "bind 110 Connection timed out\n",
+            "graftd did not answer within 5 s (broker \"NAME\"): check graftd's log",
+        ),
+        (
+            "garbage",
+            "bind 71 Protocol error\n",
+            "graftd sent an invalid reply (wrong size): run matching versions of graftd and \
+             libgraft-convert",
+        ),
+    ] {
+        let name = unique("graft-test-fake/");
+        let mut f = env.ns.cmd(PY);
+        f.args([&fake, &name, mode])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut fp = Proc::spawn(f, "fake broker");
+        let lines = lines_of(fp.child.stdout.take().expect("stdout"));
+        wait_for(&lines, "ready", LIMIT);
+        let mut cmd = env.graft(&["-n", "-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &client]);
+        cmd.env("GRAFT_BROKER", &name);
+        let o = output(cmd, "bind.py", LIMIT);
+        assert_eq!(text(&o.stdout), want_out, "{}", text(&o.stderr));
+        assert_eq!(
+            graft_lines(&text(&o.stderr)),
+            vec![format!(
+                "graft: bind 0.0.0.0:7000: endpoint \"ep-in4\": {}",
+                want_line.replace("NAME", &name)
+            )]
+        );
+        drop(fp);
+    }
+}
