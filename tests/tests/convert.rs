@@ -1148,7 +1148,7 @@ fn so_reuseport_two_listeners_on_one_endpoint() {
     ]);
     let py = env.script(
         "reuseport.py",
-        "import socket, selectors\n\
+        "import socket, selectors, time\n\
          ls = []\n\
          for i in range(2):\n\
          \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
@@ -1156,8 +1156,8 @@ fn so_reuseport_two_listeners_on_one_endpoint() {
          print('listening', [s.getsockname() for s in ls], flush=True)\n\
          sel = selectors.DefaultSelector()\n\
          for i, s in enumerate(ls): sel.register(s, selectors.EVENT_READ, i)\n\
-         counts = [0, 0]\n\
-         while sum(counts) < 40:\n\
+         counts = [0, 0]; deadline = time.time() + 60\n\
+         while sum(counts) < 40 and time.time() < deadline:\n\
          \x20   for key, _ in sel.select(timeout=30):\n\
          \x20       c, _ = key.fileobj.accept(); c.sendall(b'L%d' % key.data); c.close()\n\
          \x20       counts[key.data] += 1\n\
