@@ -481,7 +481,8 @@ pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
             while !c.is_null() {
                 if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                     let data = libc::CMSG_DATA(c) as *const c_int;
-                    let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let payload =
+                        ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                     for i in 0..payload / std::mem::size_of::<c_int>() {
                         let f = std::ptr::read_unaligned(data.add(i));
                         if out.fd.is_none() {
