@@ -95,14 +95,22 @@ pub fn preload_lib() -> PathBuf {
 /// works, and `ip netns exec X ip graft …` too) in front of the system's.
 pub fn path_with_wrapper() -> String {
     let dir = std::env::temp_dir().join(format!("graft-test-bin-{}", std::process::id()));
-    if !dir.join("ip").exists() {
-        std::fs::create_dir_all(&dir).expect("create wrapper bin dir");
+    if !dir.exists() {
+        // Tests run in parallel: build the directory under a private name and
+        // rename it into place, so no test ever sees it half made (a missing
+        // `ip-graft` would send the wrapper looking elsewhere).
+        let tmp = std::env::temp_dir().join(unique("graft-test-bin-tmp-"));
+        std::fs::create_dir_all(&tmp).expect("create wrapper bin dir");
         let link = |src: &Path, name: &str| {
-            let _ = std::os::unix::fs::symlink(src, dir.join(name));
+            std::os::unix::fs::symlink(src, tmp.join(name)).expect("symlink into wrapper bin dir");
         };
         link(&workspace_root().join("iproute-graft/ip"), "ip");
         for b in ["ip-graft", "graft", "graftd", "docker-ns-exec"] {
             link(&bin_dir().join(b), b);
+        }
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another test won the race; its directory is identical.
+            let _ = std::fs::remove_dir_all(&tmp);
         }
     }
     format!(
