@@ -97,6 +97,66 @@ pub struct Placement {
     pub dir: PathBuf,
     /// Opened directory, what programs attach to.
     pub fd: fs::File,
+    /// The cgroup2 mount we made when none was visible; dropped last.
+    _mount: Option<PrivateMount>,
+}
+
+/// A cgroup2 mount of our own in a fresh directory, detached and removed on
+/// drop.
+#[derive(Debug)]
+struct PrivateMount {
+    path: PathBuf,
+}
+
+impl PrivateMount {
+    fn new() -> Result<Self, Error> {
+        let path = std::env::temp_dir().join(format!("graft-cgroup2-{}", std::process::id()));
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
+        }
+        let c = |s: &str| std::ffi::CString::new(s).map_err(|_| Error::NoCgroup2);
+        let (src, fstype) = (c("cgroup2")?, c("cgroup2")?);
+        let target = c(&path.to_string_lossy())?;
+        // SAFETY: all three are valid NUL-terminated strings that outlive the
+        // call; a NULL data argument is allowed.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            let _ = fs::remove_dir(&path);
+            return Err(Error::Io {
+                op: format!(
+                    "no cgroup v2 hierarchy is mounted, and mounting one on {} failed",
+                    path.display()
+                ),
+                source: e,
+            });
+        }
+        log::info!(
+            "no cgroup v2 mount visible: mounted one on {}",
+            path.display()
+        );
+        Ok(PrivateMount { path })
+    }
+}
+
+impl Drop for PrivateMount {
+    fn drop(&mut self) {
+        if let Ok(t) = std::ffi::CString::new(self.path.to_string_lossy().as_bytes()) {
+            // SAFETY: t is a valid NUL-terminated path.
+            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
 }
 
 fn move_pid(dir: &Path, pid: u32) -> Result<(), Error> {
@@ -136,15 +196,23 @@ impl Placement {
     pub fn enter(name: &str) -> Result<Self, Error> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .map_err(io_err("read /proc/self/mountinfo"))?;
-        let mounts = cgroup2_mounts(&mountinfo);
-        if mounts.is_empty() {
-            return Err(Error::NoCgroup2);
-        }
         let own =
             fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
         let path = own_cgroup_path(&own).ok_or(Error::NoCgroup2)?;
-        let original = cgroup_dir(&mounts, &path)
-            .ok_or_else(|| Error::CgroupNotVisible { path: path.clone() })?;
+        let mut mount = None;
+        let original = match cgroup_dir(&cgroup2_mounts(&mountinfo), &path) {
+            Some(d) => d,
+            None => {
+                // `ip netns exec` remounts /sys, hiding /sys/fs/cgroup, and a
+                // v1-only host mounts no v2 at all; the v2 hierarchy is still
+                // there: mount it privately for as long as we need it.
+                let m = PrivateMount::new()?;
+                let d = cgroup_dir(&[(m.path.clone(), "/".to_owned())], &path)
+                    .ok_or_else(|| Error::CgroupNotVisible { path: path.clone() })?;
+                mount = Some(m);
+                d
+            }
+        };
         remove_stale(&original);
         let dir = original.join(name);
         match fs::create_dir(&dir) {
@@ -157,7 +225,12 @@ impl Placement {
             let _ = fs::remove_dir(&dir);
             return Err(e);
         }
-        Ok(Placement { original, dir, fd })
+        Ok(Placement {
+            original,
+            dir,
+            fd,
+            _mount: mount,
+        })
     }
 }
 
