@@ -27,6 +27,39 @@
 //!
 //! Without cgroup v2, BTF or the privileges, [`Companion::start`] fails with
 //! an [`Error`] naming what failed; graftd logs it once and runs without.
+//! When no cgroup2 mount is visible (graftd under `ip netns exec`, which
+//! remounts /sys; v1-only hosts), the loader mounts the v2 hierarchy on a
+//! private directory for its lifetime.
+//!
+//! Decisions and limits:
+//! * Endpoint removal removes its policy: sockets of that endpoint still open
+//!   are refused further `connect()`/`sendto()` (fail closed) and no longer
+//!   counted.
+//! * A policy holds at most [`maps::MAX_RULES`] clauses (the program walks
+//!   them in a bounded loop); a longer one makes the endpoint's sockets
+//!   refused.
+//! * Byte counters are payload bytes: TCP's own counts (SYN and FIN removed)
+//!   when a connection closes, plus, for spliced connections, each redirected
+//!   message as it is sent.
+//! * Splicing is off by default (`graftd --splice`). It only joins two
+//!   grafted sockets (a host socket cannot opt in: it is not in graftd's
+//!   cgroup, and marking arbitrary host sockets would reach beyond graft's
+//!   own). Spliced sockets take the kernel's sockmap receive path
+//!   (`tcp_bpf_recvmsg`), which differs from plain TCP in one way an
+//!   application can notice: a blocking `recv()` may fail with EAGAIN after a
+//!   wake-up that brought no data (seen on 6.18 while another thread writes
+//!   to the same socket). Event-driven programs (poll/epoll, non-blocking
+//!   sockets, CPython with a socket timeout) are unaffected (poll and
+//!   FIONREAD see redirected bytes); a blocking reader may not be, which is
+//!   why it is opt-in.
+//! * Reordering is impossible by construction: a socket enters the splice
+//!   map at establishment (before any data, unless data rode in the SYN, in
+//!   which case it never splices), and a direction that sent anything through
+//!   TCP never switches to redirection. Redirection to a peer that went away
+//!   falls back to TCP (never dropped).
+//! * One owner per socket: if another sk_msg program already owns a socket
+//!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
+//!   returns one line saying so.
 
 mod cgroup;
 pub mod maps;
