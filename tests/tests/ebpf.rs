@@ -322,6 +322,17 @@ fn policy_denies_with_eperm_and_counts() {
     let s = env.stats(&ns, "ep-out");
     assert_eq!(s["policy_denied"], 2, "{s}");
     assert_eq!(s["sockets"], 4, "{s}");
+    let cols = stats_columns(&env.d.ip_graft_ok(Some(&ns), &["-s", "show"]), "ep-out");
+    assert_eq!(
+        cols.get("denied").map(String::as_str),
+        Some("2"),
+        "{cols:?}"
+    );
+    assert_eq!(
+        cols.get("sockets").map(String::as_str),
+        Some("4"),
+        "{cols:?}"
+    );
 
     // The same destinations from a program graftd did not give a socket: in
     // the host namespace and in another cgroup, it is not touched.
@@ -335,6 +346,21 @@ fn policy_denies_with_eperm_and_counts() {
     assert_eq!(ok(c, "host probe").trim(), format!("udp {ud} ok"));
     wait_for_sinks(&denied, (1, 1));
     assert_eq!(env.stats(&ns, "ep-out")["policy_denied"], 2);
+}
+
+/// The `-s` block under endpoint `name` of `ip -s graft show`: header word
+/// to value.
+fn stats_columns(shown: &str, name: &str) -> std::collections::HashMap<String, String> {
+    let mut it = shown
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{name} ")));
+    it.next().unwrap_or_else(|| panic!("no {name} in {shown}"));
+    let head = it.next().unwrap_or_default();
+    let vals = it.next().unwrap_or_default();
+    head.split_whitespace()
+        .map(str::to_owned)
+        .zip(vals.split_whitespace().map(str::to_owned))
+        .collect()
 }
 
 fn wait_for_sinks(s: &HostSinks, want: (usize, usize)) {
@@ -503,6 +529,88 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
         assert_eq!(si["bytes_received"], N as u64 + pp, "{si}");
         assert_eq!(si["bytes_sent"], N as u64 + pp, "{si}");
         assert_eq!(so["bytes_received"], N as u64 + pp, "{so}");
+    }
+}
+
+/// Without splicing, the counters come from TCP when each connection closes:
+/// payload bytes exactly (no SYN/FIN), and connections by direction.
+#[test]
+fn counters_without_splice_count_payload_bytes() {
+    let test = "counters_without_splice_count_payload_bytes";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let host = Netns::new("cth");
+    let c1 = Netns::new("ct1");
+    let c2 = Netns::new("ct2");
+    const N: usize = 3 << 20;
+    env.add(
+        &c1,
+        &[
+            "in",
+            "type",
+            "ipv4",
+            "addr",
+            "127.0.0.1",
+            "port",
+            "15100",
+            "netns",
+            &host.name,
+        ],
+    );
+    env.add(
+        &c2,
+        &[
+            "out", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic", "netns", &host.name,
+        ],
+    );
+    let segs = out_segs(&host);
+    let (srv, cli) = run_pair(
+        &env,
+        &c1,
+        &c2,
+        "127.0.0.1",
+        15100,
+        ("127.0.0.1:15100=in", "127.0.0.1/32=out"),
+        N,
+        true,
+    );
+    check_pair(&srv, &cli, N as u64, true);
+    assert!(out_segs(&host) - segs > 300, "TCP carried the bytes");
+    let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
+    let want = N as u64 + pp;
+    // Close accounting runs when each socket reaches CLOSE.
+    let start = Instant::now();
+    loop {
+        let si = env.stats(&c1, "in");
+        let so = env.stats(&c2, "out");
+        let got = (
+            &si["bytes_received"],
+            &si["bytes_sent"],
+            &so["bytes_sent"],
+            &so["bytes_received"],
+        );
+        if *got.0 == want && *got.1 == want && *got.2 == want && *got.3 == want {
+            assert_eq!(
+                (&si["passive_established"], &si["active_established"]),
+                (&2.into(), &0.into()),
+                "{si}"
+            );
+            assert_eq!(
+                (&so["active_established"], &so["passive_established"]),
+                (&2.into(), &0.into()),
+                "{so}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "want {want} everywhere: in {si} out {so}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
