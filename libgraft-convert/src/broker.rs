@@ -105,6 +105,13 @@ fn cached(pid: i32) -> Option<RawFd> {
     if fd < 0 {
         return None;
     }
+    // One fstat per request, kept on purpose: the number can be closed
+    // behind the library's back (close_range or closefrom made with raw
+    // system calls, libc-internal closes) and handed out again, e.g. by
+    // accept() or recvmsg() in a busy server; writing a broker request into
+    // such a socket would corrupt the application's traffic. Watching our
+    // interposed close/dup2/dup3 cannot see those paths, and every cheaper
+    // check (fcntl flags) does not tell two sockets apart.
     let same = matches!(sys::sys_fstat(fd), Some((ino, mode))
         if ino == CACHE_INO.load(Ordering::Relaxed) && mode & libc::S_IFMT == libc::S_IFSOCK);
     if !same {

@@ -70,7 +70,106 @@ struct Kind {
     protocol: c_int,
 }
 
+/// Family (8 bits), type (8 bits) and protocol (16 bits) in one word for
+/// the descriptor table; 0 when they do not fit (never for AF_INET/AF_INET6
+/// stream or datagram sockets, whose protocols are below 2^16).
+fn pack_kind(k: Kind) -> u32 {
+    let fits = (1..256).contains(&k.family)
+        && (1..256).contains(&k.sotype)
+        && (0..65536).contains(&k.protocol);
+    if !fits {
+        return 0;
+    }
+    (k.family as u32) << 24 | (k.sotype as u32) << 16 | k.protocol as u32
+}
+
+fn unpack_kind(w: u32) -> Option<Kind> {
+    (w != 0).then_some(Kind {
+        family: (w >> 24) as c_int,
+        sotype: ((w >> 16) & 0xff) as c_int,
+        protocol: (w & 0xffff) as c_int,
+    })
+}
+
+/// What SO_DOMAIN/SO_TYPE/SO_PROTOCOL will say about a socket that
+/// `socket(domain, ty, proto)` made, if it is one graft may take over.
+fn candidate_kind(domain: c_int, ty: c_int, proto: c_int) -> Option<Kind> {
+    let sotype = ty & 0xf;
+    let inet = domain == libc::AF_INET || domain == libc::AF_INET6;
+    if !(inet && (sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM)) {
+        return None;
+    }
+    // The kernel resolves protocol 0 to the type's first protocol, TCP or
+    // UDP, and SO_PROTOCOL reports that.
+    let protocol = match (proto, sotype) {
+        (0, libc::SOCK_STREAM) => libc::IPPROTO_TCP,
+        (0, _) => libc::IPPROTO_UDP,
+        (p, _) => p,
+    };
+    Some(Kind {
+        family: domain,
+        sotype,
+        protocol,
+    })
+}
+
+/// Our `socket(domain, ty, proto)` returned `fd` (the library is active).
+pub fn socket_made(fd: RawFd, domain: c_int, ty: c_int, proto: c_int) {
+    match candidate_kind(domain, ty, proto) {
+        // Kept so that a graft needs no getsockopt to learn the kind.
+        Some(k) => table::created(fd, table::CANDIDATE, pack_kind(k)),
+        None => table::created(fd, table::LOCAL, 0),
+    }
+}
+
+/// The bit of `SNAPSHOT` an option sets, if any. Aliases that set the same
+/// socket field under another name count as that option; without them an
+/// option set under the alias would not be carried over.
+fn opt_bit(level: c_int, name: c_int) -> Option<u32> {
+    // asm-generic numbers (x86_64 and aarch64, the targets this library
+    // is built for); the libc crate does not export them for glibc.
+    const SO_SNDBUFFORCE: c_int = 32;
+    const SO_RCVBUFFORCE: c_int = 33;
+    const SO_TIMESTAMP_NEW: c_int = 63;
+    const SO_TIMESTAMPNS_NEW: c_int = 64;
+    const SO_RCVTIMEO_NEW: c_int = 66;
+    const SO_SNDTIMEO_NEW: c_int = 67;
+    let name = if level == libc::SOL_SOCKET {
+        match name {
+            SO_SNDBUFFORCE => libc::SO_SNDBUF,
+            SO_RCVBUFFORCE => libc::SO_RCVBUF,
+            SO_TIMESTAMP_NEW => libc::SO_TIMESTAMP,
+            SO_TIMESTAMPNS_NEW => libc::SO_TIMESTAMPNS,
+            SO_RCVTIMEO_NEW => libc::SO_RCVTIMEO,
+            SO_SNDTIMEO_NEW => libc::SO_SNDTIMEO,
+            n => n,
+        }
+    } else {
+        name
+    };
+    SNAPSHOT
+        .iter()
+        .position(|o| o.level == level && o.name == name)
+        .map(|i| i as u32)
+}
+
+/// The application's `setsockopt(fd, level, name)` succeeded on a socket
+/// not decided yet. No system call, no allocation: errno stays as it is.
+pub fn option_set(fd: RawFd, level: c_int, name: c_int) {
+    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_ADDRFORM) {
+        // The socket became AF_INET: the kind from socket() is stale.
+        table::forget_history(fd);
+    } else if let Some(bit) = opt_bit(level, name) {
+        table::record_opt(fd, bit);
+    }
+}
+
 fn kind(fd: RawFd) -> Option<Kind> {
+    // Made by our socket(): it already told us, and a socket's family,
+    // type and protocol never change (IPV6_ADDRFORM drops the record).
+    if let Some(k) = unpack_kind(table::kind(fd)) {
+        return Some(k);
+    }
     Some(Kind {
         family: sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
         sotype: sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
@@ -275,9 +374,62 @@ pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
     }
 }
 
-/// Reads the options the application set (those that differ from a fresh
-/// socket of the same kind) into the request.
+/// Reads the options the application set into the request.
 fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
+    match table::recorded_opts(fd) {
+        Some(mask) => {
+            snapshot_recorded(fd, k, mask, req);
+            Ok(())
+        }
+        None => snapshot_compared(fd, k, req),
+    }
+}
+
+/// Adds one option's current value (`a`) to the request.
+fn push_value(o: &graft_core::sockopt::Opt, a: &[u8], req: &mut Request) {
+    if o.class == Class::CarryHalved && a.len() == 4 {
+        let v = c_int::from_ne_bytes([a[0], a[1], a[2], a[3]]) / 2;
+        req.push_opt(o.level, o.name, &v.to_ne_bytes());
+    } else {
+        req.push_opt(o.level, o.name, a);
+    }
+}
+
+/// The socket's whole history went through our `setsockopt()`: read only
+/// the options it set (most clients set none), no reference socket.
+fn snapshot_recorded(fd: RawFd, k: &Kind, mask: u64, req: &mut Request) {
+    for (i, o) in SNAPSHOT.iter().enumerate() {
+        if mask & (1u64 << i) == 0 || !o.applies(k.family, k.sotype) {
+            continue;
+        }
+        let size = o.kind.size();
+        let mut a = [0u8; 20];
+        let n = sys::sys_getsockopt(fd, o.level, o.name, &mut a[..size]);
+        if o.class == Class::Refuse {
+            // An escape option switched off again (0, or no device) is
+            // what a fresh socket has, and the comparison below never sent
+            // it either. One that is on, or that cannot be read back
+            // although it was set, goes to graftd, which refuses it:
+            // fail closed.
+            let v = match n {
+                Some(n) if a[..n].iter().all(|&b| b == 0) => continue,
+                Some(n) => &a[..n],
+                None => &a[..size],
+            };
+            // Always fits: the request holds every option of SNAPSHOT.
+            req.push_opt(o.level, o.name, v);
+            continue;
+        }
+        if let Some(n) = n {
+            push_value(o, &a[..n], req);
+        }
+    }
+}
+
+/// History unknown (inherited across exec, received over SCM_RIGHTS,
+/// duplicated, shared by fork): the options that differ from a fresh socket
+/// of the same kind are the ones the application set.
+fn snapshot_compared(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
     let probe = sys::sys_socket(k.family, k.sotype | libc::SOCK_CLOEXEC, k.protocol)?;
     for o in SNAPSHOT.iter().filter(|o| o.applies(k.family, k.sotype)) {
         let size = o.kind.size();
@@ -293,12 +445,7 @@ fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
         if a[..na] == p[..np] {
             continue;
         }
-        if o.class == Class::CarryHalved && na == 4 {
-            let v = c_int::from_ne_bytes([a[0], a[1], a[2], a[3]]) / 2;
-            req.push_opt(o.level, o.name, &v.to_ne_bytes());
-        } else {
-            req.push_opt(o.level, o.name, &a[..na]);
-        }
+        push_value(o, &a[..na], req);
     }
     Ok(())
 }
@@ -306,14 +453,20 @@ fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
 /// Installs `new` over the application's `fd`, keeping O_NONBLOCK and
 /// FD_CLOEXEC.
 fn install(fd: RawFd, new: OwnedFd) -> Result<(), c_int> {
+    // Both flags are read from the kernel, not tracked: the application can
+    // change them behind our back (ioctl FIONBIO/FIOCLEX, which Rust's std
+    // and Python use, are not interposed).
     let fl = sys::sys_fcntl(fd, libc::F_GETFL, 0)?;
     let fdfl = sys::sys_fcntl(fd, libc::F_GETFD, 0)?;
     if fl & libc::O_NONBLOCK != 0 {
-        let nfl = sys::sys_fcntl(new.as_raw_fd(), libc::F_GETFL, 0)?;
+        // No F_GETFL on the new socket first: graftd's fresh socket has no
+        // status flag F_SETFL can change (O_APPEND, O_ASYNC, O_DIRECT,
+        // O_NOATIME are never set by socket()), so setting O_NONBLOCK
+        // alone loses nothing.
         sys::sys_fcntl(
             new.as_raw_fd(),
             libc::F_SETFL,
-            libc::c_long::from(nfl | libc::O_NONBLOCK),
+            libc::c_long::from(libc::O_NONBLOCK),
         )?;
     }
     let flags = if fdfl & libc::FD_CLOEXEC != 0 {
@@ -517,4 +670,211 @@ pub fn app_sockname(fd: RawFd, real: &[u8]) -> Option<([u8; addr::MAX], usize)> 
         app.set_port(addr::parse(real)?.port());
     }
     Some(addr::encode(&app))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_core::proto::broker::OptValue;
+
+    fn sock(family: c_int, ty: c_int, proto: c_int) -> OwnedFd {
+        sys::sys_socket(family, ty | libc::SOCK_CLOEXEC, proto).expect("socket")
+    }
+
+    fn set_int(fd: &OwnedFd, level: c_int, name: c_int, v: c_int) {
+        sys::sys_setsockopt(fd.as_raw_fd(), level, name, &v.to_ne_bytes()).expect("setsockopt");
+    }
+
+    fn bit(level: c_int, name: c_int) -> u64 {
+        1u64 << opt_bit(level, name).expect("in SNAPSHOT")
+    }
+
+    fn opts(req: &Request) -> Vec<(c_int, c_int, Vec<u8>)> {
+        req.options()
+            .iter()
+            .map(|o: &OptValue| (o.level, o.name, o.bytes().to_vec()))
+            .collect()
+    }
+
+    fn request(k: &Kind) -> Request {
+        Request::new(
+            Op::Socket,
+            EndpointName::new("ep").unwrap(),
+            k.family,
+            k.sotype,
+            k.protocol,
+            Purpose::Egress,
+        )
+    }
+
+    #[test]
+    fn kind_from_socket_call_is_what_the_kernel_reports() {
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            for (ty, proto) in [
+                (libc::SOCK_STREAM, 0),
+                (libc::SOCK_STREAM | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP),
+                (libc::SOCK_DGRAM, 0),
+                (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+            ] {
+                let fd = sock(family, ty, proto);
+                let mine =
+                    unpack_kind(pack_kind(candidate_kind(family, ty, proto).unwrap())).unwrap();
+                let theirs = (
+                    sys::sys_getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN),
+                    sys::sys_getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE),
+                    sys::sys_getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL),
+                );
+                assert_eq!(
+                    (Some(mine.family), Some(mine.sotype), Some(mine.protocol)),
+                    theirs,
+                    "socket({family}, {ty:#x}, {proto})"
+                );
+            }
+        }
+        assert!(candidate_kind(libc::AF_UNIX, libc::SOCK_STREAM, 0).is_none());
+        assert!(candidate_kind(libc::AF_INET, libc::SOCK_RAW, 1).is_none());
+        assert_eq!(
+            pack_kind(Kind {
+                family: 2,
+                sotype: 1,
+                protocol: 70000
+            }),
+            0
+        );
+        assert!(unpack_kind(0).is_none());
+    }
+
+    #[test]
+    fn option_bits_and_aliases() {
+        for (i, o) in SNAPSHOT.iter().enumerate() {
+            assert_eq!(opt_bit(o.level, o.name), Some(i as u32), "{}", o.label);
+        }
+        assert_eq!(
+            opt_bit(libc::SOL_SOCKET, 33),
+            opt_bit(libc::SOL_SOCKET, libc::SO_RCVBUF)
+        );
+        assert_eq!(
+            opt_bit(libc::SOL_SOCKET, 32),
+            opt_bit(libc::SOL_SOCKET, libc::SO_SNDBUF)
+        );
+        assert_eq!(
+            opt_bit(libc::SOL_SOCKET, 66),
+            opt_bit(libc::SOL_SOCKET, libc::SO_RCVTIMEO)
+        );
+        assert_eq!(
+            opt_bit(libc::SOL_SOCKET, 63),
+            opt_bit(libc::SOL_SOCKET, libc::SO_TIMESTAMP)
+        );
+        assert_eq!(opt_bit(libc::SOL_SOCKET, libc::SO_ATTACH_FILTER), None);
+        // Same number at another level is another option.
+        assert_eq!(opt_bit(libc::IPPROTO_TCP, 33), None);
+    }
+
+    #[test]
+    fn recorded_snapshot_reads_only_set_options_and_matches_the_comparison() {
+        let k = Kind {
+            family: libc::AF_INET,
+            sotype: libc::SOCK_STREAM,
+            protocol: libc::IPPROTO_TCP,
+        };
+        let fd = sock(k.family, k.sotype, k.protocol);
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 50000);
+        set_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 77);
+        let mask = bit(libc::SOL_SOCKET, libc::SO_RCVBUF)
+            | bit(libc::IPPROTO_TCP, libc::TCP_NODELAY)
+            | bit(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)
+            // Recorded but scoped to datagram / IPv6 sockets: not sent.
+            | bit(libc::SOL_SOCKET, libc::SO_BROADCAST)
+            | bit(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+        let mut rec = request(&k);
+        snapshot_recorded(fd.as_raw_fd(), &k, mask, &mut rec);
+        let mut cmp = request(&k);
+        snapshot_compared(fd.as_raw_fd(), &k, &mut cmp).unwrap();
+        let want = vec![
+            (
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                50000i32.to_ne_bytes().to_vec(),
+            ),
+            (
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                1i32.to_ne_bytes().to_vec(),
+            ),
+            (
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPIDLE,
+                77i32.to_ne_bytes().to_vec(),
+            ),
+        ];
+        assert_eq!(opts(&rec), want);
+        assert_eq!(opts(&cmp), want);
+        assert!(opts(&request(&k)).is_empty());
+        let mut none = request(&k);
+        snapshot_recorded(fd.as_raw_fd(), &k, 0, &mut none);
+        assert!(opts(&none).is_empty());
+
+        // SO_RCVBUF 65536 reads back as 131072, a fresh TCP socket's value
+        // (tcp_rmem[1]): the comparison cannot see it was set, the record
+        // can (and setting it also turns receive-buffer autotuning off, so
+        // carrying it matters).
+        let fd = sock(k.family, k.sotype, k.protocol);
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 65536);
+        let mut rec = request(&k);
+        snapshot_recorded(
+            fd.as_raw_fd(),
+            &k,
+            bit(libc::SOL_SOCKET, libc::SO_RCVBUF),
+            &mut rec,
+        );
+        assert_eq!(
+            opts(&rec),
+            vec![(
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                65536i32.to_ne_bytes().to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn recorded_escape_options_are_sent_unless_switched_off() {
+        let k = Kind {
+            family: libc::AF_INET,
+            sotype: libc::SOCK_DGRAM,
+            protocol: libc::IPPROTO_UDP,
+        };
+        let fd = sock(k.family, k.sotype, k.protocol);
+        let mark = bit(libc::SOL_SOCKET, libc::SO_MARK);
+        if sys::sys_setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &7i32.to_ne_bytes(),
+        )
+        .is_err()
+        {
+            eprintln!("SKIP: SO_MARK needs CAP_NET_ADMIN");
+            return;
+        }
+        let mut on = request(&k);
+        snapshot_recorded(fd.as_raw_fd(), &k, mark, &mut on);
+        assert_eq!(
+            opts(&on),
+            vec![(libc::SOL_SOCKET, libc::SO_MARK, 7i32.to_ne_bytes().to_vec())]
+        );
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_MARK, 0);
+        let mut off = request(&k);
+        snapshot_recorded(fd.as_raw_fd(), &k, mark, &mut off);
+        assert!(opts(&off).is_empty(), "SO_MARK 0 is a fresh socket's value");
+        // Set (so recorded) but no longer readable: still sent, so graftd
+        // refuses rather than the option being dropped.
+        let mut unreadable = request(&k);
+        snapshot_recorded(-1, &k, mark, &mut unreadable);
+        assert_eq!(
+            opts(&unreadable),
+            vec![(libc::SOL_SOCKET, libc::SO_MARK, vec![0; 4])]
+        );
+    }
 }

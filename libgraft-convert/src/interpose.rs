@@ -32,7 +32,17 @@ extern "C" fn constructor() {
         sys::resolve_all();
         config::init();
     });
+    // SAFETY: the handlers only bump an atomic counter, which is valid in
+    // any state of either process.
+    unsafe { libc::pthread_atfork(None, Some(after_fork), Some(after_fork)) };
     INSIDE.set(false);
+}
+
+/// After fork(), in parent and child: sockets made before are shared with
+/// the other process, which may set options on them that this one never
+/// sees, so their option records stop being trusted.
+extern "C" fn after_fork() {
+    table::forked();
 }
 
 /// Runs a decision; a panic (a bug) fails the call rather than unwinding
@@ -123,17 +133,37 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
     let fd = unsafe { sys::socket(domain, ty, proto) };
     if fd >= 0 && config::active() {
         let saved = errno();
-        let base = ty & 0xf;
-        let inet = domain == libc::AF_INET || domain == libc::AF_INET6;
-        let st = if inet && (base == libc::SOCK_STREAM || base == libc::SOCK_DGRAM) {
-            table::CANDIDATE
-        } else {
-            table::LOCAL
-        };
-        table::set(fd, st);
+        graft::socket_made(fd, domain, ty, proto);
         set_errno(saved);
     }
     fd
+}
+
+/// # Safety
+/// setsockopt(2).
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let real = || unsafe { sys::setsockopt(fd, level, name, val, len) };
+    // Only sockets our socket() made and not decided yet keep a record
+    // (with no rules there are none): everything else, grafted sockets
+    // included, pays this one table load.
+    if !matches!(table::state(fd), table::CANDIDATE | table::PORT0) {
+        return real();
+    }
+    let r = real();
+    if r == 0 {
+        // Recorded only once the kernel took it, so a refused option is
+        // not read back; no system call here, so errno is untouched.
+        graft::option_set(fd, level, name);
+    }
+    r
 }
 
 /// # Safety

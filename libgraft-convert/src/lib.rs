@@ -4,10 +4,11 @@
 //!
 //! # What it does
 //!
-//! It shadows `socket`, `bind`, `listen`, `connect`, `sendto`, `sendmsg`,
-//! `sendmmsg`, `getsockname`, `close`, `dup`, `dup2`, `dup3`, `fcntl`/`fcntl64`
-//! (`F_DUPFD`, `F_DUPFD_CLOEXEC`), `accept` and `accept4`. With no rules in the
-//! environment every call is one relaxed load away from the real function.
+//! It shadows `socket`, `setsockopt`, `bind`, `listen`, `connect`, `sendto`,
+//! `sendmsg`, `sendmmsg`, `getsockname`, `close`, `dup`, `dup2`, `dup3`,
+//! `fcntl`/`fcntl64` (`F_DUPFD`, `F_DUPFD_CLOEXEC`), `accept` and `accept4`.
+//! With no rules in the environment every call is one relaxed load away from
+//! the real function.
 //!
 //! * **Ingress** (`GRAFT_INGRESS_CONVERT`, `-i ADDR:PORT[-PORT]=EP`): a
 //!   `bind()` to a matching address and port (not 0) is replaced by a host
@@ -28,20 +29,32 @@
 //!   still returns EINPROGRESS. Excluded and unmatched sockets are left alone
 //!   for good.
 //! * **Grafting**: a broker request (family, type, protocol, purpose, and the
-//!   options the application set: every option of
-//!   `graft_core::sockopt::SNAPSHOT` whose value differs from a fresh socket of
-//!   the same kind) goes to graftd's abstract socket `"\0" + $GRAFT_BROKER`
-//!   (default `graft/broker`) in the current network namespace; the reply
-//!   carries the host socket, which is `dup3`'d over the application's
-//!   descriptor keeping O_NONBLOCK and FD_CLOEXEC.
+//!   options the application set) goes to graftd's abstract socket
+//!   `"\0" + $GRAFT_BROKER` (default `graft/broker`) in the current network
+//!   namespace; the reply carries the host socket, which is `dup3`'d over the
+//!   application's descriptor keeping O_NONBLOCK and FD_CLOEXEC.
+//! * **Which options**: for a socket our `socket()` made, `setsockopt()`
+//!   records (per descriptor, one bit per option of
+//!   `graft_core::sockopt::SNAPSHOT`, only when the call succeeded) which
+//!   options the application set, and the graft reads back just those, with
+//!   no other system call (most clients set none). Escape options (SO_MARK,
+//!   SO_BINDTODEVICE, ...) that are on are sent so graftd refuses them. A
+//!   socket whose history the library did not see whole (inherited across
+//!   exec, received over SCM_RIGHTS, duplicated before the graft, or made
+//!   before a fork() that shares it with another process) is compared
+//!   option by option with a fresh socket of the same kind instead, and
+//!   every option that differs is sent. Not covered: a socket shared with
+//!   a child made by vfork/posix_spawn/clone (no fork handlers run) or
+//!   passed to another process over SCM_RIGHTS, which sets options on it
+//!   before this process grafts it.
 //! * **Fail closed**: when a matching socket cannot be grafted (no graftd, no
 //!   such endpoint, an option or policy refused) the call fails and one line
 //!   on stderr names the call, the address, the endpoint and the fix. errno:
 //!   EADDRNOTAVAIL for bind/listen and ENETUNREACH for connect/sends when graftd
 //!   or the endpoint is missing, EPERM for a refused option, EAFNOSUPPORT for
 //!   a family mismatch, ETIMEDOUT when graftd does not answer within 5 s,
-//!   EMFILE when the host socket (or the probe socket used to tell which
-//!   options the application set) does not fit under the descriptor limit,
+//!   EMFILE when the host socket (or the fresh socket used to tell which
+//!   options an inherited socket has) does not fit under the descriptor limit,
 //!   otherwise graftd's errno. The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
@@ -63,7 +76,9 @@
 //!   with no destination costs nothing; one on a decided socket costs one
 //!   table load. Descriptors received over SCM_RIGHTS or inherited across exec
 //!   start unknown and are classified on first use (type, family, bound or
-//!   connected). `dup`/`dup2`/`dup3`/`F_DUPFD` copy the state; `close` clears it.
+//!   connected). `dup`/`dup2`/`dup3`/`F_DUPFD` copy the state (and the option
+//!   record, marked incomplete on both); `close` clears it. `setsockopt` on
+//!   a decided socket costs one table load.
 //!   The state belongs to a descriptor, not an open file description: grafting
 //!   replaces the socket behind one descriptor number, and other duplicates
 //!   made before the decision keep the original socket.

@@ -33,9 +33,10 @@ pub enum Sym {
     Fcntl64,
     Accept,
     Accept4,
+    Setsockopt,
 }
 
-const NAMES: [&[u8]; 16] = [
+const NAMES: [&[u8]; 17] = [
     b"socket\0",
     b"bind\0",
     b"listen\0",
@@ -52,10 +53,11 @@ const NAMES: [&[u8]; 16] = [
     b"fcntl64\0",
     b"accept\0",
     b"accept4\0",
+    b"setsockopt\0",
 ];
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+static REAL: [AtomicUsize; 17] = [const { AtomicUsize::new(0) }; 17];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -85,6 +87,7 @@ type IntFn = unsafe extern "C" fn(c_int) -> c_int;
 type Int2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Int3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+type SetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
 
 /// Calls the real function `$sym` with C type `$ty`, or falls back to `$fallback`.
 macro_rules! call_real {
@@ -188,6 +191,23 @@ pub unsafe fn accept(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
     call_real!(Sym::Accept, NameFn, (fd, a, l), unsafe {
         libc::syscall(libc::SYS_accept4, fd, a, l, 0) as c_int
     })
+}
+
+/// # Safety
+/// Same contract as setsockopt(2).
+pub unsafe fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    call_real!(
+        Sym::Setsockopt,
+        SetsockoptFn,
+        (fd, level, name, val, len),
+        unsafe { libc::syscall(libc::SYS_setsockopt, fd, level, name, val, len) as c_int }
+    )
 }
 
 pub fn close(fd: c_int) -> c_int {

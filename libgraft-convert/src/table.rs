@@ -7,8 +7,16 @@
 //! (the loser of a race unmaps its page). Reading an entry is one or two
 //! relaxed atomic loads; descriptors at or above 2^30 are not tracked and read
 //! as [`UNKNOWN`] (they are classified again on every decision).
+//!
+//! Besides the state, an entry remembers what our own `socket()` saw (the
+//! socket's kind) and which options of `graft_core::sockopt::SNAPSHOT` the
+//! application set through our `setsockopt()` since. That record is trusted
+//! only while it is the socket's whole history: it is dropped when the
+//! socket may have been changed through another descriptor (a `dup`, or a
+//! `fork` that left a copy in another process), and a socket with no
+//! trustworthy record gets the full comparison with a fresh socket.
 
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
 
@@ -40,7 +48,22 @@ pub const ADDR_WORDS: usize = 7;
 pub struct Entry {
     state: AtomicU32,
     addr: [AtomicU32; ADDR_WORDS],
+    /// Family, type and protocol packed by `graft::pack_kind` (0: not known).
+    kind: AtomicU32,
+    /// The fork generation when our `socket()` made it; 0 when the option
+    /// record below is not the socket's whole history.
+    hist: AtomicU32,
+    /// Bit i: the application set `SNAPSHOT[i]` (only successful calls).
+    opts: AtomicU64,
 }
+
+// One bit per option of the snapshot list.
+const _: () = assert!(graft_core::sockopt::SNAPSHOT.len() <= 64);
+
+/// Bumped after every fork() (in parent and child): sockets made before it
+/// may be shared with the other process, which can set options on them
+/// behind this process's back.
+static FORK_GEN: AtomicU32 = AtomicU32::new(1);
 
 #[repr(C)]
 struct Page {
@@ -133,17 +156,85 @@ pub fn addr(fd: c_int) -> [u8; ADDR_WORDS * 4] {
 pub fn reset(fd: c_int) {
     if let Some(e) = entry(fd, false) {
         e.state.store(UNKNOWN, Ordering::Relaxed);
+        e.kind.store(0, Ordering::Relaxed);
+        e.hist.store(0, Ordering::Relaxed);
+        e.opts.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Our `socket()` just made `fd`: state `st`, packed `kind` (0: not
+/// known), no option set yet, history complete as of this fork generation.
+pub fn created(fd: c_int, st: u32, kind: u32) {
+    if let Some(e) = entry(fd, true) {
+        e.opts.store(0, Ordering::Relaxed);
+        e.kind.store(kind, Ordering::Relaxed);
+        e.hist
+            .store(FORK_GEN.load(Ordering::Relaxed), Ordering::Relaxed);
+        e.state.store(st, Ordering::Release);
+    }
+}
+
+/// The packed kind our `socket()` recorded for `fd` (0: not known).
+pub fn kind(fd: c_int) -> u32 {
+    entry(fd, false).map_or(0, |e| e.kind.load(Ordering::Relaxed))
+}
+
+/// Records that the application set option `bit` on `fd`. Never maps a
+/// page: an fd without one has no record worth keeping.
+#[inline]
+pub fn record_opt(fd: c_int, bit: u32) {
+    if let Some(e) = entry(fd, false) {
+        e.opts.fetch_or(1u64 << (bit & 63), Ordering::Relaxed);
+    }
+}
+
+/// The options the application set on `fd`, if that record is the
+/// socket's whole history (made by our `socket()` in this fork generation
+/// and never duplicated since).
+pub fn recorded_opts(fd: c_int) -> Option<u64> {
+    let e = entry(fd, false)?;
+    let h = e.hist.load(Ordering::Relaxed);
+    (h != 0 && h == FORK_GEN.load(Ordering::Relaxed)).then(|| e.opts.load(Ordering::Relaxed))
+}
+
+/// The kind and option record of `fd` can no longer be trusted.
+pub fn forget_history(fd: c_int) {
+    if let Some(e) = entry(fd, false) {
+        e.kind.store(0, Ordering::Relaxed);
+        e.hist.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Called after fork() in parent and child (pthread_atfork): every socket
+/// made before may now be changed from the other process.
+pub fn forked() {
+    let g = FORK_GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    if g == 0 {
+        // 0 means "no history": skip it.
+        FORK_GEN.store(1, Ordering::Relaxed);
     }
 }
 
 /// `to` now refers to the same socket as `from` (dup, dup2, dup3, F_DUPFD).
 pub fn copy(from: c_int, to: c_int) {
-    let st = state(from);
-    if st == UNKNOWN {
+    let Some(src) = entry(from, false).filter(|e| e.state.load(Ordering::Relaxed) != UNKNOWN)
+    else {
         reset(to);
         return;
-    }
+    };
+    let st = src.state.load(Ordering::Relaxed);
     let a = addr(from);
+    let kind = src.kind.load(Ordering::Relaxed);
+    let opts = src.opts.load(Ordering::Relaxed);
+    // Options set through one descriptor are recorded on that descriptor
+    // only, so from now on neither record is the socket's whole history:
+    // a graft of either one compares with a fresh socket instead.
+    src.hist.store(0, Ordering::Relaxed);
+    if let Some(e) = entry(to, true) {
+        e.kind.store(kind, Ordering::Relaxed);
+        e.opts.store(opts, Ordering::Relaxed);
+        e.hist.store(0, Ordering::Relaxed);
+    }
     set_with_addr(to, st, &a);
 }
 
@@ -172,5 +263,36 @@ mod tests {
         assert_eq!(state(-1), UNKNOWN);
         set(LIMIT - 1, LOCAL);
         assert_eq!(state(LIMIT - 1), LOCAL);
+    }
+
+    #[test]
+    fn option_record_lives_until_dup_fork_or_close() {
+        let fd = 200_000;
+        created(fd, CANDIDATE, 0x0201_0006);
+        assert_eq!(recorded_opts(fd), Some(0));
+        record_opt(fd, 5);
+        record_opt(fd, 63);
+        assert_eq!(recorded_opts(fd), Some(1 << 5 | 1 << 63));
+        assert_eq!(kind(fd), 0x0201_0006);
+        // A duplicate carries state, kind and bits, but neither record is
+        // complete any more.
+        copy(fd, fd + 1);
+        assert_eq!(state(fd + 1), CANDIDATE);
+        assert_eq!(kind(fd + 1), 0x0201_0006);
+        assert_eq!(recorded_opts(fd + 1), None);
+        assert_eq!(recorded_opts(fd), None);
+        // socket() reusing the number starts a fresh, complete record.
+        created(fd, CANDIDATE, 0x0201_0006);
+        record_opt(fd, 1);
+        assert_eq!(recorded_opts(fd), Some(1 << 1));
+        forked();
+        assert_eq!(recorded_opts(fd), None, "shared with another process");
+        created(fd, CANDIDATE, 0x0201_0006);
+        assert_eq!(recorded_opts(fd), Some(0));
+        reset(fd);
+        assert_eq!((state(fd), kind(fd), recorded_opts(fd)), (UNKNOWN, 0, None));
+        // Never mapped: nothing recorded, nothing allocated.
+        record_opt(LIMIT - 5, 3);
+        assert_eq!(recorded_opts(LIMIT - 5), None);
     }
 }
