@@ -1326,6 +1326,128 @@ fn options_carry_over_to_the_host_socket() {
     assert_eq!(out, format!("127.0.0.1 {port} 131072 1 1 1 77\n"), "{err}");
 }
 
+/// Python helper for the egress option tests: `fetch(s)` sends a request
+/// on a connected socket and returns the body the host server answered.
+const FETCH_PY: &str = "import socket, os\n\
+     S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
+     DST = ('127.0.0.1', @HP@)\n\
+     def fetch(s):\n\
+     \x20   s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+     \x20   return s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode()\n";
+
+#[test]
+fn egress_options_set_before_connect_carry_over() {
+    let Some(env) = Env::new("egress_options_set_before_connect_carry_over") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    // Three ways an option reaches the socket before the graft: set on the
+    // descriptor itself, set through a duplicate (recorded on the other
+    // descriptor), set by a forked child on the shared socket. The values
+    // differ from a fresh socket's (SO_RCVBUF 50000 reads back as 100000,
+    // a fresh TCP socket has 131072), so a lost option shows.
+    let body = format!(
+        "{FETCH_PY}\
+         s = socket.socket()\n\
+         s.setsockopt(S, socket.SO_RCVBUF, 50000); s.setsockopt(T, socket.TCP_NODELAY, 1)\n\
+         s.setsockopt(S, socket.SO_KEEPALIVE, 1); s.setsockopt(T, socket.TCP_KEEPIDLE, 77)\n\
+         s.connect(DST)\n\
+         print('own', s.getsockopt(S, socket.SO_RCVBUF), s.getsockopt(T, socket.TCP_NODELAY),\n\
+         \x20     s.getsockopt(S, socket.SO_KEEPALIVE), s.getsockopt(T, socket.TCP_KEEPIDLE), fetch(s))\n\
+         d = socket.socket(); e = d.dup(); e.setsockopt(T, socket.TCP_NODELAY, 1); e.close()\n\
+         d.connect(DST)\n\
+         print('dup', d.getsockopt(T, socket.TCP_NODELAY), fetch(d))\n\
+         f = socket.socket()\n\
+         pid = os.fork()\n\
+         if pid == 0:\n\
+         \x20   f.setsockopt(S, socket.SO_KEEPALIVE, 1); os._exit(0)\n\
+         os.waitpid(pid, 0)\n\
+         f.connect(DST)\n\
+         print('fork', f.getsockopt(S, socket.SO_KEEPALIVE), fetch(f))\n"
+    );
+    let py = env.script(
+        "opts_egress.py",
+        &body,
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let (out, err) = output_ok(
+        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
+        "opts_egress.py",
+    );
+    assert_eq!(
+        out,
+        format!("own 100000 1 1 77 {BODY}\ndup 1 {BODY}\nfork 1 {BODY}\n"),
+        "{err}"
+    );
+    // Only grafted sockets reach the host server from this namespace.
+    assert_eq!(srv.count.load(Ordering::SeqCst), 3);
+    let want = format!("connect 127.0.0.1:{} -> ep-out4", srv.addr.port());
+    assert_eq!(
+        graft_lines(&err)
+            .iter()
+            .filter(|l| l.contains(&want))
+            .count(),
+        3,
+        "{err}"
+    );
+}
+
+#[test]
+fn egress_refused_option_fails_the_connect() {
+    let Some(env) = Env::new("egress_refused_option_fails_the_connect") else {
+        return;
+    };
+    env.add(&[
+        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+    ]);
+    let srv = host_http("127.0.0.1:0");
+    // SO_MARK set and then switched off again is what a fresh socket has:
+    // grafted. Left on: refused by graftd, the connect fails.
+    let body = format!(
+        "{FETCH_PY}\
+         z = socket.socket(); z.setsockopt(S, socket.SO_MARK, 7); z.setsockopt(S, socket.SO_MARK, 0)\n\
+         z.connect(DST); print('off', fetch(z))\n\
+         m = socket.socket(); m.setsockopt(S, socket.SO_MARK, 7)\n\
+         try:\n\
+         \x20   m.connect(DST); print('connected')\n\
+         except OSError as e:\n\
+         \x20   print('connect', e.errno, e.strerror)\n"
+    );
+    let py = env.script(
+        "mark_egress.py",
+        &body,
+        &[("HP", srv.addr.port().to_string())],
+    );
+    let o = output(
+        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
+        "SO_MARK egress",
+        LIMIT,
+    );
+    assert_eq!(
+        text(&o.stdout),
+        format!("off {BODY}\nconnect 1 Operation not permitted\n"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        graft_lines(&text(&o.stderr)),
+        vec![format!(
+            "graft: connect 127.0.0.1:{}: endpoint \"ep-out4\": option SO_MARK refused by \
+             graftd: do not set it on a socket graft maps, or leave this address out of the \
+             graft rules",
+            srv.addr.port()
+        )]
+    );
+    assert_eq!(
+        srv.count.load(Ordering::SeqCst),
+        1,
+        "the refused socket never left"
+    );
+}
+
 #[test]
 fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
     let Some(env) = Env::new("nonblocking_connect_keeps_einprogress_and_fd_flags") else {
@@ -1454,18 +1576,24 @@ fn socket_inherited_across_exec_is_classified_and_grafted() {
     let srv = host_http("127.0.0.1:0");
     // The first image makes the socket; the exec'd one has never seen it and
     // must classify it (unbound, unconnected AF_INET stream) on connect.
+    // The options set by the first image were never seen by the second
+    // one's library: they are found by comparing with a fresh socket.
     let second = env.script(
         "second.py",
         "import socket, sys\n\
+         S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
          s = socket.socket(fileno=int(sys.argv[1]))\n\
          s.connect(('127.0.0.1', @HP@)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-         print(s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
+         print(s.getsockopt(S, socket.SO_RCVBUF), s.getsockopt(T, socket.TCP_NODELAY),\n\
+         \x20     s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
         &[("HP", srv.addr.port().to_string())],
     );
     let first = env.script(
         "first.py",
         "import socket, os, sys\n\
          s = socket.socket(); os.set_inheritable(s.fileno(), True)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 50000)\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n\
          os.execv(sys.executable, [sys.executable, '@SECOND@', str(s.fileno())])\n",
         &[("SECOND", second)],
     );
@@ -1473,7 +1601,7 @@ fn socket_inherited_across_exec_is_classified_and_grafted() {
         env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &first]),
         "exec inherit",
     );
-    assert_eq!(out, format!("{BODY}\n"), "{err}");
+    assert_eq!(out, format!("100000 1 {BODY}\n"), "{err}");
     assert_eq!(srv.count.load(Ordering::SeqCst), 1);
     assert!(
         graft_lines(&err)
