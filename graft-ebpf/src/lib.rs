@@ -207,7 +207,10 @@ impl Companion {
         let splice = u32::from(opts.splice);
         // Load before touching cgroups: a kernel without BTF or without the
         // privileges fails here with nothing to undo.
+        // No CO-RE relocations in our programs: skip parsing the kernel BTF
+        // (megabytes, seconds in a debug build); maps still carry their BTF.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global("splice_enabled", &splice, true)
             .load(OBJECT)
             .map_err(bpf_err("load eBPF object"))?;

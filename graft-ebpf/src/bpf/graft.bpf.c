@@ -93,6 +93,49 @@ static __always_inline struct graft_counters *counters(__u32 endpoint)
 
 /* ---------------------------------------------------------------- policy */
 
+struct policy_walk {
+	const struct graft_policy *pol;
+	__u32 dst[4];
+	__u32 family;
+	__u32 port;
+	int best_len;
+	int best_deny;
+};
+
+/* One clause per call (bpf_loop): the verifier checks this body once instead
+ * of every unrolled iteration, which kept program loading slow. */
+static long policy_step(__u32 i, void *arg)
+{
+	struct policy_walk *w = arg;
+	const struct graft_policy *pol = w->pol;
+	const struct graft_rule *r;
+	__u32 idx = i;
+
+	if (i >= GRAFT_MAX_RULES || i >= pol->count)
+		return 1;
+	/* i < GRAFT_MAX_RULES (a power of two) already, but clang would use
+	 * the unchecked copy; hide the value from it and mask, so the bound is
+	 * visible to the verifier. */
+	asm volatile("" : "+r"(idx));
+	r = &pol->rules[idx & (GRAFT_MAX_RULES - 1)];
+	if (r->family != w->family)
+		return 0;
+	if (w->port < r->port_lo || w->port > r->port_hi)
+		return 0;
+	if ((w->dst[0] & r->mask[0]) != r->addr[0] ||
+	    (w->dst[1] & r->mask[1]) != r->addr[1] ||
+	    (w->dst[2] & r->mask[2]) != r->addr[2] ||
+	    (w->dst[3] & r->mask[3]) != r->addr[3])
+		return 0;
+	if ((int)r->prefix_len > w->best_len) {
+		w->best_len = r->prefix_len;
+		w->best_deny = r->action == GRAFT_DENY;
+	} else if ((int)r->prefix_len == w->best_len && r->action == GRAFT_DENY) {
+		w->best_deny = 1;
+	}
+	return 0;
+}
+
 /* 1 if the endpoint's policy lets a socket reach dst:port. dst holds network
  * order words (IPv4: word 0). Longest matching prefix decides, deny wins a
  * tie, and with no match the destination is allowed unless some clause is an
@@ -101,35 +144,21 @@ static __always_inline int policy_allows(__u32 endpoint, __u8 family,
 					 const __u32 dst[4], __u16 port)
 {
 	struct graft_policy *pol = bpf_map_lookup_elem(&graft_policy_map, &endpoint);
-	int best_len = -1;
-	int best_deny = 0;
+	struct policy_walk w = {};
 
 	if (!pol)
 		return 0;
-	for (int i = 0; i < GRAFT_MAX_RULES; i++) {
-		const struct graft_rule *r;
-
-		if (i >= pol->count)
-			break;
-		r = &pol->rules[i];
-		if (r->family != family)
-			continue;
-		if (port < r->port_lo || port > r->port_hi)
-			continue;
-		if ((dst[0] & r->mask[0]) != r->addr[0] ||
-		    (dst[1] & r->mask[1]) != r->addr[1] ||
-		    (dst[2] & r->mask[2]) != r->addr[2] ||
-		    (dst[3] & r->mask[3]) != r->addr[3])
-			continue;
-		if ((int)r->prefix_len > best_len) {
-			best_len = r->prefix_len;
-			best_deny = r->action == GRAFT_DENY;
-		} else if ((int)r->prefix_len == best_len && r->action == GRAFT_DENY) {
-			best_deny = 1;
-		}
-	}
-	if (best_len >= 0)
-		return !best_deny;
+	w.pol = pol;
+	w.dst[0] = dst[0];
+	w.dst[1] = dst[1];
+	w.dst[2] = dst[2];
+	w.dst[3] = dst[3];
+	w.family = family;
+	w.port = port;
+	w.best_len = -1;
+	bpf_loop(GRAFT_MAX_RULES, policy_step, &w, 0);
+	if (w.best_len >= 0)
+		return !w.best_deny;
 	return !pol->has_allow;
 }
 

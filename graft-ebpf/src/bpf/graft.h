@@ -5,8 +5,9 @@
 
 #include <linux/types.h>
 
-/* Most allow/deny clauses one endpoint's policy may hold. The policy check is a
- * bounded loop over them; the loader refuses longer policies. */
+/* Most allow/deny clauses one endpoint's policy may hold (a power of two: the
+ * program masks its index with it). The policy check walks them with
+ * bpf_loop; the loader refuses longer policies. */
 #define GRAFT_MAX_RULES 32
 
 #define GRAFT_FAMILY_V4 4
