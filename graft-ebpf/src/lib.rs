@@ -36,7 +36,7 @@
 //!   are refused further `connect()`/`sendto()` (fail closed) and no longer
 //!   counted.
 //! * A policy holds at most [`maps::MAX_RULES`] clauses (the program walks
-//!   them in a bounded loop); a longer one makes the endpoint's sockets
+//!   them with `bpf_loop`); a longer one makes the endpoint's sockets
 //!   refused.
 //! * Byte counters are payload bytes: TCP's own counts (SYN and FIN removed)
 //!   when a connection closes, plus, for spliced connections, each redirected
