@@ -53,6 +53,9 @@ pub struct Answer {
 pub fn ask(name: &str, req: &Request) -> Result<Answer, Error> {
     let mut buf = [0u8; REQUEST_LEN];
     req.encode(&mut buf);
+    // A real getpid per request rather than a pid cached by fork handlers:
+    // children made by vfork(), posix_spawn() or a raw clone() run no
+    // handlers, and must still never share the parent's connection.
     let pid = sys::sys_getpid();
     if try_lock(pid) {
         let r = ask_cached(name, &buf, pid);
