@@ -11,6 +11,9 @@ use crate::EndpointName;
 
 /// Longest unix socket path (`sun_path` less its terminating NUL).
 pub const MAX_UNIX_PATH: usize = 107;
+/// Most `allow`/`deny` clauses one endpoint may have: graft-ebpf's programs
+/// walk them with a bounded loop the verifier must accept.
+pub const MAX_POLICY_CLAUSES: usize = 32;
 
 /// The address a grafted socket is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,8 @@ pub enum EndpointError {
     RelativePath,
     #[error("unix path contains a NUL byte")]
     NulInPath,
+    #[error("{0} allow/deny clauses (at most {MAX_POLICY_CLAUSES})")]
+    TooManyClauses(usize),
 }
 
 impl EndpointAddr {
@@ -119,6 +124,18 @@ pub struct EndpointSpec {
     /// graft-ebpf when it is loaded. Empty: allow everything (as AF_GRAFT).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<crate::rules::PolicyRule>,
+}
+
+impl EndpointSpec {
+    /// Checks everything the type system cannot: the address's shape and the
+    /// number of policy clauses.
+    pub fn validate(&self) -> Result<(), EndpointError> {
+        self.addr.validate()?;
+        if self.policy.len() > MAX_POLICY_CLAUSES {
+            return Err(EndpointError::TooManyClauses(self.policy.len()));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for EndpointSpec {

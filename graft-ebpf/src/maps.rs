@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use graft_core::rules::{PolicyAction, PolicyRule};
 
 /// `GRAFT_MAX_RULES`.
-pub const MAX_RULES: usize = 32;
+pub const MAX_RULES: usize = graft_core::endpoint::MAX_POLICY_CLAUSES;
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
 const ALLOW: u8 = 1;

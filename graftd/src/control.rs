@@ -31,19 +31,16 @@ const MAX_CONTROL_CONNS: usize = 64;
 /// How often namespaces are checked for being unused.
 const GC_EVERY: Duration = Duration::from_secs(2);
 
-/// Creates the control socket at `path`: parent directory (0755) made if
-/// missing, a stale socket file replaced, a live daemon's left alone.
-pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                .with_context(|| format!("cannot chmod {}", dir.display()))?;
-        }
-    }
+/// Fails when a live graftd already serves `path`; removes a stale socket
+/// file left by one that died. Called before the eBPF companion loads, so a
+/// second daemon gives up before touching cgroups.
+pub fn ensure_free(path: &Path) -> anyhow::Result<()> {
     let addr = UnixAddr::new(path)
         .with_context(|| format!("bad control socket path {}", path.display()))?;
+    check_free(path, &addr)
+}
+
+fn check_free(path: &Path, addr: &UnixAddr) -> anyhow::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
             let probe = nsock::socket(
@@ -52,7 +49,7 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
                 SockFlag::SOCK_CLOEXEC,
                 None,
             )?;
-            match nsock::connect(probe.as_raw_fd(), &addr) {
+            match nsock::connect(probe.as_raw_fd(), addr) {
                 Ok(()) => bail!(
                     "{} is in use by a running graftd (stop it, or give another --control path)",
                     path.display()
@@ -72,6 +69,23 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => bail!("cannot inspect {}: {e}", path.display()),
     }
+    Ok(())
+}
+
+/// Creates the control socket at `path`: parent directory (0755) made if
+/// missing, a stale socket file replaced, a live daemon's left alone.
+pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot chmod {}", dir.display()))?;
+        }
+    }
+    let addr = UnixAddr::new(path)
+        .with_context(|| format!("bad control socket path {}", path.display()))?;
+    check_free(path, &addr)?;
     let fd = nsock::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,

@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     mask.thread_block().context("cannot block signals")?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("cannot create signalfd")?;
-    let listener = control::bind(&cli.control)?;
+    control::ensure_free(&cli.control)?;
     let info = DaemonInfo {
         splice: cli.splice,
         ebpf: !cli.no_ebpf,
@@ -114,6 +114,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let hooks = ebpf_hooks::load(&info);
     hooks.daemon_started(&info);
+    // The control socket appears only once graftd can answer at once: clients
+    // (and scripts waiting for the file) never queue behind the eBPF load.
+    let listener = control::bind(&cli.control)?;
     let ctx = Arc::new(Ctx {
         state: Mutex::new(State::new(own)),
         hooks,

@@ -195,7 +195,7 @@ impl State {
         spec: &EndpointSpec,
         target: NetnsId,
     ) -> Result<(), StateError> {
-        spec.addr.validate()?;
+        spec.validate()?;
         if spec
             .netns
             .as_ref()

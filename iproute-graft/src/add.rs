@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use graft_core::endpoint::MAX_POLICY_CLAUSES;
 use graft_core::proto::control::Request;
 use graft_core::rules::{PolicyAction, PolicyRule};
 use graft_core::{EndpointAddr, EndpointName, EndpointSpec};
@@ -170,6 +171,12 @@ fn build(name: EndpointName, raw: Raw<'_>) -> Result<AddCmd, Usage> {
             ))
         }
     };
+    if raw.policy.len() > MAX_POLICY_CLAUSES {
+        return Err(usage!(
+            "Error: {} allow/deny clauses given; an endpoint may have at most {MAX_POLICY_CLAUSES}",
+            raw.policy.len()
+        ));
+    }
     Ok(AddCmd {
         spec: EndpointSpec {
             name,
@@ -260,6 +267,19 @@ mod tests {
         assert_eq!(
             line("e type ipv4 address 1.2.3.4 port 0"),
             "e type ipv4 addr 1.2.3.4 port dynamic"
+        );
+    }
+
+    #[test]
+    fn too_many_policy_clauses() {
+        let mut line = String::from("x type ipv4 addr 0.0.0.0 port dynamic");
+        for i in 0..=MAX_POLICY_CLAUSES {
+            line.push_str(&format!(" deny 10.0.{i}.0/24"));
+        }
+        let e = p(&line).unwrap_err();
+        assert_eq!(
+            e,
+            "Error: 33 allow/deny clauses given; an endpoint may have at most 32"
         );
     }
 
