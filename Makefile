@@ -13,7 +13,7 @@ DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
 	clang llvm libbpf-dev bpftool \
 	wrk debootstrap gnuplot-nox jq
 
-.PHONY: all deps build release test check lint unit e2e demo bench bench-quick bench-smoke install uninstall clean
+.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall clean
 
 all: build
 
@@ -50,11 +50,18 @@ test: build lint
 demo: build
 	scripts/demo
 
-bench: release
-	bench/run --full
+# The graft-demo image from release binaries (the tests build their own tag
+# from debug binaries); skipped with one line when no Docker engine answers.
+docker-image: release
+	@if docker info >/dev/null 2>&1; then \
+		GRAFT_DEMO_IMAGE=graft-demo:latest docker/demo/build-image.sh target/release; \
+	else echo "docker-image: no Docker engine answers; the Docker rows will be skipped"; fi
 
-bench-quick: release
-	bench/run --quick
+bench: release docker-image
+	GB_DEMO_IMAGE=graft-demo:latest bench/run --full
+
+bench-quick: release docker-image
+	GB_DEMO_IMAGE=graft-demo:latest bench/run --quick
 
 install: release
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/graft
