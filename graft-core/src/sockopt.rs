@@ -1,14 +1,18 @@
 //! Socket options a grafted socket inherits from the application's socket.
 //!
-//! When the preload library grafts a socket it reads every option of
-//! [`SNAPSHOT`] that applies to the socket's family and type, both from the
+//! The preload library interposes `setsockopt` and records, per descriptor,
+//! which options of [`SNAPSHOT`] the application set before the graft
+//! decision; at graft time it reads back only those. For a socket whose
+//! history it does not know (inherited across exec, received over
+//! SCM_RIGHTS, duplicated, shared by fork) it falls back to reading every
+//! option that applies to the socket's family and type, both from the
 //! application's socket and from a freshly made socket of the same kind, and
-//! sends graftd only those that differ: the ones the application set. graftd
-//! applies the [`Class::Carry`] ones before binding (so `SO_REUSEPORT` and
-//! `IPV6_V6ONLY` take effect) and refuses the whole request when a
-//! [`Class::Refuse`] one is present, because it would let the container leave
-//! the endpoint it was given (another device, a foreign address, a routing
-//! mark). Anything not in the table is refused as unknown.
+//! keeps those that differ. Either way graftd gets only what the application
+//! set. graftd applies the [`Class::Carry`] ones before binding (so
+//! `SO_REUSEPORT` and `IPV6_V6ONLY` take effect) and refuses the whole request
+//! when a [`Class::Refuse`] one is present, because it would let the container
+//! leave the endpoint it was given (another device, a foreign address, a
+//! routing mark). Anything not in the table is refused as unknown.
 
 use libc::c_int;
 
