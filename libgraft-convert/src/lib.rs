@@ -110,5 +110,6 @@ mod graft;
 #[cfg(not(test))]
 mod interpose;
 mod log;
+mod pool;
 mod sys;
 mod table;
