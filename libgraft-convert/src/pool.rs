@@ -258,8 +258,8 @@ mod tests {
         }
         assert_eq!(held(), BATCH_MAX, "a key holds at most one batch");
         let floor = broker::high_fd_floor() as RawFd;
-        for i in 0..BATCH_MAX {
-            let fd = FD[a][i].load(Ordering::Relaxed);
+        for slot in &FD[a] {
+            let fd = slot.load(Ordering::Relaxed);
             assert!(fd >= floor, "fd {fd} below {floor}");
             let fl = sys::sys_fcntl(fd, libc::F_GETFD, 0).unwrap();
             assert_ne!(fl & libc::FD_CLOEXEC, 0);
