@@ -48,6 +48,9 @@ pub const ENV_EGRESS: &str = "GRAFT_EGRESS_CONVERT";
 pub const ENV_EGRESS_EXCLUDE: &str = "GRAFT_EGRESS_EXCLUDE";
 /// `1` makes the preload library print one line per grafting decision.
 pub const ENV_VERBOSE: &str = "GRAFT_VERBOSE";
+/// `GRAFT_POOL=0` turns off the preload library's per-process pool of
+/// pre-made egress sockets (on by default).
+pub const ENV_POOL: &str = "GRAFT_POOL";
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";

@@ -93,6 +93,32 @@ fn broker_request_decoder_survives_mutations() {
 }
 
 #[test]
+fn broker_socket_batch_decoder_survives_mutations() {
+    let req = broker::Request::new(
+        broker::Op::SocketBatch,
+        EndpointName::new("ep-out4").expect("valid name"),
+        libc::AF_INET,
+        libc::SOCK_STREAM,
+        0,
+        broker::Purpose::Egress,
+    );
+    let mut seed = [0u8; broker::REQUEST_LEN];
+    req.encode(&mut seed);
+    let mut rng = Rng(0x5eed_ba7c);
+    for _ in 0..100_000 {
+        let m = mutate(&mut rng, &seed);
+        if let Ok(r) = broker::Request::decode(&m) {
+            if r.op == broker::Op::SocketBatch {
+                assert_eq!((r.purpose, r.nopts), (broker::Purpose::Egress, 0));
+            }
+            let mut again = [0u8; broker::REQUEST_LEN];
+            r.encode(&mut again);
+            assert_eq!(&again[..], &m[..], "canonical encoding");
+        }
+    }
+}
+
+#[test]
 fn broker_reply_decoder_survives_mutations() {
     let mut seed = [0u8; broker::REPLY_LEN];
     broker::Reply::ok(broker::Op::Socket, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]).encode(&mut seed);

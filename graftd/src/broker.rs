@@ -17,7 +17,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use graft_core::proto::broker::{Op, OptValue, Reason, Reply, Request, REPLY_LEN, REQUEST_LEN};
+use graft_core::proto::broker::{
+    Op, OptValue, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
+};
 use graft_core::sockopt::{self, Class, Kind};
 use graft_core::{EndpointAddr, NetnsId};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -280,7 +282,7 @@ impl Loop {
                 Err(_) => return false,
             };
             let len = rx.len.min(buf.len());
-            let (reply, sock) = if rx.truncated || !rx.fds.is_empty() || rx.ctrunc {
+            let (reply, socks) = if rx.truncated || !rx.fds.is_empty() || rx.ctrunc {
                 log::debug!(
                     "broker for {ns}: malformed record ({} bytes, {} descriptors attached)",
                     rx.len,
@@ -288,7 +290,7 @@ impl Loop {
                 );
                 (
                     Reply::err(guess_op(&buf[..len]), libc::EINVAL, Reason::Malformed),
-                    None,
+                    Vec::new(),
                 )
             } else {
                 handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
@@ -296,12 +298,14 @@ impl Loop {
             drop(rx);
             let mut out = [0u8; REPLY_LEN];
             reply.encode(&mut out);
-            if let Err(e) = sys::send_record(fd.as_fd(), &out, sock.as_ref().map(|s| s.as_fd())) {
+            let pass: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
+            if let Err(e) = sys::send_record(fd.as_fd(), &out, &pass) {
                 log::debug!("broker for {ns}: cannot reply ({e}); closing the connection");
                 return false;
             }
-            // graftd's copy of the socket is closed here; the client owns it.
-            drop(sock);
+            // graftd's copies of the sockets are closed here; the client owns them.
+            drop(pass);
+            drop(socks);
         }
         true
     }
@@ -352,10 +356,10 @@ impl LogBudget {
 
 /// The op of a record that failed to decode, for the reply header.
 fn guess_op(b: &[u8]) -> Op {
-    if b.len() >= 8 && u16::from_le_bytes([b[6], b[7]]) == Op::Lookup as u16 {
-        Op::Lookup
-    } else {
-        Op::Socket
+    match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
+        Some(2) => Op::Lookup,
+        Some(3) => Op::SocketBatch,
+        _ => Op::Socket,
     }
 }
 
@@ -398,14 +402,14 @@ pub fn handle(
     ns: NetnsId,
     rec: &[u8],
     log_budget: &mut LogBudget,
-) -> (Reply, Option<OwnedFd>) {
+) -> (Reply, Vec<OwnedFd>) {
     let req = match Request::decode(rec) {
         Ok(r) => r,
         Err(e) => {
             log::debug!("broker for {ns}: malformed request: {e}");
             return (
                 Reply::err(guess_op(rec), libc::EINVAL, Reason::Malformed),
-                None,
+                Vec::new(),
             );
         }
     };
@@ -413,48 +417,85 @@ pub fn handle(
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
-        return (Reply::err(req.op, errno, Reason::NoEndpoint), None);
+        return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
     };
     match req.op {
         Op::Lookup => (
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
-            None,
+            Vec::new(),
         ),
-        Op::Socket => match socket_for(ctx, &ep, &req) {
-            Ok(made) => {
-                ep.count(true);
-                log::debug!(
-                    "{ns} endpoint {}: handed out a {} socket",
-                    ep.spec.name,
-                    describe(&req)
-                );
-                (Reply::ok(Op::Socket, &made.addr), Some(made.fd))
+        Op::Socket | Op::SocketBatch => {
+            let want = if req.op == Op::SocketBatch {
+                BATCH_MAX
+            } else {
+                1
+            };
+            let mut made: Vec<factory::Made> = Vec::with_capacity(want);
+            let mut failed = None;
+            for _ in 0..want {
+                match socket_for(ctx, &ep, &req) {
+                    Ok(m) => {
+                        ep.count(true);
+                        made.push(m);
+                    }
+                    Err(r) => {
+                        failed = Some(r);
+                        break;
+                    }
+                }
             }
-            Err(r) => {
-                ep.count(false);
-                let opt = r
-                    .opt
-                    .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
-                    .unwrap_or_default();
-                let level = if log_budget.take() {
-                    log::Level::Info
+            if let Some(first) = made.first() {
+                if req.op == Op::SocketBatch {
+                    // Tests count these lines to tell batches from single requests.
+                    log::debug!(
+                        "{ns} endpoint {}: handed out {} {} sockets (SocketBatch){}",
+                        ep.spec.name,
+                        made.len(),
+                        describe(&req),
+                        failed
+                            .map(|r| format!(", then: {}", io::Error::from_raw_os_error(r.errno)))
+                            .unwrap_or_default()
+                    );
                 } else {
-                    log::Level::Debug
-                };
-                log::log!(
-                    level,
-                    "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
-                    ep.spec.name,
-                    describe(&req),
-                    r.reason.describe(),
-                    io::Error::from_raw_os_error(r.errno)
-                );
-                (r.reply(Op::Socket), None)
+                    log::debug!(
+                        "{ns} endpoint {}: handed out a {} socket",
+                        ep.spec.name,
+                        describe(&req)
+                    );
+                }
+                let reply = Reply::ok(req.op, &first.addr);
+                return (reply, made.into_iter().map(|m| m.fd).collect());
             }
-        },
+            // Nothing made: the first attempt's refusal, as for one socket.
+            let Some(r) = failed else {
+                return (
+                    Reply::err(req.op, libc::EIO, Reason::SocketFailed),
+                    Vec::new(),
+                );
+            };
+            ep.count(false);
+            let opt = r
+                .opt
+                .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
+                .unwrap_or_default();
+            let level = if log_budget.take() {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
+                ep.spec.name,
+                describe(&req),
+                r.reason.describe(),
+                io::Error::from_raw_os_error(r.errno)
+            );
+            (r.reply(req.op), Vec::new())
+        }
     }
 }
 
@@ -796,7 +837,7 @@ mod tests {
             &bytes(&req(libc::AF_INET, libc::SOCK_STREAM, 0)),
             &mut lb,
         );
-        assert_eq!((r.errno, fd.is_some()), (0, true));
+        assert_eq!((r.errno, fd.len()), (0, 1));
         let other = NetnsId { dev: 4, ino: 78 };
         let (r, fd) = handle(
             &ctx,
@@ -805,7 +846,7 @@ mod tests {
             &mut lb,
         );
         assert_eq!(
-            (r.errno, r.reason, fd.is_none()),
+            (r.errno, r.reason, fd.is_empty()),
             (libc::EADDRNOTAVAIL, Reason::NoEndpoint, true)
         );
         let (r, _) = handle(&ctx, ns, &[0u8; 10], &mut lb);
@@ -823,14 +864,59 @@ mod tests {
             &mut lb,
         );
         assert_eq!(
-            (r.errno, r.reason, fd.is_none()),
+            (r.errno, r.reason, fd.is_empty()),
             (libc::EACCES, Reason::Policy, true)
+        );
+        let mut b = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        b.op = Op::SocketBatch;
+        b.purpose = Purpose::Egress;
+        let (r, fd) = handle(&ctx, ns, &bytes(&b), &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fd.is_empty()),
+            (Op::SocketBatch, libc::EACCES, Reason::Policy, true)
         );
         let ep = ctx
             .state()
             .lookup(ns, &EndpointName::new("ep").unwrap())
             .unwrap();
-        assert_eq!((ep.stats().sockets, ep.stats().refused), (0, 1));
+        // One refusal each for the single socket and the batch.
+        assert_eq!((ep.stats().sockets, ep.stats().refused), (0, 2));
+    }
+
+    #[test]
+    fn a_batch_is_eight_bound_sockets_each_counted() {
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let mut lb = LogBudget::default();
+        let mut b = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        b.op = Op::SocketBatch;
+        b.purpose = Purpose::Egress;
+        let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
+        assert_eq!((r.op, r.errno, fds.len()), (Op::SocketBatch, 0, BATCH_MAX));
+        let mut ports: Vec<u16> = fds
+            .iter()
+            .map(|f| {
+                let a = sys::getsockname(f.as_fd()).unwrap();
+                assert_eq!(&a[4..8], &[127, 0, 0, 1]);
+                u16::from_be_bytes([a[2], a[3]])
+            })
+            .collect();
+        assert_eq!(&r.addr_bytes()[2..4], &ports[0].to_be_bytes());
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), BATCH_MAX, "each socket has its own port");
+        let ep = ctx
+            .state()
+            .lookup(ns, &EndpointName::new("ep").unwrap())
+            .unwrap();
+        assert_eq!(ep.stats().sockets, BATCH_MAX as u64);
+        // Options or ingress: malformed, nothing made.
+        let mut bad = b.clone();
+        assert!(bad.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));
+        let (r, fds) = handle(&ctx, ns, &bytes(&bad), &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fds.len()),
+            (Op::SocketBatch, libc::EINVAL, Reason::Malformed, 0)
+        );
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn serve_conn(ctx: &Ctx, brokers: &broker::Handle, c: &Conn, buf: &mut [u8]) -> 
                 io::Error::from_raw_os_error(e.errno)
             );
         }
-        if let Err(e) = sys::send_record(c.fd.as_fd(), &control::encode(&reply), None) {
+        if let Err(e) = sys::send_record(c.fd.as_fd(), &control::encode(&reply), &[]) {
             log::debug!("control: cannot reply ({e}); closing the connection");
             return false;
         }

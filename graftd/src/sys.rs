@@ -157,21 +157,12 @@ pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Rece
 
 /// Sends one record (and optionally one descriptor) without blocking; a peer
 /// that does not read its replies gets `EAGAIN` here, never a stalled daemon.
-pub fn send_record(
-    fd: BorrowedFd<'_>,
-    data: &[u8],
-    pass: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], pass: &[BorrowedFd<'_>]) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let iov = [io::IoSlice::new(data)];
-    let raw;
-    let cmsgs: &[ControlMessage<'_>] = match pass {
-        Some(p) => {
-            raw = [p.as_raw_fd()];
-            &[ControlMessage::ScmRights(&raw)]
-        }
-        None => &[],
-    };
+    let raw: Vec<std::os::fd::RawFd> = pass.iter().map(|p| p.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
     let n = sendmsg::<()>(
         fd.as_raw_fd(),
         &iov,

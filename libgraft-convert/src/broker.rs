@@ -14,7 +14,7 @@
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
-use graft_core::proto::broker::{Reply, Request, REPLY_LEN, REQUEST_LEN};
+use graft_core::proto::broker::{Op, Reply, Request, REPLY_LEN, REQUEST_LEN};
 use libc::c_int;
 
 use crate::sys;
@@ -47,6 +47,8 @@ pub enum Error {
 pub struct Answer {
     pub reply: Reply,
     pub fd: Option<OwnedFd>,
+    /// The other sockets of a successful `SocketBatch` reply (none otherwise).
+    pub extra: [Option<OwnedFd>; sys::MAX_FDS - 1],
 }
 
 /// Sends `req` to the broker named `name` and returns its answer.
@@ -139,10 +141,7 @@ fn forget(close: bool) {
 
 fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
     let conn = connect(name)?;
-    // Far from the low numbers programs expect to get from socket()/open().
-    let limit = sys::nofile_limit().min(1 << 20);
-    let high = (limit - limit / 4) as libc::c_long;
-    let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high) {
+    let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high_fd_floor()) {
         Ok(hi) => {
             drop(conn);
             hi
@@ -154,6 +153,13 @@ fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
     CACHE_PID.store(pid, Ordering::Relaxed);
     CACHE_FD.store(fd, Ordering::Relaxed);
     Ok(fd)
+}
+
+/// Where the library's own long-lived descriptors go: far from the low
+/// numbers programs expect to get from socket()/open().
+pub fn high_fd_floor() -> libc::c_long {
+    let limit = sys::nofile_limit().min(1 << 20);
+    (limit - limit / 4) as libc::c_long
 }
 
 /// A new connection to the broker, with timeouts.
@@ -199,7 +205,8 @@ fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
             Error::Io(e)
         }
     })?;
-    let mut first = r.fd;
+    let [first, rest @ ..] = r.fds;
+    let mut first = first;
     if r.len == 0 {
         return Err(Error::Io(libc::ECONNRESET));
     }
@@ -213,16 +220,25 @@ fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
     if reply.errno == 0 && first.is_none() {
         return Err(Error::Protocol("success without a socket"));
     }
+    let mut extra: [Option<OwnedFd>; sys::MAX_FDS - 1] = Default::default();
     if reply.errno != 0 {
         first = None;
+    } else if reply.op == Op::SocketBatch {
+        // Only a batch reply may carry more than one; anything else extra
+        // is closed here (dropped with `rest`).
+        extra = rest;
     }
-    Ok(Answer { reply, fd: first })
+    Ok(Answer {
+        reply,
+        fd: first,
+        extra,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use graft_core::proto::broker::{Op, Reason};
+    use graft_core::proto::broker::Reason;
     use nix::sys::socket::{
         recv, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
         UnixAddr,
@@ -291,6 +307,29 @@ mod tests {
         let fd = a.fd.expect("the socket");
         let flags = sys::sys_fcntl(fd.as_raw_fd(), libc::F_GETFD, 0).unwrap();
         assert_ne!(flags & libc::FD_CLOEXEC, 0, "received close-on-exec");
+        assert!(
+            a.extra.iter().all(Option::is_none),
+            "not a batch: extras closed"
+        );
+    }
+
+    #[test]
+    fn a_batch_reply_keeps_every_socket() {
+        let a = answer(
+            encoded(Reply::ok(Op::SocketBatch, &[2, 0, 0, 80, 127, 0, 0, 1])),
+            10,
+        )
+        .unwrap();
+        assert!(a.fd.is_some());
+        assert_eq!(
+            a.extra.iter().filter(|f| f.is_some()).count(),
+            7,
+            "8 kept, 2 closed"
+        );
+        for f in a.extra.iter().flatten() {
+            let flags = sys::sys_fcntl(f.as_raw_fd(), libc::F_GETFD, 0).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        }
     }
 
     #[test]

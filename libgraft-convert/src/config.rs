@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use graft_core::rules::{RuleError, RuleSet};
 use graft_core::{
     DEFAULT_BROKER_NAME, ENV_BROKER, ENV_EGRESS, ENV_EGRESS_EXCLUDE, ENV_GETSOCKNAME, ENV_INGRESS,
-    ENV_VERBOSE,
+    ENV_POOL, ENV_VERBOSE,
 };
 
 /// Everything the interposed calls consult.
@@ -20,6 +20,9 @@ pub struct Config {
     pub getsockname_app: bool,
     /// The broker's abstract name, without the leading NUL.
     pub broker: String,
+    /// Egress sockets without options come from the per-process pool
+    /// (`GRAFT_POOL`, default on; "0" turns it off).
+    pub pool: bool,
 }
 
 impl Config {
@@ -73,12 +76,14 @@ impl Config {
             ));
         }
         let verbose = matches!(get(ENV_VERBOSE).as_deref(), Some(v) if !v.is_empty() && v != "0");
+        let pool = get(ENV_POOL).as_deref() != Some("0");
         Config {
             rules,
             bad,
             verbose,
             getsockname_app,
             broker,
+            pool,
         }
     }
 

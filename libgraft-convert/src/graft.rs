@@ -13,6 +13,7 @@ use libc::c_int;
 use crate::broker;
 use crate::config::{self, Config};
 use crate::log::say;
+use crate::pool;
 use crate::{addr, sys, table};
 
 /// The intercepted call a decision is made for.
@@ -526,7 +527,18 @@ fn graft(
         return Err(e);
     }
     let fam = if ep_v6 { "ipv6" } else { "ipv4" };
-    let answer = match broker::ask(&cfg.broker, &req) {
+    // An egress socket whose whole history we saw and that carries no
+    // option is like any other of its kind: it may come from the pool.
+    let poolable = purpose == Purpose::Egress
+        && cfg.pool
+        && req.nopts == 0
+        && table::recorded_opts(fd).is_some();
+    let asked = if poolable {
+        pool::ask(&cfg.broker, &req, pack_kind(k), cfg.verbose)
+    } else {
+        broker::ask(&cfg.broker, &req)
+    };
+    let answer = match asked {
         Ok(a) => a,
         Err(broker::Error::Unreachable(_)) => {
             say!(

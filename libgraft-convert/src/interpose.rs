@@ -32,9 +32,10 @@ extern "C" fn constructor() {
         sys::resolve_all();
         config::init();
     });
-    // SAFETY: the handlers only bump an atomic counter, which is valid in
-    // any state of either process.
-    unsafe { libc::pthread_atfork(None, Some(after_fork), Some(after_fork)) };
+    // SAFETY: the handlers only touch atomics and make raw system calls
+    // (the child's closes its pooled sockets), valid in any state of
+    // either process.
+    unsafe { libc::pthread_atfork(None, Some(after_fork), Some(after_fork_child)) };
     INSIDE.set(false);
 }
 
@@ -43,6 +44,13 @@ extern "C" fn constructor() {
 /// sees, so their option records stop being trusted.
 extern "C" fn after_fork() {
     table::forked();
+}
+
+/// After fork(), in the child: as [`after_fork`], and the pooled egress
+/// sockets are the parent's, so the child's copies are closed.
+extern "C" fn after_fork_child() {
+    table::forked();
+    crate::pool::forked_child();
 }
 
 /// Runs a decision; a panic (a bug) fails the call rather than unwinding

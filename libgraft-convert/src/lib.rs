@@ -33,6 +33,22 @@
 //!   `"\0" + $GRAFT_BROKER` (default `graft/broker`) in the current network
 //!   namespace; the reply carries the host socket, which is `dup3`'d over the
 //!   application's descriptor keeping O_NONBLOCK and FD_CLOEXEC.
+//! * **Egress socket pool** ([`pool`]; `GRAFT_POOL=0` turns it off, default
+//!   on): an egress graft of a socket whose whole history the library saw
+//!   and that carries no option is served from a per-process pool of
+//!   sockets graftd made in advance, keyed by (endpoint, family, type,
+//!   protocol); an empty pool asks with one `SocketBatch` request for up to
+//!   8 sockets, uses one and keeps the rest. At most 4 keys of 8 sockets,
+//!   close-on-exec, at high descriptor numbers the application never sees
+//!   (the pooled socket is `dup3`'d over its descriptor like a fresh one);
+//!   a busy pool (another thread, a signal handler) falls back to one
+//!   request, never waits. A fork()ed child closes its inherited copies at
+//!   once. Consequences: each pooled socket holds an ephemeral port on the
+//!   endpoint's address from the moment it is made, and an endpoint removed
+//!   with `ip graft del` can still hand out up to 7 pooled sockets per
+//!   process until they are used (with graft-ebpf, deleting an endpoint
+//!   already makes its sockets refused on connect). Sockets with options,
+//!   ingress sockets and sockets of unknown history always take a request.
 //! * **Which options**: for a socket our `socket()` made, `setsockopt()`
 //!   records (per descriptor, one bit per option of
 //!   `graft_core::sockopt::SNAPSHOT`, only when the call succeeded) which
@@ -97,7 +113,8 @@
 //! cannot be intercepted by any preload library; the `graft` launcher warns.
 //!
 //! Unsafe code lives in [`sys`] (the C boundary), [`table`] (mmap'd pages),
-//! the configuration pointer in `config`, and the exported functions.
+//! the configuration pointer in `config`, taking a pooled descriptor back in
+//! [`pool`], and the exported functions.
 
 // Unit tests build without the exported functions (the test binary must not
 // interpose on itself), which leaves the code they call unused there.
@@ -110,5 +127,6 @@ mod graft;
 #[cfg(not(test))]
 mod interpose;
 mod log;
+mod pool;
 mod sys;
 mod table;

@@ -454,16 +454,20 @@ pub fn sys_send(fd: RawFd, b: &[u8]) -> Result<usize, c_int> {
 pub struct Received {
     pub len: usize,
     pub flags: c_int,
-    /// The first SCM_RIGHTS descriptor; any others were closed.
-    pub fd: Option<OwnedFd>,
+    /// The SCM_RIGHTS descriptors, in order; past [`MAX_FDS`] they were closed.
+    pub fds: [Option<OwnedFd>; MAX_FDS],
 }
 
+/// Most descriptors one received record keeps (a socket batch).
+pub const MAX_FDS: usize = graft_core::proto::broker::BATCH_MAX;
+
 /// Receives one record and its SCM_RIGHTS descriptors (close-on-exec),
-/// keeping the first and closing the rest. Bounded EINTR retries; the
+/// keeping the first [`MAX_FDS`] and closing the rest. Bounded EINTR retries; the
 /// socket's SO_RCVTIMEO bounds the wait.
 pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
-    // Room for one cmsg with 4 ints, aligned for cmsghdr.
-    let mut cbuf = [0u64; 8];
+    // Room for one cmsg with 16 ints (twice a batch, so a longer one is
+    // still received and closed rather than truncated), aligned for cmsghdr.
+    let mut cbuf = [0u64; 12];
     for _ in 0..64 {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -492,8 +496,9 @@ pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
         let mut out = Received {
             len: n,
             flags: msg.msg_flags,
-            fd: None,
+            fds: Default::default(),
         };
+        let mut kept = 0;
         // SAFETY: msg was filled by the kernel; the CMSG_* macros walk the
         // control buffer it describes and never leave it.
         unsafe {
@@ -505,9 +510,10 @@ pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
                         ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                     for i in 0..payload / std::mem::size_of::<c_int>() {
                         let f = std::ptr::read_unaligned(data.add(i));
-                        if out.fd.is_none() {
+                        if kept < MAX_FDS {
                             // The kernel just installed f for us; nobody else owns it.
-                            out.fd = Some(OwnedFd::from_raw_fd(f));
+                            out.fds[kept] = Some(OwnedFd::from_raw_fd(f));
+                            kept += 1;
                         } else {
                             sys_close(f);
                         }

@@ -3,7 +3,8 @@
 //!
 //! Request (`REQUEST_LEN` bytes exactly):
 //! ```text
-//!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup)
+//!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup,
+//!                                                   3 = socket batch)
 //!  8 [u8;16] endpoint name, NUL-padded
 //! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
 //! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
@@ -16,6 +17,14 @@
 //! 16 i32 option level, 20 i32 option name (of a refused option)
 //! 24 u32 address length          28 [u8; 128] sockaddr (bound address)
 //! ```
+//!
+//! `SocketBatch` asks for up to [`BATCH_MAX`] egress sockets made exactly
+//! as one `Socket` request would make them (a per-process prefetch pool in
+//! the preload library). Its request must have purpose egress and no
+//! options (decoding refuses anything else); its reply has the layout
+//! above, the address being the first socket's, and carries between 1 and
+//! [`BATCH_MAX`] sockets in one SCM_RIGHTS message: the receiver counts
+//! them from the control message, and asks each one for its own address.
 
 use libc::c_int;
 
@@ -35,6 +44,8 @@ pub const REQUEST_LEN: usize = HEADER_LEN + MAX_OPTS * OPT_LEN;
 pub const ADDR_MAX: usize = 128;
 /// Size of every reply.
 pub const REPLY_LEN: usize = 28 + ADDR_MAX;
+/// Most sockets one `SocketBatch` reply carries.
+pub const BATCH_MAX: usize = 8;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +54,8 @@ pub enum Op {
     Socket = 1,
     /// Whether the endpoint exists (and its address); no socket.
     Lookup = 2,
+    /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
+    SocketBatch = 3,
 }
 
 /// Which side of the application asked.
@@ -162,6 +175,8 @@ pub enum DecodeError {
     OptCount(u16),
     #[error("option {0} has length {1} (at most {OPT_VALUE_MAX})")]
     OptLen(usize, u32),
+    #[error("a socket batch must be for egress and carry no options")]
+    Batch,
     #[error("unused bytes are not zero")]
     Padding,
     #[error("unknown failure reason {0}")]
@@ -201,6 +216,7 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
     match v {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
+        3 => Ok(Op::SocketBatch),
         _ => Err(DecodeError::Op(v)),
     }
 }
@@ -289,6 +305,9 @@ impl Request {
         let nopts = rd_u16(b, 38);
         if nopts as usize > MAX_OPTS {
             return Err(DecodeError::OptCount(nopts));
+        }
+        if op == Op::SocketBatch && (purpose != Purpose::Egress || nopts != 0) {
+            return Err(DecodeError::Batch);
         }
         let mut req = Request::new(
             op,
@@ -462,6 +481,39 @@ mod tests {
         let mut b = buf;
         b[8..24].fill(0);
         assert_eq!(Request::decode(&b), Err(DecodeError::Name));
+    }
+
+    #[test]
+    fn socket_batch_is_egress_without_options() {
+        let mut r = Request::new(
+            Op::SocketBatch,
+            EndpointName::new("ep-out").unwrap(),
+            libc::AF_INET6,
+            libc::SOCK_STREAM,
+            libc::IPPROTO_TCP,
+            Purpose::Egress,
+        );
+        let mut buf = [0u8; REQUEST_LEN];
+        r.encode(&mut buf);
+        assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 3);
+        assert_eq!(Request::decode(&buf).unwrap(), r);
+        let mut b = buf;
+        b[36] = 0;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Batch), "ingress");
+        let mut b = buf;
+        b[36] = 7;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Purpose(7)));
+        assert!(r.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &1i32.to_le_bytes()));
+        r.encode(&mut buf);
+        assert_eq!(Request::decode(&buf), Err(DecodeError::Batch), "options");
+        let mut b = buf;
+        b[6] = 4;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Op(4)));
+
+        let rep = Reply::ok(Op::SocketBatch, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut out = [0u8; REPLY_LEN];
+        rep.encode(&mut out);
+        assert_eq!(Reply::decode(&out).unwrap(), rep);
     }
 
     #[test]
