@@ -859,7 +859,12 @@ fn escapes(family: i32) -> Vec<(&'static str, i32, i32, Vec<u8>)> {
             libc::IP_TRANSPARENT,
             one().to_vec(),
         ));
-        v.push(("IP_FREEBIND", libc::SOL_IP, libc::IP_FREEBIND, one().to_vec()));
+        v.push((
+            "IP_FREEBIND",
+            libc::SOL_IP,
+            libc::IP_FREEBIND,
+            one().to_vec(),
+        ));
     } else {
         v.push((
             "IPV6_TRANSPARENT",
@@ -918,14 +923,23 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
         c.register_socket(s.as_fd(), &ep).unwrap();
         for (what, level, name, val) in escapes(family) {
             let e = setopt(&s, level, name, &val).unwrap_err();
-            assert_eq!(errno(&e), libc::EPERM, "{what} on marked {family}/{ty}: {e}");
+            assert_eq!(
+                errno(&e),
+                libc::EPERM,
+                "{what} on marked {family}/{ty}: {e}"
+            );
             refused += 1;
         }
         assert_eq!(getopt_int(&s, libc::SOL_SOCKET, libc::SO_MARK), 0);
         assert_eq!(getopt_int(&s, libc::SOL_SOCKET, SO_BINDTOIFINDEX), 0);
         // Ordinary options still reach the kernel.
-        setopt(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, &65536i32.to_ne_bytes())
-            .expect("SO_RCVBUF on a marked socket");
+        setopt(
+            &s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &65536i32.to_ne_bytes(),
+        )
+        .expect("SO_RCVBUF on a marked socket");
         assert!(getopt_int(&s, libc::SOL_SOCKET, libc::SO_RCVBUF) >= 65536);
         if ty == libc::SOCK_STREAM {
             setopt(&s, libc::IPPROTO_TCP, libc::TCP_NODELAY, &one())
@@ -1034,7 +1048,11 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
     let remote: i32 = line.trim().parse().expect("child's fd number");
     // SAFETY: pidfd_open(2) on our own live child; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) } as i32;
-    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: pidfd is a descriptor we own from here on.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // SAFETY: pidfd_getfd(2) with a valid pidfd; the result is checked.
@@ -1044,8 +1062,13 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
     let foreign = unsafe { OwnedFd::from_raw_fd(fd) };
     c.register_socket(foreign.as_fd(), &ep).unwrap();
     assert!(c.socket_endpoint(foreign.as_fd()).is_some());
-    setopt(&foreign, libc::SOL_SOCKET, libc::SO_MARK, &7i32.to_ne_bytes())
-        .expect("SO_MARK on a marked socket of another cgroup");
+    setopt(
+        &foreign,
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        &7i32.to_ne_bytes(),
+    )
+    .expect("SO_MARK on a marked socket of another cgroup");
     assert_eq!(getopt_int(&foreign, libc::SOL_SOCKET, libc::SO_MARK), 7);
     drop(stdin);
     assert!(child.wait().unwrap().success());
