@@ -829,7 +829,8 @@ fn one() -> [u8; 4] {
     1i32.to_ne_bytes()
 }
 
-/// The options graftd refuses in broker requests, for a socket of `family`:
+/// The options graftd refuses in broker requests that a socket of `family`
+/// accepts:
 /// (label, level, name, value).
 fn escapes(family: i32) -> Vec<(&'static str, i32, i32, Vec<u8>)> {
     let mut v = vec![
@@ -852,20 +853,21 @@ fn escapes(family: i32) -> Vec<(&'static str, i32, i32, Vec<u8>)> {
             7i32.to_ne_bytes().to_vec(),
         ),
     ];
-    if family == libc::AF_INET {
-        v.push((
-            "IP_TRANSPARENT",
-            libc::SOL_IP,
-            libc::IP_TRANSPARENT,
-            one().to_vec(),
-        ));
-        v.push((
-            "IP_FREEBIND",
-            libc::SOL_IP,
-            libc::IP_FREEBIND,
-            one().to_vec(),
-        ));
-    } else {
+    // The IPv4 level applies to IPv6 sockets too (the kernel hands SOL_IP
+    // down to ip_setsockopt), so both families get these.
+    v.push((
+        "IP_TRANSPARENT",
+        libc::SOL_IP,
+        libc::IP_TRANSPARENT,
+        one().to_vec(),
+    ));
+    v.push((
+        "IP_FREEBIND",
+        libc::SOL_IP,
+        libc::IP_FREEBIND,
+        one().to_vec(),
+    ));
+    if family == libc::AF_INET6 {
         v.push((
             "IPV6_TRANSPARENT",
             libc::SOL_IPV6,
@@ -956,9 +958,12 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
         assert_eq!(getopt_int(&u, libc::SOL_SOCKET, libc::SO_MARK), 7);
     }
 
-    // An option value larger than a page passes through whole (the program
-    // sees only the first page and must hand the original back): TCP_CONGESTION
-    // reads a name up to its first NUL, so a long zero-padded buffer works.
+    // An option value larger than a page passes through whole: the program
+    // sees only the first page and hands the original back (optlen 0).
+    // Kernels since 6.5 fall back to the original on their own, so there
+    // this only shows the guard does not break long values; before 6.5 it
+    // would fail with EFAULT without that. TCP_CONGESTION reads a name up to
+    // its first NUL, so a long zero-padded buffer is a valid value.
     let s = socket(libc::AF_INET, libc::SOCK_STREAM);
     c.register_socket(s.as_fd(), &ep).unwrap();
     let mut big = vec![0u8; 3 * 4096];
