@@ -75,6 +75,13 @@
 //!   cgroup). `getsockopt` is not hooked: reading is harmless. Without the
 //!   companion (`graftd --no-ebpf`, or a kernel that refused to load it) the
 //!   guard is absent and only the broker's check remains.
+//! * Known hole: the kernel runs the cgroup setsockopt hook only for native
+//!   system calls (`do_sock_setsockopt` skips it when `in_compat_syscall()`),
+//!   so a 32-bit x86 program (ia32 emulation, on by default) can still set
+//!   these options on a grafted socket; checked by hand on 6.18 (SO_MARK
+//!   refused from python3, applied from a static i386 binary on the same
+//!   socket). Closing it needs a BPF LSM program (`socket_setsockopt`) or a
+//!   seccomp filter in the container; neither is done here.
 
 mod cgroup;
 pub mod maps;
