@@ -60,6 +60,28 @@
 //! * One owner per socket: if another sk_msg program already owns a socket
 //!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
 //!   returns one line saying so.
+//! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
+//!   graftd refuses `SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
+//!   `IP_TRANSPARENT`, `IPV6_TRANSPARENT`, `IP_FREEBIND` and `IPV6_FREEBIND`
+//!   in requests, but a process holding a grafted host socket could set them
+//!   directly (a Docker container's root keeps `CAP_NET_RAW` in the initial
+//!   user namespace, enough for `SO_BINDTODEVICE`). On a marked socket the
+//!   program refuses them with EPERM, from any process, and counts them in
+//!   `policy_denied`; every other option, and every option on unmarked
+//!   sockets, goes to the kernel untouched. This works because the kernel
+//!   runs the setsockopt hook of the *socket's* cgroup (`sk_cgrp_data`, set
+//!   when graftd created it), not the caller's (checked by
+//!   `tests/companion.rs`, which sets options from a process in another
+//!   cgroup). `getsockopt` is not hooked: reading is harmless. Without the
+//!   companion (`graftd --no-ebpf`, or a kernel that refused to load it) the
+//!   guard is absent and only the broker's check remains.
+//! * Known hole: the kernel runs the cgroup setsockopt hook only for native
+//!   system calls (`do_sock_setsockopt` skips it when `in_compat_syscall()`),
+//!   so a 32-bit x86 program (ia32 emulation, on by default) can still set
+//!   these options on a grafted socket; checked by hand on 6.18 (SO_MARK
+//!   refused from python3, applied from a static i386 binary on the same
+//!   socket). Closing it needs a BPF LSM program (`socket_setsockopt`) or a
+//!   seccomp filter in the container; neither is done here.
 
 mod cgroup;
 pub mod maps;
@@ -69,7 +91,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, SkStorage, SockHash};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
@@ -220,6 +242,9 @@ impl Companion {
         }
         let so: &mut SockOps = prog(&mut ebpf, "graft_sockops")?;
         so.load().map_err(bpf_err("load program graft_sockops"))?;
+        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
+        sso.load()
+            .map_err(bpf_err("load program graft_setsockopt"))?;
 
         let socks = if opts.splice {
             let socks: SockHash<MapData, [u8; 56]> = take(&mut ebpf, "graft_socks")?;
@@ -256,6 +281,12 @@ impl Companion {
         so.attach(&placement.fd, CgroupAttachMode::Single)
             .map_err(bpf_err(format!(
                 "attach graft_sockops to cgroup {}",
+                placement.dir.display()
+            )))?;
+        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
+        sso.attach(&placement.fd, CgroupAttachMode::Single)
+            .map_err(bpf_err(format!(
+                "attach graft_setsockopt to cgroup {}",
                 placement.dir.display()
             )))?;
         Ok(Companion {

@@ -1,7 +1,8 @@
 //! End-to-end tests of graft-ebpf inside graftd (issue 6): the in-kernel
 //! egress policy (EPERM from connect()/sendto() of a grafted program, other
 //! programs untouched), the per-endpoint counters of `ip -s graft show`,
-//! splicing (`graftd --splice`) of grafted↔grafted connections, and graftd
+//! splicing (`graftd --splice`) of grafted↔grafted connections, the
+//! setsockopt guard (escape options refused on grafted sockets), and graftd
 //! without eBPF (`--no-ebpf`).
 //!
 //! The applications are python3 scripts run under `graft` inside namespaces
@@ -117,6 +118,32 @@ elif mode == "probe":
         print(f"{proto} {port} ok", flush=True)
     except OSError as e:
         print(f"{proto} {port} {errno.errorcode.get(e.errno, e.errno)}", flush=True)
+elif mode == "sockopt":
+    # sockopt HOST PORT: the escape options on a connected (grafted)
+    # socket, one line each, then an ordinary option and an echo.
+    host, port = sys.argv[2], int(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=30)
+    for name, level, opt, val in [
+        ("SO_BINDTODEVICE", socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo"),
+        ("SO_MARK", socket.SOL_SOCKET, socket.SO_MARK, 7),
+    ]:
+        try:
+            s.setsockopt(level, opt, val)
+            print(f"{name} ok", flush=True)
+        except OSError as e:
+            print(f"{name} {type(e).__name__} {errno.errorcode.get(e.errno, e.errno)}", flush=True)
+    print("mark", s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK), flush=True)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    print("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
+    s.sendall(b"still flowing")
+    s.shutdown(socket.SHUT_WR)
+    back = b""
+    while True:
+        b = s.recv(64)
+        if not b:
+            break
+        back += b
+    print("echo", back.decode(), flush=True)
 "#;
 
 struct Env {
@@ -773,5 +800,95 @@ fn no_ebpf_says_so_once_and_works() {
         log.matches("eBPF companion disabled (--no-ebpf)").count(),
         1,
         "{log}"
+    );
+}
+
+/// A host TCP server that echoes one connection, on 127.0.0.1.
+fn host_echo_once() -> (u16, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let port = l.local_addr().expect("addr").port();
+    let t = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        l.set_nonblocking(true).expect("nonblocking");
+        let start = Instant::now();
+        let (mut c, _) = loop {
+            match l.accept() {
+                Ok(c) => break c,
+                Err(_) if start.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("echo server: no connection: {e}"),
+            }
+        };
+        c.set_nonblocking(false).expect("blocking");
+        c.set_read_timeout(Some(LIMIT)).expect("timeout");
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).expect("echo read");
+        c.write_all(&buf).expect("echo write");
+    });
+    (port, t)
+}
+
+fn sockopt_probe(env: &Env, ns: &Netns) -> String {
+    env.add(
+        ns,
+        &[
+            "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
+        ],
+    );
+    let (port, server) = host_echo_once();
+    let out = ok(
+        env.app(
+            ns,
+            &["-e", "0.0.0.0/0=ep-out4"],
+            &["sockopt", "127.0.0.1", &port.to_string()],
+        ),
+        "sockopt app",
+    );
+    server.join().expect("echo server");
+    out
+}
+
+/// A grafted program cannot set the options graftd refuses in broker
+/// requests directly on its host socket: the companion's cgroup/setsockopt
+/// refuses them with EPERM, while ordinary options and the data still work.
+#[test]
+fn setsockopt_escape_options_refused_on_grafted_socket() {
+    let test = "setsockopt_escape_options_refused_on_grafted_socket";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let ns = Netns::new("sso");
+    let out = sockopt_probe(&env, &ns);
+    assert_eq!(
+        out,
+        "SO_BINDTODEVICE PermissionError EPERM\n\
+         SO_MARK PermissionError EPERM\n\
+         mark 0\n\
+         nodelay 1\n\
+         echo still flowing\n"
+    );
+    assert_eq!(env.stats(&ns, "ep-out4")["policy_denied"], 2);
+}
+
+/// The same program with `graftd --no-ebpf`: the kernel applies both
+/// options (root holds CAP_NET_RAW and CAP_NET_ADMIN for the host socket),
+/// which shows that the refusal above comes from the eBPF guard.
+#[test]
+fn setsockopt_escape_options_not_refused_without_ebpf() {
+    let test = "setsockopt_escape_options_not_refused_without_ebpf";
+    let Some(env) = Env::new(test, &["--no-ebpf"]) else {
+        return;
+    };
+    let ns = Netns::new("ssn");
+    let out = sockopt_probe(&env, &ns);
+    assert_eq!(
+        out,
+        "SO_BINDTODEVICE ok\n\
+         SO_MARK ok\n\
+         mark 7\n\
+         nodelay 1\n\
+         echo still flowing\n"
     );
 }

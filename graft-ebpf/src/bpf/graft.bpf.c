@@ -13,6 +13,11 @@
  *    insertion of established grafted sockets into graft_socks.
  *  - sk_msg (attached to graft_socks): redirects each send into the peer's
  *    receive queue when the peer is a grafted socket of this host too.
+ *  - cgroup/setsockopt: refuses, on grafted sockets, the options graftd
+ *    refuses in broker requests (they would move the socket off the host
+ *    addresses its endpoint grants). The kernel runs this hook by the
+ *    socket's cgroup, not the caller's, so it sees the container processes
+ *    that hold grafted sockets.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -21,6 +26,24 @@
 #include <bpf/bpf_endian.h>
 
 #include "graft.h"
+
+#ifndef SOL_SOCKET
+#define SOL_SOCKET 1
+#endif
+#ifndef SOL_IP
+#define SOL_IP 0
+#endif
+#ifndef SOL_IPV6
+#define SOL_IPV6 41
+#endif
+/* asm-generic/socket.h: not reachable from a -target bpf build. */
+#define GRAFT_SO_BINDTODEVICE 25
+#define GRAFT_SO_MARK 36
+#define GRAFT_SO_BINDTOIFINDEX 62
+/* The hook sees at most this much of optval (the kernel's PAGE_SIZE; 4096 is
+ * the smallest, and a larger page only makes the fallback below kick in for
+ * options nobody sets that big). */
+#define GRAFT_SOCKOPT_MAX 4096
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -434,4 +457,48 @@ int graft_sk_msg(struct sk_msg_md *msg)
 			__sync_fetch_and_add(&c->bytes_received, size);
 	}
 	return SK_PASS;
+}
+
+/* ------------------------------------------------------------ setsockopt */
+
+/* graft_core::sockopt's Class::Refuse options: each lets the holder of a
+ * host socket pick an interface, a routing mark, or addresses the host does
+ * not own, i.e. step outside what its endpoint grants. */
+static __always_inline int escape_option(__s32 level, __s32 optname)
+{
+	switch (level) {
+	case SOL_SOCKET:
+		return optname == GRAFT_SO_BINDTODEVICE ||
+		       optname == GRAFT_SO_BINDTOIFINDEX ||
+		       optname == GRAFT_SO_MARK;
+	case SOL_IP:
+		return optname == IP_TRANSPARENT || optname == IP_FREEBIND;
+	case SOL_IPV6:
+		return optname == IPV6_TRANSPARENT || optname == IPV6_FREEBIND;
+	}
+	return 0;
+}
+
+SEC("cgroup/setsockopt")
+int graft_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct graft_counters *c;
+	struct graft_sk *gs;
+
+	if (escape_option(ctx->level, ctx->optname)) {
+		gs = bpf_sk_storage_get(&graft_sk_map, ctx->sk, 0, 0);
+		if (gs) {
+			c = counters(gs->endpoint);
+			if (c)
+				__sync_fetch_and_add(&c->policy_denied, 1);
+			return 0; /* EPERM */
+		}
+	}
+	/* Untouched: the kernel applies the caller's own buffer. The program
+	 * is shown only the first page of a larger optval; optlen 0 says
+	 * "use the original", where leaving it would fail the call (EFAULT)
+	 * on kernels before 6.5. */
+	if (ctx->optlen > GRAFT_SOCKOPT_MAX)
+		ctx->optlen = 0;
+	return 1;
 }
