@@ -440,3 +440,59 @@ pub fn wait_line(r: impl Read + Send + 'static, needle: &str, limit: Duration) -
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| panic!("no line containing {needle:?} within {limit:?}"))
 }
+
+/// Bytes as text (lossy), for assertions and failure messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `cmd` to completion within `limit` (killing it past that), capturing
+/// stdout and stderr; `on_start`, if given, gets the child's stdin while it
+/// runs (then it is closed).
+pub fn output_within(
+    mut cmd: Command,
+    what: &str,
+    limit: Duration,
+    on_start: Option<Box<dyn FnOnce(std::process::ChildStdin)>>,
+) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if on_start.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut p = Proc::spawn(cmd, what);
+    let mut so = p.child.stdout.take().expect("stdout is piped");
+    let mut se = p.child.stderr.take().expect("stderr is piped");
+    // Both pipes are drained concurrently so a chatty child never blocks.
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    if let Some(f) = on_start {
+        f(p.child.stdin.take().expect("stdin is piped"));
+    }
+    let status = p.wait_timeout(limit);
+    Output {
+        status,
+        stdout: t1.join().expect("stdout reader"),
+        stderr: t2.join().expect("stderr reader"),
+    }
+}
+
+/// [`output_within`], asserting success; returns (stdout, stderr).
+pub fn output_ok_within(cmd: Command, what: &str, limit: Duration) -> (String, String) {
+    let o = output_within(cmd, what, limit, None);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    (text(&o.stdout), text(&o.stderr))
+}

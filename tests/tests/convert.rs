@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_tests::{
-    bin, have_or_skip, preload_lib, root_or_skip, unique, wait_tcp, wait_until, Graftd, Netns, Proc,
+    bin, have_or_skip, preload_lib, root_or_skip, text, unique, wait_tcp, wait_until, Graftd,
+    Netns, Proc,
 };
 
 const PY: &str = "/usr/bin/python3";
@@ -77,44 +78,13 @@ impl Drop for Env {
 }
 
 /// Runs a command to completion within `limit`, capturing its output.
-fn output(mut cmd: Command, what: &str, limit: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut p = Proc::spawn(cmd, what);
-    let mut so = p.child.stdout.take().expect("stdout");
-    let mut se = p.child.stderr.take().expect("stderr");
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let status = p.wait_timeout(limit);
-    Output {
-        status,
-        stdout: t1.join().expect("stdout reader"),
-        stderr: t2.join().expect("stderr reader"),
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn output(cmd: Command, what: &str, limit: Duration) -> Output {
+    graft_tests::output_within(cmd, what, limit, None)
 }
 
 /// Output with a successful exit; returns (stdout, stderr).
 fn output_ok(cmd: Command, what: &str) -> (String, String) {
-    let o = output(cmd, what, LIMIT);
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    (text(&o.stdout), text(&o.stderr))
+    graft_tests::output_ok_within(cmd, what, LIMIT)
 }
 
 /// The lines a preload library or launcher printed.

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_tests::{bin, have_or_skip, root_or_skip, unique, Graftd, Netns, Proc};
+use graft_tests::{bin, have_or_skip, root_or_skip, text, unique, Graftd, Netns, Proc};
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(90);
@@ -226,31 +226,8 @@ impl Drop for Env {
     }
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn run_bounded(mut cmd: Command, what: &str) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut p = Proc::spawn(cmd, what);
-    let mut so = p.child.stdout.take().expect("stdout");
-    let mut se = p.child.stderr.take().expect("stderr");
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut so, &mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut se, &mut v);
-        v
-    });
-    let status = p.wait_timeout(LIMIT);
-    Output {
-        status,
-        stdout: t1.join().unwrap_or_default(),
-        stderr: t2.join().unwrap_or_default(),
-    }
+fn run_bounded(cmd: Command, what: &str) -> Output {
+    graft_tests::output_within(cmd, what, LIMIT, None)
 }
 
 fn ok(cmd: Command, what: &str) -> String {

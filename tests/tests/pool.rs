@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use graft_tests::{bin, have_or_skip, root_or_skip, unique, wait_until, Graftd, Netns, Proc};
+use graft_tests::{bin, have_or_skip, root_or_skip, text, unique, wait_until, Graftd, Netns};
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(60);
@@ -94,55 +94,18 @@ impl Drop for Env {
     }
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// Runs to completion within [`LIMIT`], asserting success; (stdout, stderr).
 fn output_ok(cmd: Command, what: &str) -> (String, String) {
-    let o = output(cmd, what, None);
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    (text(&o.stdout), text(&o.stderr))
+    graft_tests::output_ok_within(cmd, what, LIMIT)
 }
 
 /// Runs `cmd`; `on_start` gets its stdin (then dropped) while it runs.
 fn output(
-    mut cmd: Command,
+    cmd: Command,
     what: &str,
     on_start: Option<Box<dyn FnOnce(std::process::ChildStdin)>>,
 ) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    if on_start.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut p = Proc::spawn(cmd, what);
-    let mut so = p.child.stdout.take().expect("stdout");
-    let mut se = p.child.stderr.take().expect("stderr");
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    if let Some(f) = on_start {
-        f(p.child.stdin.take().expect("stdin"));
-    }
-    let status = p.wait_timeout(LIMIT);
-    Output {
-        status,
-        stdout: t1.join().expect("stdout reader"),
-        stderr: t2.join().expect("stderr reader"),
-    }
+    graft_tests::output_within(cmd, what, LIMIT, on_start)
 }
 
 /// A host server: answers a request with [`BODY`]; a connection that
