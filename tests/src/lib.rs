@@ -496,3 +496,97 @@ pub fn output_ok_within(cmd: Command, what: &str, limit: Duration) -> (String, S
     );
     (text(&o.stdout), text(&o.stderr))
 }
+
+/// One test's world: a namespace with only loopback, a private graftd and a
+/// scratch directory, all removed on drop. Most end-to-end tests start here.
+pub struct Env {
+    pub ns: Netns,
+    pub d: Graftd,
+    pub dir: PathBuf,
+}
+
+impl Env {
+    /// A new world for `test`, or `None` (with the one skip line) when not
+    /// root or when one of `needs` is not installed.
+    pub fn new(test: &str, needs: &[&str]) -> Option<Env> {
+        Self::with_graftd(test, needs, &[])
+    }
+
+    /// Like [`Env::new`], with extra graftd arguments.
+    pub fn with_graftd(test: &str, needs: &[&str], graftd_args: &[&str]) -> Option<Env> {
+        if !root_or_skip(test) || !needs.iter().all(|p| have_or_skip(test, p)) {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(unique("graft-env-"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Some(Env {
+            ns: Netns::new("env"),
+            d: Graftd::start_with(graftd_args),
+            dir,
+        })
+    }
+
+    /// `ip graft add SPEC` inside the namespace, SPEC written as a user types
+    /// it: `env.add("ep-in4 type ipv4 addr 127.0.0.1 port 8080")`.
+    pub fn add(&self, spec: &str) {
+        self.add_in(&self.ns, spec);
+    }
+
+    /// `ip graft add SPEC` inside another namespace.
+    pub fn add_in(&self, ns: &Netns, spec: &str) {
+        let mut a = vec!["add"];
+        a.extend(spec.split_whitespace());
+        self.d.ip_graft_ok(Some(ns), &a);
+    }
+
+    /// `ip graft ARGS` inside the namespace, as text (`"-j show"`), asserting
+    /// success; returns stdout.
+    pub fn ip_graft(&self, args: &str) -> String {
+        let a: Vec<&str> = args.split_whitespace().collect();
+        self.d.ip_graft_ok(Some(&self.ns), &a)
+    }
+
+    /// `graft ARGS` inside the namespace, as a user runs it.
+    pub fn graft(&self, args: &[&str]) -> Command {
+        let mut c = self.ns.cmd(bin("graft"));
+        c.args(args).stdin(Stdio::null());
+        self.d.apply(&mut c);
+        c
+    }
+
+    /// Writes a file into the scratch directory with `@NAME@` placeholders
+    /// filled in; returns its path.
+    pub fn script(&self, name: &str, body: &str, vars: &[(&str, String)]) -> String {
+        let mut text = body.to_owned();
+        for (k, v) in vars {
+            text = text.replace(&format!("@{k}@"), v);
+        }
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write script");
+        p.display().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP and UDP port free on the host's loopback right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    let p = l.local_addr().expect("addr").port();
+    let u = std::net::UdpSocket::bind(("127.0.0.1", p)).ok();
+    drop(u);
+    p
+}
+
+/// The lines a preload library, launcher or graftd client printed.
+pub fn graft_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("graft: "))
+        .map(str::to_owned)
+        .collect()
+}
