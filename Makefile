@@ -11,7 +11,8 @@ PROFILE ?= debug
 DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
 	iperf3 nginx-light curl socat python3 netcat-openbsd \
 	clang llvm libbpf-dev bpftool \
-	wrk debootstrap gnuplot-nox jq
+	wrk debootstrap gnuplot-nox jq \
+	golang-go musl-tools busybox-static
 
 .PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall clean
 
@@ -30,11 +31,21 @@ deps:
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
+# The `graft` launcher ships statically linked, so it runs in any image
+# (scratch, distroless, Alpine). cargo cannot set crt-static for one binary
+# of a workspace (it would also hit the preload cdylib and the proc macros),
+# so it is built on its own into target/static; the tests use
+# target/debug/graft-static (they build it themselves when missing).
+STATIC_GRAFT = $(CARGO) rustc -p graft-launcher --bin graft --target-dir target/static
+
 build: deps
 	$(CARGO) build --workspace --all-targets
+	$(STATIC_GRAFT) -- -C target-feature=+crt-static
+	cp target/static/debug/graft target/debug/graft-static
 
 release: deps
 	$(CARGO) build --workspace --release
+	$(STATIC_GRAFT) --release -- -C target-feature=+crt-static
 
 lint: deps
 	$(CARGO) fmt --all -- --check
@@ -65,8 +76,9 @@ bench-quick: release docker-image
 
 install: release
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/graft
-	install -m 0755 target/release/graftd target/release/ip-graft target/release/graft \
+	install -m 0755 target/release/graftd target/release/ip-graft \
 		target/release/docker-ns-exec $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 target/static/release/graft $(DESTDIR)$(PREFIX)/bin/graft
 	install -m 0755 iproute-graft/ip $(DESTDIR)$(PREFIX)/bin/ip
 	install -m 0644 target/release/libgraft_convert.so $(DESTDIR)$(PREFIX)/lib/graft/libgraft-convert.so
 

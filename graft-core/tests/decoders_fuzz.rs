@@ -119,6 +119,33 @@ fn broker_socket_batch_decoder_survives_mutations() {
 }
 
 #[test]
+fn broker_attach_decoder_survives_mutations() {
+    let a = broker::Attach {
+        listener_fd: 4,
+        flags: broker::ATTACH_VERBOSE,
+        ingress: "0.0.0.0:0-65535=ep-in4 :::80=ep-in6".into(),
+        egress: "0.0.0.0/0=ep-out4".into(),
+        exclude: "10.0.0.0/8".into(),
+    };
+    let mut seed = [0u8; broker::REQUEST_LEN];
+    a.encode(&mut seed).expect("fits");
+    let mut rng = Rng(0xa77a_c4ed);
+    let mut accepted = 0;
+    for _ in 0..100_000 {
+        let m = mutate(&mut rng, &seed);
+        assert!(broker::Request::decode(&m).is_err() || m[6] != 4);
+        if let Ok(d) = broker::Attach::decode(&m) {
+            accepted += 1;
+            d.rules().expect("accepted rules parse");
+            let mut again = [0u8; broker::REQUEST_LEN];
+            d.encode(&mut again).expect("fits");
+            assert_eq!(&again[..], &m[..], "canonical encoding");
+        }
+    }
+    assert!(accepted < 100_000, "accepted {accepted}");
+}
+
+#[test]
 fn broker_reply_decoder_survives_mutations() {
     let mut seed = [0u8; broker::REPLY_LEN];
     broker::Reply::ok(broker::Op::Socket, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]).encode(&mut seed);

@@ -11,7 +11,8 @@ use graft_core::rules::{EgressRule, IngressRule, RuleError, RuleSet};
 
 /// One line, printed with usage errors and by `-h`.
 pub const USAGE: &str = "usage: graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... \
-[-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--] COMMAND [ARGS...]";
+[-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp] \
+[--] COMMAND [ARGS...]";
 
 /// What `getsockname()` reports on an ingress-grafted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,17 @@ impl GetsocknamePolicy {
     }
 }
 
+/// How the program's calls are intercepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Preload for dynamically linked glibc programs, seccomp for the rest.
+    Auto,
+    /// `LD_PRELOAD` of libgraft-convert only.
+    Preload,
+    /// A seccomp user-notification filter served by graftd.
+    Seccomp,
+}
+
 /// A parsed command line that runs a program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
@@ -42,6 +54,7 @@ pub struct Args {
     /// Exclusions (`endpoint: None`).
     pub exclude: Vec<EgressRule>,
     pub getsockname: Option<GetsocknamePolicy>,
+    pub mode: Mode,
     /// The program and its arguments; never empty.
     pub command: Vec<OsString>,
 }
@@ -69,6 +82,8 @@ pub enum ArgsError {
     NotUtf8(String),
     #[error("\"{0}\" is not a getsockname policy (host or app)")]
     BadPolicy(String),
+    #[error("\"{0}\" is not a mode (auto, preload or seccomp)")]
+    BadMode(String),
     #[error("no command given")]
     NoCommand,
     #[error("{var} (from the environment): {err}")]
@@ -89,6 +104,7 @@ enum Valued {
     Egress,
     Exclude,
     Getsockname,
+    Mode,
 }
 
 impl Valued {
@@ -108,6 +124,7 @@ impl Valued {
             "egress" => Valued::Egress,
             "exclude" => Valued::Exclude,
             "getsockname" => Valued::Getsockname,
+            "mode" => Valued::Mode,
             _ => return None,
         })
     }
@@ -131,6 +148,14 @@ impl Builder {
                     "app" => GetsocknamePolicy::App,
                     _ => return Err(ArgsError::BadPolicy(v.to_owned())),
                 })
+            }
+            Valued::Mode => {
+                self.args.mode = match v {
+                    "auto" => Mode::Auto,
+                    "preload" => Mode::Preload,
+                    "seccomp" => Mode::Seccomp,
+                    _ => return Err(ArgsError::BadMode(v.to_owned())),
+                }
             }
         }
         Ok(())
@@ -165,6 +190,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, ArgsErr
             egress: Vec::new(),
             exclude: Vec::new(),
             getsockname: None,
+            mode: Mode::Auto,
             command: Vec::new(),
         },
         help: false,
@@ -293,6 +319,21 @@ mod tests {
             Ok(Parsed::Run(a)) => a,
             other => panic!("{v:?} gave {other:?}"),
         }
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(run(&["x"]).mode, Mode::Auto);
+        assert_eq!(run(&["--mode", "seccomp", "x"]).mode, Mode::Seccomp);
+        assert_eq!(run(&["--mode=preload", "x"]).mode, Mode::Preload);
+        assert_eq!(
+            p(&["--mode=static", "x"]),
+            Err(ArgsError::BadMode("static".into()))
+        );
+        assert_eq!(
+            p(&["--mode"]),
+            Err(ArgsError::MissingValue("--mode".into()))
+        );
     }
 
     #[test]

@@ -167,11 +167,6 @@ impl Broker {
 
     /// Asks whether endpoint `ep` exists; returns the reply on success.
     pub fn lookup(&self, ep: EndpointName, family: libc::c_int) -> Result<Reply, CheckError> {
-        let io = |op, err| CheckError::Io {
-            name: self.name.clone(),
-            op,
-            err,
-        };
         let req = Request::new(
             Op::Lookup,
             ep,
@@ -182,7 +177,19 @@ impl Broker {
         );
         let mut out = [0u8; REQUEST_LEN];
         req.encode(&mut out);
-        let sent = socket::send(self.fd.as_raw_fd(), &out, MsgFlags::MSG_NOSIGNAL)
+        self.exchange(&out, Op::Lookup)
+    }
+
+    /// Sends one record and returns the reply, which must be for `op`.
+    /// Only plain `send`/`recv` are used: they stay untrapped under the
+    /// seccomp filter (see `crate::seccomp`).
+    pub fn exchange(&self, out: &[u8; REQUEST_LEN], op: Op) -> Result<Reply, CheckError> {
+        let io = |op, err| CheckError::Io {
+            name: self.name.clone(),
+            op,
+            err,
+        };
+        let sent = socket::send(self.fd.as_raw_fd(), out, MsgFlags::MSG_NOSIGNAL)
             .map_err(|e| io("send", e))?;
         if sent != REQUEST_LEN {
             return Err(io("send", Errno::EMSGSIZE));
@@ -213,7 +220,7 @@ impl Broker {
             Reply::decode(&buf[..n])
         }
         .map_err(bad)?;
-        if reply.op != Op::Lookup {
+        if reply.op != op {
             return Err(bad(DecodeError::Op(reply.op as u16)));
         }
         Ok(reply)

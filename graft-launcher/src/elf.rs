@@ -121,6 +121,57 @@ pub fn inspect(path: &Path) -> io::Result<Linkage> {
     inspect_file(path, true)
 }
 
+/// Longest interpreter path read from `PT_INTERP`.
+const INTERP_MAX: u64 = 4096;
+
+/// The program interpreter (`PT_INTERP`) of an ELF file, e.g.
+/// `/lib64/ld-linux-x86-64.so.2` for glibc, `/lib/ld-musl-x86_64.so.1` for
+/// musl; `None` for a static or unparsed file.
+pub fn interpreter(path: &Path) -> io::Result<Option<PathBuf>> {
+    let mut f = File::open(path)?;
+    let mut head = [0u8; EHDR_LEN];
+    if f.read_exact(&mut head).is_err() {
+        return Ok(None);
+    }
+    let Some((phoff, phnum)) = program_headers(&head) else {
+        return Ok(None);
+    };
+    let mut phdrs = vec![0u8; phnum * PHDR_LEN];
+    f.seek(SeekFrom::Start(phoff))?;
+    if f.read_exact(&mut phdrs).is_err() {
+        return Ok(None);
+    }
+    let Some(ph) = phdrs
+        .chunks_exact(PHDR_LEN)
+        .find(|ph| u32_at(ph, 0) == PT_INTERP)
+    else {
+        return Ok(None);
+    };
+    let (off, size) = (u64_at(ph, 8), u64_at(ph, 32));
+    if size == 0 || size > INTERP_MAX {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; size as usize];
+    f.seek(SeekFrom::Start(off))?;
+    if f.read_exact(&mut name).is_err() {
+        return Ok(None);
+    }
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    use std::os::unix::ffi::OsStrExt;
+    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(
+        &name[..end],
+    ))))
+}
+
+/// Whether an interpreter is glibc's dynamic loader (which honours
+/// `LD_PRELOAD` the way libgraft-convert needs).
+pub fn is_glibc_loader(interp: &Path) -> bool {
+    interp
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld64.so"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +241,17 @@ mod tests {
             l,
             Linkage::Script("/bin/sh".into(), Box::new(Linkage::Dynamic))
         );
+    }
+
+    #[test]
+    fn interpreters() {
+        let sh = interpreter(Path::new("/bin/sh")).unwrap().unwrap();
+        assert!(is_glibc_loader(&sh), "{}", sh.display());
+        assert!(!is_glibc_loader(Path::new("/lib/ld-musl-x86_64.so.1")));
+        let ldconfig = Path::new("/sbin/ldconfig");
+        if ldconfig.exists() {
+            assert_eq!(interpreter(ldconfig).unwrap(), None);
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... [-e PREFIX/LEN=EP]...
-//!       [-x PREFIX/LEN]... [-g host|app] [--] COMMAND [ARGS...]
+//!       [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp]
+//!       [--] COMMAND [ARGS...]
 //! ```
 //!
 //! The launcher does no grafting itself. It validates the mapping rules, puts
@@ -17,6 +18,13 @@
 //! rather than at the program's first `bind()` or `connect()`. It also warns
 //! when the program cannot be preloaded (static or setuid).
 //!
+//! Programs `LD_PRELOAD` cannot reach (static, or not linked with glibc:
+//! Go, musl, busybox) run in seccomp mode instead (`--mode auto`, the
+//! default, picks per program; see [`seccomp`]): the launcher installs a
+//! seccomp user-notification filter and hands its listener to graftd, which
+//! grafts the trapped calls with the same rules. The launcher is built
+//! statically so it runs in any image.
+//!
 //! Exit status: 2 for a usage error or a bad mapping, 1 when the check fails
 //! or the library is not found, 126/127 when the command cannot be run
 //! (permission / anything else); otherwise the command's own, since `graft`
@@ -27,6 +35,7 @@ mod args;
 mod check;
 mod elf;
 mod library;
+mod seccomp;
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
@@ -113,20 +122,30 @@ fn run(args: Args) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(2, e),
     };
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let lib = match library::find(std::env::var_os(library::ENV_LIBRARY), &exe) {
-        Ok(l) => l,
-        Err(e) => return fail(1, e),
+    let cmd_word = &args.command[0];
+    let prog = resolve(cmd_word);
+    let (mode, why) = seccomp::choose(args.mode, prog.as_deref());
+    let lib = if mode == seccomp::Chosen::Preload {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        match library::find(std::env::var_os(library::ENV_LIBRARY), &exe) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(1, e),
+        }
+    } else {
+        None
     };
+    let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
     if args.check {
-        let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
         if let Err(e) = check::check(&broker, &env.rules, args.verbose) {
             return fail(1, e);
         }
     }
-    let cmd_word = &args.command[0];
-    if let Some(prog) = resolve(cmd_word) {
-        warn_if_unpreloadable(&prog);
+    if let (Some(prog), None) = (&prog, &lib) {
+        if args.verbose {
+            eprintln!("graft: {}: seccomp mode ({why})", prog.display());
+        }
+    } else if let Some(prog) = &prog {
+        warn_if_unpreloadable(prog);
     }
 
     let mut cmd = Command::new(cmd_word);
@@ -140,13 +159,39 @@ fn run(args: Args) -> ExitCode {
     if let Some(g) = args.getsockname {
         cmd.env(graft_core::ENV_GETSOCKNAME, g.as_str());
     }
-    let preload = library::ld_preload(&lib, std::env::var_os("LD_PRELOAD").as_deref());
-    cmd.env("LD_PRELOAD", &preload);
     if args.verbose {
         for (k, v) in &env.vars {
             eprintln!("graft: {k}={v}");
         }
-        eprintln!("graft: LD_PRELOAD={}", preload.to_string_lossy());
+    }
+    match &lib {
+        Some(lib) => {
+            let preload = library::ld_preload(lib, std::env::var_os("LD_PRELOAD").as_deref());
+            cmd.env("LD_PRELOAD", &preload);
+            if args.verbose {
+                eprintln!("graft: LD_PRELOAD={}", preload.to_string_lossy());
+            }
+        }
+        None if env.rules.is_empty() => {}
+        None => {
+            let hint = env
+                .rules
+                .endpoints()
+                .first()
+                .map(|e| format!("{e} type ipv4|ipv6"))
+                .unwrap_or_default();
+            // Last step before exec: from here on the launcher's own
+            // bind/connect/sendmsg would be trapped.
+            match seccomp::attach(&broker, &env.rules, args.verbose, &hint) {
+                Ok(true) => {}
+                Ok(false) if args.verbose => eprintln!(
+                    "graft: this kernel has no SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV \
+                     (Linux 5.19): a signal can interrupt a trapped call"
+                ),
+                Ok(false) => {}
+                Err(e) => return fail(1, e),
+            }
+        }
     }
     // exec only returns on failure.
     let err = cmd.exec();

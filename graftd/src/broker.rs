@@ -292,6 +292,9 @@ impl Loop {
                     Reply::err(guess_op(&buf[..len]), libc::EINVAL, Reason::Malformed),
                     Vec::new(),
                 )
+            } else if guess_op(&buf[..len]) == Op::Attach {
+                let r = crate::seccomp::attach(&self.ctx, ns, fd.as_fd(), &buf[..len]);
+                (r, Vec::new())
             } else {
                 handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
             };
@@ -359,6 +362,7 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
+        Some(4) => Op::Attach,
         _ => Op::Socket,
     }
 }
@@ -417,12 +421,18 @@ pub fn handle(
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::Attach => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
     };
     match req.op {
+        // Request::decode never yields it: attach records are served by
+        // crate::seccomp, which needs the connection.
+        Op::Attach => (
+            Reply::err(Op::Attach, libc::EINVAL, Reason::Malformed),
+            Vec::new(),
+        ),
         Op::Lookup => (
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),

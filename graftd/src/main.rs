@@ -13,7 +13,8 @@
 //!
 //! Modules: [`control`] (control socket), [`broker`] (broker sockets and
 //! request checks), [`factory`] (socket creation), [`state`] (tables),
-//! [`netns`] (namespace descriptors and threads), [`gc`] (forgetting unused
+//! [`netns`] (namespace descriptors and threads), [`seccomp`] (serving the
+//! seccomp listeners of `graft --mode seccomp`), [`gc`] (forgetting unused
 //! namespaces), [`ebpf_hooks`] (where graft-ebpf plugs in), [`sys`] (the few
 //! raw system calls).
 
@@ -23,6 +24,7 @@ mod ebpf_hooks;
 mod factory;
 mod gc;
 mod netns;
+mod seccomp;
 mod state;
 mod sys;
 

@@ -77,6 +77,9 @@ pub fn workspace_root() -> PathBuf {
 
 /// Path of one of graft's binaries; panics with the fix when it is missing.
 pub fn bin(name: &str) -> PathBuf {
+    if name == "graft" {
+        return static_launcher();
+    }
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
@@ -589,4 +592,46 @@ pub fn graft_lines(stderr: &str) -> Vec<String> {
         .filter(|l| l.starts_with("graft: "))
         .map(str::to_owned)
         .collect()
+}
+
+/// The `graft` launcher as it ships: linked statically (`-C
+/// target-feature=+crt-static`, which cargo cannot set for one binary of a
+/// workspace), so it runs in any image. Built once per test process with
+/// `cargo rustc` into `target/static` (fresh builds are a no-op) and copied
+/// next to the other binaries as `graft-static`, where it finds the preload
+/// library. With `GRAFT_BIN_DIR` (installed binaries) that dir's `graft`.
+pub fn static_launcher() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if std::env::var_os("GRAFT_BIN_DIR").is_some() {
+                return bin_dir().join("graft");
+            }
+            let root = workspace_root();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let static_dir = target.join("static");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .current_dir(&root)
+                .args(["rustc", "-q", "-p", "graft-launcher", "--bin", "graft"])
+                .arg("--target-dir")
+                .arg(&static_dir)
+                .args(["--", "-C", "target-feature=+crt-static"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run cargo rustc for the static launcher");
+            assert!(
+                out.status.success(),
+                "building the static launcher failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dst = bin_dir().join("graft-static");
+            let tmp = bin_dir().join(unique(".graft-static-"));
+            std::fs::copy(static_dir.join("debug/graft"), &tmp).expect("copy static launcher");
+            std::fs::rename(&tmp, &dst).expect("rename static launcher");
+            dst
+        })
+        .clone()
 }

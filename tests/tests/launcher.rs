@@ -45,7 +45,8 @@ fn scrub(c: &mut Command) {
 }
 
 const USAGE: &str = "usage: graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... \
-[-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--] COMMAND [ARGS...]\n";
+[-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp] \
+[--] COMMAND [ARGS...]\n";
 
 #[test]
 fn usage_errors_and_bad_mappings_exit_2() {
@@ -328,7 +329,21 @@ fn static_programs_are_warned_about_and_exec_failures_reported() {
         .map(Path::new)
         .find(|p| p.exists());
     if let Some(ldconfig) = ldconfig {
+        // The default mode runs it in seccomp mode (tests/tests/seccomp.rs);
+        // forced to preload, the launcher warns.
         let o = out(graft(&["-n", ldconfig.to_str().unwrap(), "--version"]));
+        assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "{}",
+            text(&o.stderr)
+        );
+        let o = out(graft(&[
+            "-n",
+            "--mode",
+            "preload",
+            ldconfig.to_str().unwrap(),
+            "--version",
+        ]));
         assert!(o.status.success(), "still runs it: {}", text(&o.stderr));
         assert!(!o.stdout.is_empty());
         assert_eq!(

@@ -4,7 +4,7 @@
 //! Request (`REQUEST_LEN` bytes exactly):
 //! ```text
 //!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup,
-//!                                                   3 = socket batch)
+//!                                                   3 = socket batch, 4 = attach)
 //!  8 [u8;16] endpoint name, NUL-padded
 //! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
 //! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
@@ -25,6 +25,10 @@
 //! above, the address being the first socket's, and carries between 1 and
 //! [`BATCH_MAX`] sockets in one SCM_RIGHTS message: the receiver counts
 //! them from the control message, and asks each one for its own address.
+//!
+//! `Attach` (seccomp mode, see [`Attach`]) has its own request layout of the
+//! same size and the reply above (no socket): the `graft` launcher hands
+//! graftd its seccomp listener and the rules to serve it with.
 
 use libc::c_int;
 
@@ -56,6 +60,8 @@ pub enum Op {
     Lookup = 2,
     /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
     SocketBatch = 3,
+    /// A seccomp listener to serve with these rules ([`Attach`]).
+    Attach = 4,
 }
 
 /// Which side of the application asked.
@@ -183,6 +189,12 @@ pub enum DecodeError {
     Reason(u32),
     #[error("address length {0} (at most {ADDR_MAX})")]
     AddrLen(u32),
+    #[error("unknown attach flags {0:#x}")]
+    Flags(u32),
+    #[error("rule text of {0} bytes does not fit (at most {ATTACH_TEXT_MAX})")]
+    TextLen(usize),
+    #[error("rule text is not valid")]
+    Rules,
 }
 
 fn rd_u16(b: &[u8], at: usize) -> u16 {
@@ -217,6 +229,7 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
         3 => Ok(Op::SocketBatch),
+        4 => Ok(Op::Attach),
         _ => Err(DecodeError::Op(v)),
     }
 }
@@ -291,6 +304,9 @@ impl Request {
     /// every byte not covered by a field is zero.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let op = op_from(check_head(b, REQUEST_LEN)?)?;
+        if op == Op::Attach {
+            return Err(DecodeError::Op(op as u16));
+        }
         let raw_name = &b[8..8 + 16];
         let n = raw_name.iter().position(|&c| c == 0).unwrap_or(16);
         if n > MAX_NAME_LEN || raw_name[n..].iter().any(|&c| c != 0) {
@@ -424,9 +440,167 @@ impl Reply {
     }
 }
 
+/// Room for the rule text of an [`Attach`] record.
+pub const ATTACH_TEXT_MAX: usize = REQUEST_LEN - ATTACH_HEADER_LEN;
+const ATTACH_HEADER_LEN: usize = 24;
+/// [`Attach::flags`]: graftd reports every graft on the program's stderr.
+pub const ATTACH_VERBOSE: u32 = 1;
+
+/// The launcher hands graftd its seccomp listener (`Op::Attach`).
+///
+/// The listener is not passed with SCM_RIGHTS: `sendmsg` is one of the
+/// calls the filter traps, and nobody would answer it yet. graftd takes it
+/// with `pidfd_getfd` from the peer of the connection instead (so a
+/// process can only hand over its own descriptors). Layout, `REQUEST_LEN`
+/// bytes, little-endian:
+/// ```text
+///  0 u32 magic   4 u16 version   6 u16 op = 4
+///  8 i32 listener descriptor number in the sender
+/// 12 u32 flags (ATTACH_VERBOSE)
+/// 16 u16 ingress text length  18 u16 egress text length
+/// 20 u16 exclude text length  22 u16 zero
+/// 24 the three texts, back to back, in the syntax of the GRAFT_* variables;
+///    then zeros
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub listener_fd: i32,
+    pub flags: u32,
+    pub ingress: String,
+    pub egress: String,
+    pub exclude: String,
+}
+
+impl Attach {
+    /// Encodes into `out`; `TextLen` when the rules do not fit.
+    pub fn encode(&self, out: &mut [u8; REQUEST_LEN]) -> Result<(), DecodeError> {
+        let total = self.ingress.len() + self.egress.len() + self.exclude.len();
+        if total > ATTACH_TEXT_MAX {
+            return Err(DecodeError::TextLen(total));
+        }
+        out.fill(0);
+        wr(out, 0, &MAGIC.to_le_bytes());
+        wr(out, 4, &VERSION.to_le_bytes());
+        wr(out, 6, &(Op::Attach as u16).to_le_bytes());
+        wr(out, 8, &self.listener_fd.to_le_bytes());
+        wr(out, 12, &self.flags.to_le_bytes());
+        let mut at = ATTACH_HEADER_LEN;
+        for (i, t) in [&self.ingress, &self.egress, &self.exclude]
+            .iter()
+            .enumerate()
+        {
+            wr(out, 16 + 2 * i, &(t.len() as u16).to_le_bytes());
+            wr(out, at, t.as_bytes());
+            at += t.len();
+        }
+        Ok(())
+    }
+
+    /// Decodes strictly: size, header, flags, lengths, UTF-8, zero padding,
+    /// and rule texts that parse.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        let op = op_from(check_head(b, REQUEST_LEN)?)?;
+        if op != Op::Attach {
+            return Err(DecodeError::Op(op as u16));
+        }
+        let listener_fd = rd_i32(b, 8);
+        if listener_fd < 0 {
+            return Err(DecodeError::Padding);
+        }
+        let flags = rd_u32(b, 12);
+        if flags & !ATTACH_VERBOSE != 0 {
+            return Err(DecodeError::Flags(flags));
+        }
+        if rd_u16(b, 22) != 0 {
+            return Err(DecodeError::Padding);
+        }
+        let lens = [rd_u16(b, 16), rd_u16(b, 18), rd_u16(b, 20)].map(usize::from);
+        let total: usize = lens.iter().sum();
+        if total > ATTACH_TEXT_MAX {
+            return Err(DecodeError::TextLen(total));
+        }
+        if b[ATTACH_HEADER_LEN + total..].iter().any(|&c| c != 0) {
+            return Err(DecodeError::Padding);
+        }
+        let mut at = ATTACH_HEADER_LEN;
+        let mut texts = [String::new(), String::new(), String::new()];
+        for (t, n) in texts.iter_mut().zip(lens) {
+            let s = std::str::from_utf8(&b[at..at + n]).map_err(|_| DecodeError::Rules)?;
+            if s.contains('\0') {
+                return Err(DecodeError::Rules);
+            }
+            *t = s.to_owned();
+            at += n;
+        }
+        let [ingress, egress, exclude] = texts;
+        let a = Attach {
+            listener_fd,
+            flags,
+            ingress,
+            egress,
+            exclude,
+        };
+        a.rules()?;
+        Ok(a)
+    }
+
+    /// The rules the texts hold.
+    pub fn rules(&self) -> Result<crate::rules::RuleSet, DecodeError> {
+        crate::rules::RuleSet::from_env_values(
+            Some(&self.ingress),
+            Some(&self.egress),
+            Some(&self.exclude),
+        )
+        .map_err(|_| DecodeError::Rules)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_round_trips_and_is_strict() {
+        let a = Attach {
+            listener_fd: 5,
+            flags: ATTACH_VERBOSE,
+            ingress: "0.0.0.0:80=ep-in4".into(),
+            egress: "0.0.0.0/0=ep-out4 ::/0=ep-out6".into(),
+            exclude: "10.0.0.0/8".into(),
+        };
+        let mut buf = [0u8; REQUEST_LEN];
+        a.encode(&mut buf).unwrap();
+        assert_eq!(Attach::decode(&buf).unwrap(), a);
+        assert_eq!(a.rules().unwrap().egress.len(), 3);
+        assert_eq!(Request::decode(&buf), Err(DecodeError::Op(4)));
+        let mut b = buf;
+        b[12] = 2;
+        assert_eq!(Attach::decode(&b), Err(DecodeError::Flags(2)));
+        let mut b = buf;
+        b[REQUEST_LEN - 1] = 1;
+        assert_eq!(Attach::decode(&b), Err(DecodeError::Padding));
+        let mut b = buf;
+        b[24] = b'x';
+        assert_eq!(Attach::decode(&b), Err(DecodeError::Rules));
+        let mut b = buf;
+        b[16] = 0xff;
+        b[17] = 0xff;
+        assert!(matches!(Attach::decode(&b), Err(DecodeError::TextLen(_))));
+        let mut b = buf;
+        b[11] = 0x80;
+        assert_eq!(Attach::decode(&b), Err(DecodeError::Padding), "negative fd");
+        let mut req = [0u8; REQUEST_LEN];
+        sample().encode(&mut req);
+        assert_eq!(Attach::decode(&req), Err(DecodeError::Op(1)));
+        let long = Attach {
+            egress: "0.0.0.0/0=ep ".repeat(200),
+            ..a
+        };
+        assert!(matches!(
+            long.encode(&mut buf),
+            Err(DecodeError::TextLen(_))
+        ));
+    }
 
     fn sample() -> Request {
         let mut r = Request::new(

@@ -1,0 +1,127 @@
+//! seccomp mode: choosing the mode, and handing graftd a seccomp listener.
+//!
+//! The filter (from `graft-seccomp`) traps `bind`, `connect`, `sendto` with
+//! an address, `sendmsg` and `sendmmsg`. It is installed on the launcher
+//! itself, right before exec, so the program and every child inherit it.
+//! Its listener goes to graftd over this namespace's broker in an
+//! `Op::Attach` record together with the rules. From the moment the filter
+//! is in place until graftd holds the listener, nobody would answer a
+//! trapped call, so the launcher only uses `send`/`recv` on an already
+//! connected socket then (the filter lets a `sendto` without address pass),
+//! and graftd takes the listener with `pidfd_getfd` rather than SCM_RIGHTS
+//! (`sendmsg` is trapped).
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use graft_core::proto::broker::{Attach, Op, Reason, ATTACH_VERBOSE, REQUEST_LEN};
+use graft_core::rules::RuleSet;
+
+use crate::args::Mode;
+use crate::check::{Broker, CheckError};
+use crate::elf;
+
+/// The way chosen for one program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    Preload,
+    Seccomp,
+}
+
+/// Why `--mode auto` chose seccomp, for `-v`.
+pub fn choose(mode: Mode, prog: Option<&Path>) -> (Chosen, &'static str) {
+    match mode {
+        Mode::Preload => (Chosen::Preload, "--mode preload"),
+        Mode::Seccomp => (Chosen::Seccomp, "--mode seccomp"),
+        Mode::Auto => {
+            let Some(prog) = prog else {
+                return (Chosen::Preload, "program not found");
+            };
+            // A script runs its interpreter: that is the program to look at.
+            let target = match elf::inspect(prog) {
+                Ok(elf::Linkage::Script(interp, _)) => interp,
+                _ => prog.to_path_buf(),
+            };
+            match elf::inspect(&target) {
+                Ok(elf::Linkage::Static) => (Chosen::Seccomp, "statically linked"),
+                Ok(elf::Linkage::Dynamic) => match elf::interpreter(&target) {
+                    Ok(Some(i)) if !elf::is_glibc_loader(&i) => {
+                        (Chosen::Seccomp, "not linked with glibc")
+                    }
+                    _ => (Chosen::Preload, "dynamically linked with glibc"),
+                },
+                _ => (Chosen::Preload, "not an ELF file graft parses"),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("{0}")]
+    Broker(#[from] CheckError),
+    #[error("cannot install the seccomp filter: {0}")]
+    Install(std::io::Error),
+    #[error("too many rules for seccomp mode: {0}")]
+    TooLong(graft_core::proto::broker::DecodeError),
+    #[error("graftd refused the seccomp listener: {reason} ({err})")]
+    Refused {
+        reason: &'static str,
+        err: nix::errno::Errno,
+    },
+}
+
+/// Installs the filter on this process and hands its listener to graftd.
+/// Returns whether the kernel took `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`.
+pub fn attach(
+    broker: &str,
+    rules: &RuleSet,
+    verbose: bool,
+    hint: &str,
+) -> Result<bool, SeccompError> {
+    let b = Broker::connect(broker, hint)?;
+    let (ingress, egress, exclude) = rules.to_env_values();
+    let mut a = Attach {
+        listener_fd: 0,
+        flags: if verbose { ATTACH_VERBOSE } else { 0 },
+        ingress,
+        egress,
+        exclude,
+    };
+    let mut rec = [0u8; REQUEST_LEN];
+    // Checked before the filter exists, so a refusal leaves nothing behind.
+    a.encode(&mut rec).map_err(SeccompError::TooLong)?;
+    let (listener, killable) = graft_seccomp::filter::install().map_err(SeccompError::Install)?;
+    a.listener_fd = listener.as_raw_fd();
+    a.encode(&mut rec).map_err(SeccompError::TooLong)?;
+    let reply = b.exchange(&rec, Op::Attach)?;
+    if reply.errno != 0 || reply.reason != Reason::None {
+        return Err(SeccompError::Refused {
+            reason: reply.reason.describe(),
+            err: nix::errno::Errno::from_raw(reply.errno),
+        });
+    }
+    // graftd holds its own copy now; the program must not inherit one.
+    drop(listener);
+    Ok(killable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_mode_follows_the_program() {
+        assert_eq!(
+            choose(Mode::Auto, Some(Path::new("/bin/sh"))).0,
+            Chosen::Preload
+        );
+        let ldconfig = Path::new("/sbin/ldconfig");
+        if ldconfig.exists() {
+            assert_eq!(choose(Mode::Auto, Some(ldconfig)).0, Chosen::Seccomp);
+            assert_eq!(choose(Mode::Preload, Some(ldconfig)).0, Chosen::Preload);
+        }
+        assert_eq!(choose(Mode::Seccomp, None).0, Chosen::Seccomp);
+        assert_eq!(choose(Mode::Auto, None).0, Chosen::Preload);
+    }
+}

@@ -1,0 +1,723 @@
+//! seccomp mode: serving the listeners `graft` launchers hand over.
+//!
+//! A launcher in seccomp mode installs a user-notification filter (see
+//! `graft-seccomp`) and sends an `Op::Attach` record on its namespace's
+//! broker; graftd takes the listener from it with `pidfd_getfd` and serves
+//! it on a thread of its own, so a slow or stuck program never delays
+//! another namespace (or another program).
+//!
+//! For each trapped call: read the address from the caller's memory, check
+//! the notification is still pending (the pid was not reused), decide with
+//! the same rules as the preload library (ingress on `bind`, egress on
+//! `connect`/`sendto`/`sendmsg`/`sendmmsg`, exclusions, longest prefix),
+//! take the caller's socket with `pidfd_getfd` to learn its kind, options
+//! and flags, make the host socket through the broker's own request path
+//! (same checks, factory, eBPF hooks, counters and logs), put it over the
+//! caller's descriptor with `SECCOMP_IOCTL_NOTIF_ADDFD`, then complete
+//! `bind` (graftd bound it already) or let `connect`/`send*` continue in
+//! the kernel. Everything else continues untouched.
+//!
+//! CONTINUE re-reads the address from the caller's memory, which another of
+//! its threads may have changed after graftd read it: the endpoint's
+//! in-kernel egress policy is what guards the real destination.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use graft_core::proto::broker::{
+    Attach, Op, Purpose, Reason, Reply, Request, ATTACH_VERBOSE, REQUEST_LEN,
+};
+use graft_core::rules::{EgressDecision, RuleSet};
+use graft_core::sockopt::{Class, SNAPSHOT};
+use graft_core::{EndpointName, NetnsId};
+use graft_seccomp::filter::{SYS_BIND, SYS_CONNECT, SYS_SENDMMSG, SYS_SENDMSG, SYS_SENDTO};
+use graft_seccomp::{notify, pidfd};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::broker::{self, LogBudget};
+use crate::sys;
+use crate::Ctx;
+
+/// Most listeners served at once (one thread each).
+pub const MAX_LISTENERS: usize = 512;
+/// Sockets bound to port 0 remembered per listener (see `Supervisor::port0`).
+const PORT0_MEMORY: usize = 1024;
+
+static LISTENERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers an `Op::Attach` record from connection `conn` of `ns`'s broker.
+pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> Reply {
+    let refuse = |errno, reason| Reply::err(Op::Attach, errno, reason);
+    let a = match Attach::decode(rec) {
+        Ok(a) => a,
+        Err(e) => {
+            log::debug!("broker for {ns}: malformed attach request: {e}");
+            return refuse(libc::EINVAL, Reason::Malformed);
+        }
+    };
+    // Cannot fail: decode checked that the rules parse.
+    let Ok(rules) = a.rules() else {
+        return refuse(libc::EINVAL, Reason::Malformed);
+    };
+    let listener = match take_listener(conn, a.listener_fd) {
+        Ok(l) => l,
+        Err(e) => {
+            log::info!("broker for {ns}: cannot take the seccomp listener: {e}");
+            return refuse(e.raw_os_error().unwrap_or(libc::EBADF), Reason::Malformed);
+        }
+    };
+    if LISTENERS.fetch_add(1, Ordering::SeqCst) >= MAX_LISTENERS {
+        LISTENERS.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("broker for {ns}: {MAX_LISTENERS} seccomp listeners served, refusing another");
+        return refuse(libc::EAGAIN, Reason::SocketFailed);
+    }
+    let sup = Supervisor {
+        ctx: Arc::clone(ctx),
+        ns,
+        rules,
+        verbose: a.flags & ATTACH_VERBOSE != 0,
+        listener,
+        budget: LogBudget::default(),
+        port0: VecDeque::new(),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("seccomp".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sup.run()));
+            LISTENERS.fetch_sub(1, Ordering::SeqCst);
+            if r.is_err() {
+                log::error!("a seccomp supervisor panicked; its program's trapped calls fail");
+            }
+        });
+    match spawned {
+        Ok(_) => {
+            log::debug!("broker for {ns}: serving a seccomp listener");
+            Reply::ok(Op::Attach, &[])
+        }
+        Err(e) => {
+            LISTENERS.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("broker for {ns}: cannot start a seccomp supervisor: {e}");
+            refuse(libc::EAGAIN, Reason::SocketFailed)
+        }
+    }
+}
+
+/// The peer's descriptor `fd`, if it is a seccomp listener.
+fn take_listener(conn: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
+    let peer = pidfd::of_peer(conn)?;
+    let l = pidfd::getfd(peer.as_fd(), fd)?;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:seccomp notify" {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(l)
+}
+
+/// The trapped call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Bind,
+    Connect,
+    Sendto,
+    Sendmsg,
+    Sendmmsg,
+}
+
+impl Call {
+    fn of(nr: i32) -> Option<Self> {
+        Some(match i64::from(nr) {
+            SYS_BIND => Call::Bind,
+            SYS_CONNECT => Call::Connect,
+            SYS_SENDTO => Call::Sendto,
+            SYS_SENDMSG => Call::Sendmsg,
+            SYS_SENDMMSG => Call::Sendmmsg,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Call::Bind => "bind",
+            Call::Connect => "connect",
+            Call::Sendto => "sendto",
+            Call::Sendmsg => "sendmsg",
+            Call::Sendmmsg => "sendmmsg",
+        }
+    }
+
+    fn unreachable_errno(self) -> libc::c_int {
+        match self {
+            Call::Bind => libc::EADDRNOTAVAIL,
+            _ => libc::ENETUNREACH,
+        }
+    }
+}
+
+/// What to answer a trapped call with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Continue,
+    /// graftd did the call: it returns 0.
+    Done,
+    Fail(libc::c_int),
+    /// The call is gone (the caller died or was interrupted): no answer.
+    Gone,
+}
+
+/// The caller's socket, as graftd sees it through `pidfd_getfd`.
+struct AppSocket {
+    sock: OwnedFd,
+    family: libc::c_int,
+    sotype: libc::c_int,
+    protocol: libc::c_int,
+    inode: u64,
+}
+
+struct Supervisor {
+    ctx: Arc<Ctx>,
+    ns: NetnsId,
+    rules: RuleSet,
+    verbose: bool,
+    listener: OwnedFd,
+    budget: LogBudget,
+    /// Sockets the program bound to port 0 itself (by inode): like the
+    /// preload library, graft decides at their first connect/send whether
+    /// they are clients of an egress endpoint.
+    port0: VecDeque<u64>,
+}
+
+impl Supervisor {
+    fn run(mut self) {
+        loop {
+            let mut pfd = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut pfd, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    log::warn!("seccomp listener of {}: poll: {e}", self.ns);
+                    return;
+                }
+            }
+            let ev = pfd[0].revents().unwrap_or(PollFlags::empty());
+            if !ev.contains(PollFlags::POLLIN) {
+                // Every process under the filter is gone.
+                log::debug!("seccomp listener of {}: program exited", self.ns);
+                return;
+            }
+            let n = match notify::recv(self.listener.as_fd()) {
+                Ok(n) => n,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => continue,
+                Err(e) => {
+                    log::warn!("seccomp listener of {}: receive: {e}", self.ns);
+                    return;
+                }
+            };
+            let verdict = self.decide(&n);
+            let l = self.listener.as_fd();
+            let sent = match verdict {
+                Verdict::Continue => notify::continue_call(l, n.id),
+                Verdict::Done => notify::complete(l, n.id, 0),
+                Verdict::Fail(e) => notify::fail(l, n.id, e),
+                Verdict::Gone => Ok(()),
+            };
+            if let Err(e) = sent {
+                // ENOENT: the caller was interrupted or died meanwhile.
+                log::debug!("seccomp listener of {}: answer: {e}", self.ns);
+            }
+        }
+    }
+
+    fn decide(&mut self, n: &notify::Notif) -> Verdict {
+        let Some(call) = Call::of(n.data.nr) else {
+            return Verdict::Continue;
+        };
+        let pid = n.pid as libc::pid_t;
+        let a = n.data.args;
+        let fd = a[0] as i32;
+        // Nothing to do for a direction without rules.
+        let wanted = match call {
+            Call::Bind => !self.rules.ingress.is_empty() || !self.rules.egress.is_empty(),
+            _ => !self.rules.egress.is_empty(),
+        };
+        if !wanted {
+            return Verdict::Continue;
+        }
+        let (ptr, len) = match call {
+            Call::Bind | Call::Connect => (a[1], a[2] as u32),
+            Call::Sendto => (a[4], a[5] as u32),
+            Call::Sendmmsg if a[2] == 0 => return Verdict::Continue,
+            // struct msghdr starts with msg_name, msg_namelen (mmsghdr too).
+            Call::Sendmsg | Call::Sendmmsg => {
+                let mut h = [0u8; 12];
+                match pidfd::read_mem(pid, a[1], &mut h) {
+                    Ok(12) => {}
+                    _ => return Verdict::Continue,
+                }
+                let p = u64::from_ne_bytes(h[..8].try_into().unwrap_or([0; 8]));
+                let l = u32::from_ne_bytes(h[8..12].try_into().unwrap_or([0; 4]));
+                (p, l)
+            }
+        };
+        if ptr == 0 || len < 2 {
+            return Verdict::Continue;
+        }
+        let mut raw = [0u8; 28];
+        let want = (len as usize).min(raw.len());
+        let got = match pidfd::read_mem(pid, ptr, &mut raw[..want]) {
+            Ok(g) => g,
+            // The kernel will fail the call with EFAULT itself.
+            Err(_) => return Verdict::Continue,
+        };
+        if !notify::id_valid(self.listener.as_fd(), n.id) {
+            return Verdict::Gone;
+        }
+        let Some(sa) = parse_sockaddr(&raw[..got]) else {
+            return Verdict::Continue;
+        };
+        let pfd = match pidfd::open_thread(pid) {
+            Ok(p) => p,
+            Err(_) => return Verdict::Gone,
+        };
+        if !notify::id_valid(self.listener.as_fd(), n.id) {
+            return Verdict::Gone;
+        }
+        let Some(app) = self.app_socket(pfd.as_fd(), fd, &sa) else {
+            return Verdict::Continue;
+        };
+        let bound = bound_port(app.sock.as_fd());
+        let connected = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
+            app.sock.as_raw_fd(),
+        )
+        .is_ok();
+        let (ep, ep_v6, purpose) = match call {
+            Call::Bind => {
+                if bound.is_some() || connected {
+                    return Verdict::Continue;
+                }
+                if sa.port() == 0 {
+                    // A client's bind before connecting: decided at its
+                    // first connect/send (as in the preload library).
+                    if !self.rules.egress.is_empty() {
+                        self.remember_port0(app.inode);
+                    }
+                    return Verdict::Continue;
+                }
+                let dual = app.family == libc::AF_INET6
+                    && pidfd::getsockopt_int(
+                        app.sock.as_fd(),
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                    )
+                    .ok()
+                        == Some(0);
+                match ingress_for_bind(&self.rules, &sa, dual) {
+                    Some((ep, v6)) => (ep, v6, Purpose::Ingress),
+                    None => return Verdict::Continue,
+                }
+            }
+            _ => {
+                if connected {
+                    return Verdict::Continue;
+                }
+                let was_port0 = self.port0.contains(&app.inode);
+                if bound.is_some() && !was_port0 {
+                    // Bound by the program to a port of its choosing: the
+                    // container's, as in the preload library.
+                    return Verdict::Continue;
+                }
+                match self.rules.match_egress(sa.ip()) {
+                    EgressDecision::Graft(ep) => {
+                        if was_port0 {
+                            self.port0.retain(|&i| i != app.inode);
+                            if let Some(line) = epoll_refusal(pid, fd, app.inode) {
+                                let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
+                                self.tell(pfd.as_fd(), &format!("{head}: {line}"));
+                                return Verdict::Fail(libc::EPERM);
+                            }
+                        }
+                        (ep, sa.ip().to_canonical().is_ipv6(), Purpose::Egress)
+                    }
+                    _ => return Verdict::Continue,
+                }
+            }
+        };
+        self.graft(n, pfd.as_fd(), call, fd, &sa, ep, ep_v6, purpose, &app)
+    }
+
+    fn remember_port0(&mut self, inode: u64) {
+        if self.port0.len() >= PORT0_MEMORY {
+            self.port0.pop_front();
+        }
+        self.port0.push_back(inode);
+    }
+
+    /// The caller's descriptor `fd` if it is an AF_INET/AF_INET6 stream or
+    /// datagram socket of the family of `sa`, living in the program's own
+    /// namespace (a host socket, grafted already, is left alone).
+    fn app_socket(&self, pfd: BorrowedFd<'_>, fd: i32, sa: &SocketAddr) -> Option<AppSocket> {
+        let sock = pidfd::getfd(pfd, fd).ok()?;
+        let int = |name| pidfd::getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
+        let family = int(libc::SO_DOMAIN)?;
+        let sotype = int(libc::SO_TYPE)?;
+        let protocol = int(libc::SO_PROTOCOL)?;
+        let fits = match sa {
+            SocketAddr::V4(_) => family == libc::AF_INET,
+            SocketAddr::V6(_) => family == libc::AF_INET6,
+        };
+        if !fits || !(sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM) {
+            return None;
+        }
+        let ns = pidfd::socket_netns(sock.as_fd()).ok()?;
+        if NetnsId::of_fd(ns.as_fd()).ok()? != self.ns {
+            return None;
+        }
+        let inode = nix::sys::stat::fstat(sock.as_raw_fd()).ok()?.st_ino;
+        Some(AppSocket {
+            sock,
+            family,
+            sotype,
+            protocol,
+            inode,
+        })
+    }
+
+    /// Writes `graft: LINE` on the program's own stderr (its descriptor 2,
+    /// whatever it is), as the preload library would.
+    fn tell(&self, pfd: BorrowedFd<'_>, line: &str) {
+        if let Ok(err) = pidfd::getfd(pfd, 2) {
+            let mut f = std::fs::File::from(err);
+            let _ = f.write_all(format!("graft: {line}\n").as_bytes());
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn graft(
+        &mut self,
+        n: &notify::Notif,
+        pfd: BorrowedFd<'_>,
+        call: Call,
+        fd: i32,
+        sa: &SocketAddr,
+        ep: EndpointName,
+        ep_v6: bool,
+        purpose: Purpose,
+        app: &AppSocket,
+    ) -> Verdict {
+        let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
+        let mut req = Request::new(
+            Op::Socket,
+            ep,
+            app.family,
+            app.sotype,
+            app.protocol,
+            purpose,
+        );
+        if let Err(e) = snapshot(app, &mut req) {
+            self.tell(
+                pfd,
+                &format!("{head}: cannot read the socket's options to carry them over ({e})"),
+            );
+            return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        let mut rec = [0u8; REQUEST_LEN];
+        req.encode(&mut rec);
+        let (reply, mut socks) = broker::handle(&self.ctx, self.ns, &rec, &mut self.budget);
+        if reply.errno != 0 || reply.reason != Reason::None {
+            let (errno, line) = failure(call, sa, ep, ep_v6, app.family, &reply);
+            self.tell(pfd, &line);
+            return Verdict::Fail(errno);
+        }
+        let Some(new) = socks.pop() else {
+            self.tell(
+                pfd,
+                &format!("{head}: graftd made no socket: check graftd's log"),
+            );
+            return Verdict::Fail(libc::EPROTO);
+        };
+        if let Err(e) = self.install(n, pfd, fd, &app.sock, &new) {
+            if !notify::id_valid(self.listener.as_fd(), n.id) {
+                return Verdict::Gone;
+            }
+            self.tell(
+                pfd,
+                &format!("{head}: could not install the host socket on fd {fd} ({e})"),
+            );
+            return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        if self.verbose {
+            let host = sys::getsockname(new.as_fd())
+                .ok()
+                .and_then(|b| parse_sockaddr(&b))
+                .map(|h| format!(" (host {h})"))
+                .unwrap_or_default();
+            self.tell(
+                pfd,
+                &format!(
+                    "pid {} fd {fd} {} {sa} -> {ep}{host} (seccomp)",
+                    n.pid,
+                    call.name()
+                ),
+            );
+        }
+        match call {
+            Call::Bind => Verdict::Done,
+            _ => Verdict::Continue,
+        }
+    }
+
+    /// Puts `new` over the caller's `fd`, with the old socket's O_NONBLOCK
+    /// and the descriptor's close-on-exec flag.
+    fn install(
+        &self,
+        n: &notify::Notif,
+        pfd: BorrowedFd<'_>,
+        fd: i32,
+        old: &OwnedFd,
+        new: &OwnedFd,
+    ) -> io::Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fl = OFlag::from_bits_truncate(fcntl(old.as_raw_fd(), FcntlArg::F_GETFL)?);
+        if fl.contains(OFlag::O_NONBLOCK) {
+            fcntl(new.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        }
+        let _ = pfd;
+        let cloexec = fd_cloexec(n.pid as libc::pid_t, fd)?;
+        notify::install_fd(self.listener.as_fd(), n.id, new.as_fd(), fd, cloexec)
+    }
+}
+
+/// Whether descriptor `fd` of thread `tid` is close-on-exec (the flags
+/// line of its fdinfo holds O_CLOEXEC).
+fn fd_cloexec(tid: libc::pid_t, fd: i32) -> io::Result<bool> {
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+    Ok(flags & libc::O_CLOEXEC as u32 != 0)
+}
+
+/// When socket `inode` (descriptor `fd` of process `pid`) is registered
+/// with an epoll instance, the reason it cannot be grafted: replacing the
+/// descriptor drops the registration (epoll watches the old socket), and
+/// the program would wait forever for events.
+fn epoll_refusal(pid: libc::pid_t, fd: i32, inode: u64) -> Option<String> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    for e in dir.flatten() {
+        let is_epoll =
+            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]");
+        if !is_epoll {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(
+            std::path::Path::new(&format!("/proc/{pid}/fdinfo")).join(e.file_name()),
+        ) else {
+            continue;
+        };
+        let watched = info.lines().any(|l| {
+            let mut w = l.split_whitespace();
+            w.next() == Some("tfd:")
+                && w.next() == Some(&fd.to_string())
+                && l.split_whitespace().any(|t| {
+                    t.strip_prefix("ino:")
+                        .and_then(|v| u64::from_str_radix(v, 16).ok())
+                        == Some(inode)
+                })
+        });
+        if watched {
+            return Some(format!(
+                "the socket was bound and added to epoll before its first send, and a \
+                 grafted socket cannot inherit that registration: bind it to an address \
+                 an ingress rule maps (-i), or send before adding it to epoll (fd {fd})"
+            ));
+        }
+    }
+    None
+}
+
+/// The port a socket is bound to, if any.
+fn bound_port(sock: BorrowedFd<'_>) -> Option<u16> {
+    let b = sys::getsockname(sock).ok()?;
+    parse_sockaddr(&b).map(|a| a.port()).filter(|&p| p != 0)
+}
+
+/// An AF_INET/AF_INET6 sockaddr, as the kernel would read it.
+fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+    if b.len() < 2 {
+        return None;
+    }
+    let family = libc::c_int::from(u16::from_ne_bytes([b[0], b[1]]));
+    match family {
+        libc::AF_INET if b.len() >= 16 => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7])),
+            u16::from_be_bytes([b[2], b[3]]),
+        )),
+        libc::AF_INET6 if b.len() >= 24 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[8..24]);
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a)),
+                u16::from_be_bytes([b[2], b[3]]),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The ingress endpoint for a bind to `sa`, and whether it is an IPv6 one.
+/// A dual-stack `[::]` socket takes the `0.0.0.0` rule when no rule names
+/// `::` (the preload library's rule).
+fn ingress_for_bind(rules: &RuleSet, sa: &SocketAddr, dual: bool) -> Option<(EndpointName, bool)> {
+    if let Some(ep) = rules.match_ingress(sa.ip(), sa.port()) {
+        return Some((ep, sa.ip().to_canonical().is_ipv6()));
+    }
+    if dual && sa.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return rules
+            .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())
+            .map(|ep| (ep, false));
+    }
+    None
+}
+
+/// The options the program set on its socket: those that differ from a
+/// fresh socket of the same kind (the preload library's comparison, for a
+/// socket whose history graftd did not see).
+fn snapshot(app: &AppSocket, req: &mut Request) -> io::Result<()> {
+    let probe = sys::socket(app.family, app.sotype | libc::SOCK_CLOEXEC, app.protocol)?;
+    for o in SNAPSHOT
+        .iter()
+        .filter(|o| o.applies(app.family, app.sotype))
+    {
+        let size = o.kind.size();
+        let mut a = [0u8; 20];
+        let mut p = [0u8; 20];
+        let Ok(na) = pidfd::getsockopt(app.sock.as_fd(), o.level, o.name, &mut a[..size]) else {
+            continue;
+        };
+        let Ok(np) = pidfd::getsockopt(probe.as_fd(), o.level, o.name, &mut p[..size]) else {
+            continue;
+        };
+        if a[..na] == p[..np] {
+            continue;
+        }
+        if o.class == Class::CarryHalved && na == 4 {
+            let v = libc::c_int::from_ne_bytes([a[0], a[1], a[2], a[3]]) / 2;
+            req.push_opt(o.level, o.name, &v.to_ne_bytes());
+        } else {
+            req.push_opt(o.level, o.name, &a[..na]);
+        }
+    }
+    Ok(())
+}
+
+/// The errno and the line for a refused graft, worded as the preload
+/// library words them.
+fn failure(
+    call: Call,
+    sa: &SocketAddr,
+    ep: EndpointName,
+    ep_v6: bool,
+    family: libc::c_int,
+    r: &Reply,
+) -> (libc::c_int, String) {
+    let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
+    let errno = if r.errno > 0 { r.errno } else { libc::EIO };
+    let errstr = io::Error::from_raw_os_error(errno);
+    let errstr = errstr.to_string();
+    let errstr = errstr.split(" (os error").next().unwrap_or(&errstr);
+    let fam = if ep_v6 { "ipv6" } else { "ipv4" };
+    match r.reason {
+        Reason::NoEndpoint => (
+            call.unreachable_errno(),
+            format!(
+                "{} {sa}: endpoint \"{ep}\" does not exist in this network namespace: add it \
+                 with \"ip graft add {ep} type {fam} addr ADDR port PORT\"",
+                call.name()
+            ),
+        ),
+        Reason::OptionRefused => {
+            let label = graft_core::sockopt::lookup(r.opt_level, r.opt_name)
+                .map(|o| o.label)
+                .unwrap_or("(unknown)");
+            (
+                libc::EPERM,
+                format!(
+                    "{head}: option {label} refused by graftd: do not set it on a socket graft \
+                     maps, or leave this address out of the graft rules"
+                ),
+            )
+        }
+        Reason::FamilyMismatch => {
+            let sock = if family == libc::AF_INET6 {
+                "an AF_INET6"
+            } else {
+                "an AF_INET"
+            };
+            (
+                libc::EAFNOSUPPORT,
+                format!(
+                    "{head}: the endpoint's address family does not fit {sock} socket: map \
+                     this address to an endpoint of the same family"
+                ),
+            )
+        }
+        Reason::Policy => (
+            errno,
+            format!(
+                "{head}: refused by the endpoint's policy ({errstr}): change the endpoint's \
+                 allow/deny clauses"
+            ),
+        ),
+        Reason::Malformed => (
+            libc::EPROTO,
+            format!("{head}: graftd rejected the request as malformed: check graftd's log"),
+        ),
+        Reason::SocketFailed | Reason::None => (
+            errno,
+            format!("{head}: graftd could not make the host socket ({errstr}): check graftd's log"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddrs_as_the_kernel_reads_them() {
+        let mut v4 = [0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&53u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(parse_sockaddr(&v4), Some("10.1.2.3:53".parse().unwrap()));
+        assert_eq!(parse_sockaddr(&v4[..15]), None, "short AF_INET");
+        let mut v6 = [0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&80u16.to_be_bytes());
+        v6[23] = 1;
+        assert_eq!(parse_sockaddr(&v6[..24]), Some("[::1]:80".parse().unwrap()));
+        let mut unix = [0u8; 16];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        assert_eq!(parse_sockaddr(&unix), None);
+    }
+
+    #[test]
+    fn dual_stack_bind_takes_the_ipv4_wildcard_rule() {
+        let rules = RuleSet::from_env_values(Some("0.0.0.0:80-90=ep-in4"), None, None).unwrap();
+        let any6: SocketAddr = "[::]:85".parse().unwrap();
+        assert_eq!(
+            ingress_for_bind(&rules, &any6, true).map(|(e, v6)| (e.to_string(), v6)),
+            Some(("ep-in4".to_owned(), false))
+        );
+        assert_eq!(ingress_for_bind(&rules, &any6, false), None, "v6only");
+        assert_eq!(
+            ingress_for_bind(&rules, &"[::]:95".parse().unwrap(), true),
+            None
+        );
+    }
+}
