@@ -478,3 +478,102 @@ fn fail_closed_without_graftd_or_endpoint() {
     );
     assert!(err.contains("probe: bind: Address not available"), "{err}");
 }
+
+/// A Go `ListenPacket(":0")` socket is bound (port 0) and registered with
+/// epoll before its first `WriteTo`: grafting it then would leave epoll
+/// watching the old socket and the program waiting forever, so the send is
+/// refused with EPERM and one line saying why and what to do.
+#[test]
+fn bound_udp_socket_in_epoll_is_refused_clearly() {
+    let test = "bound_udp_socket_in_epoll_is_refused_clearly";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    let Some(go) = go_probe(test) else {
+        return;
+    };
+    endpoints(&env);
+    let s = UdpSocket::bind("127.0.0.1:0").expect("host udp");
+    s.set_nonblocking(true).unwrap();
+    let dst = s.local_addr().unwrap();
+    let (ok, out, err) = client(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
+        &go,
+        &["udp-sendto", &dst.to_string(), "x"],
+    );
+    assert!(!ok, "{out}");
+    assert_eq!(
+        graft_lines(&err),
+        vec![format!(
+            "graft: sendto [::ffff:{}]:{}: endpoint \"ep-out4\": the socket was bound and added to epoll \
+             before its first send, and a grafted socket cannot inherit that registration: bind \
+             it to an address an ingress rule maps (-i), or send before adding it to epoll (fd 3)",
+            dst.ip(),
+            dst.port()
+        )],
+        "{err}"
+    );
+    assert!(err.contains("sendto: operation not permitted"), "{err}");
+    let mut b = [0u8; 16];
+    assert!(s.recv_from(&mut b).is_err(), "nothing may leave ungrafted");
+}
+
+/// CONTINUE lets the kernel re-read the address after graftd checked it (a
+/// second thread could rewrite it): the endpoint's in-kernel policy is what
+/// holds. A denied destination is refused in seccomp mode too.
+#[test]
+fn in_kernel_policy_holds_in_seccomp_mode() {
+    let test = "in_kernel_policy_holds_in_seccomp_mode";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    let Some(go) = go_probe(test) else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let log = env.d.log_text();
+        if log.contains("eBPF companion attached") {
+            break;
+        }
+        if log.contains("eBPF companion unavailable") {
+            println!("SKIP: {test}: graftd runs without its eBPF companion");
+            return;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "graftd said nothing about eBPF:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let denied = TcpListener::bind("127.0.0.1:0").unwrap();
+    let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (dp, ap) = (denied.local_addr().unwrap(), allowed.local_addr().unwrap());
+    env.add(&format!(
+        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{}",
+        dp.port()
+    ));
+    let h = host_tcp_once(allowed, b"ok");
+    let (ok, out, err) = client(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
+        &go,
+        &["tcp-get", &ap.to_string(), "a"],
+    );
+    assert!(ok && out == "got ok\n", "{out} {err}");
+    assert_eq!(h.join().unwrap().0, b"a");
+    let (ok, out, err) = client(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
+        &go,
+        &["tcp-get", &dp.to_string(), "d"],
+    );
+    assert!(!ok, "{out}");
+    assert!(err.contains("connect: operation not permitted"), "{err}");
+    denied.set_nonblocking(true).unwrap();
+    assert!(
+        denied.accept().is_err(),
+        "the denied destination was reached"
+    );
+}
