@@ -54,3 +54,11 @@ pub const ENV_POOL: &str = "GRAFT_POOL";
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";
+
+/// Where libgraft-convert maps its system-call trampoline (one page, with
+/// `MAP_FIXED_NOREPLACE`): the seccomp filter `graft` installs in preload
+/// mode lets calls made from this page pass in the kernel, so the
+/// library's own (already decided) calls never wait for graftd, while
+/// glibc's internal ones (its resolver) and raw `syscall()` are trapped.
+/// An address no loader, allocator or Go runtime picks on x86_64.
+pub const TRAMPOLINE_PAGE: u64 = 0x4772_6166_0000;

@@ -164,33 +164,41 @@ fn run(args: Args) -> ExitCode {
             eprintln!("graft: {k}={v}");
         }
     }
-    match &lib {
-        Some(lib) => {
-            let preload = library::ld_preload(lib, std::env::var_os("LD_PRELOAD").as_deref());
-            cmd.env("LD_PRELOAD", &preload);
-            if args.verbose {
-                eprintln!("graft: LD_PRELOAD={}", preload.to_string_lossy());
-            }
+    if let Some(lib) = &lib {
+        let preload = library::ld_preload(lib, std::env::var_os("LD_PRELOAD").as_deref());
+        cmd.env("LD_PRELOAD", &preload);
+        if args.verbose {
+            eprintln!("graft: LD_PRELOAD={}", preload.to_string_lossy());
         }
-        None if env.rules.is_empty() => {}
-        None => {
-            let hint = env
-                .rules
-                .endpoints()
-                .first()
-                .map(|e| format!("{e} type ipv4|ipv6"))
-                .unwrap_or_default();
-            // Last step before exec: from here on the launcher's own
-            // bind/connect/sendmsg would be trapped.
-            match seccomp::attach(&broker, &env.rules, args.verbose, &hint) {
-                Ok(true) => {}
-                Ok(false) if args.verbose => eprintln!(
-                    "graft: this kernel has no SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV \
-                     (Linux 5.19): a signal can interrupt a trapped call"
-                ),
-                Ok(false) => {}
-                Err(e) => return fail(1, e),
+    }
+    if !env.rules.is_empty() {
+        let hint = env
+            .rules
+            .endpoints()
+            .first()
+            .map(|e| format!("{e} type ipv4|ipv6"))
+            .unwrap_or_default();
+        let allow = lib.as_ref().map(|_| graft_core::TRAMPOLINE_PAGE);
+        // Last step before exec: from here on the launcher's own
+        // bind/connect/sendmsg would be trapped.
+        match seccomp::attach(&broker, &env.rules, args.verbose, &hint, allow) {
+            Ok(true) => {}
+            Ok(false) if args.verbose => eprintln!(
+                "graft: this kernel has no SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV \
+                 (Linux 5.19): a signal can interrupt a trapped call"
+            ),
+            Ok(false) => {}
+            // Preload mode without a working graftd: the library fails each
+            // grafted call closed with its own line, as it always did. The
+            // calls it cannot see (glibc's resolver) are not grafted: they
+            // stay local when no filter could be installed, and fail with
+            // ENOSYS when the filter is in place but nobody serves it.
+            Err(e) if lib.is_some() => {
+                if args.verbose {
+                    eprintln!("graft: {e}: glibc's own resolver calls will not be grafted");
+                }
             }
+            Err(e) => return fail(1, e),
         }
     }
     // exec only returns on failure.

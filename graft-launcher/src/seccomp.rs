@@ -10,6 +10,12 @@
 //! connected socket then (the filter lets a `sendto` without address pass),
 //! and graftd takes the listener with `pidfd_getfd` rather than SCM_RIGHTS
 //! (`sendmsg` is trapped).
+//!
+//! In preload mode the filter is installed too (when graftd answers), to
+//! catch what the library cannot see: glibc's internal resolver calls and
+//! raw `syscall()`. The library makes its own calls from a trampoline page
+//! at [`graft_core::TRAMPOLINE_PAGE`], which that filter lets pass, so the
+//! preload fast path gains no round trip.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -72,12 +78,15 @@ pub enum SeccompError {
 }
 
 /// Installs the filter on this process and hands its listener to graftd.
-/// Returns whether the kernel took `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`.
+/// `allow_page`: the preload library's trampoline, whose calls pass (preload
+/// mode). Returns whether the kernel took
+/// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`.
 pub fn attach(
     broker: &str,
     rules: &RuleSet,
     verbose: bool,
     hint: &str,
+    allow_page: Option<u64>,
 ) -> Result<bool, SeccompError> {
     let b = Broker::connect(broker, hint)?;
     let (ingress, egress, exclude) = rules.to_env_values();
@@ -91,7 +100,8 @@ pub fn attach(
     let mut rec = [0u8; REQUEST_LEN];
     // Checked before the filter exists, so a refusal leaves nothing behind.
     a.encode(&mut rec).map_err(SeccompError::TooLong)?;
-    let (listener, killable) = graft_seccomp::filter::install().map_err(SeccompError::Install)?;
+    let (listener, killable) =
+        graft_seccomp::filter::install(allow_page).map_err(SeccompError::Install)?;
     a.listener_fd = listener.as_raw_fd();
     a.encode(&mut rec).map_err(SeccompError::TooLong)?;
     let reply = b.exchange(&rec, Op::Attach)?;

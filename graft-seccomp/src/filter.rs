@@ -26,6 +26,7 @@ const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x15;
 const BPF_JGE_K: u16 = 0x35;
 const BPF_RET_K: u16 = 0x06;
+const BPF_AND_K: u16 = 0x54;
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xc000_003e;
@@ -41,6 +42,7 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 // Offsets in struct seccomp_data.
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
+const OFF_IP: u32 = 8;
 const fn off_arg_lo(i: u32) -> u32 {
     16 + 8 * i
 }
@@ -65,8 +67,19 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The filter program.
-pub fn program() -> Vec<libc::sock_filter> {
+/// Where jumps go: the verdicts and the optional instruction-pointer check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Label {
+    Next,
+    Allow,
+    Notif,
+}
+
+/// The filter program. With `allow_page`, a trapped call made from that
+/// page (the preload library's own system-call trampoline, see
+/// `libgraft-convert`) is allowed in the kernel: the library already
+/// decided it, and must not pay a round trip to graftd.
+pub fn program(allow_page: Option<u64>) -> Vec<libc::sock_filter> {
     let mut p = vec![
         stmt(BPF_LD_W_ABS, OFF_ARCH),
         jump(BPF_JEQ_K, AUDIT_ARCH, 1, 0),
@@ -78,44 +91,80 @@ pub fn program() -> Vec<libc::sock_filter> {
         p.push(jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1));
         p.push(stmt(BPF_RET_K, RET_ERRNO | libc::ENOSYS as u32));
     }
-    // The tail, indexed from its start: the trapped calls, then the sendto
-    // address check, then the two verdicts.
-    let traps = [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG];
-    let n = traps.len() as u8;
-    // Layout after the trap checks: [n] jeq sendto, [n+1] ld a4 lo,
-    // [n+2] jeq 0, [n+3] ld a4 hi, [n+4] jeq 0, [n+5] ALLOW, [n+6] NOTIF.
-    let allow = n + 5;
-    let notif = n + 6;
-    for (i, nr) in traps.iter().enumerate() {
-        let i = i as u8;
-        p.push(jump(BPF_JEQ_K, *nr as u32, notif - i - 1, 0));
+    // The rest, with symbolic jump targets resolved below.
+    let mut tail: Vec<(libc::sock_filter, Label, Label)> = Vec::new();
+    let mut j = |code, k, jt, jf| tail.push((jump(code, k, 0, 0), jt, jf));
+    for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG] {
+        j(BPF_JEQ_K, nr as u32, Label::Notif, Label::Next);
     }
-    p.push(jump(BPF_JEQ_K, SYS_SENDTO as u32, 0, allow - n - 1));
-    p.push(stmt(BPF_LD_W_ABS, off_arg_lo(4)));
-    p.push(jump(BPF_JEQ_K, 0, 0, notif - (n + 2) - 1));
-    p.push(stmt(BPF_LD_W_ABS, off_arg_lo(4) + 4));
-    p.push(jump(BPF_JEQ_K, 0, allow - (n + 4) - 1, notif - (n + 4) - 1));
-    p.push(stmt(BPF_RET_K, RET_ALLOW));
-    p.push(stmt(BPF_RET_K, RET_USER_NOTIF));
+    j(BPF_JEQ_K, SYS_SENDTO as u32, Label::Next, Label::Allow);
+    tail.push((stmt(BPF_LD_W_ABS, off_arg_lo(4)), Label::Next, Label::Next));
+    let mut j = |code, k, jt, jf| tail.push((jump(code, k, 0, 0), jt, jf));
+    j(BPF_JEQ_K, 0, Label::Next, Label::Notif);
+    tail.push((
+        stmt(BPF_LD_W_ABS, off_arg_lo(4) + 4),
+        Label::Next,
+        Label::Next,
+    ));
+    tail.push((jump(BPF_JEQ_K, 0, 0, 0), Label::Allow, Label::Notif));
+    // The page check (when asked for) comes first so that every jump goes
+    // forward, as BPF requires; then the two verdicts.
+    let notif_at = tail.len();
+    if let Some(page) = allow_page {
+        let page = page & !0xfff;
+        tail.push((stmt(BPF_LD_W_ABS, OFF_IP + 4), Label::Next, Label::Next));
+        tail.push((
+            jump(BPF_JEQ_K, (page >> 32) as u32, 0, 0),
+            Label::Next,
+            Label::Notif,
+        ));
+        tail.push((stmt(BPF_LD_W_ABS, OFF_IP), Label::Next, Label::Next));
+        tail.push((stmt(BPF_AND_K, 0xffff_f000), Label::Next, Label::Next));
+        tail.push((
+            jump(BPF_JEQ_K, page as u32, 0, 0),
+            Label::Allow,
+            Label::Notif,
+        ));
+    }
+    let allow_at = tail.len();
+    tail.push((stmt(BPF_RET_K, RET_ALLOW), Label::Next, Label::Next));
+    let ret_notif_at = tail.len();
+    tail.push((stmt(BPF_RET_K, RET_USER_NOTIF), Label::Next, Label::Next));
+    for (i, (mut ins, jt, jf)) in tail.iter().copied().enumerate() {
+        if matches!(ins.code, BPF_JEQ_K | BPF_JGE_K) {
+            let target = |l: Label| -> u8 {
+                let to = match l {
+                    Label::Next => i + 1,
+                    Label::Allow => allow_at,
+                    Label::Notif if i >= notif_at => ret_notif_at,
+                    Label::Notif if allow_page.is_some() => notif_at,
+                    Label::Notif => ret_notif_at,
+                };
+                // Short programs: every offset fits (checked by the tests).
+                (to - i - 1) as u8
+            };
+            ins.jt = target(jt);
+            ins.jf = target(jf);
+        }
+        p.push(ins);
+    }
     p
 }
 
-/// Sets `PR_SET_NO_NEW_PRIVS` (required to install a filter without
-/// CAP_SYS_ADMIN, and harmless with it) and installs the filter on the
-/// calling thread, returning the listener. Without
-/// [`FLAG_WAIT_KILLABLE_RECV`] support (kernel older than 5.19) the filter
-/// is installed without it; the second value says whether it was kept.
-pub fn install() -> io::Result<(OwnedFd, bool)> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let prog = program();
+/// Installs the filter on the calling thread and returns its listener.
+/// `PR_SET_NO_NEW_PRIVS` is set only when the kernel requires it (without
+/// CAP_SYS_ADMIN), so a root launcher keeps set-id programs working.
+/// Without [`FLAG_WAIT_KILLABLE_RECV`] support (kernel older than 5.19) the
+/// filter is installed without it; the second value says whether it was
+/// kept.
+pub fn install(allow_page: Option<u64>) -> io::Result<(OwnedFd, bool)> {
+    let prog = program(allow_page);
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr().cast_mut(),
     };
     let mut killable = true;
+    let mut nnp = false;
     let fd = loop {
         let flags = FLAG_NEW_LISTENER | if killable { FLAG_WAIT_KILLABLE_RECV } else { 0 };
         // SAFETY: fprog points to `prog`, which outlives the call; the kernel
@@ -132,11 +181,17 @@ pub fn install() -> io::Result<(OwnedFd, bool)> {
             break rc as libc::c_int;
         }
         let e = io::Error::last_os_error();
-        if killable && e.raw_os_error() == Some(libc::EINVAL) {
-            killable = false;
-            continue;
+        match e.raw_os_error() {
+            Some(libc::EINVAL) if killable => killable = false,
+            Some(libc::EACCES) if !nnp => {
+                // SAFETY: prctl with integer arguments only.
+                if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                nnp = true;
+            }
+            _ => return Err(e),
         }
-        return Err(e);
     };
     // SAFETY: the kernel just returned this new descriptor to us alone.
     Ok((unsafe { OwnedFd::from_raw_fd(fd) }, killable))
@@ -158,6 +213,7 @@ mod tests {
             let i = p[pc];
             match i.code {
                 BPF_LD_W_ABS => acc = word(i.k),
+                BPF_AND_K => acc &= i.k,
                 BPF_JEQ_K | BPF_JGE_K => {
                     let hit = if i.code == BPF_JEQ_K {
                         acc == i.k
@@ -174,7 +230,12 @@ mod tests {
     }
 
     fn data(nr: i64, a4: u64) -> [u8; 64] {
+        data_at(nr, a4, 0x7f12_3456_7000)
+    }
+
+    fn data_at(nr: i64, a4: u64, ip: u64) -> [u8; 64] {
         let mut d = [0u8; 64];
+        d[8..16].copy_from_slice(&ip.to_le_bytes());
         d[0..4].copy_from_slice(&(nr as u32).to_le_bytes());
         d[4..8].copy_from_slice(&AUDIT_ARCH.to_le_bytes());
         d[16 + 32..16 + 40].copy_from_slice(&a4.to_le_bytes());
@@ -182,8 +243,28 @@ mod tests {
     }
 
     #[test]
+    fn calls_from_the_allowed_page_pass() {
+        let page = 0x4772_6166_0000u64;
+        let p = program(Some(page));
+        for ip in [page, page + 0x22, page + 0xfff] {
+            assert_eq!(run(&p, &data_at(SYS_CONNECT, 0, ip)), RET_ALLOW, "{ip:#x}");
+            assert_eq!(run(&p, &data_at(SYS_SENDTO, 8, ip)), RET_ALLOW);
+        }
+        for ip in [page - 1, page + 0x1000, page + (1 << 32), 0x7f00_0000_0000] {
+            assert_eq!(
+                run(&p, &data_at(SYS_CONNECT, 0, ip)),
+                RET_USER_NOTIF,
+                "{ip:#x}"
+            );
+            assert_eq!(run(&p, &data_at(SYS_SENDTO, 8, ip)), RET_USER_NOTIF);
+        }
+        assert_eq!(run(&p, &data_at(SYS_SENDTO, 0, 1)), RET_ALLOW);
+        assert_eq!(run(&p, &data_at(libc::SYS_read, 0, 1)), RET_ALLOW);
+    }
+
+    #[test]
     fn verdicts() {
-        let p = program();
+        let p = program(None);
         for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG] {
             assert_eq!(run(&p, &data(nr, 0)), RET_USER_NOTIF, "nr {nr}");
         }

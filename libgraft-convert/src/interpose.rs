@@ -30,6 +30,7 @@ extern "C" fn constructor() {
     INSIDE.set(true);
     let _ = catch_unwind(|| {
         sys::resolve_all();
+        crate::trampoline::map();
         config::init();
     });
     // SAFETY: the handlers only touch atomics and make raw system calls

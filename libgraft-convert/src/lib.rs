@@ -130,3 +130,4 @@ mod log;
 mod pool;
 mod sys;
 mod table;
+mod trampoline;

@@ -104,6 +104,25 @@ macro_rules! call_real {
     }};
 }
 
+/// The calls graft's seccomp filter traps, made from the library's
+/// trampoline page (see [`crate::trampoline`]) so the filter lets them pass:
+/// `Some(result)` in libc's convention (-1 and errno), `None` when the page
+/// is not mapped.
+///
+/// # Safety
+/// The same as the system call `nr` with these arguments.
+#[inline]
+unsafe fn via_trampoline(nr: c_long, a: [i64; 6]) -> Option<i64> {
+    // SAFETY: forwarded contract.
+    let r = unsafe { crate::trampoline::call(nr, a) }?;
+    if (-4095..0).contains(&r) {
+        set_errno(-r as c_int);
+        Some(-1)
+    } else {
+        Some(r)
+    }
+}
+
 // The pass-through calls. They are `unsafe` because they forward the caller's
 // raw pointers unchanged; the kernel validates them (EFAULT).
 
@@ -118,6 +137,11 @@ pub unsafe fn socket(d: c_int, t: c_int, p: c_int) -> c_int {
 /// # Safety
 /// Same contract as bind(2).
 pub unsafe fn bind(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
+    if let Some(r) =
+        unsafe { via_trampoline(libc::SYS_bind, [fd as i64, a as i64, l as i64, 0, 0, 0]) }
+    {
+        return r as c_int;
+    }
     call_real!(Sym::Bind, AddrFn, (fd, a, l), unsafe {
         libc::syscall(libc::SYS_bind, fd, a, l) as c_int
     })
@@ -126,6 +150,11 @@ pub unsafe fn bind(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
 /// # Safety
 /// Same contract as connect(2).
 pub unsafe fn connect(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
+    if let Some(r) =
+        unsafe { via_trampoline(libc::SYS_connect, [fd as i64, a as i64, l as i64, 0, 0, 0]) }
+    {
+        return r as c_int;
+    }
     call_real!(Sym::Connect, AddrFn, (fd, a, l), unsafe {
         libc::syscall(libc::SYS_connect, fd, a, l) as c_int
     })
@@ -148,6 +177,19 @@ pub unsafe fn sendto(
     a: *const sockaddr,
     l: socklen_t,
 ) -> isize {
+    if !a.is_null() {
+        let args = [
+            fd as i64,
+            buf as i64,
+            n as i64,
+            flags as i64,
+            a as i64,
+            l as i64,
+        ];
+        if let Some(r) = unsafe { via_trampoline(libc::SYS_sendto, args) } {
+            return r as isize;
+        }
+    }
     call_real!(Sym::Sendto, SendtoFn, (fd, buf, n, flags, a, l), unsafe {
         libc::syscall(libc::SYS_sendto, fd, buf, n, flags, a, l) as isize
     })
@@ -156,6 +198,14 @@ pub unsafe fn sendto(
 /// # Safety
 /// Same contract as sendmsg(2).
 pub unsafe fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> isize {
+    if let Some(r) = unsafe {
+        via_trampoline(
+            libc::SYS_sendmsg,
+            [fd as i64, m as i64, flags as i64, 0, 0, 0],
+        )
+    } {
+        return r as isize;
+    }
     call_real!(Sym::Sendmsg, SendmsgFn, (fd, m, flags), unsafe {
         libc::syscall(libc::SYS_sendmsg, fd, m, flags) as isize
     })
@@ -164,6 +214,10 @@ pub unsafe fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> isize {
 /// # Safety
 /// Same contract as sendmmsg(2).
 pub unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+    let args = [fd as i64, v as i64, n as i64, flags as i64, 0, 0];
+    if let Some(r) = unsafe { via_trampoline(libc::SYS_sendmmsg, args) } {
+        return r as c_int;
+    }
     call_real!(Sym::Sendmmsg, SendmmsgFn, (fd, v, n, flags), unsafe {
         libc::syscall(libc::SYS_sendmmsg, fd, v, n, flags) as c_int
     })
@@ -384,6 +438,11 @@ pub fn sys_sockname(fd: RawFd, peer: bool) -> Result<([u8; 128], usize), c_int> 
 }
 
 pub fn sys_connect(fd: RawFd, addr: &[u8]) -> Result<(), c_int> {
+    let args = [fd as i64, addr.as_ptr() as i64, addr.len() as i64, 0, 0, 0];
+    // SAFETY: addr is a readable buffer of that size.
+    if let Some(r) = unsafe { via_trampoline(libc::SYS_connect, args) } {
+        return if r < 0 { Err(errno()) } else { Ok(()) };
+    }
     // SAFETY: addr is a readable buffer of that size.
     check(unsafe {
         libc::syscall(

@@ -577,3 +577,168 @@ fn in_kernel_policy_holds_in_seccomp_mode() {
         "the denied destination was reached"
     );
 }
+
+/// A tiny DNS server (python3 stdlib): answers every A query with
+/// 127.0.0.1 and every other type with no record, and prints one line per
+/// query with the asker's address.
+const DNS_SERVER: &str = r#"import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print('ready', flush=True)
+while True:
+    q, peer = s.recvfrom(1500)
+    qid = struct.unpack('>H', q[:2])[0]
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode())
+        i += 1 + q[i]
+    qtype = struct.unpack('>H', q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    print('query %s type %d from %s' % ('.'.join(labels), qtype, peer[0]), flush=True)
+    ans = b''
+    if qtype == 1:
+        ans = b'\xc0\x0c' + struct.pack('>HHIH', 1, 1, 60, 4) + bytes([127, 0, 0, 1])
+    s.sendto(struct.pack('>HHHHHH', qid, 0x8180, 1, 1 if ans else 0, 0, 0) + question + ans, peer)
+"#;
+
+/// `/etc/netns/NAME/resolv.conf` (which `ip netns exec` bind-mounts over
+/// /etc/resolv.conf), removed on drop.
+struct NetnsResolvConf(PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &Netns, server: &str) -> Self {
+        let dir = PathBuf::from("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {server}\noptions timeout:2 attempts:2\n"),
+        )
+        .expect("write resolv.conf");
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// glibc's resolver (getent, python's getaddrinfo, curl) and Go's own
+/// resolver, inside a loopback-only namespace, resolve through the egress
+/// endpoint: their queries reach a DNS server on the host side from the
+/// endpoint's address. glibc opens those sockets through internal calls the
+/// preload library never sees; the filter installed in preload mode too
+/// catches them, while the library's own calls pass it in the kernel.
+#[test]
+fn name_lookups_go_through_the_egress_endpoint() {
+    let test = "name_lookups_go_through_the_egress_endpoint";
+    let Some(env) = Env::new(test, &["python3", "getent", "curl"]) else {
+        return;
+    };
+    let go = go_probe(test);
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    let server = format!(
+        "127.53.{}.{}",
+        std::process::id() % 250 + 1,
+        (std::process::id() / 250) % 250 + 1
+    );
+    let script = env.script("dns.py", DNS_SERVER, &[]);
+    let mut c = Command::new("python3");
+    c.args([&script, &server])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut dns = Proc::spawn(c, "dns server");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let so = dns.child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(so).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(LIMIT).expect("dns server starts"), "ready");
+    let _conf = NetnsResolvConf::new(&env.ns, &server);
+    let name = format!("{}.graft.test", unique("svc-"));
+    let queries = |rx: &std::sync::mpsc::Receiver<String>| -> Vec<String> {
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(300)).ok())
+            .filter(|l| l.contains(&name))
+            .collect()
+    };
+
+    // Without graft nothing answers on the namespace's loopback.
+    let mut plain = env.ns.cmd("getent");
+    plain.args(["hosts", &name]);
+    let o = output_within(plain, "plain getent", LIMIT, None);
+    assert!(!o.status.success(), "resolved without graft?");
+    assert!(queries(&rx).is_empty());
+
+    let rule = ["-e", "0.0.0.0/0=ep-out4", "--"];
+    let mut c = env.graft(&rule);
+    c.args(["getent", "hosts", &name]);
+    let (out, err) = output_ok_within(c, "getent under graft", LIMIT);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["127.0.0.1", &name],
+        "{err}"
+    );
+    let q = queries(&rx);
+    assert!(
+        !q.is_empty() && q.iter().all(|l| l.ends_with("from 127.0.0.1")),
+        "{q:?}"
+    );
+
+    let mut c = env.graft(&rule);
+    c.args([
+        "python3",
+        "-c",
+        "import socket,sys; print(socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)[0][4][0])",
+        &name,
+    ]);
+    let (out, err) = output_ok_within(c, "python getaddrinfo under graft", LIMIT);
+    assert_eq!(out, "127.0.0.1\n", "{err}");
+    assert!(!queries(&rx).is_empty());
+
+    // curl: resolves NAME through the endpoint, then connects through it
+    // to the host's server.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut b).unwrap();
+            assert!(n > 0);
+            req.extend_from_slice(&b[..n]);
+        }
+        c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nfound\n")
+            .unwrap();
+        text(&req)
+    });
+    let mut c = env.graft(&rule);
+    c.args([
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        &format!("http://{name}:{port}/"),
+    ]);
+    let (out, err) = output_ok_within(c, "curl under graft", LIMIT);
+    assert_eq!(out, "found\n", "{err}");
+    assert!(h.join().unwrap().contains(&format!("Host: {name}:{port}")));
+
+    if let Some(go) = go {
+        let (ok, out, err) = client(&env, &["-e", "0.0.0.0/0=ep-out4"], &go, &["resolve", &name]);
+        assert!(ok, "{out} {err}");
+        assert_eq!(out, "addr 127.0.0.1\n");
+        let q = queries(&rx);
+        assert!(
+            !q.is_empty() && q.iter().all(|l| l.ends_with("from 127.0.0.1")),
+            "{q:?}"
+        );
+    }
+}
