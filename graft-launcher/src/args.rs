@@ -12,7 +12,7 @@ use graft_core::rules::{EgressRule, IngressRule, RuleError, RuleSet};
 /// One line, printed with usage errors and by `-h`.
 pub const USAGE: &str = "usage: graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... \
 [-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp] \
-[--] COMMAND [ARGS...]";
+[--wait SECS] [--] COMMAND [ARGS...]";
 
 /// What `getsockname()` reports on an ingress-grafted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,9 @@ pub struct Args {
     pub exclude: Vec<EgressRule>,
     pub getsockname: Option<GetsocknamePolicy>,
     pub mode: Mode,
+    /// How long to wait for graftd's broker and the endpoints to appear in
+    /// this namespace (a container started before its endpoints are added).
+    pub wait_secs: u32,
     /// The program and its arguments; never empty.
     pub command: Vec<OsString>,
 }
@@ -84,6 +87,8 @@ pub enum ArgsError {
     BadPolicy(String),
     #[error("\"{0}\" is not a mode (auto, preload or seccomp)")]
     BadMode(String),
+    #[error("\"{0}\" is not a number of seconds (0-3600)")]
+    BadWait(String),
     #[error("no command given")]
     NoCommand,
     #[error("{var} (from the environment): {err}")]
@@ -105,6 +110,7 @@ enum Valued {
     Exclude,
     Getsockname,
     Mode,
+    Wait,
 }
 
 impl Valued {
@@ -125,6 +131,7 @@ impl Valued {
             "exclude" => Valued::Exclude,
             "getsockname" => Valued::Getsockname,
             "mode" => Valued::Mode,
+            "wait" => Valued::Wait,
             _ => return None,
         })
     }
@@ -156,6 +163,13 @@ impl Builder {
                     "seccomp" => Mode::Seccomp,
                     _ => return Err(ArgsError::BadMode(v.to_owned())),
                 }
+            }
+            Valued::Wait => {
+                self.args.wait_secs = v
+                    .parse()
+                    .ok()
+                    .filter(|&s| s <= 3600)
+                    .ok_or_else(|| ArgsError::BadWait(v.to_owned()))?
             }
         }
         Ok(())
@@ -191,6 +205,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, ArgsErr
             exclude: Vec::new(),
             getsockname: None,
             mode: Mode::Auto,
+            wait_secs: 0,
             command: Vec::new(),
         },
         help: false,
@@ -333,6 +348,11 @@ mod tests {
         assert_eq!(
             p(&["--mode"]),
             Err(ArgsError::MissingValue("--mode".into()))
+        );
+        assert_eq!(run(&["--wait", "30", "x"]).wait_secs, 30);
+        assert_eq!(
+            p(&["--wait=soon", "x"]),
+            Err(ArgsError::BadWait("soon".into()))
         );
     }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... [-e PREFIX/LEN=EP]...
 //!       [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp]
-//!       [--] COMMAND [ARGS...]
+//!       [--wait SECS] [--] COMMAND [ARGS...]
 //! ```
 //!
 //! The launcher does no grafting itself. It validates the mapping rules, puts
@@ -135,9 +135,23 @@ fn run(args: Args) -> ExitCode {
         None
     };
     let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
-    if args.check {
-        if let Err(e) = check::check(&broker, &env.rules, args.verbose) {
-            return fail(1, e);
+    // `--wait`: a container's namespace exists only once it runs, so its
+    // endpoints (and graftd's broker there) may be added after the launcher
+    // started: keep asking, for a bounded time.
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs.into());
+    if args.check || args.wait_secs > 0 {
+        loop {
+            match check::check(&broker, &env.rules, args.verbose) {
+                Ok(()) => break,
+                Err(check::CheckError::Unreachable { .. } | check::CheckError::Missing { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) if args.check => return fail(1, e),
+                Err(_) => break,
+            }
         }
     }
     if let (Some(prog), None) = (&prog, &lib) {

@@ -46,7 +46,7 @@ fn scrub(c: &mut Command) {
 
 const USAGE: &str = "usage: graft [-v] [-n|--no-check] [-i ADDR:PORT[-PORT]=EP]... \
 [-e PREFIX/LEN=EP]... [-x PREFIX/LEN]... [-g host|app] [--mode auto|preload|seccomp] \
-[--] COMMAND [ARGS...]\n";
+[--wait SECS] [--] COMMAND [ARGS...]\n";
 
 #[test]
 fn usage_errors_and_bad_mappings_exit_2() {

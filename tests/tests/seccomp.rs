@@ -742,3 +742,113 @@ fn name_lookups_go_through_the_egress_endpoint() {
         );
     }
 }
+
+/// A container and the image it runs, both removed on drop.
+struct DockerThings {
+    container: String,
+    image: String,
+}
+
+impl Drop for DockerThings {
+    fn drop(&mut self) {
+        let _ = run("docker", ["rm", "-f", &self.container]);
+        let _ = run("docker", ["rmi", "-f", &self.image]);
+    }
+}
+
+/// A scratch image holding one static Go binary, run with `--net=none` and
+/// the static launcher mounted from the host as its entrypoint; the
+/// endpoint is added after start with docker-ns-exec (the launcher waits
+/// for it); the host reaches the server and the server sees the host's
+/// real address.
+#[test]
+fn docker_scratch_image_with_mounted_static_launcher() {
+    let test = "docker_scratch_image_with_mounted_static_launcher";
+    let Some(env) = Env::new(test, &["docker"]) else {
+        return;
+    };
+    if !run("docker", ["info"]).status.success() {
+        println!("SKIP: {test}: no Docker engine answers");
+        return;
+    }
+    let Some(go) = go_probe(test) else {
+        return;
+    };
+    let ctx = env.dir.join("image");
+    let mnt = env.dir.join("graft");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::copy(&go, ctx.join("app")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY app /app\n").unwrap();
+    std::fs::copy(bin("graft"), mnt.join("graft")).unwrap();
+    let things = DockerThings {
+        container: unique("graft-seccomp-"),
+        image: format!("{}:e2e", unique("graft-seccomp-scratch-")),
+    };
+    let b = run(
+        "docker",
+        ["build", "-q", "-t", &things.image, ctx.to_str().unwrap()],
+    );
+    assert!(b.status.success(), "docker build: {}", text(&b.stderr));
+    let port = free_port();
+    let r = run(
+        "docker",
+        [
+            "run",
+            "-d",
+            "--name",
+            &things.container,
+            "--net=none",
+            "-e",
+            &format!("GRAFT_BROKER={}", env.d.broker),
+            "-v",
+            &format!("{}:/graft:ro", mnt.display()),
+            "--entrypoint",
+            "/graft/graft",
+            &things.image,
+            "--wait",
+            "30",
+            "-v",
+            "-i",
+            "0.0.0.0:8080=ep-in4",
+            "--",
+            "/app",
+            "tcp-serve",
+            ":8080",
+        ],
+    );
+    assert!(r.status.success(), "docker run: {}", text(&r.stderr));
+    let mut add = Command::new(bin("docker-ns-exec"));
+    add.args([
+        &things.container,
+        "ip",
+        "graft",
+        "add",
+        "ep-in4",
+        "type",
+        "ipv4",
+    ])
+    .args(["addr", "127.0.0.1", "port", &port.to_string()]);
+    env.d.apply(&mut add);
+    let o = add.output().expect("docker-ns-exec");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ep: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_tcp_quiet(ep);
+    let (said, me) = ask_tcp(ep);
+    let logs = run("docker", ["logs", &things.container]);
+    assert_eq!(said, format!("peer={me}\n"), "{}", text(&logs.stderr));
+    assert!(
+        text(&logs.stderr).contains("graft: /app: seccomp mode (statically linked)"),
+        "{}",
+        text(&logs.stderr)
+    );
+}
+
+/// Waits until something accepts on `addr` without connecting (a probe
+/// connection would be the one-shot server's only client).
+fn wait_tcp_quiet(addr: SocketAddr) {
+    wait_until("the grafted server to listen", LIMIT, || {
+        let out = run("ss", ["-Htln", &format!("sport = :{}", addr.port())]);
+        !text(&out.stdout).trim().is_empty()
+    });
+}
