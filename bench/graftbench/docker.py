@@ -126,9 +126,6 @@ class DockerPath(Path):
     def pp_pids(self):
         return descendants(self.pid) + docker_proxy_pids(self.port("pp"))
 
-    def target(self, svc):
-        return "127.0.0.1", self.port(svc)
-
 
 class DockerProxyPath(DockerPath):
     name = "docker-proxy"

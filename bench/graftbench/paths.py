@@ -29,7 +29,7 @@ class Path:
 
     def target(self, svc):
         """Address:port a client dials for a service."""
-        raise NotImplementedError
+        return "127.0.0.1", self.port(svc)
 
     def pp_pids(self):
         """Pids to pin for the pinned ping-pong cell (server side + relays)."""
@@ -105,9 +105,6 @@ class HostPath(Path):
     def client(self):
         return nsx(self.ns)
 
-    def target(self, svc):
-        return "127.0.0.1", self.port(svc)
-
     def egress_client(self):
         return nsx(self.ns)
 
@@ -171,7 +168,20 @@ class BridgeHost:
         sh(nsx(self.hns) + ["nft", "-f", "-"], input="\n".join(lines) + "\n")
 
 
-class VethPath(Path):
+class BridgePath(Path):
+    """Servers in the bridge host's container namespace, clients in its
+    "Docker host" namespace."""
+
+    def start_bridge_servers(self, h):
+        self.b = h.bridge()
+        self.procs = start_servers(h, self, nsx(self.b.cns), "0.0.0.0", self.name)
+        return self.b
+
+    def client(self):
+        return nsx(self.b.hns)
+
+
+class VethPath(BridgePath):
     name = "veth"
     label = "veth+bridge (container address)"
     base = 21200
@@ -179,17 +189,11 @@ class VethPath(Path):
     workloads = Path.workloads + ("churn", "churn_pin")
 
     def setup(self, h):
-        b = h.bridge()
-        self.b = b
-        cpre = nsx(b.cns)
-        self.procs = start_servers(h, self, cpre, "0.0.0.0", self.name)
+        b = self.start_bridge_servers(h)
         self.procs["churn"] = spawn(nsx(b.hns) + [h.bench, "server", "--once", "--listen", f"0.0.0.0:{self.port('churn')}"],
                                     f"{self.name}-churn")
         for s in ("iperf", "pp", "nginx"):
             wait_port(nsx(b.hns), b.cip, self.port(s), self.label)
-
-    def client(self):
-        return nsx(self.b.hns)
 
     def target(self, svc):
         if svc == "churn":
@@ -200,29 +204,21 @@ class VethPath(Path):
         return nsx(self.b.cns)
 
 
-class DnatPath(Path):
+class DnatPath(BridgePath):
     name = "dnat"
     label = "bridge+DNAT from 127.0.0.1 (docker -p, no proxy)"
     base = 21300
 
     def setup(self, h):
-        b = h.bridge()
-        self.b = b
-        self.procs = start_servers(h, self, nsx(b.cns), "0.0.0.0", self.name)
+        b = self.start_bridge_servers(h)
         for s in ("iperf", "pp", "nginx"):
             wait_port(nsx(b.hns), "127.0.0.1", self.port(s), self.label)
 
     def dnat(self):
         return [("tcp", self.port(s)) for s in ("iperf", "pp", "nginx")] + [("udp", self.port("iperf"))]
 
-    def client(self):
-        return nsx(self.b.hns)
 
-    def target(self, svc):
-        return "127.0.0.1", self.port(svc)
-
-
-class ProxyPath(Path):
+class ProxyPath(BridgePath):
     name = "proxy"
     label = "userland proxy on 127.0.0.1 (graft-bench relay, splice)"
     base = 21400
@@ -232,9 +228,7 @@ class ProxyPath(Path):
         return [h.bench, "relay", "--listen", f"127.0.0.1:{port}", "--upstream", f"{self.b.cip}:{port}"]
 
     def setup(self, h):
-        b = h.bridge()
-        self.b = b
-        self.procs = start_servers(h, self, nsx(b.cns), "0.0.0.0", self.name)
+        b = self.start_bridge_servers(h)
         self.relays = []
         for s in ("iperf", "pp", "nginx"):
             wait_port(nsx(b.hns), b.cip, self.port(s), self.label)
@@ -244,12 +238,6 @@ class ProxyPath(Path):
                 self.pp_procs.append(r)
         for s in ("iperf", "pp", "nginx"):
             wait_port(nsx(b.hns), "127.0.0.1", self.port(s), self.label)
-
-    def client(self):
-        return nsx(self.b.hns)
-
-    def target(self, svc):
-        return "127.0.0.1", self.port(svc)
 
 
 class SocatPath(ProxyPath):
@@ -303,9 +291,6 @@ class GraftPath(Path):
 
     def client(self):
         return nsx(self.hns)
-
-    def target(self, svc):
-        return "127.0.0.1", self.port(svc)
 
     def egress_client(self):
         return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
