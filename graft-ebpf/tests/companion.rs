@@ -7,6 +7,8 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -444,8 +446,7 @@ fn splice_keeps_namespaces_apart() {
         reuse(&s);
         bind(&l, &"127.0.0.1:7000".parse().unwrap()).unwrap();
         bind(&s, &"127.0.0.1:7001".parse().unwrap()).unwrap();
-        // SAFETY: l is an open socket we own; listen(2) on it.
-        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 8) }, 0);
+        listen(&l, 8);
         connect(&s, &"127.0.0.1:7000".parse().unwrap()).unwrap();
         let l = TcpListener::from(l);
         let (a, peer) = l.accept().unwrap();
@@ -482,94 +483,25 @@ fn splice_keeps_namespaces_apart() {
 // ---------------------------------------------------------------- helpers
 
 fn socket(family: i32, ty: i32) -> OwnedFd {
-    // SAFETY: plain socket(2); the result is checked before being owned.
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(v) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: v.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: v.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
+    let family = AddressFamily::from_i32(family).expect("address family");
+    let ty = SockType::try_from(ty).expect("socket type");
+    sock::socket(family, ty, SockFlag::SOCK_CLOEXEC, None).expect("socket")
 }
 
 fn connect(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = sockaddr(a);
-    // SAFETY: ss/len describe a valid socket address.
-    let rc = unsafe {
-        libc::connect(
-            s.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(sock::connect(s.as_raw_fd(), &SockaddrStorage::from(*a))?)
 }
 
 fn bind(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = sockaddr(a);
-    // SAFETY: ss/len describe a valid socket address.
-    let rc = unsafe {
-        libc::bind(
-            s.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(sock::bind(s.as_raw_fd(), &SockaddrStorage::from(*a))?)
+}
+
+fn listen(s: &OwnedFd, backlog: i32) {
+    sock::listen(s, sock::Backlog::new(backlog).expect("backlog")).expect("listen");
 }
 
 fn reuse(s: &OwnedFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: SO_REUSEADDR takes an int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    sock::setsockopt(s, sock::sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
 }
 
 /// A marked listener (as graftd hands out: marked before listen()).
@@ -583,8 +515,7 @@ fn listener(c: &mut Companion, ep: &EndpointKey, addr: SocketAddr) -> TcpListene
     c.register_socket(s.as_fd(), ep).unwrap();
     reuse(&s);
     bind(&s, &addr).unwrap();
-    // SAFETY: listen(2) on a socket we own.
-    assert_eq!(unsafe { libc::listen(s.as_raw_fd(), 16) }, 0);
+    listen(&s, 16);
     TcpListener::from(s)
 }
 
@@ -977,8 +908,7 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
     let l = socket(libc::AF_INET, libc::SOCK_STREAM);
     c.register_socket(l.as_fd(), &ep).unwrap();
     bind(&l, &"127.0.0.1:0".parse().unwrap()).unwrap();
-    // SAFETY: listen(2) on a socket we own.
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 8) }, 0);
+    listen(&l, 8);
     let l = TcpListener::from(l);
     let cli = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (acc, _) = l.accept().unwrap();

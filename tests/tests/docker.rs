@@ -44,10 +44,6 @@ fn docker(args: &[&str]) -> Output {
         .expect("run timeout docker")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// The test's containers, removed (with `docker rm -f`) on drop. When the
 /// test fails, their logs are printed first.
 struct Containers {
