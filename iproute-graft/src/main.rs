@@ -181,14 +181,18 @@ mod tests {
 
     #[test]
     fn unknown_command() {
-        assert_eq!(
-            p("frob").unwrap_err(),
-            "Command \"frob\" is unknown, try \"ip graft help\"."
-        );
-        assert_eq!(
-            p("graft link").unwrap_err(),
-            "Command \"link\" is unknown, try \"ip graft help\"."
-        );
+        for (input, want) in [
+            (
+                "frob",
+                "Command \"frob\" is unknown, try \"ip graft help\".",
+            ),
+            (
+                "graft link",
+                "Command \"link\" is unknown, try \"ip graft help\".",
+            ),
+        ] {
+            assert_eq!(p(input).unwrap_err(), want, "{input}");
+        }
     }
 
     #[test]

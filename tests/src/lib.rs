@@ -714,3 +714,16 @@ impl Env {
         }
     }
 }
+
+/// The opening of a test that drives graftd directly: root (else the skip
+/// line and `None`), a private graftd, then one new namespace per name.
+pub fn graftd_and_netns<const N: usize>(
+    test: &str,
+    names: [&str; N],
+) -> Option<(Graftd, [Netns; N])> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let d = Graftd::start();
+    Some((d, names.map(Netns::new)))
+}

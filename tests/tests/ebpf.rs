@@ -157,6 +157,17 @@ fn ebpf_env(test: &str, graftd_args: &[&str]) -> Option<Env> {
     Some(env)
 }
 
+/// [`ebpf_env`] and one more namespace per name (splice tests keep the
+/// endpoints' sockets in a namespace of their own).
+fn ebpf_env_netns<const N: usize>(
+    test: &str,
+    graftd_args: &[&str],
+    names: [&str; N],
+) -> Option<(Env, [Netns; N])> {
+    let env = ebpf_env(test, graftd_args)?;
+    Some((env, names.map(Netns::new)))
+}
+
 /// `graft RULES -- python3 app.py ARGS` inside `ns`.
 fn app(env: &Env, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
     let mut c = env.graft_in(ns, rules);
@@ -168,16 +179,9 @@ fn run_bounded(cmd: Command, what: &str) -> Output {
     graft_tests::output_within(cmd, what, LIMIT, None)
 }
 
+/// Runs to success within [`LIMIT`]; stdout.
 fn ok(cmd: Command, what: &str) -> String {
-    let o = run_bounded(cmd, what);
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
+    graft_tests::output_ok_within(cmd, what, LIMIT).0
 }
 
 /// A host TCP server counting accepted connections and a UDP receiver, on
@@ -424,13 +428,13 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
 /// namespace carries only control segments, and the counters match.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
-    let test = "splice_grafted_pairs_v4_v6_byte_exact";
-    let Some(env) = ebpf_env(test, &["--splice"]) else {
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(
+        "splice_grafted_pairs_v4_v6_byte_exact",
+        &["--splice"],
+        ["sph", "sp1", "sp2"],
+    ) else {
         return;
     };
-    let host = Netns::new("sph");
-    let c1 = Netns::new("sp1");
-    let c2 = Netns::new("sp2");
     const N: usize = 8 << 20;
     for (ty, ip, any) in [("ipv4", "127.0.0.1", "0.0.0.0"), ("ipv6", "::1", "::")] {
         let port = 15000;
@@ -490,13 +494,13 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
 /// payload bytes exactly (no SYN/FIN), and connections by direction.
 #[test]
 fn counters_without_splice_count_payload_bytes() {
-    let test = "counters_without_splice_count_payload_bytes";
-    let Some(env) = ebpf_env(test, &[]) else {
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(
+        "counters_without_splice_count_payload_bytes",
+        &[],
+        ["cth", "ct1", "ct2"],
+    ) else {
         return;
     };
-    let host = Netns::new("cth");
-    let c1 = Netns::new("ct1");
-    let c2 = Netns::new("ct2");
     const N: usize = 3 << 20;
     env.add_in(
         &c1,
@@ -561,13 +565,13 @@ fn counters_without_splice_count_payload_bytes() {
 /// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
 #[test]
 fn splice_same_four_tuple_in_two_namespaces() {
-    let test = "splice_same_four_tuple_in_two_namespaces";
-    let Some(env) = ebpf_env(test, &["--splice"]) else {
+    let Some((env, [h1, h2, c])) = ebpf_env_netns(
+        "splice_same_four_tuple_in_two_namespaces",
+        &["--splice"],
+        ["st1", "st2", "stc"],
+    ) else {
         return;
     };
-    let h1 = Netns::new("st1");
-    let h2 = Netns::new("st2");
-    let c = Netns::new("stc");
     const N: usize = 4 << 20;
     for h in [&h1, &h2] {
         let tag = &h.name[h.name.len() - 3..];

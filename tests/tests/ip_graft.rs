@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use graft_tests::{path_with_wrapper, root_or_skip, run, text, words, Graftd, Netns};
+use graft_tests::{
+    graftd_and_netns, path_with_wrapper, root_or_skip, run, text, words, Graftd, Netns,
+};
 
 /// `ip ARGS` through the wrapper, inside `ns` when given, as a client of `g`
 /// (or, without a daemon, with the control socket at `control`).
@@ -64,6 +66,12 @@ fn fails(out: &Output, code: i32, what: &str) -> String {
         "{what}: expected one stderr line, got {err:?}"
     );
     err.trim_end().to_owned()
+}
+
+/// `ip ARGS` inside `ns` as a client of `g`, asserting exit 2 with one line
+/// (see [`fails`]); returns that line.
+fn fails_in(g: &Graftd, ns: &Netns, args: &[&str], what: &str) -> String {
+    fails(&ip(Some(g), None, Some(ns), args), 2, what)
 }
 
 /// (dev, ino) of a namespace file, as graftd reports `target_netns`.
@@ -163,12 +171,10 @@ fn json(s: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn walkthrough_shows_af_graft_lines() {
-    if !root_or_skip("walkthrough_shows_af_graft_lines") {
+    let Some((g, [c1, c2])) = graftd_and_netns("walkthrough_shows_af_graft_lines", ["c1", "c2"])
+    else {
         return;
-    }
-    let g = Graftd::start();
-    let c1 = Netns::new("c1");
-    let c2 = Netns::new("c2");
+    };
     // `netns PID`: this test process lives in the host namespace. (AF_GRAFT's
     // docs say `netns 1`; that is tried below where /proc/1/ns/net can be
     // opened, which some sandboxes forbid even to root.)
@@ -349,7 +355,7 @@ fn walkthrough_shows_af_graft_lines() {
         ok(&g, Some(&c1), &["graft", "del", "ep-1"]);
     } else {
         println!("SKIP: walkthrough: `netns 1`: /proc/1/ns/net cannot be opened here (sandbox)");
-        let e = fails(&ip(Some(&g), None, Some(&c1), &add1), 2, "netns 1");
+        let e = fails_in(&g, &c1, &add1, "netns 1");
         assert!(
             e.starts_with("Error: cannot open netns \"1\": /proc/1/ns/net: "),
             "{e}"
@@ -363,12 +369,10 @@ fn walkthrough_shows_af_graft_lines() {
 
 #[test]
 fn namespaces_see_only_their_own_endpoints() {
-    if !root_or_skip("namespaces_see_only_their_own_endpoints") {
+    let Some((g, [a, b])) = graftd_and_netns("namespaces_see_only_their_own_endpoints", ["a", "b"])
+    else {
         return;
-    }
-    let g = Graftd::start();
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    };
     ok(
         &g,
         Some(&a),
@@ -394,20 +398,12 @@ fn namespaces_see_only_their_own_endpoints() {
         "ep type ipv6 addr ::1 port 8082\n"
     );
     // b cannot see, show or delete a's endpoint.
-    let e = fails(
-        &ip(Some(&g), None, Some(&b), &["graft", "show", "only-a"]),
-        2,
-        "show other's",
-    );
+    let e = fails_in(&g, &b, &["graft", "show", "only-a"], "show other's");
     assert_eq!(
         e,
         "Error: endpoint \"only-a\" does not exist in this network namespace"
     );
-    let e = fails(
-        &ip(Some(&g), None, Some(&b), &["graft", "del", "only-a"]),
-        2,
-        "del other's",
-    );
+    let e = fails_in(&g, &b, &["graft", "del", "only-a"], "del other's");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("only-a"),
         "{e}"
@@ -424,26 +420,20 @@ fn namespaces_see_only_their_own_endpoints() {
 
 #[test]
 fn del_and_duplicate_names() {
-    if !root_or_skip("del_and_duplicate_names") {
+    let Some((g, [c])) = graftd_and_netns("del_and_duplicate_names", ["dup"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("dup");
+    };
     let add = words("graft add ep-in4 type ipv4 addr 127.0.0.1 port 8080");
     ok(&g, Some(&c), &add);
     // Re-adding the name is refused, even with another address, and the
     // existing endpoint is untouched.
-    let e = fails(&ip(Some(&g), None, Some(&c), &add), 2, "duplicate add");
+    let e = fails_in(&g, &c, &add, "duplicate add");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("ep-in4") && e.contains("exists"),
         "{e}"
     );
     let other = words("graft add ep-in4 type ipv6 addr ::1 port 1");
-    fails(
-        &ip(Some(&g), None, Some(&c), &other),
-        2,
-        "duplicate add, other addr",
-    );
+    fails_in(&g, &c, &other, "duplicate add, other addr");
     assert_eq!(
         ok(&g, Some(&c), &["graft", "show"]),
         "ep-in4 type ipv4 addr 127.0.0.1 port 8080\n"
@@ -451,11 +441,7 @@ fn del_and_duplicate_names() {
     // del works (abbreviated too), and twice is an error.
     assert_eq!(ok(&g, Some(&c), &["graft", "del", "ep-in4"]), "");
     assert_eq!(ok(&g, Some(&c), &["graft", "show"]), "");
-    let e = fails(
-        &ip(Some(&g), None, Some(&c), &["graft", "del", "ep-in4"]),
-        2,
-        "del missing",
-    );
+    let e = fails_in(&g, &c, &["graft", "del", "ep-in4"], "del missing");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("ep-in4"),
         "{e}"
@@ -469,11 +455,9 @@ fn del_and_duplicate_names() {
 
 #[test]
 fn bad_input_gets_one_line_and_exit_2() {
-    if !root_or_skip("bad_input_gets_one_line_and_exit_2") {
+    let Some((g, [c])) = graftd_and_netns("bad_input_gets_one_line_and_exit_2", ["bad"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("bad");
+    };
     let cases: &[(&[&str], &str)] = &[
         (
             &words("add sixteen-bytes-xx type ipv4 addr 1.2.3.4 port 1"),
@@ -733,11 +717,9 @@ fn help_and_passthrough_to_system_ip() {
 
 #[test]
 fn policy_clauses_and_details() {
-    if !root_or_skip("policy_clauses_and_details") {
+    let Some((g, [c])) = graftd_and_netns("policy_clauses_and_details", ["pol"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("pol");
+    };
     ok(
         &g,
         Some(&c),

@@ -139,15 +139,8 @@ fn check_fails_closed_and_names_the_fix() {
         Some(&ns),
         &words("add ep-in4 type ipv4 addr 127.0.0.1 port dynamic"),
     );
-    let o = run_in_ns(&[
-        "-i",
-        "0.0.0.0:0-65535=ep-in4",
-        "-i",
-        ":::0-65535=ep-in6",
-        "--",
-        "touch",
-        m,
-    ]);
+    let both = ["-i", "0.0.0.0:0-65535=ep-in4", "-i", ":::0-65535=ep-in6"];
+    let o = run_in_ns(&[&both[..], &["--", "touch", m]].concat());
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr),
@@ -169,16 +162,7 @@ fn check_fails_closed_and_names_the_fix() {
         Some(&ns),
         &words("add ep-in6 type ipv6 addr ::1 port dynamic"),
     );
-    let o = run_in_ns(&[
-        "-v",
-        "-i",
-        "0.0.0.0:0-65535=ep-in4",
-        "-i",
-        ":::0-65535=ep-in6",
-        "--",
-        "touch",
-        m,
-    ]);
+    let o = run_in_ns(&[&["-v"], &both[..], &["--", "touch", m]].concat());
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(

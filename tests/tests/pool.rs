@@ -91,17 +91,27 @@ fn bodies(n: usize) -> String {
     format!("{BODY}\n").repeat(n)
 }
 
+/// `n` sequential connections from python under `graft` (with `GRAFT_POOL`
+/// set to `pool` when given), each answered; the world and the server for the
+/// test's own assertions.
+fn sequential_run(test: &str, n: usize, pool: Option<&str>) -> Option<(Env, HostHttp)> {
+    let env = pool_env(test)?;
+    let srv = HostHttp::start("127.0.0.1:0");
+    let mut cmd = python(&env, "seq.py", &sequential(n), srv.addr.port());
+    if let Some(v) = pool {
+        cmd.env("GRAFT_POOL", v);
+    }
+    let (out, err) = output_ok(cmd, "seq.py");
+    assert_eq!(out, bodies(n), "{err}");
+    Some((env, srv))
+}
+
 #[test]
 fn fifty_sequential_connections_take_seven_batches() {
-    let Some(env) = pool_env("fifty_sequential_connections_take_seven_batches") else {
+    let test = "fifty_sequential_connections_take_seven_batches";
+    let Some((env, srv)) = sequential_run(test, 50, None) else {
         return;
     };
-    let srv = HostHttp::start("127.0.0.1:0");
-    let (out, err) = output_ok(
-        python(&env, "seq.py", &sequential(50), srv.addr.port()),
-        "seq.py",
-    );
-    assert_eq!(out, bodies(50), "{err}");
     let mut ports = peer_ports(&srv);
     assert_eq!(ports.len(), 50);
     ports.sort();
@@ -114,14 +124,10 @@ fn fifty_sequential_connections_take_seven_batches() {
 
 #[test]
 fn pool_off_makes_one_request_per_connection() {
-    let Some(env) = pool_env("pool_off_makes_one_request_per_connection") else {
+    let test = "pool_off_makes_one_request_per_connection";
+    let Some((env, _srv)) = sequential_run(test, 10, Some("0")) else {
         return;
     };
-    let srv = HostHttp::start("127.0.0.1:0");
-    let mut cmd = python(&env, "seq.py", &sequential(10), srv.addr.port());
-    cmd.env("GRAFT_POOL", "0");
-    let (out, err) = output_ok(cmd, "seq.py");
-    assert_eq!(out, bodies(10), "{err}");
     assert_eq!(requests(&env), (10, 0), "{}", env.d.log_text());
     assert_eq!(handed_out(&env), 10);
 }
