@@ -85,6 +85,15 @@ fn parse_name(rule: &str, s: &str) -> Result<EndpointName, RuleError> {
     })
 }
 
+/// `LHS=EP`: the left-hand side and the endpoint.
+fn split_endpoint(
+    rule: &str,
+    shape: impl Fn() -> RuleError,
+) -> Result<(&str, EndpointName), RuleError> {
+    let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
+    Ok((lhs, parse_name(rule, ep)?))
+}
+
 fn parse_port(rule: &str, s: &str) -> Result<u16, RuleError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(RuleError::BadPort {
@@ -144,8 +153,7 @@ impl std::str::FromStr for IngressRule {
 
     fn from_str(rule: &str) -> Result<Self, RuleError> {
         let shape = || RuleError::IngressShape(rule.to_owned());
-        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
-        let endpoint = parse_name(rule, ep)?;
+        let (lhs, endpoint) = split_endpoint(rule, shape)?;
         let (addr, ports) = if let Some(rest) = lhs.strip_prefix('[') {
             let (a, p) = rest.split_once("]:").ok_or_else(shape)?;
             (a, p)
@@ -214,8 +222,7 @@ impl std::str::FromStr for EgressRule {
 
     fn from_str(rule: &str) -> Result<Self, RuleError> {
         let shape = || RuleError::EgressShape(rule.to_owned());
-        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
-        let endpoint = parse_name(rule, ep)?;
+        let (lhs, endpoint) = split_endpoint(rule, shape)?;
         Ok(EgressRule {
             prefix: Prefix::parse(rule, lhs, shape)?,
             endpoint: Some(endpoint),

@@ -225,8 +225,7 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<AddCmd, String> {
-        let v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-        parse(&v).map_err(|e| e.0)
+        crate::args::parse_typed(parse, s)
     }
 
     fn line(s: &str) -> String {
