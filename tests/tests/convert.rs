@@ -24,6 +24,36 @@ fn output(cmd: Command, what: &str, limit: Duration) -> Output {
     graft_tests::output_within(cmd, what, limit, None)
 }
 
+/// The usual ingress world: ep-in4 on a free port of the host's loopback.
+fn ingress_world(test: &str) -> Option<(Env, u16)> {
+    let env = Env::new(test, &["python3"])?;
+    let port = free_port();
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
+    Some((env, port))
+}
+
+/// The usual egress world: ep-out4 added, a host server running.
+fn egress_world(test: &str) -> Option<(Env, HostHttp)> {
+    let env = Env::new(test, &["python3"])?;
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    Some((env, HostHttp::start("127.0.0.1:0")))
+}
+
+/// Writes the python script `name` (`@K@` filled from `vars`) and runs
+/// `graft RULES -- python3 SCRIPT` to a successful exit: (stdout, stderr).
+fn python_ok(
+    env: &Env,
+    rules: &[&str],
+    name: &str,
+    body: &str,
+    vars: &[(&str, String)],
+) -> (String, String) {
+    let py = env.script(name, body, vars);
+    let mut cmd = env.graft(rules);
+    cmd.args(["--", PY, &py]);
+    output_ok(cmd, name)
+}
+
 /// Output with a successful exit; returns (stdout, stderr).
 fn output_ok(cmd: Command, what: &str) -> (String, String) {
     graft_tests::output_ok_within(cmd, what, LIMIT)
@@ -237,7 +267,9 @@ fn egress_curl_python_socat_reach_host_server() {
         "verbose line {want:?} missing:\n{err}"
     );
 
-    let py = env.script(
+    let (out, _) = python_ok(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
         "client.py",
         "import socket\n\
          s = socket.create_connection(('127.0.0.1', @PORT@), timeout=10)\n\
@@ -249,10 +281,6 @@ fn egress_curl_python_socat_reach_host_server() {
          \x20   data += b\n\
          print(data.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n",
         &[("PORT", srv.addr.port().to_string())],
-    );
-    let (out, _) = output_ok(
-        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "python",
     );
     assert_eq!(out, BODY);
 
@@ -290,7 +318,9 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
             let _ = u.send_to(&r, from);
         }
     });
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-v", "-e", "0.0.0.0/0=ep-out4"],
         "udp.py",
         "import socket\n\
          A = ('127.0.0.1', @PORT@)\n\
@@ -317,10 +347,6 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
          assert libc.sendmmsg(w.fileno(), ctypes.byref(m), 1, 0) == 1, ctypes.get_errno()\n\
          print(w.recv(100).decode(), w.getsockname()[1])\n",
         &[("PORT", port.to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "udp client",
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "stdout: {out}\nstderr: {err}");
@@ -769,11 +795,9 @@ fn wait_tcp_no_consume(port: u16) {
 
 #[test]
 fn exec_and_child_processes_are_grafted() {
-    let Some(env) = Env::new("exec_and_child_processes_are_grafted", &["python3"]) else {
+    let Some((env, port)) = ingress_world("exec_and_child_processes_are_grafted") else {
         return;
     };
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
     env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let srv = HostHttp::start("127.0.0.1:0");
     let child = env.script(
@@ -822,11 +846,9 @@ fn exec_and_child_processes_are_grafted() {
 
 #[test]
 fn thousand_concurrent_grafted_connections() {
-    let Some(env) = Env::new("thousand_concurrent_grafted_connections", &["python3"]) else {
+    let Some((env, srv)) = egress_world("thousand_concurrent_grafted_connections") else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     let py = env.script(
         "many.py",
         "import socket, threading, selectors, resource, time, sys\n\
@@ -873,11 +895,9 @@ fn thousand_concurrent_grafted_connections() {
 
 #[test]
 fn so_reuseport_two_listeners_on_one_endpoint() {
-    let Some(env) = Env::new("so_reuseport_two_listeners_on_one_endpoint", &["python3"]) else {
+    let Some((env, port)) = ingress_world("so_reuseport_two_listeners_on_one_endpoint") else {
         return;
     };
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
     let py = env.script(
         "reuseport.py",
         "import socket, selectors, time\n\
@@ -939,11 +959,9 @@ fn so_reuseport_two_listeners_on_one_endpoint() {
 
 #[test]
 fn getsockname_policy_host_and_app() {
-    let Some(env) = Env::new("getsockname_policy_host_and_app", &["python3"]) else {
+    let Some((env, port)) = ingress_world("getsockname_policy_host_and_app") else {
         return;
     };
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
     env.add("ep-dyn type ipv4 addr 127.0.0.1 port dynamic");
     let py = env.script(
         "names.py",
@@ -1007,12 +1025,12 @@ fn getsockname_policy_host_and_app() {
 
 #[test]
 fn options_carry_over_to_the_host_socket() {
-    let Some(env) = Env::new("options_carry_over_to_the_host_socket", &["python3"]) else {
+    let Some((env, port)) = ingress_world("options_carry_over_to_the_host_socket") else {
         return;
     };
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-i", "0.0.0.0:0-65535=ep-in4"],
         "opts.py",
         "import socket\n\
          S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
@@ -1025,10 +1043,6 @@ fn options_carry_over_to_the_host_socket() {
          \x20     s.getsockopt(S, socket.SO_REUSEADDR), s.getsockopt(S, socket.SO_KEEPALIVE),\n\
          \x20     s.getsockopt(T, socket.TCP_KEEPIDLE))\n",
         &[],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &py]),
-        "opts.py",
     );
     // The kernel reports twice the SO_RCVBUF that was set.
     assert_eq!(out, format!("127.0.0.1 {port} 131072 1 1 1 77\n"), "{err}");
@@ -1045,11 +1059,9 @@ const FETCH_PY: &str = "import socket, os\n\
 
 #[test]
 fn egress_options_set_before_connect_carry_over() {
-    let Some(env) = Env::new("egress_options_set_before_connect_carry_over", &["python3"]) else {
+    let Some((env, srv)) = egress_world("egress_options_set_before_connect_carry_over") else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     // Three ways an option reaches the socket before the graft: set on the
     // descriptor itself, set through a duplicate (recorded on the other
     // descriptor), set by a forked child on the shared socket. The values
@@ -1074,14 +1086,12 @@ fn egress_options_set_before_connect_carry_over() {
          f.connect(DST)\n\
          print('fork', f.getsockopt(S, socket.SO_KEEPALIVE), fetch(f))\n"
     );
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-v", "-e", "0.0.0.0/0=ep-out4"],
         "opts_egress.py",
         &body,
         &[("HP", srv.addr.port().to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "opts_egress.py",
     );
     assert_eq!(
         out,
@@ -1103,11 +1113,9 @@ fn egress_options_set_before_connect_carry_over() {
 
 #[test]
 fn egress_refused_option_fails_the_connect() {
-    let Some(env) = Env::new("egress_refused_option_fails_the_connect", &["python3"]) else {
+    let Some((env, srv)) = egress_world("egress_refused_option_fails_the_connect") else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     // SO_MARK set and then switched off again is what a fresh socket has:
     // grafted. Left on: refused by graftd, the connect fails.
     let body = format!(
@@ -1158,7 +1166,9 @@ fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
     };
     env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let srv = HostHttp::start("127.0.0.1:0");
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
         "nb.py",
         "import socket, select, fcntl, os\n\
          A = ('127.0.0.1', @HP@)\n\
@@ -1172,10 +1182,6 @@ fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
          print('blocking', t.getblocking(), 'inheritable', os.get_inheritable(t.fileno()))\n\
          d = t.dup(); print('dup', d.getpeername() == t.getpeername())\n",
         &[("HP", srv.addr.port().to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "nb.py",
     );
     assert_eq!(
         out,
@@ -1223,26 +1229,21 @@ fn egress_ipv6_and_client_bind_port_zero() {
 
     // A client that binds port 0 before connecting is a client, even with an
     // ingress rule covering port 0: it is grafted on egress, not ingress.
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &[
+            "-v",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+        ],
         "client_bind0.py",
         "import socket\n\
          c = socket.socket(); c.bind(('0.0.0.0', 0)); c.connect(('127.0.0.1', @HP@))\n\
          c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); c.shutdown(socket.SHUT_WR)\n\
          print(c.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
         &[("HP", srv4.addr.port().to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&[
-            "-v",
-            "-i",
-            "0.0.0.0:0-65535=ep-in4",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            PY,
-            &py,
-        ]),
-        "client_bind0.py",
     );
     assert_eq!(out, format!("{BODY}\n"), "{err}");
     let lines = graft_lines(&err);
