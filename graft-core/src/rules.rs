@@ -420,23 +420,15 @@ impl RuleSet {
 
     /// Renders the rules back into the three environment values.
     pub fn to_env_values(&self) -> (String, String, String) {
-        let join = |it: Vec<String>| it.join(" ");
+        fn join<'a, R: fmt::Display + 'a>(rules: impl Iterator<Item = &'a R>) -> String {
+            rules.map(R::to_string).collect::<Vec<_>>().join(" ")
+        }
+        let (grafts, excludes): (Vec<&EgressRule>, Vec<&EgressRule>) =
+            self.egress.iter().partition(|r| r.endpoint.is_some());
         (
-            join(self.ingress.iter().map(|r| r.to_string()).collect()),
-            join(
-                self.egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_some())
-                    .map(|r| r.to_string())
-                    .collect(),
-            ),
-            join(
-                self.egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_none())
-                    .map(|r| r.to_string())
-                    .collect(),
-            ),
+            join(self.ingress.iter()),
+            join(grafts.into_iter()),
+            join(excludes.into_iter()),
         )
     }
 
