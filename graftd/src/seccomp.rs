@@ -280,6 +280,12 @@ impl Supervisor {
         };
         let pfd = match pidfd::open_thread(pid) {
             Ok(p) => p,
+            // Still waiting, yet unreachable (graftd out of descriptors?):
+            // refuse rather than let a call that may need grafting through.
+            Err(e) if notify::id_valid(self.listener.as_fd(), n.id) => {
+                log::warn!("seccomp listener of {}: pidfd of {pid}: {e}", self.ns);
+                return Verdict::Fail(libc::EAGAIN);
+            }
             Err(_) => return Verdict::Gone,
         };
         if !notify::id_valid(self.listener.as_fd(), n.id) {
