@@ -262,6 +262,8 @@ class GraftPath(Path):
     host_path = "host"
     ns_tag = "g"
     graftd_args = ()
+    # extra launcher options (the seccomp row forces its mode)
+    graft_opts = ()
 
     def setup(self, h):
         hp = h.paths_by_name.get(self.host_path)
@@ -277,7 +279,8 @@ class GraftPath(Path):
         self.d.ip_graft(nsx(self.gns), ["show"])
 
         def wrap(svc, argv):
-            return [h.graft_bin("graft"), "-i", f"0.0.0.0:{self.port(svc)}={eps[svc]}", "--"] + argv
+            return [h.graft_bin("graft"), *self.graft_opts, "-i", f"0.0.0.0:{self.port(svc)}={eps[svc]}",
+                    "--"] + argv
         self.wrap = wrap
         self.procs = start_servers(h, self, self.d.envx(nsx(self.gns)), "0.0.0.0", self.name, wrap=wrap)
         self.procs["churn"] = spawn(nsx(self.hns) + [h.bench, "server", "--once", "--listen", f"127.0.0.1:{self.port('churn')}"],
@@ -293,7 +296,19 @@ class GraftPath(Path):
         return nsx(self.hns)
 
     def egress_client(self):
-        return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
+        return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), *self.graft_opts, "-e",
+                                             "0.0.0.0/0=ep-out4", "--"]
+
+
+class GraftSeccompPath(GraftPath):
+    """`graft` as for a static program: `--mode seccomp` (the servers and the
+    churn client are the same dynamic binaries, forced onto the seccomp
+    path, so the row isolates its cost)."""
+    name = "graft-seccomp"
+    label = "graft --mode seccomp (seccomp user notification)"
+    base = 22500
+    ns_tag = "gsc"
+    graft_opts = ("--mode", "seccomp")
 
 
 class GraftG2GPath(GraftPath):
@@ -332,7 +347,7 @@ class GraftNatPath(GraftPath):
 
 
 ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftNatPath,
-             GraftG2GPath, GraftSplicePath]
+             GraftG2GPath, GraftSplicePath, GraftSeccompPath]
 
 
 class Graftd:

@@ -172,6 +172,11 @@ def write_results(h, cfg, out):
             "sock_graft_mean": "same under `graft -e` (µs mean)",
             "sock_plain_pin_mean": "pinned, no preload (µs mean)",
             "sock_graft_pin_mean": "pinned, under `graft -e` (µs mean)",
+            "send_seccomp": "sendto() with address on a grafted socket, `--mode seccomp`: a notification each (ns/call)",
+            "sock_seccomp": "new socket loop under `graft --mode seccomp` (µs p50)",
+            "sock_seccomp_pin": "same, client and graftd pinned to cpu0 (µs p50)",
+            "sock_seccomp_mean": "new socket loop, `--mode seccomp` (µs mean)",
+            "sock_seccomp_pin_mean": "pinned, `--mode seccomp` (µs mean)",
         }
         for k in desc:
             v = mm(k)
@@ -195,6 +200,14 @@ def write_results(h, cfg, out):
         if all(d3):
             L.append(f"- Broker cost per handed-out socket: **{d3[0][0] - d3[1][0]:.1f} µs** unpinned"
                      + (f", **{d4[0][0] - d4[1][0]:.1f} µs** with client and graftd on one CPU." if all(d4) else "."))
+        d5 = mm("sock_seccomp"), mm("sock_plain")
+        d6 = mm("sock_seccomp_pin"), mm("sock_plain_pin")
+        d7 = mm("send_seccomp"), mm("send_plain")
+        if all(d5):
+            L.append(f"- seccomp path cost per new socket: **{d5[0][0] - d5[1][0]:.1f} µs** unpinned"
+                     + (f", **{d6[0][0] - d6[1][0]:.1f} µs** on one CPU" if all(d6) else "")
+                     + (f"; per sendto with an address on a decided socket: **{(d7[0][0] - d7[1][0]) / 1000:.1f} µs**"
+                        if all(d7) else "") + ".")
         L.append("")
     png = base + ".png"
     chart_ok = chart(png, names, metrics, ratios)

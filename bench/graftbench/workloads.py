@@ -203,6 +203,12 @@ def micro(h, cfg, gp, results, notes):
     }
     # pinned grafted: graftd on the same CPU as the client
     rows["sock_graft_pin"] = graft + ["taskset", "-c", "0", h.bench, "sockcost", "--dest", dest, "--count", str(ns_n)]
+    # the same loops on the seccomp path (every sendto with an address is a
+    # notification there, so the send loop is shorter)
+    sc = graft[:-1] + ["--mode", "seccomp", "--"]
+    rows["send_seccomp"] = sc + [h.bench, "sendcost", "--dest", dest, "--count", str(n // 100)]
+    rows["sock_seccomp"] = sc + [h.bench, "sockcost", "--dest", dest, "--count", str(ns_n)]
+    rows["sock_seccomp_pin"] = sc + ["taskset", "-c", "0", h.bench, "sockcost", "--dest", dest, "--count", str(ns_n)]
     for r in range(reps):
         for k, argv in rows.items():
             with on_cpu0([gp.d.p.pid] if k.endswith("_pin") else []):
