@@ -307,7 +307,7 @@ class GraftSeccompPath(GraftPath):
     name = "graft-seccomp"
     label = "graft --mode seccomp (seccomp user notification)"
     base = 22500
-    ns_tag = "gsc"
+    ns_tag = "gsec"
     graft_opts = ("--mode", "seccomp")
 
 
