@@ -84,6 +84,11 @@ int main(int argc, char **argv) {
 		show(&from, peer, sizeof peer);
 		int n = snprintf(buf, sizeof buf, "peer=%s\n", peer);
 		if (write(c, buf, n) != n) die("write");
+		/* half-close and drain: unread data at close would reset the peer */
+		shutdown(c, SHUT_WR);
+		setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+		while (read(c, buf, sizeof buf) > 0) {
+		}
 		close(c);
 		return 0;
 	}

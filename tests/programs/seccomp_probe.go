@@ -45,6 +45,11 @@ func main() {
 			die(err)
 		}
 		fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+		// Half-close, then drain what the client sent: closing with unread
+		// data would reset the connection under the client's read.
+		c.(*net.TCPConn).CloseWrite()
+		c.SetDeadline(deadline)
+		io.Copy(io.Discard, c)
 		c.Close()
 	case "tcp-get":
 		c, err := net.DialTimeout("tcp", addr, 10*time.Second)

@@ -852,3 +852,89 @@ fn wait_tcp_quiet(addr: SocketAddr) {
         !text(&out.stdout).trim().is_empty()
     });
 }
+
+/// Builds the C probe with `cc` and `args` (one build per test process and
+/// compiler line), or `None` with the skip line.
+fn c_probe(test: &str, cc: &str, args: &[&str]) -> Option<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    if which(cc).is_none() {
+        println!("SKIP: {test}: `{cc}` is not installed");
+        return None;
+    }
+    let key = format!("{cc} {args:?}");
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = built.iter().find(|(k, _)| *k == key) {
+        return Some(p.clone());
+    }
+    let out = probes_dir().join(unique("c-probe-"));
+    let o = Command::new(cc)
+        .args(args)
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(workspace_root().join("tests/programs/seccomp_probe.c"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the C compiler");
+    assert!(o.status.success(), "{cc}: {}", text(&o.stderr));
+    built.push((key, out.clone()));
+    Some(out)
+}
+
+/// `--mode auto` sends a dynamically linked musl program (Alpine-like) to
+/// the seccomp path; and a raw `syscall(SYS_connect)` is grafted in both
+/// modes: from the musl program (seccomp) and from a glibc program, where
+/// the preload library cannot see it and the filter installed alongside it
+/// catches it.
+#[test]
+fn musl_dynamic_and_raw_syscalls_are_grafted() {
+    let test = "musl_dynamic_and_raw_syscalls_are_grafted";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !std::path::Path::new("/lib/ld-musl-x86_64.so.1").exists() {
+        println!("SKIP: {test}: no musl dynamic loader (/lib/ld-musl-x86_64.so.1)");
+        return;
+    }
+    let Some(musl) = c_probe(test, "musl-gcc", &[]) else {
+        return;
+    };
+    let Some(glibc) = c_probe(test, "cc", &[]) else {
+        return;
+    };
+    endpoints(&env);
+    for (prog, mode_line) in [
+        (&musl, "seccomp mode (not linked with glibc)"),
+        (&glibc, ""),
+    ] {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = l.local_addr().unwrap();
+        let h = host_tcp_once(l, b"");
+        let port = dst.port().to_string();
+        let (ok, out, err) = client(
+            &env,
+            &["-v", "-e", "0.0.0.0/0=ep-out4"],
+            prog,
+            &["raw-connect", "127.0.0.1", &port],
+        );
+        assert!(ok, "{out} {err}");
+        assert_eq!(out, "raw connect: ok\n", "{err}");
+        let (_, peer) = h.join().unwrap();
+        assert_eq!(peer.ip(), dst.ip());
+        let lines = graft_lines(&err);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("connect {dst} -> ep-out4"))
+                    && l.ends_with("(seccomp)")),
+            "{lines:?}"
+        );
+        if !mode_line.is_empty() {
+            assert!(lines.iter().any(|l| l.ends_with(mode_line)), "{lines:?}");
+        } else {
+            assert!(
+                lines.iter().any(|l| l.starts_with("graft: LD_PRELOAD=")),
+                "{lines:?}"
+            );
+        }
+    }
+}
