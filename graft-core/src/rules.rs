@@ -395,6 +395,29 @@ impl RuleSet {
             .map(|r| r.endpoint)
     }
 
+    /// The ingress endpoint for a `bind()` to `addr:port`, and whether the
+    /// rule's address is IPv6. A dual-stack `[::]` socket (IPV6_V6ONLY off)
+    /// also accepts IPv4, so when no rule names `::` it takes the `0.0.0.0`
+    /// rule (iperf3, Go and others bind `[::]` by default); `dual_stack` is
+    /// only asked then. The preload library and graftd's seccomp supervisor
+    /// both decide with this.
+    pub fn match_bind(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        dual_stack: impl FnOnce() -> bool,
+    ) -> Option<(EndpointName, bool)> {
+        if let Some(ep) = self.match_ingress(addr, port) {
+            return Some((ep, addr.to_canonical().is_ipv6()));
+        }
+        if addr == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) && dual_stack() {
+            return self
+                .match_ingress(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)
+                .map(|ep| (ep, false));
+        }
+        None
+    }
+
     /// Whether some ingress rule names `addr` with a range that holds port 0,
     /// i.e. a `listen()` on a socket bound to `addr:0` is a server to graft.
     pub fn ingress_covers_port_zero(&self, addr: IpAddr) -> Option<EndpointName> {
@@ -449,6 +472,31 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dual_stack_bind_takes_the_ipv4_wildcard_rule() {
+        let rules =
+            RuleSet::from_env_values(Some("0.0.0.0:80-90=ep-in4 ::1:80=ep6"), None, None).unwrap();
+        let any6: IpAddr = "::".parse().unwrap();
+        let got = |a: IpAddr, p, dual: bool| {
+            rules
+                .match_bind(a, p, || dual)
+                .map(|(e, v6)| (e.to_string(), v6))
+        };
+        assert_eq!(got(any6, 85, true), Some(("ep-in4".to_owned(), false)));
+        assert_eq!(got(any6, 85, false), None, "v6only");
+        assert_eq!(got(any6, 95, true), None);
+        assert_eq!(
+            got("::1".parse().unwrap(), 80, false),
+            Some(("ep6".to_owned(), true))
+        );
+        let mut asked = false;
+        rules.match_bind("0.0.0.0".parse().unwrap(), 80, || {
+            asked = true;
+            true
+        });
+        assert!(!asked, "the socket is only asked for a [::] bind");
+    }
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn ep(s: &str) -> EndpointName {

@@ -312,15 +312,17 @@ impl Supervisor {
                     }
                     return Verdict::Continue;
                 }
-                let dual = app.family == libc::AF_INET6
-                    && pidfd::getsockopt_int(
-                        app.sock.as_fd(),
-                        libc::IPPROTO_IPV6,
-                        libc::IPV6_V6ONLY,
-                    )
-                    .ok()
-                        == Some(0);
-                match ingress_for_bind(&self.rules, &sa, dual) {
+                let dual = || {
+                    app.family == libc::AF_INET6
+                        && pidfd::getsockopt_int(
+                            app.sock.as_fd(),
+                            libc::IPPROTO_IPV6,
+                            libc::IPV6_V6ONLY,
+                        )
+                        .ok()
+                            == Some(0)
+                };
+                match self.rules.match_bind(sa.ip(), sa.port(), dual) {
                     Some((ep, v6)) => (ep, v6, Purpose::Ingress),
                     None => return Verdict::Continue,
                 }
@@ -575,21 +577,6 @@ fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-/// The ingress endpoint for a bind to `sa`, and whether it is an IPv6 one.
-/// A dual-stack `[::]` socket takes the `0.0.0.0` rule when no rule names
-/// `::` (the preload library's rule).
-fn ingress_for_bind(rules: &RuleSet, sa: &SocketAddr, dual: bool) -> Option<(EndpointName, bool)> {
-    if let Some(ep) = rules.match_ingress(sa.ip(), sa.port()) {
-        return Some((ep, sa.ip().to_canonical().is_ipv6()));
-    }
-    if dual && sa.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
-        return rules
-            .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())
-            .map(|ep| (ep, false));
-    }
-    None
-}
-
 /// The options the program set on its socket: those that differ from a
 /// fresh socket of the same kind (the preload library's comparison, for a
 /// socket whose history graftd did not see).
@@ -710,20 +697,5 @@ mod tests {
         let mut unix = [0u8; 16];
         unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
         assert_eq!(parse_sockaddr(&unix), None);
-    }
-
-    #[test]
-    fn dual_stack_bind_takes_the_ipv4_wildcard_rule() {
-        let rules = RuleSet::from_env_values(Some("0.0.0.0:80-90=ep-in4"), None, None).unwrap();
-        let any6: SocketAddr = "[::]:85".parse().unwrap();
-        assert_eq!(
-            ingress_for_bind(&rules, &any6, true).map(|(e, v6)| (e.to_string(), v6)),
-            Some(("ep-in4".to_owned(), false))
-        );
-        assert_eq!(ingress_for_bind(&rules, &any6, false), None, "v6only");
-        assert_eq!(
-            ingress_for_bind(&rules, &"[::]:95".parse().unwrap(), true),
-            None
-        );
     }
 }

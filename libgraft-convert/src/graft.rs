@@ -212,19 +212,10 @@ fn ingress_match(
     k: &Kind,
     sa: &SocketAddr,
 ) -> Option<(EndpointName, bool)> {
-    if let Some(ep) = cfg.rules.match_ingress(sa.ip(), sa.port()) {
-        return Some((ep, sa.ip().to_canonical().is_ipv6()));
-    }
-    if k.family == libc::AF_INET6
-        && sa.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        && sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0)
-    {
-        return cfg
-            .rules
-            .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())
-            .map(|ep| (ep, false));
-    }
-    None
+    cfg.rules.match_bind(sa.ip(), sa.port(), || {
+        k.family == libc::AF_INET6
+            && sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0)
+    })
 }
 
 fn verbose_left_alone(cfg: &Config, fd: RawFd, call: Call, sa: &SocketAddr, why: &str) {
