@@ -83,6 +83,7 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         listener,
         budget: LogBudget::default(),
         port0: VecDeque::new(),
+        fresh: Vec::new(),
     };
     let spawned = std::thread::Builder::new()
         .name("seccomp".into())
@@ -188,6 +189,8 @@ struct Supervisor {
     /// preload library, graft decides at their first connect/send whether
     /// they are clients of an egress endpoint.
     port0: VecDeque<u64>,
+    /// Option values of fresh sockets, per (family, type, protocol).
+    fresh: Vec<((libc::c_int, libc::c_int, libc::c_int), Defaults)>,
 }
 
 impl Supervisor {
@@ -424,12 +427,23 @@ impl Supervisor {
             app.protocol,
             purpose,
         );
-        if let Err(e) = snapshot(app, &mut req) {
-            self.tell(
-                pfd,
-                &format!("{head}: cannot read the socket's options to carry them over ({e})"),
-            );
-            return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+        let kind = (app.family, app.sotype, app.protocol);
+        if !self.fresh.iter().any(|(k, _)| *k == kind) {
+            match defaults(app.family, app.sotype, app.protocol) {
+                Ok(d) => self.fresh.push((kind, d)),
+                Err(e) => {
+                    self.tell(
+                        pfd,
+                        &format!(
+                            "{head}: cannot read the socket's options to carry them over ({e})"
+                        ),
+                    );
+                    return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+                }
+            }
+        }
+        if let Some((_, fresh)) = self.fresh.iter().find(|(k, _)| *k == kind) {
+            snapshot(app, fresh, &mut req);
         }
         let mut rec = [0u8; REQUEST_LEN];
         req.encode(&mut rec);
@@ -577,25 +591,46 @@ fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     }
 }
 
+/// What a fresh socket of one kind reports for each option of
+/// [`SNAPSHOT`] (`None`: not readable), in `SNAPSHOT` order.
+type Defaults = Vec<Option<([u8; 20], usize)>>;
+
+/// A fresh socket's option values, read once per kind and supervisor (they
+/// only change with sysctls, as for a socket made a moment later).
+fn defaults(
+    family: libc::c_int,
+    sotype: libc::c_int,
+    protocol: libc::c_int,
+) -> io::Result<Defaults> {
+    let probe = sys::socket(family, sotype | libc::SOCK_CLOEXEC, protocol)?;
+    Ok(SNAPSHOT
+        .iter()
+        .map(|o| {
+            if !o.applies(family, sotype) {
+                return None;
+            }
+            let mut p = [0u8; 20];
+            let n =
+                pidfd::getsockopt(probe.as_fd(), o.level, o.name, &mut p[..o.kind.size()]).ok()?;
+            Some((p, n))
+        })
+        .collect())
+}
+
 /// The options the program set on its socket: those that differ from a
 /// fresh socket of the same kind (the preload library's comparison, for a
 /// socket whose history graftd did not see).
-fn snapshot(app: &AppSocket, req: &mut Request) -> io::Result<()> {
-    let probe = sys::socket(app.family, app.sotype | libc::SOCK_CLOEXEC, app.protocol)?;
-    for o in SNAPSHOT
-        .iter()
-        .filter(|o| o.applies(app.family, app.sotype))
-    {
-        let size = o.kind.size();
+fn snapshot(app: &AppSocket, fresh: &Defaults, req: &mut Request) {
+    for (o, d) in SNAPSHOT.iter().zip(fresh) {
+        let Some((p, np)) = d else {
+            continue;
+        };
         let mut a = [0u8; 20];
-        let mut p = [0u8; 20];
-        let Ok(na) = pidfd::getsockopt(app.sock.as_fd(), o.level, o.name, &mut a[..size]) else {
+        let Ok(na) = pidfd::getsockopt(app.sock.as_fd(), o.level, o.name, &mut a[..o.kind.size()])
+        else {
             continue;
         };
-        let Ok(np) = pidfd::getsockopt(probe.as_fd(), o.level, o.name, &mut p[..size]) else {
-            continue;
-        };
-        if a[..na] == p[..np] {
+        if a[..na] == p[..*np] {
             continue;
         }
         if o.class == Class::CarryHalved && na == 4 {
@@ -605,7 +640,6 @@ fn snapshot(app: &AppSocket, req: &mut Request) -> io::Result<()> {
             req.push_opt(o.level, o.name, &a[..na]);
         }
     }
-    Ok(())
 }
 
 /// The errno and the line for a refused graft, worded as the preload
