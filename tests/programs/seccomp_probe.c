@@ -3,6 +3,7 @@
  *
  *   tcp-serve IP PORT       accept one connection, write "peer=IP:PORT\n"
  *   tcp-get IP PORT MSG     connect, send MSG, print what comes back
+ *                           (PROBE_RCVBUF=N, PROBE_MARK=N: set before connect)
  *   udp-sendto IP PORT MSG  unconnected socket: sendto, print the answer
  *   udp-sendmsg IP PORT MSG unconnected socket: sendmsg with msg_name
  *   raw-connect IP PORT     connect() through syscall(2), print errno text
@@ -95,6 +96,15 @@ int main(int argc, char **argv) {
 	if (!strcmp(mode, "tcp-get")) {
 		int s = socket(fam, SOCK_STREAM, 0);
 		if (s < 0) die("socket");
+		/* options set before connect, to be carried onto the host socket */
+		if (getenv("PROBE_RCVBUF")) {
+			int v = atoi(getenv("PROBE_RCVBUF"));
+			if (setsockopt(s, SOL_SOCKET, SO_RCVBUF, &v, sizeof v) < 0) die("SO_RCVBUF");
+		}
+		if (getenv("PROBE_MARK")) {
+			int v = atoi(getenv("PROBE_MARK"));
+			if (setsockopt(s, SOL_SOCKET, SO_MARK, &v, sizeof v) < 0) die("SO_MARK");
+		}
 		setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 		if (connect(s, (void *)&ss, len) < 0) die("connect");
 		if (write(s, msg, strlen(msg)) < 0) die("write");

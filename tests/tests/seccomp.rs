@@ -938,3 +938,67 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
         }
     }
 }
+
+/// Options the program set before the graft travel to the host socket
+/// (SO_RCVBUF, seen with `ss` on the host side), and an escape option
+/// (SO_MARK) makes the call fail closed with EPERM and the library's line.
+#[test]
+fn options_are_carried_or_refused_in_seccomp_mode() {
+    let test = "options_are_carried_or_refused_in_seccomp_mode";
+    let Some(env) = Env::new(test, &["ss"]) else {
+        return;
+    };
+    let Some(c) = musl_probe(test) else {
+        return;
+    };
+    endpoints(&env);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut c, peer) = l.accept().unwrap();
+        c.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        // The client's socket is on this (host) stack: ask the kernel.
+        let ss = run("ss", ["-Htmn", &format!("sport = :{}", peer.port())]);
+        c.write_all(b"ok").unwrap();
+        text(&ss.stdout)
+    });
+    let port = dst.port().to_string();
+    let mut cmd = graft_cmd(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
+        &c,
+        &["tcp-get", "127.0.0.1", &port, "x"],
+    );
+    cmd.env("PROBE_RCVBUF", "300000");
+    let o = output_within(cmd, "probe with SO_RCVBUF", LIMIT, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ss = h.join().unwrap();
+    // The kernel doubles SO_RCVBUF; the default here is far smaller.
+    assert!(ss.contains("rb600000,"), "{ss}");
+
+    let mut cmd = graft_cmd(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
+        &c,
+        &["tcp-get", "127.0.0.1", &port, "x"],
+    );
+    cmd.env("PROBE_MARK", "7");
+    let o = output_within(cmd, "probe with SO_MARK", LIMIT, None);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert_eq!(
+        graft_lines(&err),
+        vec![format!(
+            "graft: connect 127.0.0.1:{port}: endpoint \"ep-out4\": option SO_MARK refused by \
+             graftd: do not set it on a socket graft maps, or leave this address out of the graft \
+             rules"
+        )],
+        "{err}"
+    );
+    assert!(
+        err.contains("probe: connect: Operation not permitted"),
+        "{err}"
+    );
+}
