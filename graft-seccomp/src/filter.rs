@@ -1,7 +1,8 @@
 //! The seccomp filter the launcher installs before it execs the program.
 //!
 //! Only the calls that can carry an address graft cares about reach the
-//! supervisor: `bind`, `connect`, `sendmsg`, `sendmmsg`, and `sendto` when
+//! supervisor: `bind`, `listen`, `connect`, `sendmsg`, `sendmmsg`, and
+//! `sendto` when
 //! its address argument is not NULL (a plain `send` on a connected socket
 //! costs nothing). Everything else is allowed in the kernel. Calls made
 //! through another ABI (i386 `int 0x80`, x32) could reach the same socket
@@ -53,6 +54,9 @@ pub const SYS_CONNECT: i64 = libc::SYS_connect;
 pub const SYS_SENDTO: i64 = libc::SYS_sendto;
 pub const SYS_SENDMSG: i64 = libc::SYS_sendmsg;
 pub const SYS_SENDMMSG: i64 = libc::SYS_sendmmsg;
+/// Rare, and the only moment a server that bound port 0 (or nothing) is
+/// known to be one.
+pub const SYS_LISTEN: i64 = libc::SYS_listen;
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -94,7 +98,7 @@ pub fn program(allow_page: Option<u64>) -> Vec<libc::sock_filter> {
     // The rest, with symbolic jump targets resolved below.
     let mut tail: Vec<(libc::sock_filter, Label, Label)> = Vec::new();
     let mut j = |code, k, jt, jf| tail.push((jump(code, k, 0, 0), jt, jf));
-    for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG] {
+    for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG, SYS_LISTEN] {
         j(BPF_JEQ_K, nr as u32, Label::Notif, Label::Next);
     }
     j(BPF_JEQ_K, SYS_SENDTO as u32, Label::Next, Label::Allow);
@@ -265,19 +269,14 @@ mod tests {
     #[test]
     fn verdicts() {
         let p = program(None);
-        for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG] {
+        for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG, SYS_LISTEN] {
             assert_eq!(run(&p, &data(nr, 0)), RET_USER_NOTIF, "nr {nr}");
         }
         assert_eq!(run(&p, &data(SYS_SENDTO, 0)), RET_ALLOW, "send()");
         assert_eq!(run(&p, &data(SYS_SENDTO, 0x7fff_0000_1000)), RET_USER_NOTIF);
         assert_eq!(run(&p, &data(SYS_SENDTO, 0x1_0000_0000)), RET_USER_NOTIF);
         assert_eq!(run(&p, &data(SYS_SENDTO, 8)), RET_USER_NOTIF);
-        for nr in [
-            libc::SYS_socket,
-            libc::SYS_read,
-            libc::SYS_listen,
-            libc::SYS_accept4,
-        ] {
+        for nr in [libc::SYS_socket, libc::SYS_read, libc::SYS_accept4] {
             assert_eq!(run(&p, &data(nr, 1)), RET_ALLOW, "nr {nr}");
         }
         let mut other = data(SYS_CONNECT, 0);

@@ -34,7 +34,9 @@ use graft_core::proto::broker::{
 use graft_core::rules::{EgressDecision, RuleSet};
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::{EndpointName, NetnsId};
-use graft_seccomp::filter::{SYS_BIND, SYS_CONNECT, SYS_SENDMMSG, SYS_SENDMSG, SYS_SENDTO};
+use graft_seccomp::filter::{
+    SYS_BIND, SYS_CONNECT, SYS_LISTEN, SYS_SENDMMSG, SYS_SENDMSG, SYS_SENDTO,
+};
 use graft_seccomp::{notify, pidfd};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
@@ -122,6 +124,7 @@ fn take_listener(conn: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
     Bind,
+    Listen,
     Connect,
     Sendto,
     Sendmsg,
@@ -132,6 +135,7 @@ impl Call {
     fn of(nr: i32) -> Option<Self> {
         Some(match i64::from(nr) {
             SYS_BIND => Call::Bind,
+            SYS_LISTEN => Call::Listen,
             SYS_CONNECT => Call::Connect,
             SYS_SENDTO => Call::Sendto,
             SYS_SENDMSG => Call::Sendmsg,
@@ -143,6 +147,7 @@ impl Call {
     fn name(self) -> &'static str {
         match self {
             Call::Bind => "bind",
+            Call::Listen => "listen",
             Call::Connect => "connect",
             Call::Sendto => "sendto",
             Call::Sendmsg => "sendmsg",
@@ -152,7 +157,7 @@ impl Call {
 
     fn unreachable_errno(self) -> libc::c_int {
         match self {
-            Call::Bind => libc::EADDRNOTAVAIL,
+            Call::Bind | Call::Listen => libc::EADDRNOTAVAIL,
             _ => libc::ENETUNREACH,
         }
     }
@@ -244,13 +249,18 @@ impl Supervisor {
         // Nothing to do for a direction without rules.
         let wanted = match call {
             Call::Bind => !self.rules.ingress.is_empty() || !self.rules.egress.is_empty(),
+            Call::Listen => !self.rules.ingress.is_empty(),
             _ => !self.rules.egress.is_empty(),
         };
+        if wanted && call == Call::Listen {
+            return self.decide_listen(n, pid, fd);
+        }
         if !wanted {
             return Verdict::Continue;
         }
         let (ptr, len) = match call {
             Call::Bind | Call::Connect => (a[1], a[2] as u32),
+            Call::Listen => return Verdict::Continue,
             Call::Sendto => (a[4], a[5] as u32),
             Call::Sendmmsg if a[2] == 0 => return Verdict::Continue,
             // struct msghdr starts with msg_name, msg_namelen (mmsghdr too).
@@ -294,7 +304,7 @@ impl Supervisor {
         if !notify::id_valid(self.listener.as_fd(), n.id) {
             return Verdict::Gone;
         }
-        let Some(app) = self.app_socket(pfd.as_fd(), fd, &sa) else {
+        let Some(app) = self.app_socket(pfd.as_fd(), fd, Some(&sa)) else {
             return Verdict::Continue;
         };
         let bound = bound_port(app.sock.as_fd());
@@ -310,7 +320,7 @@ impl Supervisor {
                 if sa.port() == 0 {
                     // A client's bind before connecting: decided at its
                     // first connect/send (as in the preload library).
-                    if !self.rules.egress.is_empty() {
+                    if !self.rules.egress.is_empty() || !self.rules.ingress.is_empty() {
                         self.remember_port0(app.inode);
                     }
                     return Verdict::Continue;
@@ -359,6 +369,65 @@ impl Supervisor {
         self.graft(n, pfd.as_fd(), call, fd, &sa, ep, ep_v6, purpose, &app)
     }
 
+    /// `listen()` on a socket without a port of the program's choosing
+    /// (unbound, or bound to port 0 earlier): a server after all, grafted
+    /// now when an ingress rule covers port 0 of its address (as the preload
+    /// library does); the listen then continues on the host socket.
+    fn decide_listen(&mut self, n: &notify::Notif, pid: libc::pid_t, fd: i32) -> Verdict {
+        let pfd = match pidfd::open_thread(pid) {
+            Ok(p) => p,
+            Err(_) if notify::id_valid(self.listener.as_fd(), n.id) => {
+                return Verdict::Fail(libc::EAGAIN)
+            }
+            Err(_) => return Verdict::Gone,
+        };
+        if !notify::id_valid(self.listener.as_fd(), n.id) {
+            return Verdict::Gone;
+        }
+        let Some(app) = self.app_socket(pfd.as_fd(), fd, None) else {
+            return Verdict::Continue;
+        };
+        if app.sotype != libc::SOCK_STREAM {
+            return Verdict::Continue;
+        }
+        let connected = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
+            app.sock.as_raw_fd(),
+        )
+        .is_ok();
+        let bound = sys::getsockname(app.sock.as_fd())
+            .ok()
+            .and_then(|b| parse_sockaddr(&b));
+        let ip = match bound {
+            _ if connected => return Verdict::Continue,
+            Some(b) if b.port() == 0 => b.ip(),
+            Some(b) if self.port0.contains(&app.inode) => b.ip(),
+            Some(_) => return Verdict::Continue,
+            None => return Verdict::Continue,
+        };
+        let sa = SocketAddr::new(ip, 0);
+        let dual = || {
+            app.family == libc::AF_INET6
+                && pidfd::getsockopt_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                    .ok()
+                    == Some(0)
+        };
+        let Some((ep, v6)) = self.rules.match_bind(ip, 0, dual) else {
+            return Verdict::Continue;
+        };
+        self.port0.retain(|&i| i != app.inode);
+        self.graft(
+            n,
+            pfd.as_fd(),
+            Call::Listen,
+            fd,
+            &sa,
+            ep,
+            v6,
+            Purpose::Ingress,
+            &app,
+        )
+    }
+
     fn remember_port0(&mut self, inode: u64) {
         if self.port0.len() >= PORT0_MEMORY {
             self.port0.pop_front();
@@ -369,15 +438,21 @@ impl Supervisor {
     /// The caller's descriptor `fd` if it is an AF_INET/AF_INET6 stream or
     /// datagram socket of the family of `sa`, living in the program's own
     /// namespace (a host socket, grafted already, is left alone).
-    fn app_socket(&self, pfd: BorrowedFd<'_>, fd: i32, sa: &SocketAddr) -> Option<AppSocket> {
+    fn app_socket(
+        &self,
+        pfd: BorrowedFd<'_>,
+        fd: i32,
+        sa: Option<&SocketAddr>,
+    ) -> Option<AppSocket> {
         let sock = pidfd::getfd(pfd, fd).ok()?;
         let int = |name| pidfd::getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
         let family = int(libc::SO_DOMAIN)?;
         let sotype = int(libc::SO_TYPE)?;
         let protocol = int(libc::SO_PROTOCOL)?;
         let fits = match sa {
-            SocketAddr::V4(_) => family == libc::AF_INET,
-            SocketAddr::V6(_) => family == libc::AF_INET6,
+            Some(SocketAddr::V4(_)) => family == libc::AF_INET,
+            Some(SocketAddr::V6(_)) => family == libc::AF_INET6,
+            None => family == libc::AF_INET || family == libc::AF_INET6,
         };
         if !fits || !(sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM) {
             return None;

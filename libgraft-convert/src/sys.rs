@@ -161,6 +161,12 @@ pub unsafe fn connect(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
 }
 
 pub fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: listen(2) takes no pointers.
+    if let Some(r) =
+        unsafe { via_trampoline(libc::SYS_listen, [fd as i64, backlog as i64, 0, 0, 0, 0]) }
+    {
+        return r as c_int;
+    }
     call_real!(Sym::Listen, ListenFn, (fd, backlog), unsafe {
         // SAFETY: listen(2) takes no pointers.
         libc::syscall(libc::SYS_listen, fd, backlog) as c_int

@@ -1002,3 +1002,49 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
         "{err}"
     );
 }
+
+/// A Go server listening on port 0 (`net.Listen("tcp", ":0")`: bind to
+/// port 0, then listen) is a server after all: grafted at `listen()` when
+/// an ingress rule covers port 0, as in preload mode.
+#[test]
+fn go_listen_on_port_zero_is_grafted_at_listen() {
+    let test = "go_listen_on_port_zero_is_grafted_at_listen";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    let Some(go) = go_probe(test) else {
+        return;
+    };
+    let (p4, _) = endpoints(&env);
+    let mut c = graft_cmd(
+        &env,
+        &["-v", "-i", "0.0.0.0:0-65535=ep-in4"],
+        &go,
+        &["tcp-serve", ":0"],
+    );
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut srv = Proc::spawn(c, "go server on port 0");
+    let so = srv.child.stdout.take().expect("piped");
+    let line = wait_line(so, "listening", LIMIT);
+    assert_eq!(
+        line,
+        format!("listening 127.0.0.1:{p4}"),
+        "the listener is the endpoint"
+    );
+    let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
+    assert_eq!(said, format!("peer={me}\n"));
+    assert!(srv.wait_timeout(LIMIT).success());
+    let mut err = String::new();
+    let _ = srv
+        .child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err);
+    assert!(
+        graft_lines(&err)
+            .iter()
+            .any(|l| l.contains("listen [::]:0 -> ep-in4") && l.ends_with("(seccomp)")),
+        "{err}"
+    );
+}
