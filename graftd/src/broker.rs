@@ -817,6 +817,7 @@ mod tests {
             state: std::sync::Mutex::new(st),
             hooks,
             broker_name: "test".into(),
+            store: None,
         };
         (ctx, ns)
     }

@@ -330,6 +330,7 @@ fn del(ctx: &Ctx, brokers: &broker::Handle, ns: NetnsId, name: &EndpointName) ->
                 brokers.close(ns);
             }
             ctx.hooks.endpoint_removed(&ep.hook_ref());
+            ctx.persist();
             log::info!(
                 "{ns}: removed endpoint {}{}",
                 ep.spec.name,
@@ -402,6 +403,7 @@ fn add(
     }
     drop(st);
     ctx.hooks.endpoint_added(&ep.hook_ref());
+    ctx.persist();
     log::info!("{ns}: added endpoint {} (target {target_id})", ep.spec);
     Reply::Ok {
         netns: ns,

@@ -23,6 +23,7 @@ mod ebpf_hooks;
 mod factory;
 mod gc;
 mod netns;
+mod persist;
 mod state;
 mod sys;
 
@@ -54,6 +55,15 @@ struct Cli {
     /// Do not load the eBPF companion (no in-kernel egress policy, counters or splicing).
     #[arg(long)]
     no_ebpf: bool,
+    /// Where the endpoint tables are saved (a tmpfs: they do not outlive a
+    /// reboot, as namespaces do not).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "GRAFT_STATE_DIR",
+        default_value = "/run/graft"
+    )]
+    state_dir: PathBuf,
     /// Debug logging (RUST_LOG overrides).
     #[arg(short, long)]
     verbose: bool,
@@ -72,6 +82,8 @@ pub struct Ctx {
     state: Mutex<State>,
     pub hooks: Box<dyn Hooks>,
     pub broker_name: String,
+    /// The state directory (absent in unit tests).
+    store: Option<persist::Store>,
 }
 
 impl Ctx {
@@ -79,6 +91,19 @@ impl Ctx {
     /// (every change is a single insert or remove), so poisoning is ignored.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves the tables after a change. Only the control thread changes
+    /// them, so saves never race each other. A failed save is logged: the
+    /// change is live, but would not survive a restart.
+    pub fn persist(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let records = self.state().records();
+        if let Err(e) = store.save(records) {
+            log::error!("{e}: the endpoint tables will not survive a restart of graftd");
+        }
     }
 }
 
@@ -107,6 +132,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("cannot create signalfd")?;
     control::ensure_free(&cli.control)?;
+    // Before the eBPF companion: a second graftd on the same state gives up
+    // without touching anything.
+    let store = persist::Store::open(&cli.state_dir)?;
+    let saved = store.load()?;
     let info = DaemonInfo {
         splice: cli.splice,
         ebpf: !cli.no_ebpf,
@@ -114,15 +143,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let hooks = ebpf_hooks::load(&info);
     hooks.daemon_started(&info);
-    // The control socket appears only once graftd can answer at once: clients
-    // (and scripts waiting for the file) never queue behind the eBPF load.
-    let listener = control::bind(&cli.control)?;
     let ctx = Arc::new(Ctx {
         state: Mutex::new(State::new(own)),
         hooks,
         broker_name: cli.broker_name.clone(),
+        store: Some(store),
     });
     let brokers = broker::spawn(ctx.clone()).context("cannot start the broker thread")?;
+    if !saved.is_empty() {
+        let n = persist::restore(&ctx, &brokers, saved);
+        log::info!("restored {n} endpoint(s) from {}", cli.state_dir.display());
+    }
+    // Rewritten at once: what was dropped stays dropped.
+    ctx.persist();
+    // The control socket appears only once graftd can answer at once: clients
+    // (and scripts waiting for the file) never queue behind the eBPF load or
+    // the restore.
+    let listener = control::bind(&cli.control)?;
     log::info!(
         "graftd listening on {} (broker name \"{}\", own namespace {own})",
         cli.control.display(),

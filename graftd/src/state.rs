@@ -303,6 +303,28 @@ impl State {
         self.netns.keys().copied().collect()
     }
 
+    /// Every table as saved on disk (namespaces and endpoints in a stable
+    /// order, so an unchanged table is rewritten byte for byte).
+    pub fn records(&self) -> Vec<crate::persist::NsRecord> {
+        let mut v: Vec<crate::persist::NsRecord> = self
+            .netns
+            .iter()
+            .map(|(id, e)| crate::persist::NsRecord {
+                netns: *id,
+                endpoints: e
+                    .endpoints
+                    .values()
+                    .map(|ep| crate::persist::EpRecord {
+                        spec: ep.spec.clone(),
+                        target: ep.target_id,
+                    })
+                    .collect(),
+            })
+            .collect();
+        v.sort_by_key(|r| r.netns);
+        v
+    }
+
     /// Drops a namespace and all its endpoints.
     pub fn forget(&mut self, ns: NetnsId) -> Option<NsEntry> {
         self.netns.remove(&ns)
