@@ -51,6 +51,13 @@ pub const ENV_VERBOSE: &str = "GRAFT_VERBOSE";
 /// `GRAFT_POOL=0` turns off the preload library's per-process pool of
 /// pre-made egress sockets (on by default).
 pub const ENV_POOL: &str = "GRAFT_POOL";
+/// Milliseconds the preload library waits for an unreachable broker (graftd
+/// restarting) before failing a call closed; `0` fails at once.
+pub const ENV_WAIT: &str = "GRAFT_WAIT_MS";
+/// Default of [`ENV_WAIT`]: a supervised restart takes well under a second.
+pub const DEFAULT_WAIT_MS: u32 = 1000;
+/// Largest [`ENV_WAIT`] accepted.
+pub const MAX_WAIT_MS: u32 = 60_000;
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";

@@ -85,19 +85,21 @@
 
 mod cgroup;
 pub mod maps;
+mod pin;
 
 use std::collections::HashMap as StdHashMap;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, SkStorage, SockHash};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
+use aya::programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
 
 pub use cgroup::Placement;
 pub use maps::{GraftCounters, GraftGlobal, GraftSk};
+use pin::attach;
 
 /// The compiled programs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/graft.bpf.o"));
@@ -108,11 +110,60 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-const CGROUP_PROGRAMS: [&str; 4] = [
-    "graft_connect4",
-    "graft_connect6",
-    "graft_sendmsg4",
-    "graft_sendmsg6",
+/// How a program is loaded (its aya type).
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    SockAddr,
+    SockOps,
+    Sockopt,
+    Sock,
+}
+
+/// The one list of programs attached to the companion's cgroup: name in
+/// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
+/// bpf_link, pinned as `PIN_DIR/links/NAME`.
+const CGROUP_PROGRAMS: &[(&str, Kind, u32)] = &[
+    (
+        "graft_connect4",
+        Kind::SockAddr,
+        attach::CGROUP_INET4_CONNECT,
+    ),
+    (
+        "graft_connect6",
+        Kind::SockAddr,
+        attach::CGROUP_INET6_CONNECT,
+    ),
+    (
+        "graft_sendmsg4",
+        Kind::SockAddr,
+        attach::CGROUP_UDP4_SENDMSG,
+    ),
+    (
+        "graft_sendmsg6",
+        Kind::SockAddr,
+        attach::CGROUP_UDP6_SENDMSG,
+    ),
+    ("graft_sockops", Kind::SockOps, attach::CGROUP_SOCK_OPS),
+    ("graft_setsockopt", Kind::Sockopt, attach::CGROUP_SETSOCKOPT),
+    (
+        "graft_sock_release",
+        Kind::Sock,
+        attach::CGROUP_INET_SOCK_RELEASE,
+    ),
+];
+
+/// Maps whose contents must survive graftd (pinned as `PIN_DIR/maps/NAME`):
+/// socket marks, policies, counters, endpoint ids, splice tables. A map not
+/// listed here is made afresh by every graftd.
+const PINNED_MAPS: &[&str] = &[
+    "graft_sk_map",
+    "graft_policy_map",
+    "graft_counters_map",
+    "graft_socks",
+    "graft_sock_ep",
+    "graft_global_map",
+    "graft_ep_ids",
+    "graft_next_id",
 ];
 
 /// Why the companion could not start or an operation on it failed.
@@ -169,8 +220,14 @@ fn bpf_err<E: std::error::Error>(op: impl Into<String>) -> impl FnOnce(E) -> Err
 pub struct Options {
     /// Splice local grafted↔grafted TCP connections (`graftd --splice`).
     pub splice: bool,
-    /// Name of the cgroup made under the current one; `graftd-PID` if unset.
+    /// The cgroup the programs are attached to and the process moves into:
+    /// a name, made under the cgroup the process starts in, or an absolute
+    /// path from the cgroup2 root; `graftd-PID` if unset.
     pub cgroup_name: Option<String>,
+    /// Pin maps and links under this bpffs directory, so the programs stay
+    /// armed after the process exits and the next one adopts them; `None`:
+    /// everything goes with the process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Counters of one endpoint, as the programs keep them.
@@ -186,18 +243,23 @@ pub struct EndpointKey {
 /// The loaded and attached programs. Dropping it detaches them, moves the
 /// process back to its original cgroup and removes the one it made.
 pub struct Companion {
-    // Field order is drop order: programs and maps go before the process
-    // leaves the cgroup they were attached to.
+    // Field order is drop order: links (which detach when not pinned),
+    // programs and maps go before the process leaves the cgroup they were
+    // attached to.
+    _links: Vec<OwnedFd>,
     ebpf: Ebpf,
     sk: SkStorage<MapData, GraftSk>,
     policies: HashMap<MapData, u32, maps::GraftPolicy>,
     counters: HashMap<MapData, u32, GraftCounters>,
     global: Array<MapData, GraftGlobal>,
+    ids: HashMap<MapData, maps::GraftEpKey, maps::GraftEpVal>,
+    next: Array<MapData, u64>,
     _socks: Option<SockHash<MapData, [u8; 56]>>,
     endpoints: StdHashMap<EndpointKey, u32>,
     next_id: u32,
     splice: bool,
     splice_errors_seen: u64,
+    pinned: Option<PathBuf>,
     placement: Placement,
 }
 
@@ -223,28 +285,33 @@ where
 }
 
 impl Companion {
-    /// Loads the programs, moves the process into a cgroup of its own and
-    /// attaches them there.
+    /// Loads the programs, moves the process into the companion's cgroup and
+    /// attaches them there. With [`Options::pin_dir`], maps and links are
+    /// pinned (or adopted from an earlier graftd, whose links get the new
+    /// programs atomically) and stay armed after the process exits.
     pub fn start(opts: &Options) -> Result<Self, Error> {
         let splice = u32::from(opts.splice);
+        let pins = match &opts.pin_dir {
+            Some(dir) => Some(prepare_pin_dir(dir)?),
+            None => None,
+        };
         // Load before touching cgroups: a kernel without BTF or without the
         // privileges fails here with nothing to undo.
         // No CO-RE relocations in our programs: skip parsing the kernel BTF
         // (megabytes, seconds in a debug build); maps still carry their BTF.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
-            .override_global("splice_enabled", &splice, true)
-            .load(OBJECT)
-            .map_err(bpf_err("load eBPF object"))?;
-        for name in CGROUP_PROGRAMS {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.load().map_err(bpf_err(format!("load program {name}")))?;
+            .override_global("splice_enabled", &splice, true);
+        if let Some(p) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, p.maps.join(name));
+            }
         }
-        let so: &mut SockOps = prog(&mut ebpf, "graft_sockops")?;
-        so.load().map_err(bpf_err("load program graft_sockops"))?;
-        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
-        sso.load()
-            .map_err(bpf_err("load program graft_setsockopt"))?;
+        let mut ebpf = loader.load(OBJECT).map_err(bpf_err("load eBPF object"))?;
+        for (name, kind, _) in CGROUP_PROGRAMS {
+            load_program(&mut ebpf, name, *kind)?;
+        }
 
         let socks = if opts.splice {
             let socks: SockHash<MapData, [u8; 56]> = take(&mut ebpf, "graft_socks")?;
@@ -260,48 +327,96 @@ impl Companion {
         let policies = take(&mut ebpf, "graft_policy_map")?;
         let counters = take(&mut ebpf, "graft_counters_map")?;
         let global = take(&mut ebpf, "graft_global_map")?;
+        let ids: HashMap<MapData, maps::GraftEpKey, maps::GraftEpVal> =
+            take(&mut ebpf, "graft_ep_ids")?;
+        let next: Array<MapData, u64> = take(&mut ebpf, "graft_next_id")?;
 
         let name = opts
             .cgroup_name
             .clone()
             .unwrap_or_else(|| format!("graftd-{}", std::process::id()));
-        let placement = Placement::enter(&name)?;
-        // From here on, an error drops `placement`, which moves us back.
-        // aya attaches through bpf_link on every kernel this runs on; a link
-        // takes no flags and coexists with other programs like ALLOW_MULTI.
-        for name in CGROUP_PROGRAMS {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.attach(&placement.fd, CgroupAttachMode::Single)
-                .map_err(bpf_err(format!(
-                    "attach {name} to cgroup {}",
-                    placement.dir.display()
-                )))?;
+        let placement = Placement::enter(&name, pins.is_some())?;
+        // From here on, an error drops `placement`, which moves us back
+        // (when nothing is pinned).
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
+        for (name, _, attach_type) in CGROUP_PROGRAMS {
+            let p = ebpf.program(name).ok_or_else(|| Error::Bpf {
+                op: format!("find program {name}"),
+                detail: "missing from the object".into(),
+            })?;
+            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
+            let link_pin = pins.as_ref().map(|p| p.links.join(name));
+            links.push(attach_link(
+                fd.as_fd(),
+                &placement,
+                name,
+                *attach_type,
+                link_pin.as_deref(),
+            )?);
         }
-        let so: &mut SockOps = prog(&mut ebpf, "graft_sockops")?;
-        so.attach(&placement.fd, CgroupAttachMode::Single)
-            .map_err(bpf_err(format!(
-                "attach graft_sockops to cgroup {}",
-                placement.dir.display()
-            )))?;
-        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
-        sso.attach(&placement.fd, CgroupAttachMode::Single)
-            .map_err(bpf_err(format!(
-                "attach graft_setsockopt to cgroup {}",
-                placement.dir.display()
-            )))?;
-        Ok(Companion {
+        let mut c = Companion {
+            _links: links,
             ebpf,
             sk,
             policies,
             counters,
             global,
+            ids,
+            next,
             _socks: socks,
             endpoints: StdHashMap::new(),
             next_id: 1,
             splice: opts.splice,
             splice_errors_seen: 0,
+            pinned: pins.map(|p| p.dir),
             placement,
-        })
+        };
+        c.adopt_ids();
+        Ok(c)
+    }
+
+    /// Reads the endpoint ids an earlier graftd left in the pinned maps.
+    fn adopt_ids(&mut self) {
+        let mut max = 0u32;
+        for (k, v) in self.ids.iter().filter_map(Result::ok) {
+            let Some(key) = k.endpoint_key() else {
+                continue;
+            };
+            max = max.max(v.id);
+            self.endpoints.insert(key, v.id);
+        }
+        let stored = self.next.get(&0, 0).unwrap_or(0);
+        let next = u64::from(max).saturating_add(1).max(stored).max(1);
+        self.next_id = u32::try_from(next).unwrap_or(1);
+        if !self.endpoints.is_empty() {
+            log::info!(
+                "eBPF companion: adopted {} endpoint id(s) from {}",
+                self.endpoints.len(),
+                self.pinned
+                    .as_deref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            );
+        }
+    }
+
+    /// Forgets every endpoint not in `keep` (their namespaces went away
+    /// while no graftd ran): policies, counters and ids go; their sockets
+    /// still open are refused further connects (fail closed).
+    pub fn retain_endpoints(&mut self, keep: &[EndpointKey]) {
+        let stale: Vec<EndpointKey> = self
+            .endpoints
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.remove_endpoint(&k);
+        }
+    }
+
+    /// The pin directory, when the companion outlives the process.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_deref()
     }
 
     /// The cgroup the programs are attached to (and the process runs in).
@@ -341,7 +456,20 @@ impl Companion {
                 let _ = self.policies.remove(&id);
                 return Err(bpf_err(format!("create counters of endpoint {}", key.name))(e));
             }
+            let v = maps::GraftEpVal {
+                id,
+                pad: 0,
+                handed: 0,
+            };
+            if let Err(e) = self.ids.insert(maps::GraftEpKey::new(&key), v, 0) {
+                let _ = self.policies.remove(&id);
+                let _ = self.counters.remove(&id);
+                return Err(bpf_err(format!("record the id of endpoint {}", key.name))(
+                    e,
+                ));
+            }
             self.next_id = self.next_id.wrapping_add(1).max(1);
+            let _ = self.next.set(0, u64::from(self.next_id), 0);
             self.endpoints.insert(key, id);
         }
         Ok(id)
@@ -354,6 +482,7 @@ impl Companion {
         if let Some(id) = self.endpoints.remove(key) {
             let _ = self.policies.remove(&id);
             let _ = self.counters.remove(&id);
+            let _ = self.ids.remove(&maps::GraftEpKey::new(key));
         }
     }
 
@@ -377,6 +506,7 @@ impl Companion {
                 GraftSk {
                     endpoint: id,
                     flags: 0,
+                    cookie: 0,
                 },
                 0,
             )
@@ -464,4 +594,153 @@ fn is_inet(fd: BorrowedFd<'_>) -> bool {
         )
     };
     rc == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &str, kind: Kind) -> Result<(), Error> {
+    let r = match kind {
+        Kind::SockAddr => prog::<CgroupSockAddr>(ebpf, name)?.load(),
+        Kind::SockOps => prog::<SockOps>(ebpf, name)?.load(),
+        Kind::Sockopt => prog::<CgroupSockopt>(ebpf, name)?.load(),
+        Kind::Sock => prog::<CgroupSock>(ebpf, name)?.load(),
+    };
+    r.map_err(bpf_err(format!("load program {name}")))
+}
+
+/// Where a pinned companion keeps things.
+struct PinDirs {
+    dir: PathBuf,
+    maps: PathBuf,
+    links: PathBuf,
+}
+
+/// Makes sure `dir` is on bpffs (mounting bpffs on /sys/fs/bpf when nothing
+/// is mounted there, as systemd would at boot) and creates its subdirectories.
+fn prepare_pin_dir(dir: &Path) -> Result<PinDirs, Error> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    let parent = dir.parent().unwrap_or(dir);
+    if !pin::on_bpffs(parent) && parent == sys_bpf {
+        pin::mount_bpffs(sys_bpf).map_err(|source| Error::Io {
+            op: "mount bpffs on /sys/fs/bpf".into(),
+            source,
+        })?;
+        log::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    let maps = dir.join("maps");
+    let links = dir.join("links");
+    for d in [dir, &maps, &links] {
+        std::fs::create_dir_all(d).map_err(|source| Error::Io {
+            op: format!("create pin directory {}", d.display()),
+            source,
+        })?;
+    }
+    if !pin::on_bpffs(dir) {
+        return Err(Error::Io {
+            op: format!("pin directory {}", dir.display()),
+            source: std::io::Error::other("not on a bpf filesystem (mount -t bpf bpf DIR)"),
+        });
+    }
+    Ok(PinDirs {
+        dir: dir.to_owned(),
+        maps,
+        links,
+    })
+}
+
+/// Attaches `prog` to the companion's cgroup as a bpf_link. With `pin`: a
+/// link already pinned there gets `prog` in place, atomically (an upgrade or
+/// restart: the hook is never empty); otherwise a new link is made and
+/// pinned.
+fn attach_link(
+    prog: BorrowedFd<'_>,
+    placement: &Placement,
+    name: &str,
+    attach_type: u32,
+    pin_path: Option<&Path>,
+) -> Result<OwnedFd, Error> {
+    let io = |op: String| move |source| Error::Io { op, source };
+    if let Some(path) = pin_path {
+        if path.exists() {
+            let updated = pin::obj_get(path)
+                .and_then(|link| pin::link_update(link.as_fd(), prog).map(|()| link));
+            match updated {
+                Ok(link) => return Ok(link),
+                // A link whose cgroup was removed (ENOLINK), or of another
+                // kind: replaced by a new one.
+                Err(e) => {
+                    log::warn!(
+                        "pinned link {} cannot take the new {name} ({e}); attaching anew",
+                        path.display()
+                    );
+                    std::fs::remove_file(path)
+                        .map_err(io(format!("remove stale pin {}", path.display())))?;
+                }
+            }
+        }
+    }
+    let link = pin::link_create(prog, placement.fd.as_fd(), attach_type).map_err(io(format!(
+        "attach {name} to cgroup {}",
+        placement.dir.display()
+    )))?;
+    if let Some(path) = pin_path {
+        pin::obj_pin(link.as_fd(), path).map_err(io(format!("pin {}", path.display())))?;
+    }
+    Ok(link)
+}
+
+/// Removes a pinned companion: its links (detaching the programs), its maps
+/// (socket marks, policies, counters) and the pin directory, then the cgroup
+/// if no process is left in it. Refuses while a process runs in that cgroup
+/// (a graftd still serving). `cgroup_name` is as in [`Options`].
+pub fn remove_pinned(pin_dir: &Path, cgroup_name: &str) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    let cg = cgroup::locate(cgroup_name)?;
+    if let Some(cg) = &cg {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return Err(Error::Io {
+                op: format!("remove cgroup {}", cg.display()),
+                source: std::io::Error::other(format!(
+                    "processes still run in it ({}): stop graftd first",
+                    procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                )),
+            });
+        }
+    }
+    for sub in ["links", "maps"] {
+        let d = pin_dir.join(sub);
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path()).map_err(|source| Error::Io {
+                op: format!("unpin {}", e.path().display()),
+                source,
+            })?;
+            done.push(format!("unpinned {}", e.path().display()));
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => done.push(format!("removed {}", pin_dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Io {
+                op: format!("remove {}", pin_dir.display()),
+                source,
+            })
+        }
+    }
+    if let Some(cg) = cg {
+        match std::fs::remove_dir(&cg) {
+            Ok(()) => done.push(format!("removed cgroup {}", cg.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    op: format!("remove cgroup {}", cg.display()),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(done)
 }

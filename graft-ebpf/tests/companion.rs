@@ -25,6 +25,7 @@ fn start(test: &str, splice: bool) -> Option<Companion> {
     match Companion::start(&Options {
         splice,
         cgroup_name: Some(name),
+        ..Default::default()
     }) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -754,6 +755,7 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let mut c = Companion::start(&Options {
         splice: true,
         cgroup_name: Some(name),
+        ..Default::default()
     })
     .expect("companion");
     let here = NetnsId::current().unwrap();
@@ -764,6 +766,7 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let mark = graft_ebpf::GraftSk {
         endpoint: 1,
         flags: 0,
+        cookie: 0,
     };
     fmark.insert(&l.as_raw_fd(), mark, 0).unwrap();
     let s = socket(libc::AF_INET, libc::SOCK_STREAM);

@@ -14,7 +14,7 @@
 //!   own counters (`sockets`, `refused`) are already set.
 //!
 //! Call sites: `main.rs` (`load`, then `daemon_started`, before any thread
-//! starts serving), `control.rs` (`endpoint_added`, `endpoint_removed`,
+//! starts serving; `endpoints_restored` after the saved tables are loaded), `control.rs` (`endpoint_added`, `endpoint_removed`,
 //! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
 //! of a forgotten namespace), `broker.rs` (`socket_handed_out`, on the broker
 //! thread, after bind and before the reply is sent), `daemon_stopping` from
@@ -39,6 +39,10 @@ pub struct DaemonInfo {
     pub ebpf: bool,
     /// graftd's own network namespace (the default target).
     pub own_netns: NetnsId,
+    /// Where the companion is pinned (`--pin-dir`).
+    pub pin_dir: std::path::PathBuf,
+    /// Its cgroup (`--cgroup`).
+    pub cgroup: String,
 }
 
 /// An endpoint, as the hooks see it.
@@ -61,6 +65,11 @@ pub trait Hooks: Send + Sync {
     /// Once, after start-up (this is where cgroup placement and program
     /// loading happen) and before the first request is served.
     fn daemon_started(&self, _info: &DaemonInfo) {}
+
+    /// The saved tables were restored at start (after `endpoint_added` for
+    /// each): `live` is every endpoint graftd now has; state kept for others
+    /// (by a pinned companion) goes.
+    fn endpoints_restored(&self, _live: &[(NetnsId, EndpointName)]) {}
 
     /// An endpoint was added.
     fn endpoint_added(&self, _ep: &EndpointRef<'_>) {}
@@ -106,13 +115,15 @@ pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
     }
     let opts = graft_ebpf::Options {
         splice: info.splice,
-        cgroup_name: None,
+        cgroup_name: Some(info.cgroup.clone()),
+        pin_dir: Some(info.pin_dir.clone()),
     };
     match graft_ebpf::Companion::start(&opts) {
         Ok(c) => {
             log::info!(
-                "eBPF companion attached to cgroup {} (egress policy, counters, splicing {})",
+                "eBPF companion attached to cgroup {}, pinned in {} (egress policy, counters, splicing {})",
                 c.cgroup().display(),
+                info.pin_dir.display(),
                 if c.splice() { "on" } else { "off" }
             );
             Box::new(Ebpf {
@@ -182,6 +193,19 @@ fn is_inet(ep: &EndpointRef<'_>) -> bool {
 }
 
 impl Hooks for Ebpf {
+    fn endpoints_restored(&self, live: &[(NetnsId, EndpointName)]) {
+        if let Some(c) = self.lock().as_mut() {
+            let keep: Vec<graft_ebpf::EndpointKey> = live
+                .iter()
+                .map(|(netns, name)| graft_ebpf::EndpointKey {
+                    netns: *netns,
+                    name: *name,
+                })
+                .collect();
+            c.retain_endpoints(&keep);
+        }
+    }
+
     fn endpoint_added(&self, ep: &EndpointRef<'_>) {
         if let Some(c) = self.lock().as_mut() {
             if let Err(e) = c.add_endpoint(key(ep), ep.policy) {
@@ -238,7 +262,9 @@ impl Hooks for Ebpf {
     }
 
     fn daemon_stopping(&self) {
-        // Detaches the programs, moves graftd back to its cgroup, removes ours.
+        // Closes graftd's handles; the pinned links and maps stay, so the
+        // policy stays armed until the next graftd adopts them (or
+        // `graftd --remove`).
         drop(self.lock().take());
     }
 }

@@ -55,6 +55,30 @@ struct Cli {
     /// Do not load the eBPF companion (no in-kernel egress policy, counters or splicing).
     #[arg(long)]
     no_ebpf: bool,
+    /// bpffs directory where the eBPF companion's maps and links are pinned,
+    /// so its policy stays armed while graftd is down and the next graftd
+    /// adopts it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "GRAFT_PIN_DIR",
+        default_value = "/sys/fs/bpf/graft"
+    )]
+    pin_dir: PathBuf,
+    /// cgroup v2 the companion is attached to and graftd runs in: a name,
+    /// made under the cgroup graftd starts in, or an absolute path from the
+    /// cgroup2 root. It must stay the same across restarts.
+    #[arg(
+        long,
+        value_name = "NAME|/PATH",
+        env = "GRAFT_CGROUP",
+        default_value = "graftd"
+    )]
+    cgroup: String,
+    /// Remove the pinned eBPF companion (links, maps, pin directory) and its
+    /// cgroup, then exit. graftd must be stopped; endpoint tables are kept.
+    #[arg(long)]
+    remove: bool,
     /// Where the endpoint tables are saved (a tmpfs: they do not outlive a
     /// reboot, as namespaces do not).
     #[arg(
@@ -121,6 +145,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.remove {
+        return remove(&cli);
+    }
     raise_fd_limit();
     let (_own_fd, own) = netns::open_own().context("cannot open graftd's own network namespace")?;
     // Blocked before any thread starts, so every thread inherits the mask and
@@ -140,6 +167,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         splice: cli.splice,
         ebpf: !cli.no_ebpf,
         own_netns: own,
+        pin_dir: cli.pin_dir.clone(),
+        cgroup: cli.cgroup.clone(),
     };
     let hooks = ebpf_hooks::load(&info);
     hooks.daemon_started(&info);
@@ -154,6 +183,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let n = persist::restore(&ctx, &brokers, saved);
         log::info!("restored {n} endpoint(s) from {}", cli.state_dir.display());
     }
+    // Ids the pinned companion still holds for endpoints not restored (their
+    // namespace went away while graftd was down) are dropped.
+    let live: Vec<_> = ctx.state().all();
+    ctx.hooks.endpoints_restored(&live);
     // Rewritten at once: what was dropped stays dropped.
     ctx.persist();
     // The control socket appears only once graftd can answer at once: clients
@@ -170,6 +203,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     ctx.hooks.daemon_stopping();
     r?;
     log::info!("graftd stopped");
+    Ok(())
+}
+
+/// `graftd --remove`: takes the pinned eBPF companion away for good.
+fn remove(cli: &Cli) -> anyhow::Result<()> {
+    // A graftd serving this state directory holds its lock.
+    let _lock =
+        persist::Store::open(&cli.state_dir).context("graftd --remove needs graftd stopped")?;
+    let done = graft_ebpf::remove_pinned(&cli.pin_dir, &cli.cgroup)
+        .context("cannot remove the eBPF companion")?;
+    if done.is_empty() {
+        log::info!("nothing pinned in {}", cli.pin_dir.display());
+    }
+    for line in done {
+        log::info!("{line}");
+    }
     Ok(())
 }
 

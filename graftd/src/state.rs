@@ -303,6 +303,14 @@ impl State {
         self.netns.keys().copied().collect()
     }
 
+    /// Every endpoint as (namespace, name).
+    pub fn all(&self) -> Vec<(NetnsId, EndpointName)> {
+        self.netns
+            .iter()
+            .flat_map(|(id, e)| e.endpoints.keys().map(move |n| (*id, *n)))
+            .collect()
+    }
+
     /// Every table as saved on disk (namespaces and endpoints in a stable
     /// order, so an unchanged table is rewritten byte for byte).
     pub fn records(&self) -> Vec<crate::persist::NsRecord> {

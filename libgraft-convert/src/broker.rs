@@ -10,9 +10,16 @@
 //! nothing ever waits for a lock. A lock still held by another pid was held
 //! across fork() and is taken over. Every broker socket has send and receive
 //! timeouts, so no call blocks forever on a stuck graftd.
+//!
+//! graftd restarting (crash, upgrade) is invisible to programs: a broker that
+//! refuses connections (no listener: graftd is down) is retried every 10 ms
+//! for up to `GRAFT_WAIT_MS` (default 1000) before the call fails closed, and
+//! a connection that breaks mid-request (graftd died with it) is replaced
+//! once. The wait is a plain `nanosleep` loop: no allocation, no lock, safe
+//! in a signal handler or a forked child.
 
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, REPLY_LEN, REQUEST_LEN};
 use libc::c_int;
@@ -21,6 +28,16 @@ use crate::sys;
 
 /// Seconds a broker exchange may take.
 pub const TIMEOUT_SECS: i64 = 5;
+
+/// `GRAFT_WAIT_MS`, set once by the constructor.
+static WAIT_MS: AtomicU32 = AtomicU32::new(graft_core::DEFAULT_WAIT_MS);
+/// Pause between two connection attempts to an absent broker.
+const RETRY_MS: u32 = 10;
+
+/// Sets how long [`connect`] waits for an absent broker.
+pub fn set_wait_ms(ms: u32) {
+    WAIT_MS.store(ms, Ordering::Relaxed);
+}
 
 static CACHE_FD: AtomicI32 = AtomicI32::new(-1);
 static CACHE_PID: AtomicI32 = AtomicI32::new(0);
@@ -65,7 +82,15 @@ pub fn ask(name: &str, req: &Request) -> Result<Answer, Error> {
         r
     } else {
         let conn = connect(name)?;
-        exchange(conn.as_raw_fd(), &buf)
+        match exchange(conn.as_raw_fd(), &buf) {
+            // graftd went away with the request: once more, on a new one.
+            Err(Error::Io(_)) => {
+                drop(conn);
+                let conn = connect(name)?;
+                exchange(conn.as_raw_fd(), &buf)
+            }
+            r => r,
+        }
     }
 }
 
@@ -168,15 +193,24 @@ pub fn connect(name: &str) -> Result<OwnedFd, Error> {
         .map_err(Error::Unreachable)?;
     sys::sys_set_timeouts(s.as_raw_fd(), TIMEOUT_SECS).map_err(Error::Io)?;
     let (addr, len) = abstract_addr(name);
-    for _ in 0..16 {
+    let budget = WAIT_MS.load(Ordering::Relaxed);
+    let mut waited = 0u32;
+    let mut interrupted = 0;
+    loop {
         match sys::sys_connect(s.as_raw_fd(), &addr[..len]) {
             Ok(()) | Err(libc::EISCONN) => return Ok(s),
-            Err(libc::EINTR) => continue,
+            Err(libc::EINTR) if interrupted < 16 => interrupted += 1,
             Err(libc::EAGAIN) | Err(libc::EINPROGRESS) => return Err(Error::Timeout),
+            // No listener: graftd is down or restarting. Counted in sleeps,
+            // not clock time (each attempt itself is immediate).
+            Err(libc::ECONNREFUSED) if waited < budget => {
+                let step = RETRY_MS.min(budget - waited);
+                sys::sys_sleep_ms(step);
+                waited += step;
+            }
             Err(e) => return Err(Error::Unreachable(e)),
         }
     }
-    Err(Error::Unreachable(libc::EINTR))
 }
 
 /// `sockaddr_un` for the abstract name "\0" + `name` (callers bound the
@@ -360,6 +394,7 @@ mod tests {
 
     #[test]
     fn no_broker_is_unreachable() {
+        set_wait_ms(0);
         assert!(matches!(
             connect("graft-test/nobody-listens-here"),
             Err(Error::Unreachable(libc::ECONNREFUSED))

@@ -396,6 +396,27 @@ pub fn sys_connect(fd: RawFd, addr: &[u8]) -> Result<(), c_int> {
     .map(|_| ())
 }
 
+/// Sleeps `ms` milliseconds (nanosleep: async-signal-safe; an interrupted
+/// sleep is resumed).
+pub fn sys_sleep_ms(ms: u32) {
+    let mut req = libc::timespec {
+        tv_sec: libc::time_t::from(ms / 1000),
+        tv_nsec: libc::c_long::from(ms % 1000) * 1_000_000,
+    };
+    let mut rem = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    for _ in 0..64 {
+        // SAFETY: req and rem are valid timespecs for the call's duration.
+        let rc = unsafe { libc::nanosleep(&req, &mut rem) };
+        if rc == 0 || errno() != libc::EINTR {
+            return;
+        }
+        req = rem;
+    }
+}
+
 pub fn sys_getpid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }

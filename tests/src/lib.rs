@@ -281,7 +281,12 @@ impl Graftd {
         let log = dir.join("graftd.log");
         let logf = std::fs::File::create(&log).expect("graftd log file");
         let mut cmd = Command::new(bin("graftd"));
-        // Its own state directory: private graftds never share saved tables.
+        // Its own state directory, bpffs pins and cgroup: private graftds
+        // never share saved tables or eBPF state (Drop removes them).
+        let tag = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut args: Vec<String> = vec![
             "--control".into(),
             control.display().to_string(),
@@ -289,6 +294,10 @@ impl Graftd {
             broker.clone(),
             "--state-dir".into(),
             dir.join("state").display().to_string(),
+            "--pin-dir".into(),
+            format!("/sys/fs/bpf/graft-test-{tag}"),
+            "--cgroup".into(),
+            format!("graft-test-{tag}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         cmd.args(&args)
@@ -392,6 +401,14 @@ impl Drop for Graftd {
         if std::thread::panicking() {
             eprintln!("---- graftd log ----\n{}", self.log_text());
         }
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        // Its pinned eBPF companion and cgroup go with it.
+        let _ = Command::new(bin("graftd"))
+            .args(&self.args)
+            .arg("--remove")
+            .stdin(Stdio::null())
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -242,3 +242,160 @@ fn a_second_graftd_on_the_same_state_dir_refuses() {
     let _ = (&out.stdout[..]).read_to_string(&mut buf);
     assert!(buf.is_empty());
 }
+
+/// A UDP socket on the host's loopback, counting datagrams.
+fn udp_sink() -> (std::net::UdpSocket, u16) {
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let p = u.local_addr().unwrap().port();
+    (u, p)
+}
+
+#[test]
+fn policy_stays_armed_while_graftd_is_down_and_after() {
+    let Some(mut env) = Env::new("policy_down", &["python3"]) else {
+        return;
+    };
+    let (sink, allowed) = udp_sink();
+    let (_denied_sink, denied) = udp_sink();
+    env.add(&format!(
+        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{denied}"
+    ));
+    let script = env.script(
+        "udp.py",
+        r#"
+import socket, sys
+old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+old.sendto(b"first", ("127.0.0.1", @OK@))
+print("ready", flush=True)
+for line in sys.stdin:
+    what = line.strip()
+    s = old
+    if what == "new":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"new", ("127.0.0.1", @OK@))
+    port = @OK@ if what == "allowed" else @DENIED@
+    try:
+        s.sendto(what.encode(), ("127.0.0.1", port))
+        print("sent", flush=True)
+    except OSError as e:
+        print("errno", e.errno, flush=True)
+"#,
+        &[("OK", allowed.to_string()), ("DENIED", denied.to_string())],
+    );
+    let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
+    c.env("GRAFT_POOL", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, "udp python client");
+    let mut out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    let mut buf = [0u8; 64];
+    let mut recv = || {
+        let (n, from) = sink.recv_from(&mut buf).expect("datagram at the host sink");
+        assert_eq!(from.ip().to_string(), "127.0.0.1");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "first");
+    let mut say = |what: &str| {
+        let stdin = p.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).expect("client line");
+        l.trim().to_owned()
+    };
+    let eperm = format!("errno {}", libc::EPERM);
+    assert_eq!(say("old"), eperm, "denied before the crash");
+    env.d.kill9();
+    assert_eq!(say("old"), eperm, "denied while graftd is down");
+    assert_eq!(say("allowed"), "sent");
+    assert_eq!(recv(), "allowed");
+    env.d.restart();
+    assert_eq!(say("old"), eperm, "denied after the restart");
+    assert_eq!(say("new"), eperm, "a socket made after the restart");
+    assert_eq!(recv(), "new");
+    // The kernel's counters carried over the restart.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ip_graft("-s -j show")).expect("show json");
+    assert_eq!(v[0]["stats"]["policy_denied"], 4, "{v}");
+}
+
+#[test]
+fn connections_every_10ms_survive_kill9_and_restart() {
+    let Some(mut env) = Env::new("loop_restart", &["python3"]) else {
+        return;
+    };
+    let host = host_server();
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    const N: usize = 300;
+    let script = env.script(
+        "loop.py",
+        r#"
+import socket, time
+fails = 0
+for i in range(@N@):
+    try:
+        s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+        if s.recv(16) != b"hi\n":
+            raise OSError(0, "bad answer")
+        s.close()
+    except OSError as e:
+        fails += 1
+        print("fail", i, e, flush=True)
+    print("done", i, flush=True)
+    time.sleep(0.01)
+print("failures", fails, flush=True)
+"#,
+        &[("N", N.to_string()), ("PORT", host.addr.port().to_string())],
+    );
+    let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
+    // Every connection asks the broker; the wait is generous here so a
+    // loaded CI machine cannot turn a slow restart into a failure (the
+    // default, 1 s, is what the README promises; the restart time is
+    // printed below).
+    c.env("GRAFT_POOL", "0")
+        .env("GRAFT_WAIT_MS", "10000")
+        .stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, "connection loop");
+    let mut out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
+    let mut lines = Vec::new();
+    let mut read = |lines: &mut Vec<String>| {
+        let mut l = String::new();
+        out.read_line(&mut l).expect("loop line");
+        lines.push(l.trim().to_owned());
+        l
+    };
+    while !read(&mut lines).starts_with("done 50") {}
+    env.d.kill9();
+    let t = std::time::Instant::now();
+    env.d.restart();
+    eprintln!(
+        "graftd restart (spawn to control socket ready): {:?}",
+        t.elapsed()
+    );
+    let before_restart = lines.len();
+    loop {
+        let l = read(&mut lines);
+        if l.starts_with("failures") || l.is_empty() {
+            break;
+        }
+    }
+    p.wait_timeout(LIMIT);
+    assert!(lines.len() > before_restart + 100, "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("failures 0"),
+        "{lines:?}"
+    );
+    assert_eq!(host.accepted.load(Ordering::SeqCst), N);
+    // The restarted graftd served part of the loop.
+    let log = env.d.log_text();
+    let second = log.rsplit("restored 1 endpoint(s)").next().unwrap_or("");
+    assert!(
+        second.contains("handed out a AF_INET stream socket"),
+        "the new graftd handed out sockets:\n{log}"
+    );
+}

@@ -13,6 +13,8 @@
  *    insertion of established grafted sockets into graft_socks.
  *  - sk_msg (attached to graft_socks): redirects each send into the peer's
  *    receive queue when the peer is a grafted socket of this host too.
+ *  - cgroup/sock_release: counts closed handed-out sockets, so graftd knows
+ *    each endpoint's live sockets (its limit) without watching them.
  *  - cgroup/setsockopt: refuses, on grafted sockets, the options graftd
  *    refuses in broker requests (they would move the socket off the host
  *    addresses its endpoint grants). The kernel runs this hook by the
@@ -108,6 +110,22 @@ struct {
 	__type(key, __u32);
 	__type(value, struct graft_global);
 } graft_global_map SEC(".maps");
+
+/* Read and written by graftd only (pinned: they carry endpoint ids across
+ * graftd restarts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct graft_ep_key);
+	__type(value, struct graft_ep_val);
+} graft_ep_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} graft_next_id SEC(".maps");
 
 static __always_inline struct graft_counters *counters(__u32 endpoint)
 {
@@ -500,5 +518,25 @@ int graft_setsockopt(struct bpf_sockopt *ctx)
 	 * on kernels before 6.5. */
 	if (ctx->optlen > GRAFT_SOCKOPT_MAX)
 		ctx->optlen = 0;
+	return 1;
+}
+
+/* ---------------------------------------------------------- sock_release */
+
+SEC("cgroup/sock_release")
+int graft_sock_release(struct bpf_sock *sk)
+{
+	struct graft_counters *c;
+	struct graft_sk *gs;
+
+	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, 0);
+	if (!gs || !(gs->flags & GRAFT_SK_HANDED))
+		return 1;
+	/* An accepted child carries a copy of its listener's record. */
+	if (bpf_get_socket_cookie(sk) != gs->cookie)
+		return 1;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->released, 1);
 	return 1;
 }
