@@ -187,6 +187,8 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    #[error("endpoint {name} has {live} live sockets, its limit")]
+    LimitReached { name: String, live: u64 },
     #[error("endpoint {name} in {netns} is not registered with the eBPF companion")]
     UnknownEndpoint { name: String, netns: NetnsId },
 }
@@ -487,8 +489,22 @@ impl Companion {
     }
 
     /// Marks a socket graftd hands out as belonging to `key` (which must have
-    /// been added). Non-inet sockets are accepted and ignored.
+    /// been added) and counts it as live. Non-inet sockets are accepted and
+    /// ignored.
     pub fn register_socket(&mut self, fd: BorrowedFd<'_>, key: &EndpointKey) -> Result<(), Error> {
+        self.register_socket_limited(fd, key, None)
+    }
+
+    /// [`Companion::register_socket`], refused with
+    /// [`Error::LimitReached`] when the endpoint already has `limit` live
+    /// sockets (handed out and not closed: cgroup/sock_release counts the
+    /// closes).
+    pub fn register_socket_limited(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: &EndpointKey,
+        limit: Option<u32>,
+    ) -> Result<(), Error> {
         let id = *self
             .endpoints
             .get(key)
@@ -499,18 +515,49 @@ impl Companion {
         if !is_inet(fd) {
             return Ok(());
         }
+        let k = maps::GraftEpKey::new(key);
+        let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
+            id,
+            pad: 0,
+            handed: 0,
+        });
+        let live = self.live_of(id, v.handed);
+        if limit.is_some_and(|l| live >= u64::from(l)) {
+            return Err(Error::LimitReached {
+                name: key.name.to_string(),
+                live,
+            });
+        }
         let raw = fd.as_raw_fd();
         self.sk
             .insert(
                 &raw,
                 GraftSk {
                     endpoint: id,
-                    flags: 0,
-                    cookie: 0,
+                    flags: maps::SK_HANDED,
+                    cookie: socket_cookie(fd),
                 },
                 0,
             )
-            .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))
+            .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))?;
+        // Only graftd writes this entry (under the caller's lock), so the
+        // read-modify-write cannot lose a count.
+        v.handed += 1;
+        self.ids
+            .insert(k, v, 0)
+            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))
+    }
+
+    fn live_of(&self, id: u32, handed: u64) -> u64 {
+        let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
+        handed.saturating_sub(released)
+    }
+
+    /// Sockets of an endpoint handed out and still open (`None` if unknown).
+    pub fn live(&self, key: &EndpointKey) -> Option<u64> {
+        let id = *self.endpoints.get(key)?;
+        let v = self.ids.get(&maps::GraftEpKey::new(key), 0).ok()?;
+        Some(self.live_of(id, v.handed))
     }
 
     /// [`Companion::add_endpoint`] when needed, then
@@ -525,6 +572,20 @@ impl Companion {
             self.add_endpoint(*key, policy)?;
         }
         self.register_socket(fd, key)
+    }
+
+    /// [`Companion::register_socket_with_policy`] with a live socket limit.
+    pub fn register_socket_with_limit(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: &EndpointKey,
+        policy: &[PolicyRule],
+        limit: Option<u32>,
+    ) -> Result<(), Error> {
+        if !self.endpoints.contains_key(key) {
+            self.add_endpoint(*key, policy)?;
+        }
+        self.register_socket_limited(fd, key, limit)
     }
 
     /// The endpoint id a socket is marked with, if any.
@@ -577,6 +638,29 @@ where
         detail: "missing from the object".into(),
     })?;
     p.try_into().map_err(bpf_err(format!("program {name}")))
+}
+
+/// The socket's cookie (what `bpf_get_socket_cookie` returns for it); 0 if
+/// it cannot be read (the socket then never counts as released).
+fn socket_cookie(fd: BorrowedFd<'_>) -> u64 {
+    let mut c: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is a valid borrowed descriptor; c/len point to a u64 and
+    // its size, which is what SO_COOKIE writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        c
+    } else {
+        0
+    }
 }
 
 fn is_inet(fd: BorrowedFd<'_>) -> bool {

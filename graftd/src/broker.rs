@@ -537,7 +537,10 @@ fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, 
     })?;
     ctx.hooks
         .socket_handed_out(made.fd.as_fd(), &ep.hook_ref(), req.purpose)
-        .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EPERM), Reason::Policy))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOBUFS) => Refusal::new(libc::ENOBUFS, Reason::Limit),
+            errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
+        })?;
     Ok(made)
 }
 
@@ -810,6 +813,7 @@ mod tests {
             },
             netns: None,
             policy: vec![],
+            limit: None,
         };
         st.check_add(ns, &spec, own).unwrap();
         st.insert(ns, fd, spec, own, Target::Own);

@@ -311,6 +311,7 @@ fn show(ctx: &Ctx, ns: NetnsId) -> Reply {
         .iter()
         .map(|ep| {
             let mut s = ep.stats();
+            s.limit = ep.limit.map(u64::from);
             ctx.hooks.merge_stats(&ep.hook_ref(), &mut s);
             ep.info(s)
         })

@@ -58,6 +58,10 @@ pub struct EndpointRef<'a> {
     pub addr: &'a EndpointAddr,
     /// Egress policy clauses (empty: allow all).
     pub policy: &'a [PolicyRule],
+    /// Most live sockets (the endpoint's own limit or graftd's default).
+    pub limit: Option<u32>,
+    /// Whether the endpoint has a `limit` of its own.
+    pub own_limit: bool,
 }
 
 /// The hook points. See the module documentation for the contract.
@@ -108,7 +112,8 @@ impl Hooks for NoHooks {}
 /// The hooks graftd runs with: graft-ebpf's companion, or, when it is
 /// turned off or cannot load, [`WithoutEbpf`] after one log line saying why.
 pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
-    let without = "running without in-kernel egress policy, kernel counters and splicing";
+    let without =
+        "running without in-kernel egress policy, kernel counters, live socket limits and splicing";
     if !info.ebpf {
         log::info!("eBPF companion disabled (--no-ebpf): {without}");
         return Box::new(WithoutEbpf);
@@ -151,6 +156,12 @@ impl Hooks for WithoutEbpf {
                 ep.name
             );
         }
+        if ep.own_limit {
+            log::warn!(
+                "endpoint {} has a limit but the eBPF companion (which counts closed sockets) is not loaded: its sockets will be refused",
+                ep.name
+            );
+        }
     }
 
     fn socket_handed_out(
@@ -159,10 +170,13 @@ impl Hooks for WithoutEbpf {
         ep: &EndpointRef<'_>,
         _purpose: Purpose,
     ) -> io::Result<()> {
-        if ep.policy.is_empty() {
-            Ok(())
-        } else {
+        if !ep.policy.is_empty() {
             Err(io::Error::from_raw_os_error(libc::EPERM))
+        } else if ep.own_limit {
+            // Closes cannot be counted: fail closed.
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        } else {
+            Ok(())
         }
     }
 }
@@ -234,10 +248,16 @@ impl Hooks for Ebpf {
         if let Some(line) = c.splice_problem() {
             log::warn!("{line}");
         }
-        c.register_socket_with_policy(sock, &key(ep), ep.policy)
-            .map_err(|e| {
-                log::error!("refusing a socket of endpoint {}: {e}", ep.name);
-                io::Error::from_raw_os_error(libc::EPERM)
+        c.register_socket_with_limit(sock, &key(ep), ep.policy, ep.limit)
+            .map_err(|e| match e {
+                graft_ebpf::Error::LimitReached { .. } => {
+                    log::debug!("refusing a socket: {e}");
+                    io::Error::from_raw_os_error(libc::ENOBUFS)
+                }
+                e => {
+                    log::error!("refusing a socket of endpoint {}: {e}", ep.name);
+                    io::Error::from_raw_os_error(libc::EPERM)
+                }
             })
     }
 
@@ -259,6 +279,7 @@ impl Hooks for Ebpf {
             stats.bytes_sent = Some(n.bytes_sent);
             stats.bytes_received = Some(n.bytes_received);
         }
+        stats.live = c.live(&key(ep));
     }
 
     fn daemon_stopping(&self) {

@@ -75,6 +75,11 @@ struct Cli {
         default_value = "graftd"
     )]
     cgroup: String,
+    /// Live sockets an ipv4/ipv6 endpoint without its own `limit` may have
+    /// (0: unlimited). Counted by the eBPF companion; not enforced without it.
+    #[arg(long, value_name = "N", env = "GRAFT_DEFAULT_LIMIT", default_value_t = DEFAULT_LIMIT,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(graft_core::endpoint::MAX_LIMIT)))]
+    default_limit: u32,
     /// Remove the pinned eBPF companion (links, maps, pin directory) and its
     /// cgroup, then exit. graftd must be stopped; endpoint tables are kept.
     #[arg(long)]
@@ -92,6 +97,10 @@ struct Cli {
     #[arg(short, long)]
     verbose: bool,
 }
+
+/// Default of `--default-limit`: far below the host's ephemeral ports
+/// (about 28,000), far above what one container normally holds.
+const DEFAULT_LIMIT: u32 = 4096;
 
 fn broker_name(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 107 || s.contains('\0') {
@@ -172,8 +181,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let hooks = ebpf_hooks::load(&info);
     hooks.daemon_started(&info);
+    let mut state = State::new(own);
+    state.set_default_limit((cli.default_limit > 0).then_some(cli.default_limit));
     let ctx = Arc::new(Ctx {
-        state: Mutex::new(State::new(own)),
+        state: Mutex::new(state),
         hooks,
         broker_name: cli.broker_name.clone(),
         store: Some(store),

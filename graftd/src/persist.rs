@@ -432,6 +432,7 @@ mod tests {
                     },
                     netns: None,
                     policy: vec!["deny 10.0.0.0/8".parse().unwrap()],
+                    limit: None,
                 },
                 target: NetnsId { dev: 4, ino: 1 },
             }],

@@ -78,6 +78,9 @@ pub struct Endpoint {
     pub target_id: NetnsId,
     pub target: Target,
     pub counters: Counters,
+    /// Most live sockets (its own `limit`, or graftd's default for inet
+    /// endpoints; `None`: unlimited).
+    pub limit: Option<u32>,
 }
 
 impl Endpoint {
@@ -89,6 +92,8 @@ impl Endpoint {
             target: self.target_id,
             addr: &self.spec.addr,
             policy: &self.spec.policy,
+            limit: self.limit,
+            own_limit: self.spec.limit.is_some(),
         }
     }
 
@@ -134,6 +139,7 @@ pub struct State {
     netns: HashMap<NetnsId, NsEntry>,
     workers: HashMap<NetnsId, Weak<TargetWorker>>,
     max_endpoints: usize,
+    default_limit: Option<u32>,
 }
 
 /// Largest encoded size an endpoint can take in a `show` reply (all counters
@@ -151,6 +157,9 @@ fn worst_case_size(spec: &EndpointSpec, target: NetnsId) -> usize {
             passive_established: m,
             bytes_sent: m,
             bytes_received: m,
+            live: m,
+            // A limit never exceeds this (graft-core checks it).
+            limit: Some(u64::from(graft_core::endpoint::MAX_LIMIT)),
         },
     };
     // One comma between array elements.
@@ -168,6 +177,7 @@ impl State {
             netns: HashMap::new(),
             workers: HashMap::new(),
             max_endpoints: MAX_ENDPOINTS_PER_NETNS,
+            default_limit: None,
         }
     }
 
@@ -177,6 +187,11 @@ impl State {
             max_endpoints: max,
             ..State::new(own)
         }
+    }
+
+    /// The limit inet endpoints without their own get (`None`: unlimited).
+    pub fn set_default_limit(&mut self, l: Option<u32>) {
+        self.default_limit = l;
     }
 
     /// graftd's own namespace.
@@ -251,7 +266,12 @@ impl State {
     ) -> Arc<Endpoint> {
         let id = self.next_id;
         self.next_id += 1;
+        let limit = match spec.addr {
+            graft_core::EndpointAddr::Unix { .. } => None,
+            _ => spec.limit.or(self.default_limit),
+        };
         let ep = Arc::new(Endpoint {
+            limit,
             id,
             netns: ns,
             spec,
@@ -357,6 +377,7 @@ mod tests {
             },
             netns: None,
             policy: vec![],
+            limit: None,
         }
     }
 

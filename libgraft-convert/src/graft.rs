@@ -620,6 +620,13 @@ fn graft(
                 );
                 errno
             }
+            Reason::Limit => {
+                say!(
+                    "{head}: endpoint \"{ep}\" already has as many live sockets as its limit \
+                     allows: close some, or re-add it with a higher \"limit N\""
+                );
+                libc::ENOBUFS
+            }
             Reason::Malformed => {
                 say!(
                     "{head}: graftd rejected the request as malformed: run matching versions \

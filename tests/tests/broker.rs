@@ -134,6 +134,7 @@ fn spec(name: &str, addr: EndpointAddr) -> EndpointSpec {
         addr,
         netns: None,
         policy: vec![],
+        limit: None,
     }
 }
 

@@ -399,3 +399,129 @@ print("failures", fails, flush=True)
         "the new graftd handed out sockets:\n{log}"
     );
 }
+
+/// `ip -s -j graft show`: (live, limit) of endpoint `name`.
+fn live_limit(env: &Env, name: &str) -> (serde_json::Value, serde_json::Value) {
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ip_graft("-s -j show")).expect("show json");
+    let e = v
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+        .clone();
+    (e["stats"]["live"].clone(), e["stats"]["limit"].clone())
+}
+
+#[test]
+fn limit_refuses_the_next_live_socket_and_a_close_frees_a_slot() {
+    let Some(env) = Env::new("limit", &["python3"]) else {
+        return;
+    };
+    let host = host_server();
+    let pin = free_port();
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic limit 3");
+    env.add(&format!(
+        "ep-in4 type ipv4 addr 127.0.0.1 port {pin} limit 1"
+    ));
+    env.add("ep-free type ipv4 addr 127.0.0.1 port dynamic");
+    let script = env.script(
+        "limit.py",
+        r#"
+import socket, sys
+held = []
+for line in sys.stdin:
+    what = line.strip()
+    try:
+        if what == "open":
+            s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+            held.append(s)
+            print("ok", len(held), flush=True)
+        elif what == "close":
+            held.pop(0).close()
+            print("closed", len(held), flush=True)
+        elif what == "listen":
+            l = socket.socket()
+            l.bind(("0.0.0.0", @PIN@))
+            l.listen(8)
+            held.append(l)
+            print("listening", flush=True)
+        elif what == "accept3":
+            l = held[-1]
+            for _ in range(3):
+                c, _ = l.accept()
+                c.close()
+            print("accepted 3", flush=True)
+    except OSError as e:
+        print("errno", e.errno, flush=True)
+"#,
+        &[
+            ("PORT", host.addr.port().to_string()),
+            ("PIN", pin.to_string()),
+        ],
+    );
+    let mut c = env.graft(&[
+        "-e",
+        "127.0.0.1/32=ep-out4",
+        "-i",
+        &format!("0.0.0.0:{pin}=ep-in4"),
+        "--",
+        "python3",
+        &script,
+    ]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = Proc::spawn(c, "limit python client");
+    let mut out = BufReader::new(p.child.stdout.take().expect("stdout"));
+    let mut say = |what: &str| {
+        let stdin = p.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).expect("client line");
+        l.trim().to_owned()
+    };
+    assert_eq!(say("open"), "ok 1");
+    assert_eq!(say("open"), "ok 2");
+    assert_eq!(say("open"), "ok 3");
+    let (live, limit) = live_limit(&env, "ep-out4");
+    assert_eq!((live, limit), (3.into(), 3.into()));
+    let enobufs = format!("errno {}", libc::ENOBUFS);
+    assert_eq!(say("open"), enobufs, "the 4th live socket");
+    assert_eq!(say("close"), "closed 2");
+    assert_eq!(live_limit(&env, "ep-out4").0, 2);
+    assert_eq!(say("open"), "ok 3", "a close freed a slot");
+    assert_eq!(say("open"), enobufs);
+    // A listener is one live socket; the connections it accepts are not
+    // handed out by graftd and take no slot.
+    assert_eq!(say("listen"), "listening");
+    let conns: Vec<_> = (0..3)
+        .map(|_| {
+            std::net::TcpStream::connect(("127.0.0.1", pin)).expect("connect to grafted listener")
+        })
+        .collect();
+    assert_eq!(say("accept3"), "accepted 3");
+    drop(conns);
+    assert_eq!(live_limit(&env, "ep-in4"), (1.into(), 1.into()));
+    // The default limit applies to endpoints without one.
+    assert_eq!(live_limit(&env, "ep-free"), (0.into(), 4096.into()));
+    let text = env.ip_graft("-s show");
+    assert!(text.contains(" live ") && text.contains(" limit"), "{text}");
+    drop(p.child.stdin.take());
+    p.wait_timeout(LIMIT);
+    let mut err = String::new();
+    p.child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .unwrap();
+    let lines = graft_tests::graft_lines(&err);
+    assert_eq!(lines.len(), 2, "one line per refusal: {err}");
+    assert!(
+        lines[0]
+            .contains("endpoint \"ep-out4\" already has as many live sockets as its limit allows"),
+        "{}",
+        lines[0]
+    );
+}

@@ -83,6 +83,8 @@ pub enum Reason {
     SocketFailed = 5,
     /// Policy refused the request.
     Policy = 6,
+    /// The endpoint already has as many live sockets as its limit allows.
+    Limit = 7,
 }
 
 impl Reason {
@@ -95,6 +97,7 @@ impl Reason {
             4 => Reason::FamilyMismatch,
             5 => Reason::SocketFailed,
             6 => Reason::Policy,
+            7 => Reason::Limit,
             _ => return None,
         })
     }
@@ -109,6 +112,7 @@ impl Reason {
             Reason::FamilyMismatch => "address family does not fit the endpoint",
             Reason::SocketFailed => "creating or binding the host socket failed",
             Reason::Policy => "refused by policy",
+            Reason::Limit => "the endpoint's live socket limit is reached",
         }
     }
 }

@@ -55,6 +55,13 @@ pub struct Stats {
     pub bytes_sent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
+    /// Sockets handed out and not yet closed (counted by graft-ebpf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<u64>,
+    /// The endpoint's limit on `live` (its own, or graftd's default; absent:
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 /// One endpoint as `show` reports it.
@@ -136,6 +143,7 @@ mod tests {
                 },
                 netns: Some("1".into()),
                 policy: vec![],
+                limit: None,
             },
             target_fd: true,
         };
