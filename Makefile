@@ -6,6 +6,7 @@
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
 PROFILE ?= debug
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 
 # Debian packages the build, the tests, the demo and the benchmarks use.
 DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
@@ -69,10 +70,15 @@ install: release
 		target/release/docker-ns-exec $(DESTDIR)$(PREFIX)/bin/
 	install -m 0755 iproute-graft/ip $(DESTDIR)$(PREFIX)/bin/ip
 	install -m 0644 target/release/libgraft_convert.so $(DESTDIR)$(PREFIX)/lib/graft/libgraft-convert.so
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	sed 's|@BINDIR@|$(PREFIX)/bin|g' deploy/systemd/graftd.service.in > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
+	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
+	@echo "install: systemctl daemon-reload && systemctl enable --now graftd (see README, 'graftd as a service')"
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,graftd ip-graft graft docker-ns-exec ip)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/graft
+	rm -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
 
 clean:
 	$(CARGO) clean

@@ -11,7 +11,8 @@
 //! one factory thread per foreign target namespace makes sockets there. No
 //! thread that entered another namespace is ever used for anything else.
 //!
-//! Modules: [`control`] (control socket), [`broker`] (broker sockets and
+//! Modules: [`persist`] (saved tables), [`notify`] (systemd readiness),
+//! [`control`] (control socket), [`broker`] (broker sockets and
 //! request checks), [`factory`] (socket creation), [`state`] (tables),
 //! [`netns`] (namespace descriptors and threads), [`gc`] (forgetting unused
 //! namespaces), [`ebpf_hooks`] (where graft-ebpf plugs in), [`sys`] (the few
@@ -23,6 +24,7 @@ mod ebpf_hooks;
 mod factory;
 mod gc;
 mod netns;
+mod notify;
 mod persist;
 mod state;
 mod sys;
@@ -209,7 +211,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.control.display(),
         cli.broker_name
     );
+    // Everything restored and the control socket up: systemd (Type=notify)
+    // may now consider the service started.
+    notify::notify("READY=1");
     let r = control::serve(&ctx, &brokers, &listener, &signals);
+    notify::notify("STOPPING=1");
     control::remove(&cli.control);
     ctx.hooks.daemon_stopping();
     r?;

@@ -525,3 +525,168 @@ for line in sys.stdin:
         lines[0]
     );
 }
+
+#[test]
+fn systemd_ready_is_sent_once_the_restored_tables_are_served() {
+    let Some(mut env) = Env::new("sd_notify", &[]) else {
+        return;
+    };
+    env.add("ep-a type ipv4 addr 127.0.0.1 port dynamic");
+    let before = show(&env.d, &env.ns);
+    env.d.kill9();
+    let sock = env.dir.join("notify");
+    let n = std::os::unix::net::UnixDatagram::bind(&sock).expect("bind notify socket");
+    n.set_read_timeout(Some(LIMIT)).unwrap();
+    let logf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&env.d.log)
+        .unwrap();
+    let mut cmd = Command::new(bin("graftd"));
+    cmd.args(&env.d.args)
+        .env("NOTIFY_SOCKET", &sock)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+    env.d.proc = Proc::spawn(cmd, "graftd with NOTIFY_SOCKET");
+    let mut b = [0u8; 64];
+    let len = n.recv(&mut b).expect("READY=1 from graftd");
+    assert_eq!(&b[..len], b"READY=1");
+    // At READY the table is back and served: no waiting needed.
+    assert_eq!(show(&env.d, &env.ns), before);
+    env.d.proc.term();
+    let len = n.recv(&mut b).expect("STOPPING=1 from graftd");
+    assert_eq!(&b[..len], b"STOPPING=1");
+}
+
+#[test]
+fn upgrade_keeps_live_connections_and_the_policy() {
+    let Some(mut env) = Env::new("upgrade", &["python3"]) else {
+        return;
+    };
+    let (sink, allowed) = udp_sink();
+    let (_denied_sink, denied) = udp_sink();
+    let echo = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let eport = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 256];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    env.add(&format!(
+        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{denied}"
+    ));
+    let script = env.script(
+        "up.py",
+        r#"
+import socket, sys
+tcp = socket.create_connection(("127.0.0.1", @ECHO@), timeout=10)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.sendto(b"first", ("127.0.0.1", @OK@))
+print("ready", flush=True)
+for line in sys.stdin:
+    what = line.strip()
+    try:
+        if what == "echo":
+            tcp.sendall(b"ping")
+            print("echo", tcp.recv(16).decode(), flush=True)
+        elif what == "denied":
+            udp.sendto(b"x", ("127.0.0.1", @DENIED@))
+            print("sent", flush=True)
+        elif what == "new":
+            s = socket.create_connection(("127.0.0.1", @ECHO@), timeout=10)
+            s.sendall(b"pong")
+            print("new", s.recv(16).decode(), flush=True)
+    except OSError as e:
+        print("errno", e.errno, flush=True)
+"#,
+        &[
+            ("ECHO", eport.to_string()),
+            ("OK", allowed.to_string()),
+            ("DENIED", denied.to_string()),
+        ],
+    );
+    let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, "upgrade python client");
+    let mut out = BufReader::new(p.child.stdout.take().expect("stdout"));
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "ready");
+    let mut b = [0u8; 16];
+    let (n, _) = sink.recv_from(&mut b).expect("first datagram");
+    assert_eq!(&b[..n], b"first");
+    let mut say = |what: &str| {
+        let stdin = p.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).expect("client line");
+        l.trim().to_owned()
+    };
+    let eperm = format!("errno {}", libc::EPERM);
+    assert_eq!(say("echo"), "echo ping");
+    assert_eq!(say("denied"), eperm);
+
+    // The "new" binary: a copy at another path, started over the old one's
+    // state after a clean stop, as a package upgrade does.
+    let newbin = env.dir.join("graftd-new");
+    std::fs::copy(bin("graftd"), &newbin).expect("copy graftd");
+    let pin = env.d.args[env.d.args.iter().position(|a| a == "--pin-dir").unwrap() + 1].clone();
+    let link = std::path::Path::new(&pin).join("links/graft_connect4");
+    use std::os::unix::fs::MetadataExt;
+    let link_ino = std::fs::metadata(&link).expect("pinned link").ino();
+    env.d.proc.term();
+    let _ = env.d.proc.wait_timeout(LIMIT);
+    assert_eq!(say("denied"), eperm, "between the two graftds");
+    env.d.restart_bin(&newbin);
+    assert_eq!(
+        say("echo"),
+        "echo ping",
+        "connection made before the upgrade"
+    );
+    assert_eq!(say("denied"), eperm, "policy after the upgrade");
+    assert_eq!(say("new"), "new pong", "a new grafted connection");
+    // The same pinned link, now running the new graftd's program (a
+    // replacement in place, not a second attachment).
+    assert_eq!(std::fs::metadata(&link).unwrap().ino(), link_ino);
+    let log = env.d.log_text();
+    assert!(
+        log.matches("eBPF companion attached").count() == 2 && !log.contains("attaching anew"),
+        "{log}"
+    );
+    if let Some(progs) = bpftool_cgroup_progs(&env) {
+        assert_eq!(
+            progs.matches("graft_connect4").count(),
+            1,
+            "one connect4 program attached:\n{progs}"
+        );
+    }
+}
+
+/// `bpftool cgroup show` of this graftd's cgroup, when bpftool is there.
+fn bpftool_cgroup_progs(env: &Env) -> Option<String> {
+    let pid = env.d.proc.pid();
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = cg.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mnt = mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| pre.split_whitespace().nth(4).map(str::to_owned))
+            .flatten()
+    })?;
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show", &format!("{mnt}{path}")])
+        .output()
+        .ok()?;
+    out.status.success().then(|| text(&out.stdout))
+}
