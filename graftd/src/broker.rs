@@ -6,7 +6,11 @@
 //! connect to it; every connection remembers which listener it came from and
 //! is served from that namespace's table only. Everything is non-blocking: a
 //! client that sends slowly or never reads its replies costs the others
-//! nothing (a reply that cannot be sent at once closes the connection).
+//! nothing (a reply that cannot be sent at once closes the connection). A
+//! namespace whose broker has [`MAX_CONNS_PER_BROKER`] connections open
+//! closes the one idle longest for each new one, so a process holding
+//! connections open can neither starve its own namespace's newcomers nor,
+//! being bounded per namespace, anyone else's.
 
 use std::collections::HashMap;
 use std::io;
@@ -109,6 +113,8 @@ pub fn spawn(ctx: Arc<Ctx>) -> io::Result<Handle> {
 struct Conn {
     fd: OwnedFd,
     ns: NetnsId,
+    /// Last time it sent a request (or was accepted).
+    last: Instant,
 }
 
 struct Loop {
@@ -246,13 +252,27 @@ impl Loop {
             };
             match sys::accept(l.as_fd()) {
                 Ok(fd) => {
-                    let n = self.per_ns.entry(ns).or_insert(0);
-                    if *n >= MAX_CONNS_PER_BROKER {
-                        log::warn!("broker for {ns}: {MAX_CONNS_PER_BROKER} connections open, refusing another");
-                        continue;
+                    if self.per_ns.get(&ns).copied().unwrap_or(0) >= MAX_CONNS_PER_BROKER {
+                        let idle = self
+                            .conns
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.ns == ns)
+                            .min_by_key(|(_, c)| c.last)
+                            .map(|(i, _)| i);
+                        if let Some(i) = idle {
+                            log::warn!(
+                                "broker for {ns}: {MAX_CONNS_PER_BROKER} connections open, closing the one idle longest"
+                            );
+                            self.drop_conn(i);
+                        }
                     }
-                    *n += 1;
-                    self.conns.push(Conn { fd, ns });
+                    *self.per_ns.entry(ns).or_insert(0) += 1;
+                    self.conns.push(Conn {
+                        fd,
+                        ns,
+                        last: Instant::now(),
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -272,6 +292,7 @@ impl Loop {
 
     /// Serves what connection `i` sent; false when it must be closed.
     fn serve(&mut self, i: usize, buf: &mut [u8; REQUEST_LEN + 1]) -> bool {
+        self.conns[i].last = Instant::now();
         let (fd, ns) = (&self.conns[i].fd, self.conns[i].ns);
         for _ in 0..BURST {
             let rx = match sys::recv_record(fd.as_fd(), buf) {

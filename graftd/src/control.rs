@@ -110,6 +110,8 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
 struct Conn {
     fd: OwnedFd,
     uid: Option<u32>,
+    /// Last time it sent a request (or was accepted).
+    last: Instant,
 }
 
 /// Serves control requests until SIGTERM or SIGINT arrives on `signals`.
@@ -159,7 +161,11 @@ pub fn serve(
         }
         let mut dead = Vec::new();
         for (i, e) in ev[2..].iter().enumerate() {
-            if !e.is_empty() && !serve_conn(ctx, brokers, &conns[i], &mut buf) {
+            if e.is_empty() {
+                continue;
+            }
+            conns[i].last = Instant::now();
+            if !serve_conn(ctx, brokers, &conns[i], &mut buf) {
                 dead.push(i);
             }
         }
@@ -170,16 +176,24 @@ pub fn serve(
             for _ in 0..MAX_CONTROL_CONNS {
                 match sys::accept(listener.as_fd()) {
                     Ok(fd) => {
+                        // A client holding connections open must not lock
+                        // the others out: the one idle longest makes room.
                         if conns.len() >= MAX_CONTROL_CONNS {
-                            log::warn!(
-                                "{MAX_CONTROL_CONNS} control connections open, refusing another"
-                            );
-                            continue;
+                            if let Some(i) = (0..conns.len()).min_by_key(|&i| conns[i].last) {
+                                log::warn!(
+                                    "{MAX_CONTROL_CONNS} control connections open, closing the one idle longest"
+                                );
+                                conns.swap_remove(i);
+                            }
                         }
                         let uid = nsock::getsockopt(&fd, nsock::sockopt::PeerCredentials)
                             .ok()
                             .map(|c| c.uid());
-                        conns.push(Conn { fd, uid });
+                        conns.push(Conn {
+                            fd,
+                            uid,
+                            last: Instant::now(),
+                        });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {

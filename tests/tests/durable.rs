@@ -690,3 +690,71 @@ fn bpftool_cgroup_progs(env: &Env) -> Option<String> {
         .ok()?;
     out.status.success().then(|| text(&out.stdout))
 }
+
+#[test]
+fn peers_holding_connections_open_starve_nobody() {
+    let Some(env) = Env::new("hogs", &["python3"]) else {
+        return;
+    };
+    let host = host_server();
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    let other = Netns::new("hogs2");
+    env.add_in(&other, "ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    // More broker connections than graftd keeps for one namespace, and more
+    // control connections than it keeps at all, all held open, silent.
+    let hog = env.script(
+        "hog.py",
+        r#"
+import os, resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for i in range(1100):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect("\0" + os.environ["GRAFT_BROKER"])
+    held.append(s)
+for i in range(80):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(os.environ["GRAFT_CONTROL"])
+    held.append(s)
+print("held", len(held), flush=True)
+sys.stdin.read()
+"#,
+        &[],
+    );
+    let mut c = env.ns.cmd("python3");
+    c.arg(&hog).stdin(Stdio::piped()).stdout(Stdio::piped());
+    env.d.apply(&mut c);
+    let mut h = Proc::spawn(c, "connection hog");
+    let mut l = String::new();
+    BufReader::new(h.child.stdout.take().unwrap())
+        .read_line(&mut l)
+        .unwrap();
+    assert_eq!(l.trim(), "held 1180");
+    let once = env.script(
+        "once.py",
+        r#"
+import socket
+s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+print(s.recv(16).decode().strip())
+"#,
+        &[("PORT", host.addr.port().to_string())],
+    );
+    for ns in [&env.ns, &other] {
+        let mut c = ns.cmd(bin("graft"));
+        c.args(["-e", "127.0.0.1/32=ep-out4", "--", "python3", &once])
+            .stdin(Stdio::null());
+        env.d.apply(&mut c);
+        let (out, _) = graft_tests::output_ok_within(c, "grafted client", LIMIT);
+        assert_eq!(out.trim(), "hi");
+    }
+    // The control socket still answers too.
+    assert_eq!(show(&env.d, &env.ns)[0]["name"], "ep-out4");
+    let log = env.d.log_text();
+    assert!(
+        log.contains("connections open, closing the one idle longest")
+            && log.contains("control connections open, closing the one idle longest"),
+        "{log}"
+    );
+    drop(h);
+}
