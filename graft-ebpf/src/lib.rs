@@ -25,6 +25,22 @@
 //!   direction that ever went through TCP stays on TCP, so bytes are never
 //!   reordered.
 //!
+//! * `cgroup/sock_release` counts closes of the sockets graftd handed out
+//!   (matched by socket cookie, so accepted children do not count): with
+//!   graftd's count of sockets handed out this gives each endpoint's live
+//!   sockets, which [`Companion::register_socket_limited`] holds to a limit.
+//!
+//! Outliving graftd ([`Options::pin_dir`]): the maps in `PINNED_MAPS` are
+//! pinned as `DIR/maps/NAME` and every cgroup program is attached by a
+//! bpf_link pinned as `DIR/links/NAME`, to a cgroup that is left in place.
+//! The programs then keep guarding every grafted socket while no graftd runs.
+//! The next [`Companion::start`] reuses the pinned maps (socket marks,
+//! policies, counters, endpoint ids) and swaps its freshly loaded programs
+//! into the pinned links with `BPF_LINK_UPDATE` (atomic: no hook is ever
+//! empty or doubled). [`remove_pinned`] takes it all away. Adding a program:
+//! one line in `CGROUP_PROGRAMS`; a map whose contents must survive a
+//! restart: one line in `PINNED_MAPS`.
+//!
 //! Without cgroup v2, BTF or the privileges, [`Companion::start`] fails with
 //! an [`Error`] naming what failed; graftd logs it once and runs without.
 //! When no cgroup2 mount is visible (graftd under `ip netns exec`, which
