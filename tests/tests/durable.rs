@@ -107,10 +107,15 @@ fn kill9_restart_keeps_every_table_and_running_programs_graft_again() {
         &other,
         "ep-unix type unix path /run/graft-durable-test.sock",
     );
+    // Sockets made in another namespace: its factory comes back too.
+    env.add(&format!(
+        "ep-far type ipv4 addr 127.0.0.1 port dynamic netns {}",
+        other.name
+    ));
     let gone = Netns::new("durable3");
     env.add_in(&gone, "ep-gone type ipv4 addr 127.0.0.1 port dynamic");
     let before = (show(&env.d, &env.ns), show(&env.d, &other));
-    assert_eq!(before.0.as_array().map(Vec::len), Some(2), "{}", before.0);
+    assert_eq!(before.0.as_array().map(Vec::len), Some(3), "{}", before.0);
     assert_eq!(before.1.as_array().map(Vec::len), Some(2), "{}", before.1);
 
     let mut client = stepping_client(&env, host.addr.port());
