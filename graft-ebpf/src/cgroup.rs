@@ -215,13 +215,21 @@ fn resolve(name: &str) -> Result<(PathBuf, PathBuf, Option<PrivateMount>), Error
             (d, Some(m), mounts)
         }
     };
-    let dir = if name.starts_with('/') {
-        cgroup_dir(&mounts, name).ok_or_else(|| Error::CgroupNotVisible {
+    if name.starts_with('/') {
+        let dir = cgroup_dir(&mounts, name).ok_or_else(|| Error::CgroupNotVisible {
             path: name.to_owned(),
-        })?
-    } else {
-        original.join(name)
-    };
+        })?;
+        return Ok((original, dir, mount));
+    }
+    // Already in it (a process that placed itself before and starts the
+    // companion again): the same cgroup, not a child of the same name.
+    if original.file_name().is_some_and(|f| f == name) {
+        if let Some(parent) = original.parent() {
+            let dir = original.clone();
+            return Ok((parent.to_owned(), dir, mount));
+        }
+    }
+    let dir = original.join(name);
     Ok((original, dir, mount))
 }
 

@@ -322,6 +322,7 @@ impl Companion {
             .btf(None)
             .override_global("splice_enabled", &splice, true);
         if let Some(p) = &pins {
+            check_pinned_maps(&p.maps)?;
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, p.maps.join(name));
             }
@@ -704,6 +705,38 @@ fn load_program(ebpf: &mut Ebpf, name: &str, kind: Kind) -> Result<(), Error> {
         Kind::Sock => prog::<CgroupSock>(ebpf, name)?.load(),
     };
     r.map_err(bpf_err(format!("load program {name}")))
+}
+
+/// Refuses pinned maps whose shape differs from this build's (left by another
+/// graft version): adopting one would hand the programs a map of another
+/// layout. The old programs stay attached and armed until `graftd --remove`.
+fn check_pinned_maps(dir: &Path) -> Result<(), Error> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(bpf_err("parse eBPF object"))?;
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(def) = obj.maps.get(*name) else {
+            continue;
+        };
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(bpf_err(format!("open pinned map {name}")))?;
+        let have = (info.key_size(), info.value_size(), info.max_entries());
+        let want = (def.key_size(), def.value_size(), def.max_entries());
+        if have != want {
+            return Err(Error::Bpf {
+                op: format!("adopt pinned map {}", path.display()),
+                detail: format!(
+                    "it was made by another graft version (key/value/entries {}/{}/{}, this one needs \
+                     {}/{}/{}): stop graftd and run graftd --remove (with the same --pin-dir and \
+                     --cgroup) before starting this version",
+                    have.0, have.1, have.2, want.0, want.1, want.2
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where a pinned companion keeps things.
