@@ -763,3 +763,51 @@ print(s.recv(16).decode().strip())
     );
     drop(h);
 }
+
+#[test]
+fn a_program_started_while_graftd_is_down_waits_for_it() {
+    let Some(mut env) = Env::new("start_while_down", &["python3"]) else {
+        return;
+    };
+    let host = host_server();
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    let once = env.script(
+        "once.py",
+        r#"
+import socket
+s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+print(s.recv(16).decode().strip())
+"#,
+        &[("PORT", host.addr.port().to_string())],
+    );
+    env.d.kill9();
+    let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &once]);
+    // Generous: the restart below must land inside the wait even on a
+    // loaded machine.
+    c.env("GRAFT_WAIT_MS", "20000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = Proc::spawn(c, "program started while graftd is down");
+    // The launcher's check is waiting on the absent broker now.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(matches!(p.child.try_wait(), Ok(None)), "gave up at once");
+    env.d.restart();
+    let st = p.wait_timeout(LIMIT);
+    let mut out = String::new();
+    p.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(st.success(), "{st}: {err}");
+    assert_eq!(out.trim(), "hi", "{err}");
+    assert_eq!(host.accepted.load(Ordering::SeqCst), 1);
+}
