@@ -259,7 +259,9 @@ pub struct EndpointKey {
 }
 
 /// The loaded and attached programs. Dropping it detaches them, moves the
-/// process back to its original cgroup and removes the one it made.
+/// process back to its original cgroup and removes the one it made; when
+/// pinned ([`Options::pin_dir`]) it only closes the process's handles and
+/// everything stays attached.
 pub struct Companion {
     // Field order is drop order: links (which detach when not pinned),
     // programs and maps go before the process leaves the cgroup they were
