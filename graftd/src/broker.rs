@@ -359,6 +359,7 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
+        Some(5) => Op::Rules,
         _ => Op::Socket,
     }
 }
@@ -413,11 +414,28 @@ pub fn handle(
             );
         }
     };
+    if req.op == Op::Rules {
+        let rules = ctx.state().rules(ns);
+        return match crate::rules_fd::sealed(&rules.to_blob()) {
+            Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
+            Err(e) => {
+                log::warn!("broker for {ns}: cannot hand out the rules: {e}");
+                (
+                    Reply::err(
+                        Op::Rules,
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        Reason::SocketFailed,
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+    }
     let ep = ctx.state().lookup(ns, &req.endpoint);
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::Rules => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
@@ -427,7 +445,7 @@ pub fn handle(
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
         ),
-        Op::Socket | Op::SocketBatch => {
+        Op::Socket | Op::SocketBatch | Op::Rules => {
             let want = if req.op == Op::SocketBatch {
                 BATCH_MAX
             } else {

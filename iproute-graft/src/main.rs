@@ -14,13 +14,11 @@
 //! `graft` object word is accepted and skipped) and the system `ip` otherwise.
 #![forbid(unsafe_code)]
 
-mod add;
-mod args;
-mod client;
 mod del;
 mod help;
-mod netns;
 mod show;
+
+use iproute_graft::{add, args, client, netns};
 
 use std::io::Write;
 use std::os::fd::AsFd;
