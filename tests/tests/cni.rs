@@ -1,0 +1,436 @@
+//! graft-cni driven exactly as a container runtime drives a CNI plugin:
+//! `CNI_COMMAND`, `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`, `CNI_PATH` in
+//! the environment, the network configuration on stdin, the result or error
+//! JSON read from stdout. Alone; chained after Debian's reference plugins
+//! (loopback, bridge + host-local) to show prevResult passing through; the
+//! portMappings path end to end (a python3 http.server started with
+//! `graft -- CMD` and no flags, reached on the host port); DEL twice; CHECK;
+//! STATUS with graftd stopped; GC; VERSION; bad configs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use graft_tests::*;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(20);
+const REF_PLUGINS: &str = "/usr/lib/cni";
+
+struct Call<'a> {
+    cmd: &'a str,
+    container: &'a str,
+    netns: Option<&'a Path>,
+    ifname: &'a str,
+}
+
+/// Runs `plugin` (a path) for one CNI command with `conf` on stdin.
+fn cni_run(plugin: &Path, c: &Call, conf: &Value) -> Output {
+    let mut cmd = Command::new(plugin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", c.cmd)
+        .env("CNI_CONTAINERID", c.container)
+        .env("CNI_IFNAME", c.ifname)
+        .env("CNI_PATH", REF_PLUGINS);
+    if let Some(ns) = c.netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let input = serde_json::to_vec(conf).expect("config JSON");
+    output_within(
+        cmd,
+        &format!("{} {}", plugin.display(), c.cmd),
+        LIMIT,
+        Some(Box::new(move |mut stdin| {
+            use std::io::Write;
+            let _ = stdin.write_all(&input);
+        })),
+    )
+}
+
+fn graft_cni(c: &Call, conf: &Value) -> Output {
+    cni_run(&bin("graft-cni"), c, conf)
+}
+
+/// Success with JSON output.
+fn ok_json(o: &Output, what: &str) -> Value {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}): {} {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {}", text(&o.stdout)))
+}
+
+/// Success with nothing on stdout.
+fn ok_empty(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}): {} {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert_eq!(text(&o.stdout).trim(), "", "{what} prints nothing");
+}
+
+/// A CNI error: exit 1 and the error JSON; returns (code, msg).
+fn cni_err(o: &Output, what: &str) -> (u64, String) {
+    assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o.stdout));
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{what}: error is not JSON ({e}): {}", text(&o.stdout)));
+    assert!(v["cniVersion"].is_string(), "{what}: {v}");
+    (
+        v["code"].as_u64().expect("code"),
+        v["msg"].as_str().expect("msg").to_owned(),
+    )
+}
+
+fn base(version: &str, d: &Graftd, data: &Path) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": unique("gnet"),
+        "type": "graft-cni",
+        "controlSocket": d.control,
+        "dataDir": data,
+    })
+}
+
+fn records(data: &Path, conf: &Value) -> Vec<PathBuf> {
+    let dir = data.join(conf["name"].as_str().expect("name"));
+    std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.expect("entry").path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn port_mapping_end_to_end_alone_with_check_and_del_twice() {
+    let Some(env) = Env::new("cni_port_mapping", &["python3"]) else {
+        return;
+    };
+    let port = free_port();
+    let mut conf = base("1.0.0", &env.d, &env.dir);
+    conf["endpoints"] =
+        json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
+    conf["egress"] = json!(["127.0.0.0/8=ep-out4"]);
+    conf["runtimeConfig"] = json!({"portMappings": [
+        {"hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}
+    ]});
+    let path = env.ns.path();
+    let call = |cmd| Call {
+        cmd,
+        container: "c0ffee01",
+        netns: Some(&path),
+        ifname: "eth0",
+    };
+
+    let r = ok_json(&graft_cni(&call("ADD"), &conf), "ADD");
+    assert_eq!(
+        r,
+        json!({"cniVersion": "1.0.0", "dns": {}}),
+        "alone: minimal result"
+    );
+    let show = env.ip_graft("show");
+    assert!(
+        show.contains(&format!("pm-{port} type ipv4 addr 127.0.0.1 port {port}")),
+        "{show}"
+    );
+    assert!(
+        show.contains("ep-out4 type ipv4 addr 127.0.0.1 port dynamic"),
+        "{show}"
+    );
+    assert_eq!(records(&env.dir, &conf).len(), 1);
+    ok_empty(&graft_cni(&call("CHECK"), &conf), "CHECK");
+
+    // The pod's command only has the launcher in front: no -i/-e/-x.
+    let token = unique("served-by-graft-");
+    std::fs::write(env.dir.join("index.txt"), &token).expect("write page");
+    let mut server = env.graft(&[
+        "-v",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "80",
+        "--bind",
+        "0.0.0.0",
+    ]);
+    let log = env.dir.join("server.log");
+    server
+        .current_dir(&env.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("server log"));
+    let server = Proc::spawn(server, "graft -- python3 -m http.server");
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the launcher's rules line", LIMIT, || {
+        stderr().contains("rules from graftd")
+    });
+    assert!(
+        stderr().contains(&format!(
+            "graft: rules from graftd: ingress [0.0.0.0:80=pm-{port} [::]:80=pm-{port}]"
+        )),
+        "{}",
+        stderr()
+    );
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_tcp(addr, LIMIT);
+    let reply = text(&tcp_exchange(
+        addr,
+        b"GET /index.txt HTTP/1.0\r\nHost: x\r\n\r\n",
+        LIMIT,
+    ));
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+    assert!(reply.ends_with(&token), "{reply}");
+    drop(server);
+
+    ok_empty(&graft_cni(&call("DEL"), &conf), "DEL");
+    assert_eq!(env.ip_graft("show").trim(), "", "DEL removed the endpoints");
+    assert!(
+        records(&env.dir, &conf).is_empty(),
+        "DEL removed the record"
+    );
+    ok_empty(&graft_cni(&call("DEL"), &conf), "second DEL");
+    let (code, msg) = cni_err(&graft_cni(&call("CHECK"), &conf), "CHECK after DEL");
+    assert_eq!(code, 101);
+    assert_eq!(msg, "no attachment c0ffee01/eth0: ADD was not run");
+}
+
+/// Runs a reference plugin; SKIP when Debian's containernetworking-plugins
+/// are not installed.
+fn have_ref_plugins(test: &str) -> bool {
+    let ok = ["loopback", "bridge", "host-local"]
+        .iter()
+        .all(|p| Path::new(REF_PLUGINS).join(p).exists());
+    if !ok {
+        println!("SKIP: {test}: containernetworking-plugins not installed in {REF_PLUGINS}");
+    }
+    ok
+}
+
+/// Deletes the test's bridge even when the test fails.
+struct LinkGuard(String);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let _ = run("ip", ["link", "del", &self.0]);
+    }
+}
+
+#[test]
+fn chained_after_loopback_and_bridge_prev_result_passes_through() {
+    let Some(env) = Env::new("cni_chained", &[]) else {
+        return;
+    };
+    if !have_ref_plugins("cni_chained") {
+        return;
+    }
+    let name = unique("gchain");
+    let bridge = format!("gtbr{}", std::process::id() % 100_000);
+    let _guard = LinkGuard(bridge.clone());
+    let ipam_dir = env.dir.join("host-local");
+    let path = env.ns.path();
+    let call = |cmd, ifname| Call {
+        cmd,
+        container: "chained01",
+        netns: Some(&path),
+        ifname,
+    };
+    let lo_conf = json!({"cniVersion": "1.0.0", "name": name, "type": "loopback"});
+    let br_conf = json!({
+        "cniVersion": "1.0.0", "name": name, "type": "bridge",
+        "bridge": bridge, "isGateway": false, "ipMasq": false,
+        "ipam": {"type": "host-local", "dataDir": ipam_dir,
+                 "ranges": [[{"subnet": "198.51.100.0/24"}]]}
+    });
+    let plugin = |t: &str| Path::new(REF_PLUGINS).join(t);
+    ok_json(
+        &cni_run(&plugin("loopback"), &call("ADD", "lo"), &lo_conf),
+        "loopback ADD",
+    );
+    let prev = ok_json(
+        &cni_run(&plugin("bridge"), &call("ADD", "eth0"), &br_conf),
+        "bridge ADD",
+    );
+    assert!(
+        prev["ips"][0]["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("198.51.100.")),
+        "{prev}"
+    );
+
+    let mut conf = base("1.0.0", &env.d, &env.dir);
+    conf["name"] = json!(name);
+    conf["endpoints"] =
+        json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
+    conf["egress"] = json!(["127.0.0.0/8=ep-out4"]);
+    conf["prevResult"] = prev.clone();
+    let r = ok_json(&graft_cni(&call("ADD", "eth0"), &conf), "graft-cni ADD");
+    assert_eq!(r, prev, "prevResult passes through unchanged");
+    ok_empty(&graft_cni(&call("CHECK", "eth0"), &conf), "graft-cni CHECK");
+    assert!(env.ip_graft("show").contains("ep-out4"));
+
+    ok_empty(&graft_cni(&call("DEL", "eth0"), &conf), "graft-cni DEL");
+    let mut br_del = br_conf.clone();
+    br_del["prevResult"] = prev;
+    ok_empty(
+        &cni_run(&plugin("bridge"), &call("DEL", "eth0"), &br_del),
+        "bridge DEL",
+    );
+    ok_empty(
+        &cni_run(&plugin("loopback"), &call("DEL", "lo"), &lo_conf),
+        "loopback DEL",
+    );
+    assert_eq!(env.ip_graft("show").trim(), "");
+}
+
+#[test]
+fn status_gc_version_and_errors() {
+    if !root_or_skip("cni_status_gc") {
+        return;
+    }
+    let mut d = Graftd::start();
+    let data = std::env::temp_dir().join(unique("graft-cni-data-"));
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(data.clone());
+    let (ns1, ns2) = (Netns::new("cni1"), Netns::new("cni2"));
+    let (p1, p2) = (ns1.path(), ns2.path());
+    fn call<'a>(cmd: &'a str, container: &'a str, netns: Option<&'a Path>) -> Call<'a> {
+        Call {
+            cmd,
+            container,
+            netns,
+            ifname: "eth0",
+        }
+    }
+    let mut conf = base("1.1.0", &d, &data);
+    conf["endpoints"] =
+        json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
+
+    let v = ok_json(&graft_cni(&call("VERSION", "x", None), &conf), "VERSION");
+    assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+
+    ok_empty(&graft_cni(&call("STATUS", "x", None), &conf), "STATUS");
+
+    // GC: two attachments, one of them valid.
+    ok_json(
+        &graft_cni(&call("ADD", "keep1", Some(&p1)), &conf),
+        "ADD keep1",
+    );
+    ok_json(
+        &graft_cni(&call("ADD", "gone2", Some(&p2)), &conf),
+        "ADD gone2",
+    );
+    assert!(d.ip_graft_ok(Some(&ns2), &["show"]).contains("ep-out4"));
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep1", "ifname": "eth0"}]);
+    ok_empty(&graft_cni(&call("GC", "x", None), &gc), "GC");
+    assert_eq!(
+        d.ip_graft_ok(Some(&ns2), &["show"]).trim(),
+        "",
+        "GC removed gone2"
+    );
+    assert!(
+        d.ip_graft_ok(Some(&ns1), &["show"]).contains("ep-out4"),
+        "GC kept keep1"
+    );
+    let left: Vec<String> = records(&data, &conf)
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["keep1-eth0.json"]);
+
+    // Bad input: every error is CNI error JSON with its code.
+    let (code, msg) = cni_err(
+        &graft_cni(
+            &call("ADD", "b", Some(&p1)),
+            &json!({"cniVersion": "1.0.0"}),
+        ),
+        "no name",
+    );
+    assert_eq!(code, 4);
+    assert!(
+        msg.starts_with("invalid network configuration: missing field `name`"),
+        "{msg}"
+    );
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.3.1");
+    let (code, msg) = cni_err(
+        &graft_cni(&call("ADD", "b", Some(&p1)), &old),
+        "old version",
+    );
+    assert_eq!(code, 1);
+    assert_eq!(
+        msg,
+        "CNI version \"0.3.1\" is not supported (graft-cni speaks 0.4.0, 1.0.0, 1.1.0)"
+    );
+    let (code, msg) = cni_err(&graft_cni(&call("ADD", "b", None), &conf), "no netns");
+    assert_eq!((code, msg.as_str()), (7, "CNI_NETNS is required for ADD"));
+    let mut lim = conf.clone();
+    lim["endpoints"][0]["limit"] = json!(10);
+    let (code, msg) = cni_err(&graft_cni(&call("ADD", "b", Some(&p1)), &lim), "limit");
+    assert_eq!(code, 4);
+    assert!(msg.contains("\"limit\" is not supported"), "{msg}");
+    let mut bad_rule = conf.clone();
+    bad_rule["ingress"] = json!(["0.0.0.0=ep-out4"]);
+    let (code, msg) = cni_err(
+        &graft_cni(&call("ADD", "b", Some(&p1)), &bad_rule),
+        "bad rule",
+    );
+    assert_eq!(code, 4);
+    assert_eq!(
+        msg,
+        "invalid rules: ingress rule \"0.0.0.0=ep-out4\": expected ADDR:PORT[-PORT]=ENDPOINT"
+    );
+    // The endpoint exists already: graftd's refusal, nothing left behind.
+    let (code, msg) = cni_err(
+        &graft_cni(&call("ADD", "dup1", Some(&p1)), &conf),
+        "duplicate",
+    );
+    assert_eq!(code, 100);
+    assert!(
+        msg.starts_with("adding endpoint ep-out4: graftd: "),
+        "{msg}"
+    );
+    assert_eq!(records(&data, &conf).len(), 1);
+
+    // graftd stopped: STATUS says 50, ADD says try again later, DEL succeeds.
+    d.proc.term();
+    let _ = d.proc.wait_timeout(LIMIT);
+    let (code, msg) = cni_err(
+        &graft_cni(&call("STATUS", "x", None), &conf),
+        "STATUS stopped",
+    );
+    assert_eq!(code, 50);
+    assert!(
+        msg.starts_with("graftd does not answer: graftd is not running"),
+        "{msg}"
+    );
+    let (code, _) = cni_err(
+        &graft_cni(&call("ADD", "late", Some(&p2)), &conf),
+        "ADD stopped",
+    );
+    assert_eq!(code, 11);
+    ok_empty(
+        &graft_cni(&call("DEL", "keep1", Some(&p1)), &conf),
+        "DEL, graftd gone",
+    );
+    ok_empty(
+        &graft_cni(&call("DEL", "keep1", Some(&p1)), &conf),
+        "DEL again",
+    );
+    assert!(records(&data, &conf).is_empty());
+    // And with the namespace gone too.
+    drop(ns2);
+    ok_empty(
+        &graft_cni(&call("DEL", "gone2", Some(&p2)), &conf),
+        "DEL, netns gone",
+    );
+}
