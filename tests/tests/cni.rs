@@ -434,3 +434,166 @@ fn status_gc_version_and_errors() {
         "DEL, netns gone",
     );
 }
+
+/// deploy/kubernetes/*.yaml as JSON values (python3-yaml parses them).
+fn manifests(test: &str) -> Option<Vec<(String, Vec<Value>)>> {
+    if !have_or_skip(test, "python3") {
+        return None;
+    }
+    let probe = run("python3", ["-c", "import yaml"]);
+    if !probe.status.success() {
+        println!("SKIP: {test}: python3-yaml is not installed (make deps installs it)");
+        return None;
+    }
+    let dir = workspace_root().join("deploy/kubernetes");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let o = run(
+                "python3",
+                [
+                    "-c".as_ref(),
+                    "import sys, json, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"
+                        .as_ref(),
+                    p.as_os_str(),
+                ],
+            );
+            assert!(
+                o.status.success(),
+                "{} does not parse: {}",
+                p.display(),
+                text(&o.stderr)
+            );
+            let docs: Vec<Value> = serde_json::from_slice(&o.stdout).expect("JSON");
+            out.push((
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                docs,
+            ));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(out)
+}
+
+fn host_paths(spec: &Value) -> Vec<String> {
+    spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_hold_the_key_fields() {
+    let Some(all) = manifests("cni_manifests") else {
+        return;
+    };
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["example-pod.yaml", "graftd-daemonset.yaml"]);
+
+    let ds = &all[1].1[0];
+    assert_eq!(ds["kind"], "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostPID"], true);
+    assert_eq!(spec["hostNetwork"], true);
+    let paths = host_paths(spec);
+    for want in [
+        "/run/graft",
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/opt/cni/bin",
+        "/etc/cni/net.d",
+        "/var/lib/graft/bin",
+    ] {
+        assert!(
+            paths.iter().any(|p| p == want),
+            "{want} not mounted: {paths:?}"
+        );
+    }
+    assert_eq!(
+        spec["initContainers"][0]["command"],
+        json!(["/usr/local/bin/install.sh"])
+    );
+    let graftd = &spec["containers"][0];
+    assert_eq!(graftd["command"][0], "graftd");
+    let caps = graftd["securityContext"]["capabilities"]["add"].to_string();
+    for c in ["SYS_ADMIN", "NET_ADMIN", "BPF"] {
+        assert!(caps.contains(c), "{c} missing: {caps}");
+    }
+    for m in ["/run/graft", "/sys/fs/bpf", "/sys/fs/cgroup"] {
+        assert!(
+            graftd["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .any(|v| v["mountPath"] == m),
+            "graftd does not mount {m}"
+        );
+    }
+
+    let pod = &all[0].1[0];
+    assert_eq!(pod["kind"], "Pod");
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["command"][0], "/graft/graft");
+    assert_eq!(c["command"][1], "--");
+    assert!(c["ports"][0]["hostPort"].is_u64());
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/graft");
+    assert_eq!(host_paths(&pod["spec"]), ["/var/lib/graft/bin"]);
+}
+
+#[test]
+fn conflist_writer_chains_graft_cni_after_the_cluster_plugin() {
+    if !have_or_skip("cni_conflist_writer", "python3") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("graft-netd-"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    let script = workspace_root().join("deploy/kubernetes/image/write-conflist.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).arg(&dir).arg("00-graft.conflist");
+    let o = output_within(cmd, "write-conflist (empty dir)", LIMIT, None);
+    assert_eq!(o.status.code(), Some(1), "no cluster config yet");
+    std::fs::write(
+        dir.join("10-cluster.conflist"),
+        json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
+            {"type": "bridge", "bridge": "cni0"},
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]})
+        .to_string(),
+    )
+    .expect("write");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .arg(&dir)
+        .arg("00-graft.conflist")
+        .env(
+            "GRAFT_CNI_ENDPOINTS",
+            r#"[{"name":"ep-out4","type":"ipv4","addr":"0.0.0.0","port":"dynamic"}]"#,
+        )
+        .env("GRAFT_CNI_EGRESS", r#"["0.0.0.0/0=ep-out4"]"#);
+    output_ok_within(cmd, "write-conflist", LIMIT);
+    let out: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("00-graft.conflist")).expect("read"))
+            .expect("JSON");
+    assert_eq!(out["name"], "k8s-pod-network");
+    let types: Vec<&str> = out["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .map(|p| p["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(types, ["bridge", "graft-cni"]);
+    let g = &out["plugins"][1];
+    assert_eq!(g["capabilities"]["portMappings"], true);
+    assert_eq!(g["egress"], json!(["0.0.0.0/0=ep-out4"]));
+    assert_eq!(g["endpoints"][0]["name"], "ep-out4");
+}
