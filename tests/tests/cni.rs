@@ -145,6 +145,19 @@ fn port_mapping_end_to_end_alone_with_check_and_del_twice() {
     assert_eq!(records(&env.dir, &conf).len(), 1);
     ok_empty(&graft_cni(&call("CHECK"), &conf), "CHECK");
 
+    // Flags win: with one of them, nothing is fetched.
+    let (_, err) = output_ok_within(
+        env.graft(&["-v", "-e", "127.0.0.0/8=ep-out4", "--", "true"]),
+        "graft with a flag",
+        LIMIT,
+    );
+    assert!(!err.contains("rules from graftd"), "{err}");
+    assert!(
+        err.contains("GRAFT_EGRESS_CONVERT=127.0.0.0/8=ep-out4"),
+        "{err}"
+    );
+    assert!(!err.contains("GRAFT_INGRESS_CONVERT"), "{err}");
+
     // The pod's command only has the launcher in front: no -i/-e/-x.
     let token = unique("served-by-graft-");
     std::fs::write(env.dir.join("index.txt"), &token).expect("write page");
