@@ -872,6 +872,41 @@ mod tests {
     }
 
     #[test]
+    fn rules_come_as_a_sealed_blob_of_the_callers_namespace_only() {
+        use std::io::Read;
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let rules = graft_core::nsrules::NsRules {
+            ingress: vec!["0.0.0.0:80=ep".into()],
+            ..Default::default()
+        };
+        ctx.state().set_rules(ns, &rules).unwrap();
+        let mut lb = LogBudget::default();
+        let read = |ns| {
+            let (r, fds) = handle(
+                &ctx,
+                ns,
+                &bytes(&Request::rules()),
+                &mut LogBudget::default(),
+            );
+            assert_eq!((r.op, r.errno, fds.len()), (Op::Rules, 0, 1));
+            let mut b = Vec::new();
+            std::fs::File::from(fds.into_iter().next().unwrap())
+                .read_to_end(&mut b)
+                .unwrap();
+            graft_core::nsrules::NsRules::from_blob(&b).unwrap()
+        };
+        assert_eq!(read(ns), rules);
+        assert!(read(NetnsId { dev: 4, ino: 78 }).is_empty());
+        let mut bad = bytes(&Request::rules());
+        bad[8] = b'x';
+        let (r, fds) = handle(&ctx, ns, &bad, &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fds.len()),
+            (Op::Rules, libc::EINVAL, Reason::Malformed, 0)
+        );
+    }
+
+    #[test]
     fn a_refusing_hook_fails_closed() {
         let (ctx, ns) = ctx_with(Box::new(Refuser));
         let mut lb = LogBudget::default();

@@ -389,6 +389,33 @@ mod tests {
     }
 
     #[test]
+    fn rules_live_with_the_namespace_endpoints() {
+        let mut st = State::new(OWN);
+        let r = NsRules {
+            ingress: vec![":::80=a".into()],
+            ..NsRules::default()
+        };
+        assert_eq!(st.set_rules(A, &r), Err(StateError::NoEndpoints));
+        add(&mut st, A, "a").unwrap();
+        st.set_rules(A, &r).unwrap();
+        assert_eq!(st.rules(A).ingress, ["[::]:80=a"], "kept canonical");
+        assert!(st.rules(B).is_empty());
+        let bad = NsRules {
+            egress: vec!["10.0.0.0/8".into()],
+            ..NsRules::default()
+        };
+        assert!(matches!(st.set_rules(A, &bad), Err(StateError::Rules(_))));
+        assert_eq!(
+            st.rules(A).ingress,
+            ["[::]:80=a"],
+            "a refused set changes nothing"
+        );
+        st.remove(A, &EndpointName::new("a").unwrap()).unwrap();
+        add(&mut st, A, "a").unwrap();
+        assert!(st.rules(A).is_empty(), "forgotten with the last endpoint");
+    }
+
+    #[test]
     fn ids_are_never_reused() {
         let mut st = State::new(OWN);
         let a = add(&mut st, A, "x").unwrap().id;
