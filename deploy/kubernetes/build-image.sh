@@ -11,5 +11,5 @@ trap 'rm -rf "$ctx"' EXIT
 for b in graftd ip-graft graft-cni graft; do cp "$bins/$b" "$ctx/"; done
 cp "$bins/libgraft_convert.so" "$ctx/libgraft-convert.so"
 cp "$root/iproute-graft/ip" "$ctx/ip"
-cp "$here/image/install.sh" "$here/image/write-conflist.py" "$here/image/Dockerfile" "$ctx/"
+cp "$here/image/install.sh" "$here/image/Dockerfile" "$ctx/"
 docker build --build-arg "BASE=${BASE:-graft-base:bookworm}" -t "${GRAFT_NODE_IMAGE:-graft-node:latest}" "$ctx"

@@ -12,10 +12,15 @@
 //! inside the pod then fetches. It adds no interface: chained, it passes the
 //! previous result on unchanged. Every failure is CNI error JSON on stdout
 //! and exit status 1.
+//!
+//! `graft-cni conflist NETD_DIR OUT_NAME` (no CNI_COMMAND) writes a conflist
+//! chaining graft-cni after the cluster's plugin, for the DaemonSet's init
+//! container (see [`conflist`]).
 #![forbid(unsafe_code)]
 
 mod cni;
 mod config;
+mod conflist;
 mod graftd;
 mod ops;
 mod record;
@@ -61,7 +66,36 @@ fn emit(v: &Value) {
     let _ = out.flush();
 }
 
+/// The node-setup mode: `graft-cni conflist NETD_DIR OUT_NAME`.
+fn conflist_main(args: &[String]) -> ExitCode {
+    let [netd, out] = args else {
+        eprintln!("usage: graft-cni conflist NETD_DIR OUT_NAME");
+        return ExitCode::from(2);
+    };
+    if out.contains('/') || out.is_empty() {
+        eprintln!("graft-cni: OUT_NAME \"{out}\" must be a file name");
+        return ExitCode::from(2);
+    }
+    match conflist::write(std::path::Path::new(netd), out, &var) {
+        Ok(line) => {
+            println!("graft-cni: {line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("graft-cni: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if var("CNI_COMMAND").is_none() && args.first().is_some_and(|a| a == "conflist") {
+        return conflist_main(&args[1..]);
+    }
     let Some(cmd) = var("CNI_COMMAND").filter(|c| !c.is_empty()) else {
         eprintln!("graft-cni: a CNI plugin; run by a container runtime with CNI_COMMAND set (ADD, DEL, CHECK, VERSION, STATUS, GC) and the network configuration on stdin");
         emit(&CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set").to_json(cni::CURRENT));

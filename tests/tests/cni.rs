@@ -557,10 +557,7 @@ fn kubernetes_manifests_parse_and_hold_the_key_fields() {
 }
 
 #[test]
-fn conflist_writer_chains_graft_cni_after_the_cluster_plugin() {
-    if !have_or_skip("cni_conflist_writer", "python3") {
-        return;
-    }
+fn conflist_mode_chains_graft_cni_after_the_cluster_plugin() {
     let dir = std::env::temp_dir().join(unique("graft-netd-"));
     std::fs::create_dir_all(&dir).expect("dir");
     struct Rm(PathBuf);
@@ -570,11 +567,25 @@ fn conflist_writer_chains_graft_cni_after_the_cluster_plugin() {
         }
     }
     let _rm = Rm(dir.clone());
-    let script = workspace_root().join("deploy/kubernetes/image/write-conflist.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script).arg(&dir).arg("00-graft.conflist");
-    let o = output_within(cmd, "write-conflist (empty dir)", LIMIT, None);
-    assert_eq!(o.status.code(), Some(1), "no cluster config yet");
+    let writer = || {
+        let mut c = Command::new(bin("graft-cni"));
+        c.env_remove("CNI_COMMAND")
+            .arg("conflist")
+            .arg(&dir)
+            .arg("00-graft.conflist");
+        c
+    };
+    let o = output_within(writer(), "graft-cni conflist (empty dir)", LIMIT, None);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "no cluster config yet: {}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        text(&o.stderr).trim(),
+        format!("graft-cni: no CNI configuration in {} yet", dir.display())
+    );
     std::fs::write(
         dir.join("10-cluster.conflist"),
         json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
@@ -584,28 +595,41 @@ fn conflist_writer_chains_graft_cni_after_the_cluster_plugin() {
         .to_string(),
     )
     .expect("write");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .arg(&dir)
-        .arg("00-graft.conflist")
-        .env(
-            "GRAFT_CNI_ENDPOINTS",
-            r#"[{"name":"ep-out4","type":"ipv4","addr":"0.0.0.0","port":"dynamic"}]"#,
-        )
-        .env("GRAFT_CNI_EGRESS", r#"["0.0.0.0/0=ep-out4"]"#);
-    output_ok_within(cmd, "write-conflist", LIMIT);
-    let out: Value =
+    let mut bad = writer();
+    bad.env("GRAFT_CNI_EGRESS", r#"["0.0.0.0/0"]"#);
+    let o = output_within(bad, "graft-cni conflist (bad rule)", LIMIT, None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr).trim(),
+        "graft-cni: graft-cni's settings: invalid rules: egress rule \"0.0.0.0/0\": expected PREFIX/LEN=ENDPOINT"
+    );
+    assert!(
+        !dir.join("00-graft.conflist").exists(),
+        "nothing written on error"
+    );
+    let mut cmd = writer();
+    cmd.env(
+        "GRAFT_CNI_ENDPOINTS",
+        r#"[{"name":"ep-out4","type":"ipv4","addr":"0.0.0.0","port":"dynamic"}]"#,
+    )
+    .env("GRAFT_CNI_EGRESS", r#"["0.0.0.0/0=ep-out4"]"#);
+    let (out, _) = output_ok_within(cmd, "graft-cni conflist", LIMIT);
+    assert_eq!(
+        out.trim(),
+        "graft-cni: 00-graft.conflist chains graft-cni after 10-cluster.conflist"
+    );
+    let conf: Value =
         serde_json::from_slice(&std::fs::read(dir.join("00-graft.conflist")).expect("read"))
             .expect("JSON");
-    assert_eq!(out["name"], "k8s-pod-network");
-    let types: Vec<&str> = out["plugins"]
+    assert_eq!(conf["name"], "k8s-pod-network");
+    let types: Vec<&str> = conf["plugins"]
         .as_array()
         .expect("plugins")
         .iter()
         .map(|p| p["type"].as_str().expect("type"))
         .collect();
     assert_eq!(types, ["bridge", "graft-cni"]);
-    let g = &out["plugins"][1];
+    let g = &conf["plugins"][1];
     assert_eq!(g["capabilities"]["portMappings"], true);
     assert_eq!(g["egress"], json!(["0.0.0.0/0=ep-out4"]));
     assert_eq!(g["endpoints"][0]["name"], "ep-out4");
