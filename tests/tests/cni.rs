@@ -634,3 +634,69 @@ fn conflist_mode_chains_graft_cni_after_the_cluster_plugin() {
     assert_eq!(g["egress"], json!(["0.0.0.0/0=ep-out4"]));
     assert_eq!(g["endpoints"][0]["name"], "ep-out4");
 }
+
+#[test]
+fn spec_0_4_0_alone_add_check_del() {
+    let Some(env) = Env::new("cni_0_4_0", &[]) else {
+        return;
+    };
+    let mut conf = base("0.4.0", &env.d, &env.dir);
+    conf["endpoints"] =
+        json!([{"name": "ep-in6", "type": "ipv6", "addr": "::1", "port": free_port()}]);
+    conf["ingress"] = json!([":::8080=ep-in6"]);
+    let path = env.ns.path();
+    let call = |cmd| Call {
+        cmd,
+        container: "old-runtime",
+        netns: Some(&path),
+        ifname: "eth1",
+    };
+    let r = ok_json(&graft_cni(&call("ADD"), &conf), "ADD 0.4.0");
+    assert_eq!(r, json!({"cniVersion": "0.4.0", "dns": {}}));
+    assert_eq!(env.ip_graft("rules"), "ingress [::]:8080=ep-in6\n");
+    ok_empty(&graft_cni(&call("CHECK"), &conf), "CHECK 0.4.0");
+    // CHECK notices a change behind its back.
+    env.ip_graft("rules flush");
+    let (code, msg) = cni_err(&graft_cni(&call("CHECK"), &conf), "CHECK after flush");
+    assert_eq!(code, 101);
+    assert!(msg.starts_with("the namespace's rules are"), "{msg}");
+    let (code, msg) = cni_err(&graft_cni(&call("STATUS"), &conf), "STATUS 0.4.0");
+    assert_eq!(code, 1);
+    assert_eq!(
+        msg,
+        "STATUS needs cniVersion 1.1.0 (the config says \"0.4.0\")"
+    );
+    ok_empty(&graft_cni(&call("DEL"), &conf), "DEL 0.4.0");
+    assert_eq!(env.ip_graft("show").trim(), "");
+}
+
+#[test]
+fn del_leaves_a_namespace_that_reuses_the_path_alone() {
+    let Some(env) = Env::new("cni_path_reuse", &[]) else {
+        return;
+    };
+    let mut conf = base("1.0.0", &env.d, &env.dir);
+    conf["endpoints"] =
+        json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
+    let first = Netns::new("reuse");
+    let (name, path) = (first.name.clone(), first.path());
+    let call = |cmd| Call {
+        cmd,
+        container: "reused",
+        netns: Some(&path),
+        ifname: "eth0",
+    };
+    ok_json(&graft_cni(&call("ADD"), &conf), "ADD");
+    drop(first);
+    run_ok("ip", ["netns", "add", &name]);
+    let second = Netns { name };
+    env.add_in(&second, "ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    ok_empty(&graft_cni(&call("DEL"), &conf), "DEL");
+    assert!(
+        env.d
+            .ip_graft_ok(Some(&second), &["show"])
+            .contains("ep-out4"),
+        "another namespace at the same path keeps its endpoint"
+    );
+    assert!(records(&env.dir, &conf).is_empty());
+}
