@@ -5,14 +5,15 @@
 //!
 //! Flags win: with any of them given nothing is fetched. Rules already in
 //! the environment (a `graft` inside a `graft`) also stop the fetch. When no
-//! broker answers in this namespace, or graftd keeps no rules for it, the
-//! launcher behaves as it always did without flags.
+//! broker answers in this namespace, or graftd keeps no rules for it (or is
+//! too old to keep any), the launcher behaves as it always did without
+//! flags (with `-v`, one line says that nothing will be grafted).
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
 
 use graft_core::nsrules::{NsRules, NsRulesError, MAX_BLOB};
-use graft_core::proto::broker::{self, Op, Reply, Request, REPLY_LEN, REQUEST_LEN};
+use graft_core::proto::broker::{self, Op, Reason, Reply, Request, REPLY_LEN, REQUEST_LEN};
 use nix::errno::Errno;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -65,8 +66,26 @@ pub fn fill(
     if has_rules(&args, env) {
         return Ok(args);
     }
-    let Some(rules) = fetch(broker_name)? else {
-        return Ok(args);
+    let rules = match fetch(broker_name)? {
+        Fetched::Rules(r) => r,
+        Fetched::NoBroker => {
+            if args.verbose {
+                eprintln!(
+                    "graft: no -i/-e/-x given and graftd's broker \"{broker_name}\" does not \
+                     answer in this network namespace: nothing will be grafted"
+                );
+            }
+            return Ok(args);
+        }
+        Fetched::NoRules => {
+            if args.verbose {
+                eprintln!(
+                    "graft: no -i/-e/-x given and graftd keeps no rules for this network \
+                     namespace (ip graft rules set ...): nothing will be grafted"
+                );
+            }
+            return Ok(args);
+        }
     };
     if args.verbose {
         let (i, e, x) = (
@@ -84,9 +103,18 @@ pub fn fill(
     Ok(args)
 }
 
-/// The namespace's rules; `None` when no broker answers here or graftd keeps
-/// no rules for this namespace.
-pub fn fetch(name: &str) -> Result<Option<NsRules>, RulesError> {
+/// What the broker said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    Rules(NsRules),
+    /// No broker in this namespace (no graftd, or no endpoint here).
+    NoBroker,
+    /// graftd keeps no rules for this namespace, or predates them.
+    NoRules,
+}
+
+/// The namespace's rules, as far as the broker knows them.
+pub fn fetch(name: &str) -> Result<Fetched, RulesError> {
     let io = |op, err| RulesError::Io {
         name: name.to_owned(),
         op,
@@ -102,7 +130,7 @@ pub fn fetch(name: &str) -> Result<Option<NsRules>, RulesError> {
     else {
         // The pre-flight check reports a bad name when rules name endpoints;
         // without rules there is nothing to ask.
-        return Ok(None);
+        return Ok(Fetched::NoBroker);
     };
     let fd = socket::socket(
         AddressFamily::Unix,
@@ -114,7 +142,7 @@ pub fn fetch(name: &str) -> Result<Option<NsRules>, RulesError> {
     match socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
         // No graftd serves this namespace: the launcher's behaviour without rules.
-        Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(None),
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(Fetched::NoBroker),
         Err(e) => return Err(io("connect", e)),
     }
     socket::setsockopt(
@@ -164,6 +192,10 @@ pub fn fetch(name: &str) -> Result<Option<NsRules>, RulesError> {
         return Err(bad(format!("record of {n} bytes, expected {REPLY_LEN}")));
     }
     let reply = Reply::decode(&buf[..n]).map_err(|e| bad(e.to_string()))?;
+    // A graftd from before Op::Rules answers "malformed" (with a guessed op).
+    if reply.errno == libc::EINVAL && reply.reason == Reason::Malformed {
+        return Ok(Fetched::NoRules);
+    }
     if reply.op != Op::Rules {
         return Err(bad(broker::DecodeError::Op(reply.op as u16).to_string()));
     }
@@ -192,7 +224,11 @@ pub fn fetch(name: &str) -> Result<Option<NsRules>, RulesError> {
         }
     }
     let rules = NsRules::from_blob(&blob[..len])?;
-    Ok((!rules.is_empty()).then_some(rules))
+    Ok(if rules.is_empty() {
+        Fetched::NoRules
+    } else {
+        Fetched::Rules(rules)
+    })
 }
 
 /// Descriptors received with the reply, closed when done (the launcher

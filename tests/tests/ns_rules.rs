@@ -22,6 +22,23 @@ fn rules_set_show_flush_and_the_launcher_takes_them() {
         return;
     };
     let port = free_port();
+    // No endpoint, so no broker here yet: as before rules existed, with a
+    // line under -v.
+    let (out, err) = output_ok_within(
+        env.graft(&["--", "python3", "-c", PROBE]),
+        "no broker",
+        LIMIT,
+    );
+    assert_eq!(out.trim(), "('0.0.0.0', 5000)");
+    assert_eq!(graft_lines(&err), Vec::<String>::new());
+    let (_, err) = output_ok_within(env.graft(&["-v", "--", "true"]), "no broker -v", LIMIT);
+    assert_eq!(
+        graft_lines(&err)[0],
+        format!(
+            "graft: no -i/-e/-x given and graftd's broker \"{}\" does not answer in this network namespace: nothing will be grafted",
+            env.d.broker
+        )
+    );
     let (code, err) = ip_graft_fails(&env, &["rules", "set", "ingress", "0.0.0.0:5000=ep-in4"]);
     assert_eq!(code, 2);
     assert_eq!(
@@ -60,12 +77,19 @@ fn rules_set_show_flush_and_the_launcher_takes_them() {
 
     env.ip_graft("rules flush");
     assert_eq!(env.ip_graft("rules"), "");
-    let (out, _) = output_ok_within(
+    let (out, err) = output_ok_within(
         env.graft(&["--", "python3", "-c", PROBE]),
         "probe after flush",
         LIMIT,
     );
     assert_eq!(out.trim(), "('0.0.0.0', 5000)");
+    assert_eq!(graft_lines(&err), Vec::<String>::new());
+    let (_, err) = output_ok_within(env.graft(&["-v", "--", "true"]), "no rules -v", LIMIT);
+    assert_eq!(
+        graft_lines(&err)[0],
+        "graft: no -i/-e/-x given and graftd keeps no rules for this network namespace \
+         (ip graft rules set ...): nothing will be grafted"
+    );
 
     // The rules go with the namespace's last endpoint.
     env.ip_graft("rules set ingress 0.0.0.0:5000=ep-in4");
