@@ -158,6 +158,20 @@ fn port_mapping_end_to_end_alone_with_check_and_del_twice() {
     );
     assert!(!err.contains("GRAFT_INGRESS_CONVERT"), "{err}");
 
+    // The mapped container port is grafted on both families: an IPv6
+    // wildcard bind lands on the IPv4 host endpoint as a v4-mapped address.
+    let (out, _) = output_ok_within(
+        env.graft(&[
+            "--",
+            "python3",
+            "-c",
+            "import socket; s = socket.socket(socket.AF_INET6); s.bind(('::', 80)); print(s.getsockname()[:2])",
+        ]),
+        "IPv6 bind",
+        LIMIT,
+    );
+    assert_eq!(out.trim(), format!("('::ffff:127.0.0.1', {port})"));
+
     // The pod's command only has the launcher in front: no -i/-e/-x.
     let token = unique("served-by-graft-");
     std::fs::write(env.dir.join("index.txt"), &token).expect("write page");
