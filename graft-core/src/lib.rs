@@ -10,6 +10,8 @@
 //!   path) and how `ip graft` spells it.
 //! * [`rules`]: the ingress (`-i ADDR:PORT[-PORT]=EP`) and egress
 //!   (`-e PREFIX/LEN=EP`, `-x PREFIX/LEN`) mapping rules, their parser and matcher.
+//! * [`nsrules`]: a namespace's own rules as graftd keeps them and hands them
+//!   to `graft -- CMD` (run without `-i/-e/-x`).
 //! * [`sockopt`]: which socket options a grafted socket carries over from the
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
@@ -22,6 +24,7 @@
 pub mod endpoint;
 pub mod name;
 pub mod netns;
+pub mod nsrules;
 pub mod proto;
 pub mod rules;
 pub mod sockopt;

@@ -359,6 +359,7 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
+        Some(5) => Op::Rules,
         _ => Op::Socket,
     }
 }
@@ -413,11 +414,28 @@ pub fn handle(
             );
         }
     };
+    if req.op == Op::Rules {
+        let rules = ctx.state().rules(ns);
+        return match crate::rules_fd::sealed(&rules.to_blob()) {
+            Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
+            Err(e) => {
+                log::warn!("broker for {ns}: cannot hand out the rules: {e}");
+                (
+                    Reply::err(
+                        Op::Rules,
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        Reason::SocketFailed,
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+    }
     let ep = ctx.state().lookup(ns, &req.endpoint);
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::Rules => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
@@ -427,7 +445,7 @@ pub fn handle(
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
         ),
-        Op::Socket | Op::SocketBatch => {
+        Op::Socket | Op::SocketBatch | Op::Rules => {
             let want = if req.op == Op::SocketBatch {
                 BATCH_MAX
             } else {
@@ -851,6 +869,41 @@ mod tests {
         );
         let (r, _) = handle(&ctx, ns, &[0u8; 10], &mut lb);
         assert_eq!((r.errno, r.reason), (libc::EINVAL, Reason::Malformed));
+    }
+
+    #[test]
+    fn rules_come_as_a_sealed_blob_of_the_callers_namespace_only() {
+        use std::io::Read;
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let rules = graft_core::nsrules::NsRules {
+            ingress: vec!["0.0.0.0:80=ep".into()],
+            ..Default::default()
+        };
+        ctx.state().set_rules(ns, &rules).unwrap();
+        let mut lb = LogBudget::default();
+        let read = |ns| {
+            let (r, fds) = handle(
+                &ctx,
+                ns,
+                &bytes(&Request::rules()),
+                &mut LogBudget::default(),
+            );
+            assert_eq!((r.op, r.errno, fds.len()), (Op::Rules, 0, 1));
+            let mut b = Vec::new();
+            std::fs::File::from(fds.into_iter().next().unwrap())
+                .read_to_end(&mut b)
+                .unwrap();
+            graft_core::nsrules::NsRules::from_blob(&b).unwrap()
+        };
+        assert_eq!(read(ns), rules);
+        assert!(read(NetnsId { dev: 4, ino: 78 }).is_empty());
+        let mut bad = bytes(&Request::rules());
+        bad[8] = b'x';
+        let (r, fds) = handle(&ctx, ns, &bad, &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fds.len()),
+            (Op::Rules, libc::EINVAL, Reason::Malformed, 0)
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod ebpf_hooks;
 mod factory;
 mod gc;
 mod netns;
+mod rules_fd;
 mod state;
 mod sys;
 

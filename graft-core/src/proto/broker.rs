@@ -4,7 +4,7 @@
 //! Request (`REQUEST_LEN` bytes exactly):
 //! ```text
 //!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup,
-//!                                                   3 = socket batch)
+//!                                                   3 = socket batch, 5 = rules)
 //!  8 [u8;16] endpoint name, NUL-padded
 //! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
 //! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
@@ -25,6 +25,13 @@
 //! above, the address being the first socket's, and carries between 1 and
 //! [`BATCH_MAX`] sockets in one SCM_RIGHTS message: the receiver counts
 //! them from the control message, and asks each one for its own address.
+//!
+//! `Rules` asks for the namespace's own mapping rules (see
+//! [`crate::nsrules`]). Its request is all zero after the op (no endpoint,
+//! family, type, protocol, purpose or option); its success reply carries no
+//! address and exactly one descriptor: a sealed memfd holding the rules blob
+//! ([`crate::nsrules::NsRules::from_blob`]), with empty lists when the
+//! namespace has no rules.
 
 use libc::c_int;
 
@@ -56,6 +63,8 @@ pub enum Op {
     Lookup = 2,
     /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
     SocketBatch = 3,
+    /// The namespace's mapping rules, as a sealed memfd.
+    Rules = 5,
 }
 
 /// Which side of the application asked.
@@ -177,6 +186,8 @@ pub enum DecodeError {
     OptLen(usize, u32),
     #[error("a socket batch must be for egress and carry no options")]
     Batch,
+    #[error("a rules request carries nothing after its op")]
+    Rules,
     #[error("unused bytes are not zero")]
     Padding,
     #[error("unknown failure reason {0}")]
@@ -217,6 +228,7 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
         3 => Ok(Op::SocketBatch),
+        5 => Ok(Op::Rules),
         _ => Err(DecodeError::Op(v)),
     }
 }
@@ -241,6 +253,14 @@ impl Request {
             nopts: 0,
             opts: [OptValue::EMPTY; MAX_OPTS],
         }
+    }
+
+    /// A `Rules` request. Its record has no endpoint name; the decoded
+    /// request carries the placeholder name `-`, which no lookup uses.
+    pub fn rules() -> Self {
+        // "-" is one byte of the allowed alphabet: from_bytes cannot fail.
+        let placeholder = EndpointName::from_bytes(b"-").expect("valid placeholder name");
+        Request::new(Op::Rules, placeholder, 0, 0, 0, Purpose::Ingress)
     }
 
     /// Adds an option; false when the request is full or the value too long.
@@ -271,7 +291,9 @@ impl Request {
         wr(out, 0, &MAGIC.to_le_bytes());
         wr(out, 4, &VERSION.to_le_bytes());
         wr(out, 6, &(self.op as u16).to_le_bytes());
-        wr(out, 8, self.endpoint.as_bytes());
+        if self.op != Op::Rules {
+            wr(out, 8, self.endpoint.as_bytes());
+        }
         wr(out, 24, &self.family.to_le_bytes());
         wr(out, 28, &self.sotype.to_le_bytes());
         wr(out, 32, &self.protocol.to_le_bytes());
@@ -291,6 +313,13 @@ impl Request {
     /// every byte not covered by a field is zero.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let op = op_from(check_head(b, REQUEST_LEN)?)?;
+        if op == Op::Rules {
+            return if b[8..].iter().all(|&c| c == 0) {
+                Ok(Request::rules())
+            } else {
+                Err(DecodeError::Rules)
+            };
+        }
         let raw_name = &b[8..8 + 16];
         let n = raw_name.iter().position(|&c| c == 0).unwrap_or(16);
         if n > MAX_NAME_LEN || raw_name[n..].iter().any(|&c| c != 0) {
@@ -511,6 +540,25 @@ mod tests {
         assert_eq!(Request::decode(&b), Err(DecodeError::Op(4)));
 
         let rep = Reply::ok(Op::SocketBatch, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut out = [0u8; REPLY_LEN];
+        rep.encode(&mut out);
+        assert_eq!(Reply::decode(&out).unwrap(), rep);
+    }
+
+    #[test]
+    fn rules_request_is_bare() {
+        let r = Request::rules();
+        let mut buf = [0u8; REQUEST_LEN];
+        r.encode(&mut buf);
+        assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 5);
+        assert!(buf[8..].iter().all(|&c| c == 0));
+        assert_eq!(Request::decode(&buf).unwrap(), r);
+        for at in [8, 24, 36, 38, REQUEST_LEN - 1] {
+            let mut b = buf;
+            b[at] = 1;
+            assert_eq!(Request::decode(&b), Err(DecodeError::Rules), "byte {at}");
+        }
+        let rep = Reply::ok(Op::Rules, &[]);
         let mut out = [0u8; REPLY_LEN];
         rep.encode(&mut out);
         assert_eq!(Reply::decode(&out).unwrap(), rep);
