@@ -111,8 +111,9 @@ pub fn parse_global(args: &[String]) -> Result<(GlobalOpts, &[String]), Usage> {
 }
 
 /// Test helper: runs a subcommand's parser on a command line as typed
-/// (split on blanks); the usage text on error.
-#[cfg(test)]
+/// (split on blanks); the usage text on error. Public (and hidden) because
+/// the `ip-graft` binary's unit tests use it through the library.
+#[doc(hidden)]
 pub fn parse_typed<T>(
     parse: impl Fn(&[String]) -> Result<T, Usage>,
     line: &str,
