@@ -61,8 +61,10 @@
 //!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
 //!   returns one line saying so.
 //! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
-//!   graftd refuses `SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
-//!   `IP_TRANSPARENT`, `IPV6_TRANSPARENT`, `IP_FREEBIND` and `IPV6_FREEBIND`
+//!   graftd refuses the options of `graft_core::sockopt`'s `Class::Refuse`
+//!   list (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
+//!   `IP(V6)_TRANSPARENT`, `IP(V6)_FREEBIND`, `IP(V6)_UNICAST_IF`,
+//!   `IP(V6)_MULTICAST_IF`, `IP_OPTIONS`, `IPV6_PKTINFO`, `IPV6_RTHDR`)
 //!   in requests, but a process holding a grafted host socket could set them
 //!   directly (a Docker container's root keeps `CAP_NET_RAW` in the initial
 //!   user namespace, enough for `SO_BINDTODEVICE`). On a marked socket the

@@ -398,9 +398,9 @@ fn push_value(o: &graft_core::sockopt::Opt, a: &[u8], req: &mut Request) {
 
 /// The socket's whole history went through our `setsockopt()`: read only
 /// the options it set (most clients set none), no reference socket.
-fn snapshot_recorded(fd: RawFd, k: &Kind, mask: u64, req: &mut Request) {
+fn snapshot_recorded(fd: RawFd, k: &Kind, mask: u128, req: &mut Request) {
     for (i, o) in SNAPSHOT.iter().enumerate() {
-        if mask & (1u64 << i) == 0 || !o.applies(k.family, k.sotype) {
+        if mask & (1u128 << i) == 0 || !o.applies(k.family, k.sotype) {
             continue;
         }
         let size = o.kind.size();
@@ -697,8 +697,8 @@ mod tests {
         sys::sys_setsockopt(fd.as_raw_fd(), level, name, &v.to_ne_bytes()).expect("setsockopt");
     }
 
-    fn bit(level: c_int, name: c_int) -> u64 {
-        1u64 << opt_bit(level, name).expect("in SNAPSHOT")
+    fn bit(level: c_int, name: c_int) -> u128 {
+        1u128 << opt_bit(level, name).expect("in SNAPSHOT")
     }
 
     fn opts(req: &Request) -> Vec<(c_int, c_int, Vec<u8>)> {

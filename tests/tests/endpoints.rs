@@ -1,0 +1,270 @@
+//! End-to-end tests of how endpoints behave for ordinary programs: options
+//! that would choose an interface, a route or a source address are refused
+//! on grafted sockets (by graftd before the graft, by graft-ebpf's guard
+//! after it), and pooled egress sockets never cross a namespace boundary.
+//! Real python3 programs in namespaces the tests make, a private graftd
+//! each, and assertions on what the host side received.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use graft_tests::{output_within, text, Env};
+
+const PY: &str = "/usr/bin/python3";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Whether graftd runs with its eBPF companion; if not, the skip line.
+fn ebpf_or_skip(env: &Env, test: &str) -> bool {
+    let start = Instant::now();
+    loop {
+        let log = env.d.log_text();
+        if log.contains("eBPF companion attached") {
+            return true;
+        }
+        if log.contains("eBPF companion unavailable") {
+            let why = log.lines().find(|l| l.contains("unavailable"));
+            println!("SKIP: {test}: {}", why.unwrap_or(""));
+            return false;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "graftd said nothing about eBPF:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A host echo server on `addr` answering up to `n` connections (each:
+/// read to EOF, send it back), for at most [`LIMIT`].
+fn host_echo(addr: &str, n: usize) -> (u16, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind(addr).expect("echo bind");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("echo addr").port();
+    let t = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut served = 0;
+        while served < n && start.elapsed() < LIMIT {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    served += 1;
+                    c.set_nonblocking(false).expect("blocking");
+                    c.set_read_timeout(Some(LIMIT)).expect("timeout");
+                    let mut b = Vec::new();
+                    let _ = c.read_to_end(&mut b);
+                    let _ = c.write_all(&b);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    (port, t)
+}
+
+/// A host UDP sink: every datagram with its source, until dropped.
+struct UdpSink {
+    port: u16,
+    got: Arc<Mutex<Vec<(String, SocketAddr)>>>,
+}
+
+impl UdpSink {
+    fn new(addr: &str) -> UdpSink {
+        let s = UdpSocket::bind(addr).expect("udp bind");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let port = s.local_addr().expect("udp addr").port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = Arc::clone(&got);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut b = [0u8; 256];
+            // Ends when the test is over (only the sink holds `g` then).
+            while Arc::strong_count(&g) > 1 && start.elapsed() < LIMIT {
+                if let Ok((n, from)) = s.recv_from(&mut b) {
+                    g.lock().expect("sink").push((text(&b[..n]), from));
+                }
+            }
+        });
+        UdpSink { port, got }
+    }
+}
+
+const OPTS: &str = r#"
+import errno, socket, struct, sys
+
+IP_UNICAST_IF, IP_MULTICAST_IF, IP_OPTIONS = 50, 32, 4
+IPV6_UNICAST_IF, IPV6_MULTICAST_IF, IPV6_PKTINFO = 76, 17, 50
+
+def attempt(tag, f):
+    try:
+        f()
+        print(tag, "ok", flush=True)
+    except OSError as e:
+        print(tag, errno.errorcode.get(e.errno, e.errno), flush=True)
+
+tcp4, tcp6, udp4, in4 = (int(a) for a in sys.argv[1:5])
+
+# Before the graft: the option is recorded, graftd refuses the request.
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(10)
+s.setsockopt(socket.IPPROTO_IP, IP_UNICAST_IF, struct.pack(">i", 1))
+attempt("before connect IP_UNICAST_IF", lambda: s.connect(("127.0.0.1", tcp4)))
+s.close()
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(10)
+s.setsockopt(socket.IPPROTO_IPV6, IPV6_UNICAST_IF, struct.pack(">i", 1))
+attempt("before connect IPV6_UNICAST_IF", lambda: s.connect(("::1", tcp6)))
+s.close()
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IP, IP_UNICAST_IF, struct.pack(">i", 1))
+attempt("before bind IP_UNICAST_IF", lambda: s.bind(("127.0.0.1", in4)))
+s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+attempt("before sendto IP_MULTICAST_IF", lambda: u.sendto(b"x", ("127.0.0.1", udp4)))
+u.close()
+
+# After the graft: the host socket's own setsockopt, refused in the kernel.
+s = socket.create_connection(("127.0.0.1", tcp4), timeout=10)
+attempt("after IP_UNICAST_IF", lambda: s.setsockopt(socket.IPPROTO_IP, IP_UNICAST_IF, struct.pack(">i", 1)))
+attempt("after IP_MULTICAST_IF", lambda: s.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_IF, socket.inet_aton("127.0.0.1")))
+attempt("after IP_OPTIONS", lambda: s.setsockopt(socket.IPPROTO_IP, IP_OPTIONS, b"\x01\x01\x01\x00"))
+attempt("after TCP_NODELAY", lambda: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+s.sendall(b"v4 still flowing")
+s.shutdown(socket.SHUT_WR)
+print("echo", s.recv(64).decode(), flush=True)
+s.close()
+s = socket.create_connection(("::1", tcp6), timeout=10)
+attempt("after IPV6_UNICAST_IF", lambda: s.setsockopt(socket.IPPROTO_IPV6, IPV6_UNICAST_IF, struct.pack(">i", 1)))
+attempt("after IPV6_MULTICAST_IF", lambda: s.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_IF, struct.pack("i", 1)))
+attempt("after IPV6_PKTINFO", lambda: s.setsockopt(socket.IPPROTO_IPV6, IPV6_PKTINFO, bytes(16) + struct.pack("i", 1)))
+attempt("after IP_UNICAST_IF on v6", lambda: s.setsockopt(socket.IPPROTO_IP, IP_UNICAST_IF, struct.pack(">i", 1)))
+s.sendall(b"v6 still flowing")
+s.shutdown(socket.SHUT_WR)
+print("echo", s.recv(64).decode(), flush=True)
+s.close()
+
+# Datagrams: a source address other than the socket's own is refused.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"plain", ("127.0.0.1", udp4))
+def pktinfo(src):
+    return [(socket.IPPROTO_IP, 8, struct.pack("=i4s4s", 0, socket.inet_aton(src), bytes(4)))]
+attempt("sendmsg IP_PKTINFO 127.0.0.2", lambda: u.sendmsg([b"foreign"], pktinfo("127.0.0.2"), 0, ("127.0.0.1", udp4)))
+attempt("sendmsg IP_PKTINFO 127.0.0.1", lambda: u.sendmsg([b"own"], pktinfo("127.0.0.1"), 0, ("127.0.0.1", udp4)))
+"#;
+
+fn run_opts(env: &Env) -> (String, Vec<(String, SocketAddr)>) {
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    env.add("ep-out6 type ipv6 addr ::1 port dynamic");
+    let in4 = graft_tests::free_port();
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {in4}"));
+    let (tcp4, e4) = host_echo("127.0.0.1:0", 1);
+    let (tcp6, e6) = host_echo("[::1]:0", 1);
+    let sink = UdpSink::new("127.0.0.1:0");
+    let script = env.script("opts.py", OPTS, &[]);
+    let mut c: Command = env.graft(&[
+        "-e",
+        "127.0.0.0/8=ep-out4",
+        "-e",
+        "::1/128=ep-out6",
+        "-i",
+        &format!("127.0.0.1:{in4}=ep-in4"),
+        "--",
+        PY,
+        &script,
+    ]);
+    c.args([
+        tcp4.to_string(),
+        tcp6.to_string(),
+        sink.port.to_string(),
+        in4.to_string(),
+    ]);
+    let o = output_within(c, "opts.py", LIMIT, None);
+    assert!(
+        o.status.success(),
+        "opts.py failed ({}):\n{}\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    e4.join().expect("echo v4");
+    e6.join().expect("echo v6");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.got.lock().expect("sink").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = sink.got.lock().expect("sink").clone();
+    (text(&o.stdout), got)
+}
+
+const BEFORE: &str = "before connect IP_UNICAST_IF EPERM\n\
+                      before connect IPV6_UNICAST_IF EPERM\n\
+                      before bind IP_UNICAST_IF EPERM\n\
+                      before sendto IP_MULTICAST_IF EPERM\n";
+
+/// IP_UNICAST_IF and its kin: EPERM on a grafted python socket before the
+/// graft (graftd refuses the request) and after it (graft-ebpf's guard);
+/// a datagram naming a foreign source address is refused, one naming the
+/// socket's own goes out from it.
+#[test]
+fn interface_and_source_options_refused_before_and_after_graft() {
+    let test = "interface_and_source_options_refused_before_and_after_graft";
+    let Some(env) = Env::new(test, &["python3"]) else {
+        return;
+    };
+    if !ebpf_or_skip(&env, test) {
+        return;
+    }
+    let (out, got) = run_opts(&env);
+    assert_eq!(
+        out,
+        format!(
+            "{BEFORE}\
+             after IP_UNICAST_IF EPERM\n\
+             after IP_MULTICAST_IF EPERM\n\
+             after IP_OPTIONS EPERM\n\
+             after TCP_NODELAY ok\n\
+             echo v4 still flowing\n\
+             after IPV6_UNICAST_IF EPERM\n\
+             after IPV6_MULTICAST_IF EPERM\n\
+             after IPV6_PKTINFO EPERM\n\
+             after IP_UNICAST_IF on v6 EPERM\n\
+             echo v6 still flowing\n\
+             sendmsg IP_PKTINFO 127.0.0.2 EPERM\n\
+             sendmsg IP_PKTINFO 127.0.0.1 ok\n"
+        )
+    );
+    let got: Vec<(String, String)> = got
+        .into_iter()
+        .map(|(m, from)| (m, from.ip().to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("plain".to_owned(), "127.0.0.1".to_owned()),
+            ("own".to_owned(), "127.0.0.1".to_owned())
+        ]
+    );
+}
+
+/// Without the companion (`graftd --no-ebpf`) graftd still refuses the
+/// options set before the graft; after it the host socket is the
+/// program's and the kernel applies them: what the README says.
+#[test]
+fn without_ebpf_only_options_set_before_the_graft_are_refused() {
+    let test = "without_ebpf_only_options_set_before_the_graft_are_refused";
+    let Some(env) = Env::with_graftd(test, &["python3"], &["--no-ebpf"]) else {
+        return;
+    };
+    let (out, got) = run_opts(&env);
+    assert!(out.starts_with(BEFORE), "{out}");
+    assert!(out.contains("after IP_UNICAST_IF ok\n"), "{out}");
+    assert!(out.contains("sendmsg IP_PKTINFO 127.0.0.2 ok\n"), "{out}");
+    assert!(
+        got.iter()
+            .any(|(m, from)| m == "foreign" && from.ip().to_string() == "127.0.0.2"),
+        "{got:?}"
+    );
+}
