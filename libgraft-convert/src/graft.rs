@@ -533,10 +533,13 @@ fn graft(
         && cfg.pool
         && req.nopts == 0
         && table::recorded_opts(fd).is_some();
+    // Endpoint names are per namespace: the cached broker connection and
+    // the pool are only used for the namespace they were made in.
+    let ns = sys::sys_netns_id();
     let asked = if poolable {
-        pool::ask(&cfg.broker, &req, pack_kind(k), cfg.verbose)
+        pool::ask(&cfg.broker, &req, pack_kind(k), cfg.verbose, ns)
     } else {
-        broker::ask(&cfg.broker, &req)
+        broker::ask(&cfg.broker, &req, ns)
     };
     let answer = match asked {
         Ok(a) => a,

@@ -36,8 +36,8 @@
 //! * **Egress socket pool** ([`pool`]; `GRAFT_POOL=0` turns it off, default
 //!   on): an egress graft of a socket whose whole history the library saw
 //!   and that carries no option is served from a per-process pool of
-//!   sockets graftd made in advance, keyed by (endpoint, family, type,
-//!   protocol); an empty pool asks with one `SocketBatch` request for up to
+//!   sockets graftd made in advance, keyed by (network namespace,
+//!   endpoint, family, type, protocol); an empty pool asks with one `SocketBatch` request for up to
 //!   8 sockets, uses one and keeps the rest. At most 4 keys of 8 sockets,
 //!   close-on-exec, at high descriptor numbers the application never sees
 //!   (the pooled socket is `dup3`'d over its descriptor like a fresh one);
@@ -101,7 +101,9 @@
 //! * errno is saved on entry and restored on success paths; no panic unwinds
 //!   into C (decisions run under `catch_unwind`; a bug fails the call with EIO).
 //! * One cached broker connection per process ([`broker`]): re-made after
-//!   fork, guarded by a try-lock so concurrent threads and signal handlers
+//!   fork and when the calling thread is in another network namespace than
+//!   the one it was made in (setns; one stat of
+//!   `/proc/thread-self/ns/net` per graft tells), guarded by a try-lock so concurrent threads and signal handlers
 //!   never wait (they use a one-off connection), with send/receive timeouts.
 //!   Decision paths use only system calls and stack buffers, so a signal
 //!   handler that connects while its thread is mid-decision is still decided

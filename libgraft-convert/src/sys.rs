@@ -410,6 +410,26 @@ pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     (r == 0).then_some((st.st_ino, st.st_mode))
 }
 
+/// The network namespace of the calling thread, as (device, inode) of
+/// `/proc/thread-self/ns/net`; `None` when procfs cannot tell (not mounted).
+/// A thread that called setns() answers with its new namespace.
+pub fn sys_netns_id() -> Option<(u64, u64)> {
+    const PATH: &[u8] = b"/proc/thread-self/ns/net\0";
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: PATH is NUL-terminated and st is a writable stat.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_newfstatat,
+            libc::AT_FDCWD,
+            PATH.as_ptr(),
+            &mut st as *mut libc::stat,
+            0,
+        )
+    };
+    (r == 0).then_some((st.st_dev, st.st_ino))
+}
+
 /// Writes all of `b` to stderr (best effort, bounded retries).
 pub fn sys_write_stderr(mut b: &[u8]) {
     for _ in 0..16 {

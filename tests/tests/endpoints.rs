@@ -268,3 +268,88 @@ fn without_ebpf_only_options_set_before_the_graft_are_refused() {
         "{got:?}"
     );
 }
+
+/// A host server on `addr` accepting `n` connections, recording each
+/// peer's address (within [`LIMIT`]).
+fn host_peers(addr: &str, n: usize) -> (u16, std::thread::JoinHandle<Vec<SocketAddr>>) {
+    let l = TcpListener::bind(addr).expect("peers bind");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("peers addr").port();
+    let t = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut peers = Vec::new();
+        while peers.len() < n && start.elapsed() < LIMIT {
+            match l.accept() {
+                Ok((_, peer)) => peers.push(peer),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        peers
+    });
+    (port, t)
+}
+
+const SETNS: &str = r#"
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+port, other = int(sys.argv[1]), sys.argv[2]
+def conn(tag):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    print(tag, s.getsockname()[0], flush=True)
+    s.close()
+conn("a1")
+conn("a2")
+fd = os.open(other, os.O_RDONLY)
+if libc.setns(fd, 0x40000000) != 0:
+    raise OSError(ctypes.get_errno(), "setns")
+conn("b1")
+conn("b2")
+"#;
+
+/// A process that moves to another namespace with setns() is served by
+/// that namespace's broker and endpoint: neither the cached broker
+/// connection nor a pooled socket of the old namespace is used. Both
+/// namespaces define `ep-out4`, on 127.0.0.1 and 127.0.0.2; the host
+/// server sees which one each connection came from.
+#[test]
+fn setns_process_never_gets_another_namespaces_socket() {
+    let test = "setns_process_never_gets_another_namespaces_socket";
+    let Some(env) = Env::new(test, &["python3"]) else {
+        return;
+    };
+    let other = graft_tests::Netns::new("ob");
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    env.add_in(&other, "ep-out4 type ipv4 addr 127.0.0.2 port dynamic");
+    let script = env.script("setns.py", SETNS, &[]);
+    for pool in ["1", "0"] {
+        let (port, server) = host_peers("127.0.0.1:0", 4);
+        let mut c = env.graft(&["-e", "127.0.0.0/8=ep-out4", "--", PY, &script]);
+        c.arg(port.to_string())
+            .arg(other.path())
+            .env("GRAFT_POOL", pool);
+        let o = output_within(c, "setns.py", LIMIT, None);
+        assert!(
+            o.status.success(),
+            "setns.py (GRAFT_POOL={pool}) failed: {}",
+            text(&o.stderr)
+        );
+        assert_eq!(
+            text(&o.stdout),
+            "a1 127.0.0.1\na2 127.0.0.1\nb1 127.0.0.2\nb2 127.0.0.2\n",
+            "GRAFT_POOL={pool}"
+        );
+        let peers: Vec<String> = server
+            .join()
+            .expect("host server")
+            .iter()
+            .map(|p| p.ip().to_string())
+            .collect();
+        assert_eq!(
+            peers,
+            ["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2"],
+            "GRAFT_POOL={pool}"
+        );
+    }
+    let log = env.d.log_text();
+    assert!(log.contains("(SocketBatch)"), "the pool was used:\n{log}");
+}
