@@ -428,7 +428,10 @@ pub fn handle(
             Vec::new(),
         ),
         Op::Socket | Op::SocketBatch => {
-            let want = if req.op == Op::SocketBatch {
+            // An egress socket of a unix endpoint is handed out connected:
+            // a batch would open connections nobody uses yet.
+            let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
+            let want = if req.op == Op::SocketBatch && !unix {
                 BATCH_MAX
             } else {
                 1
@@ -567,6 +570,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         return Err(Refusal::new(libc::EINVAL, Reason::Malformed));
     }
     let mismatch = || Refusal::new(libc::EAFNOSUPPORT, Reason::FamilyMismatch);
+    if let (EndpointAddr::Unix { path }, libc::AF_INET | libc::AF_INET6) = (addr, req.family) {
+        return plan_inet_on_unix(path, req);
+    }
     let mapped = matches!(addr, EndpointAddr::Ipv4 { .. }) && req.family == libc::AF_INET6;
     let bind = match (addr, req.family) {
         (EndpointAddr::Ipv4 { addr, port }, libc::AF_INET) => {
@@ -628,6 +634,58 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         family: req.family,
         sotype: req.sotype,
         protocol: req.protocol,
+        opts,
+        bind,
+    })
+}
+
+/// Socket-level options that mean the same on a unix stream socket; every
+/// other option an INET program sets (TCP_NODELAY, keepalive timers, TOS
+/// ...) has no meaning there and is dropped.
+const UNIX_KEEPS: [libc::c_int; 8] = [
+    libc::SO_REUSEADDR,
+    libc::SO_KEEPALIVE,
+    libc::SO_LINGER,
+    libc::SO_RCVBUF,
+    libc::SO_SNDBUF,
+    libc::SO_RCVLOWAT,
+    libc::SO_RCVTIMEO,
+    libc::SO_SNDTIMEO,
+];
+
+/// An AF_INET/AF_INET6 stream socket grafted onto a `type unix` endpoint:
+/// graftd makes a unix stream socket, bound at the path for ingress (a
+/// listener) or connected to it for egress (the path lives in graftd's
+/// mount namespace, not the container's). Datagram sockets are refused:
+/// a unix datagram socket would not answer the INET addresses the program
+/// sends to and receives from.
+fn plan_inet_on_unix(path: &std::path::Path, req: &Request) -> Result<SocketParams, Refusal> {
+    use graft_core::proto::broker::Purpose;
+    match (req.sotype, req.protocol) {
+        (libc::SOCK_STREAM, 0 | libc::IPPROTO_TCP) => {}
+        (libc::SOCK_DGRAM, _) => {
+            return Err(Refusal::new(libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch))
+        }
+        _ => return Err(Refusal::new(libc::EPROTONOSUPPORT, Reason::FamilyMismatch)),
+    }
+    let mut opts = Vec::new();
+    for o in req.options() {
+        match sockopt::lookup(o.level, o.name) {
+            Some(k) if k.class != Class::Refuse => {}
+            _ => return Err(Refusal::opt(libc::EPERM, Reason::OptionRefused, o)),
+        }
+        if o.level == libc::SOL_SOCKET && UNIX_KEEPS.contains(&o.name) {
+            opts.push(*o);
+        }
+    }
+    let bind = match req.purpose {
+        Purpose::Ingress => BindAddr::Unix(path.to_path_buf()),
+        Purpose::Egress => BindAddr::UnixConnect(path.to_path_buf()),
+    };
+    Ok(SocketParams {
+        family: libc::AF_UNIX,
+        sotype: libc::SOCK_STREAM,
+        protocol: 0,
         opts,
         bind,
     })
@@ -724,11 +782,35 @@ mod tests {
         let unix = EndpointAddr::Unix {
             path: "/run/x".into(),
         };
+        // An INET stream socket on a unix endpoint: a unix listener at the
+        // path, TCP options dropped, escape options still refused.
+        let mut r = req(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP);
+        assert!(r.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &int(1)));
+        let p = plan(&unix, &r).unwrap();
         assert_eq!(
-            plan(&unix, &req(libc::AF_INET, libc::SOCK_STREAM, 0))
-                .unwrap_err()
-                .errno,
-            libc::EAFNOSUPPORT
+            (p.family, p.sotype, p.protocol, &p.bind),
+            (
+                libc::AF_UNIX,
+                libc::SOCK_STREAM,
+                0,
+                &BindAddr::Unix("/run/x".into())
+            )
+        );
+        assert_eq!(p.opts.len(), 1);
+        assert_eq!(p.opts[0].name, libc::SO_REUSEADDR);
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        r.purpose = Purpose::Egress;
+        assert_eq!(
+            plan(&unix, &r).unwrap().bind,
+            BindAddr::UnixConnect("/run/x".into())
+        );
+        assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_UNICAST_IF, &int(1)));
+        assert_eq!(plan(&unix, &r).unwrap_err().reason, Reason::OptionRefused);
+        let e = plan(&unix, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap_err();
+        assert_eq!(
+            (e.errno, e.reason),
+            (libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch)
         );
         assert!(plan(&unix, &req(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0)).is_ok());
         assert_eq!(

@@ -358,6 +358,10 @@ pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
         EgressDecision::Graft(ep) => {
             let v6 = sa.ip().to_canonical().is_ipv6();
             match graft(cfg, fd, call, &sa, ep, v6, Purpose::Egress, k) {
+                // graftd already connected the unix socket to the endpoint.
+                Ok(()) if call == Call::Connect && table::state(fd) == table::UNIX_OUT => {
+                    Next::Done
+                }
                 Ok(()) => Next::Real,
                 Err(e) => Next::Fail(e),
             }
@@ -603,6 +607,13 @@ fn graft(
                 );
                 libc::EPERM
             }
+            Reason::FamilyMismatch if errno == libc::ESOCKTNOSUPPORT => {
+                say!(
+                    "{head}: a type unix endpoint takes stream (TCP) sockets only: map this \
+                     address to a type {fam} endpoint"
+                );
+                libc::ESOCKTNOSUPPORT
+            }
             Reason::FamilyMismatch => {
                 let sock = if k.family == libc::AF_INET6 {
                     "an AF_INET6"
@@ -650,9 +661,17 @@ fn graft(
         );
         return Err(e);
     }
-    let st = match purpose {
-        Purpose::Ingress => table::INGRESS,
-        Purpose::Egress => table::EGRESS,
+    // A `type unix` endpoint answers with a unix socket (its address is
+    // AF_UNIX); the application goes on believing it holds a TCP socket.
+    let unix = r
+        .addr_bytes()
+        .get(..2)
+        .is_some_and(|f| i32::from(u16::from_ne_bytes([f[0], f[1]])) == libc::AF_UNIX);
+    let st = match (purpose, unix) {
+        (Purpose::Ingress, false) => table::INGRESS,
+        (Purpose::Egress, false) => table::EGRESS,
+        (Purpose::Ingress, true) => table::UNIX_LISTEN,
+        (Purpose::Egress, true) => table::UNIX_OUT,
     };
     let (raw, _) = addr::encode(sa);
     table::set_with_addr(fd, st, &raw);
@@ -671,6 +690,31 @@ fn graft(
         }
     }
     Ok(())
+}
+
+/// The loopback address of `like`'s family, port 0: the peer a
+/// unix-backed connection reports (its real peer is a local process).
+fn loopback_of(like: &SocketAddr) -> SocketAddr {
+    match like {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+    }
+}
+
+/// The INET address a unix-backed socket (`st`, see [`table::is_unix`])
+/// answers for its local end (`peer` false) or its peer: the application
+/// bound or asked for a TCP address and gets one back. `None`: leave the
+/// kernel's answer.
+pub fn unix_name(fd: RawFd, st: u32, peer: bool) -> Option<([u8; addr::MAX], usize)> {
+    let mine = addr::parse(&table::addr(fd))?;
+    let sa = match (st, peer) {
+        (table::UNIX_LISTEN | table::UNIX_PEER, false) => mine,
+        (table::UNIX_PEER, true) => loopback_of(&mine),
+        (table::UNIX_OUT, false) => loopback_of(&mine),
+        (table::UNIX_OUT, true) => mine,
+        _ => return None,
+    };
+    Some(addr::encode(&sa))
 }
 
 /// `getsockname()` under `GRAFT_GETSOCKNAME=app`: the address the application

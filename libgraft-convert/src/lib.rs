@@ -5,7 +5,7 @@
 //! # What it does
 //!
 //! It shadows `socket`, `setsockopt`, `bind`, `listen`, `connect`, `sendto`,
-//! `sendmsg`, `sendmmsg`, `getsockname`, `close`, `dup`, `dup2`, `dup3`,
+//! `sendmsg`, `sendmmsg`, `getsockname`, `getpeername`, `close`, `dup`, `dup2`, `dup3`,
 //! `fcntl`/`fcntl64` (`F_DUPFD`, `F_DUPFD_CLOEXEC`), `accept` and `accept4`.
 //! With no rules in the environment every call is one relaxed load away from
 //! the real function.
@@ -74,6 +74,20 @@
 //!   otherwise graftd's errno. The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
+//! * **`type unix` endpoints**: graftd answers an AF_INET/AF_INET6 stream
+//!   socket mapped onto one with a unix stream socket, bound at the path
+//!   (ingress) or already connected to it (egress: `connect()` then
+//!   returns 0 without running). The program still believes it holds a
+//!   TCP socket: `getsockname` answers the address it bound (or, for a
+//!   client, the loopback address, port 0), `getpeername` and `accept`
+//!   answer the loopback address, port 0, for a connection accepted on
+//!   such a listener (the peer is a local process), and the destination it
+//!   asked for on a client; `setsockopt` at the TCP, IP and IPv6 levels
+//!   (TCP_NODELAY, keepalive timers, ...) succeeds without doing anything,
+//!   on the listener, on accepted connections (tracked) and on clients.
+//!   Datagram sockets are refused (ESOCKTNOSUPPORT). Not covered: a
+//!   `sendto()` with a destination on such a socket (TCP Fast Open) fails
+//!   with EISCONN, and `getsockopt` answers for the unix socket.
 //! * **getsockname**: `GRAFT_GETSOCKNAME=host` (default, as AF_GRAFT) reports
 //!   the host address the socket really has; `app` reports, for sockets
 //!   grafted on ingress, the address the application bound (with the real port

@@ -34,9 +34,10 @@ pub enum Sym {
     Accept,
     Accept4,
     Setsockopt,
+    Getpeername,
 }
 
-const NAMES: [&[u8]; 17] = [
+const NAMES: [&[u8]; 18] = [
     b"socket\0",
     b"bind\0",
     b"listen\0",
@@ -54,10 +55,11 @@ const NAMES: [&[u8]; 17] = [
     b"accept\0",
     b"accept4\0",
     b"setsockopt\0",
+    b"getpeername\0",
 ];
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 17] = [const { AtomicUsize::new(0) }; 17];
+static REAL: [AtomicUsize; 18] = [const { AtomicUsize::new(0) }; 18];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -174,6 +176,14 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c
 pub unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
     call_real!(Sym::Getsockname, NameFn, (fd, a, l), unsafe {
         libc::syscall(libc::SYS_getsockname, fd, a, l) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as getpeername(2).
+pub unsafe fn getpeername(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
+    call_real!(Sym::Getpeername, NameFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_getpeername, fd, a, l) as c_int
     })
 }
 

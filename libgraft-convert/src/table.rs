@@ -34,6 +34,22 @@ pub const INGRESS: u32 = 3;
 pub const EGRESS: u32 = 4;
 /// Bound locally to `ADDR:0`: a client's bind, or a server decided at `listen()`.
 pub const PORT0: u32 = 5;
+/// An INET listener replaced by a host unix listener (`type unix`
+/// endpoint); the address is the one the application bound.
+pub const UNIX_LISTEN: u32 = 6;
+/// A connection accepted on a [`UNIX_LISTEN`] socket; the address is the
+/// listener's (what the application sees as its local address).
+pub const UNIX_PEER: u32 = 7;
+/// An INET client socket replaced by a host unix socket connected to a
+/// `type unix` endpoint; the address is the destination it asked for.
+pub const UNIX_OUT: u32 = 8;
+
+/// Whether `st` is one of the unix-backed states, where the application
+/// still believes it holds an AF_INET/AF_INET6 TCP socket.
+#[inline(always)]
+pub fn is_unix(st: u32) -> bool {
+    matches!(st, UNIX_LISTEN | UNIX_PEER | UNIX_OUT)
+}
 
 const PAGE_BITS: u32 = 12;
 const DIR_BITS: u32 = 18;

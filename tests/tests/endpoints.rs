@@ -353,3 +353,251 @@ fn setns_process_never_gets_another_namespaces_socket() {
     let log = env.d.log_text();
     assert!(log.contains("(SocketBatch)"), "the pool was used:\n{log}");
 }
+
+// ------------------------------------------------------------ unix endpoints
+
+/// `curl --unix-socket PATH URL` from the host, retried until the server
+/// answers (it binds, then listens); returns the body.
+fn curl_unix(path: &str, url: &str) -> String {
+    let mut body = String::new();
+    graft_tests::wait_until(&format!("an answer on {path}"), LIMIT, || {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "10", "--unix-socket", path, url]);
+        let o = output_within(c, "curl --unix-socket", LIMIT, None);
+        body = text(&o.stdout);
+        o.status.success()
+    });
+    body
+}
+
+/// Mode and owner of a file.
+fn mode_owner(path: &str) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).expect("socket file");
+    (md.mode() & 0o7777, md.uid())
+}
+
+/// python's http.server (an AF_INET TCP server) on a `type unix`
+/// endpoint: reached from the host with `curl --unix-socket`; it logs a
+/// loopback client address; the socket file is 0666, owned by root; a
+/// second run after the first was killed replaces the stale file.
+#[test]
+fn python_http_server_on_a_unix_endpoint() {
+    let test = "python_http_server_on_a_unix_endpoint";
+    let Some(env) = Env::new(test, &["python3", "curl"]) else {
+        return;
+    };
+    let sock = env.dir.join("web.sock").display().to_string();
+    env.add(&format!("ep-u type unix path {sock}"));
+    let www = env.dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("index.html"), "graft-unix-page\n").expect("index");
+    let port = graft_tests::free_port().to_string();
+    let rule = format!("127.0.0.1:{port}=ep-u");
+    for round in 0..2 {
+        let mut c = env.graft(&["-i", &rule, "--", PY, "-u", "-m", "http.server"]);
+        c.args(["--bind", "127.0.0.1", "--directory"])
+            .arg(&www)
+            .arg(&port)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut srv = graft_tests::Proc::spawn(c, "http.server");
+        let body = curl_unix(&sock, "http://localhost/index.html");
+        assert_eq!(body, "graft-unix-page\n", "round {round}");
+        assert_eq!(mode_owner(&sock), (0o666, 0), "round {round}");
+        let _ = srv.child.kill();
+        let _ = srv.child.wait();
+        let mut out = String::new();
+        let mut err = String::new();
+        let _ = srv
+            .child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out);
+        let _ = srv
+            .child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err);
+        // getsockname answers the address the program bound.
+        assert!(
+            out.contains(&format!("Serving HTTP on 127.0.0.1 port {port}")),
+            "{out}"
+        );
+        // accept's peer address: a loopback client.
+        assert!(
+            err.lines().any(|l| l.starts_with("127.0.0.1 - - [")
+                && l.contains("\"GET /index.html HTTP/1.1\" 200")),
+            "round {round}: {err}"
+        );
+        // Killed: the file stays behind, the next round's bind replaces it.
+        assert!(std::path::Path::new(&sock).exists());
+    }
+}
+
+/// nginx (master and workers, AF_INET listener) on a `type unix`
+/// endpoint, reached with `curl --unix-socket`; its access log shows a
+/// loopback client and the request; TCP_NODELAY and keepalive options
+/// nginx sets on accepted connections succeed.
+#[test]
+fn nginx_on_a_unix_endpoint() {
+    let test = "nginx_on_a_unix_endpoint";
+    let Some(env) = Env::new(test, &["nginx", "curl"]) else {
+        return;
+    };
+    let sock = env.dir.join("nginx.sock").display().to_string();
+    env.add(&format!("ep-u type unix path {sock}"));
+    let d = env.dir.display().to_string();
+    std::fs::create_dir_all(env.dir.join("www")).expect("www");
+    std::fs::write(env.dir.join("www/index.html"), "graft-nginx-unix\n").expect("index");
+    let port = graft_tests::free_port();
+    std::fs::write(
+        env.dir.join("nginx.conf"),
+        format!(
+            "user root;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n\
+             tcp_nodelay on;\n keepalive_timeout 5;\n\
+             server {{ listen 127.0.0.1:{port} so_keepalive=30s:5s:3; root {d}/www; }}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    let cmd = env.graft(&[
+        "-i",
+        &format!("127.0.0.1:{port}=ep-u"),
+        "--",
+        "nginx",
+        "-p",
+        &d,
+        "-c",
+        &format!("{d}/nginx.conf"),
+        "-e",
+        &format!("{d}/error.log"),
+        "-g",
+        "daemon off;",
+    ]);
+    let _nginx = graft_tests::Proc::spawn(cmd, "nginx");
+    // Two requests on one keep-alive connection, then a second connection.
+    let mut c = Command::new("curl");
+    let url = "http://localhost/index.html";
+    let body = curl_unix(&sock, url);
+    assert_eq!(body, "graft-nginx-unix\n");
+    c.args(["-sS", "--max-time", "10", "--unix-socket", &sock, url, url]);
+    let o = output_within(c, "curl twice", LIMIT, None);
+    assert_eq!(
+        text(&o.stdout),
+        "graft-nginx-unix\n".repeat(2),
+        "{}",
+        text(&o.stderr)
+    );
+    let log = env.dir.join("access.log");
+    let mut t = String::new();
+    graft_tests::wait_until("three requests in nginx's access log", LIMIT, || {
+        t = std::fs::read_to_string(&log).unwrap_or_default();
+        t.lines().count() >= 3
+    });
+    for l in t.lines() {
+        assert!(
+            l.starts_with("127.0.0.1 - - [") && l.contains("\"GET /index.html HTTP/1.1\" 200 17 "),
+            "access log line: {l}\n{t}"
+        );
+    }
+    let errors = std::fs::read_to_string(env.dir.join("error.log")).unwrap_or_default();
+    assert!(
+        !errors.contains("setsockopt") && !errors.contains("getsockname"),
+        "nginx complained:\n{errors}"
+    );
+}
+
+const UNIX_CLIENT: &str = r#"
+import errno, socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(("10.9.9.9", port), timeout=10)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+print("peer", s.getpeername(), "local", s.getsockname(), flush=True)
+s.sendall(b"hello over unix\n")
+s.shutdown(socket.SHUT_WR)
+back = b""
+while True:
+    b = s.recv(256)
+    if not b:
+        break
+    back += b
+print("back", repr(back.decode()), flush=True)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"x", ("10.9.9.9", port))
+    print("udp ok")
+except OSError as e:
+    print("udp", errno.errorcode.get(e.errno, e.errno), flush=True)
+"#;
+
+/// Egress onto a `type unix` endpoint: a grafted python client and curl,
+/// connecting to an IPv4 address, reach a host `socat UNIX-LISTEN`
+/// server (graftd connects the unix socket in the host's mount
+/// namespace); python sees the address it connected to as its peer; a
+/// datagram socket is refused with ESOCKTNOSUPPORT and a clear line.
+#[test]
+fn inet_clients_reach_a_host_unix_server() {
+    let test = "inet_clients_reach_a_host_unix_server";
+    let Some(env) = Env::new(test, &["python3", "curl", "socat"]) else {
+        return;
+    };
+    let sock = env.dir.join("srv.sock").display().to_string();
+    let got = env.dir.join("got.txt").display().to_string();
+    // Each connection: what arrived goes to got.txt, a reply goes back.
+    let reply = env.script(
+        "reply.sh",
+        "#!/bin/sh\nhead -c 16 >>@GOT@\nprintf 'HTTP/1.0 200 OK\\r\\nContent-Length: 10\\r\\n\\r\\nunix-says\\n'\n",
+        &[("GOT", got.clone())],
+    );
+    std::fs::set_permissions(&reply, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod reply.sh");
+    let mut socat = Command::new("socat");
+    socat
+        .arg(format!("UNIX-LISTEN:{sock},fork"))
+        .arg(format!("EXEC:{reply}"));
+    let _srv = graft_tests::Proc::spawn(socat, "socat");
+    graft_tests::wait_until("socat's socket", LIMIT, || {
+        std::path::Path::new(&sock).exists()
+    });
+    env.add(&format!("ep-uo type unix path {sock}"));
+    let script = env.script("client.py", UNIX_CLIENT, &[]);
+    let mut c = env.graft(&["-e", "10.9.9.9/32=ep-uo", "--", PY, &script, "8080"]);
+    c.env("GRAFT_VERBOSE", "0");
+    let o = output_within(c, "client.py", LIMIT, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout),
+        "peer ('10.9.9.9', 8080) local ('127.0.0.1', 0)\n\
+         back 'HTTP/1.0 200 OK\\r\\nContent-Length: 10\\r\\n\\r\\nunix-says\\n'\n\
+         udp ESOCKTNOSUPPORT\n"
+    );
+    let lines = graft_tests::graft_lines(&text(&o.stderr));
+    assert_eq!(
+        lines,
+        [
+            "graft: sendto 10.9.9.9:8080: endpoint \"ep-uo\": a type unix endpoint takes stream (TCP) sockets only: map this address to a type ipv4 endpoint"]
+    );
+    let mut c = env.graft(&[
+        "-e",
+        "10.9.9.9/32=ep-uo",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+    ]);
+    c.arg("http://10.9.9.9:8080/");
+    let o = output_within(c, "curl", LIMIT, None);
+    assert_eq!(text(&o.stdout), "unix-says\n", "{}", text(&o.stderr));
+    let seen = std::fs::read_to_string(&got).unwrap_or_default();
+    assert!(
+        seen.starts_with("hello over unix\nGET / HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+}
