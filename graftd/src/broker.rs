@@ -359,6 +359,7 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
+        Some(4) => Op::SocketDual,
         _ => Op::Socket,
     }
 }
@@ -417,12 +418,13 @@ pub fn handle(
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::SocketDual => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
     };
     match req.op {
+        Op::SocketDual => dual(ctx, ns, &ep, &req, log_budget),
         Op::Lookup => (
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
@@ -500,6 +502,121 @@ pub fn handle(
             (r.reply(req.op), Vec::new())
         }
     }
+}
+
+/// A `SocketDual` request: one AF_INET6 listener bound to the IPv4
+/// endpoint `ep4` (as `[::ffff:A4]:P4`, taking IPv4 connections natively)
+/// that graft-ebpf's sk_lookup program also hands the IPv6 connections to
+/// the second endpoint. sk_lookup works inside one namespace, the one it is
+/// attached to (graftd's own), so both endpoints must target it. It has to
+/// be listening to go into the steering map: graftd listens (the
+/// application's own listen() then only sets its backlog).
+fn dual(
+    ctx: &Ctx,
+    ns: NetnsId,
+    ep4: &Endpoint,
+    req: &Request,
+    log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    let refuse = |errno: libc::c_int, reason: Reason, why: String, lb: &mut LogBudget| {
+        let level = if lb.take() {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "{ns} endpoint {}: refused a dual-stack listener: {why}",
+            ep4.spec.name
+        );
+        (Reply::err(Op::SocketDual, errno, reason), Vec::new())
+    };
+    let Some(name6) = req.dual() else {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "no IPv6 endpoint".into(),
+            log_budget,
+        );
+    };
+    let Some(ep6) = ctx.state().lookup(ns, &name6) else {
+        return refuse(
+            libc::EADDRNOTAVAIL,
+            Reason::NoEndpoint,
+            format!("no endpoint {name6}"),
+            log_budget,
+        );
+    };
+    let nodual =
+        |why: String, lb: &mut LogBudget| refuse(libc::EOPNOTSUPP, Reason::NoDualStack, why, lb);
+    let (EndpointAddr::Ipv4 { .. }, EndpointAddr::Ipv6 { addr: a6, port: p6 }) =
+        (&ep4.spec.addr, &ep6.spec.addr)
+    else {
+        return nodual(
+            format!(
+                "{} is not type ipv4 or {name6} is not type ipv6",
+                ep4.spec.name
+            ),
+            log_budget,
+        );
+    };
+    if !matches!(ep4.target, Target::Own) || !matches!(ep6.target, Target::Own) {
+        return nodual(
+            "both endpoints must target graftd's own namespace (sk_lookup cannot cross namespaces)"
+                .into(),
+            log_budget,
+        );
+    }
+    if req.family != libc::AF_INET6 || req.sotype != libc::SOCK_STREAM {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "not an AF_INET6 stream socket".into(),
+            log_budget,
+        );
+    }
+    let made = match socket_for(ctx, ep4, req) {
+        Ok(m) => m,
+        Err(r) => {
+            ep4.count(false);
+            return refuse(
+                r.errno,
+                r.reason,
+                format!(
+                    "{}: {}",
+                    r.reason.describe(),
+                    io::Error::from_raw_os_error(r.errno)
+                ),
+                log_budget,
+            );
+        }
+    };
+    if let Err(e) = nix::sys::socket::listen(&made.fd, nix::sys::socket::Backlog::MAXCONN) {
+        return refuse(
+            e as libc::c_int,
+            Reason::SocketFailed,
+            format!("listen(): {e}"),
+            log_budget,
+        );
+    }
+    let port = p6.unwrap_or_else(|| u16::from_be_bytes([made.addr[2], made.addr[3]]));
+    if let Err(e) = ctx
+        .hooks
+        .steer_v6(made.fd.as_fd(), *a6, port, libc::IPPROTO_TCP)
+    {
+        return nodual(
+            format!(
+                "IPv6 steering to [{a6}]:{port} unavailable ({e}; needs graftd's eBPF companion)"
+            ),
+            log_budget,
+        );
+    }
+    ep4.count(true);
+    log::debug!(
+        "{ns} endpoint {}: handed out a dual-stack listener, also answering [{a6}]:{port} for {name6}",
+        ep4.spec.name
+    );
+    (Reply::ok(Op::SocketDual, &made.addr), vec![made.fd])
 }
 
 fn label(level: libc::c_int, name: libc::c_int) -> String {

@@ -227,6 +227,72 @@ fn ingress_match(
     None
 }
 
+/// The (IPv4, IPv6) endpoints of a dual-stack bind: an AF_INET6 stream
+/// socket bound to `[::]` with IPV6_V6ONLY off, where both a `::` and a
+/// `0.0.0.0` rule match the port and name different endpoints.
+fn dual_match(
+    cfg: &Config,
+    fd: RawFd,
+    k: &Kind,
+    sa: &SocketAddr,
+) -> Option<(EndpointName, EndpointName)> {
+    if k.family != libc::AF_INET6
+        || k.sotype != libc::SOCK_STREAM
+        || sa.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    {
+        return None;
+    }
+    let ep6 = cfg.rules.match_ingress(sa.ip(), sa.port())?;
+    let ep4 = cfg
+        .rules
+        .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())?;
+    if ep4 == ep6 || sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != Some(0) {
+        return None;
+    }
+    Some((ep4, ep6))
+}
+
+/// Grafts an ingress socket onto `ep`; a dual-stack `[::]` bind that also
+/// matches an IPv4 rule asks for one listener answering on both endpoints
+/// first, and falls back to `ep` alone (with one line saying so) when
+/// graftd cannot make one.
+#[allow(clippy::too_many_arguments)]
+fn graft_ingress(
+    cfg: &Config,
+    fd: RawFd,
+    call: Call,
+    sa: &SocketAddr,
+    ep: EndpointName,
+    ep_v6: bool,
+    k: Kind,
+) -> Result<(), c_int> {
+    if let Some((ep4, ep6)) = dual_match(cfg, fd, &k, sa) {
+        match graft(
+            cfg,
+            fd,
+            call,
+            sa,
+            ep4,
+            false,
+            Purpose::Ingress,
+            k,
+            Some(ep6),
+        ) {
+            Err(DUAL_UNAVAILABLE) => say!(
+                "{} {sa}: no dual-stack listener on \"{ep4}\" and \"{ep6}\" (graftd's log says \
+                 why; it needs graftd's eBPF companion): answering on \"{ep}\" only",
+                call.name()
+            ),
+            r => return r,
+        }
+    }
+    graft(cfg, fd, call, sa, ep, ep_v6, Purpose::Ingress, k, None)
+}
+
+/// What [`graft`] returns when graftd cannot make a dual-stack listener
+/// (never an errno).
+const DUAL_UNAVAILABLE: c_int = -1;
+
 fn verbose_left_alone(cfg: &Config, fd: RawFd, call: Call, sa: &SocketAddr, why: &str) {
     if cfg.verbose {
         say!(
@@ -261,7 +327,7 @@ pub fn on_bind(fd: RawFd, sa: SocketAddr) -> Next {
     }
     if sa.port() != 0 {
         return match ingress_match(cfg, fd, &k, &sa) {
-            Some((ep, v6)) => match graft(cfg, fd, Call::Bind, &sa, ep, v6, Purpose::Ingress, k) {
+            Some((ep, v6)) => match graft_ingress(cfg, fd, Call::Bind, &sa, ep, v6, k) {
                 Ok(()) => Next::Done,
                 Err(e) => Next::Fail(e),
             },
@@ -321,7 +387,7 @@ pub fn on_listen(fd: RawFd) -> Next {
         return Next::Real;
     };
     match ingress_match(cfg, fd, &k, &sa) {
-        Some((ep, v6)) => match graft(cfg, fd, Call::Listen, &sa, ep, v6, Purpose::Ingress, k) {
+        Some((ep, v6)) => match graft_ingress(cfg, fd, Call::Listen, &sa, ep, v6, k) {
             Ok(()) => Next::Real,
             Err(e) => Next::Fail(e),
         },
@@ -357,7 +423,7 @@ pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
     match cfg.rules.match_egress(sa.ip()) {
         EgressDecision::Graft(ep) => {
             let v6 = sa.ip().to_canonical().is_ipv6();
-            match graft(cfg, fd, call, &sa, ep, v6, Purpose::Egress, k) {
+            match graft(cfg, fd, call, &sa, ep, v6, Purpose::Egress, k, None) {
                 // graftd already connected the unix socket to the endpoint.
                 Ok(()) if call == Call::Connect && table::state(fd) == table::UNIX_OUT => {
                     Next::Done
@@ -518,8 +584,12 @@ fn graft(
     ep_v6: bool,
     purpose: Purpose,
     k: Kind,
+    dual: Option<EndpointName>,
 ) -> Result<(), c_int> {
-    let mut req = Request::new(Op::Socket, ep, k.family, k.sotype, k.protocol, purpose);
+    let mut req = match dual {
+        Some(ep6) => Request::new_dual(ep, ep6, k.family, k.sotype, k.protocol),
+        None => Request::new(Op::Socket, ep, k.family, k.sotype, k.protocol, purpose),
+    };
     let head = Head { call, sa, ep };
     if let Err(e) = snapshot(fd, &k, &mut req) {
         // Grafting without the application's options would change its
@@ -586,6 +656,10 @@ fn graft(
         }
     };
     let r = answer.reply;
+    // An older graftd does not know the dual-stack request at all.
+    if dual.is_some() && matches!(r.reason, Reason::NoDualStack | Reason::Malformed) {
+        return Err(DUAL_UNAVAILABLE);
+    }
     if r.errno != 0 || r.reason != Reason::None {
         let errno = if r.errno > 0 { r.errno } else { libc::EIO };
         return Err(match r.reason {
@@ -634,6 +708,10 @@ fn graft(
                 );
                 errno
             }
+            Reason::NoDualStack => {
+                say!("{head}: graftd refused a dual-stack listener: check graftd's log");
+                errno
+            }
             Reason::Malformed => {
                 say!(
                     "{head}: graftd rejected the request as malformed: run matching versions \
@@ -677,11 +755,18 @@ fn graft(
     table::set_with_addr(fd, st, &raw);
     if cfg.verbose {
         match addr::parse(r.addr_bytes()) {
-            Some(host) => say!(
-                "pid {} fd {fd} {} {sa} -> {ep} (host {host})",
-                sys::sys_getpid(),
-                call.name()
-            ),
+            Some(host) => match dual {
+                Some(ep6) => say!(
+                    "pid {} fd {fd} {} {sa} -> {ep} + {ep6} (host {host}, dual-stack)",
+                    sys::sys_getpid(),
+                    call.name()
+                ),
+                None => say!(
+                    "pid {} fd {fd} {} {sa} -> {ep} (host {host})",
+                    sys::sys_getpid(),
+                    call.name()
+                ),
+            },
             None => say!(
                 "pid {} fd {fd} {} {sa} -> {ep}",
                 sys::sys_getpid(),

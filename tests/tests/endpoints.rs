@@ -601,3 +601,164 @@ fn inet_clients_reach_a_host_unix_server() {
         "{seen:?}"
     );
 }
+
+// ---------------------------------------------------------------- dual-stack
+
+const NODE: &str = r#"
+const http = require('http');
+const s = http.createServer((q, r) => {
+  r.end(`${q.socket.remoteAddress} ${q.socket.remoteFamily}\n`);
+});
+s.listen(+process.argv[2], () => console.log('listening', s.address().family));
+"#;
+
+const JAVA: &str = r#"
+import java.io.OutputStream;
+import java.net.ServerSocket;
+import java.net.Socket;
+
+public class Peer {
+    public static void main(String[] a) throws Exception {
+        ServerSocket ss = new ServerSocket(Integer.parseInt(a[0]));
+        System.out.println("listening");
+        System.out.flush();
+        for (int i = 0; i < Integer.parseInt(a[1]); i++) {
+            try (Socket c = ss.accept()) {
+                OutputStream o = c.getOutputStream();
+                o.write(("peer " + c.getInetAddress().getHostAddress() + "\n").getBytes());
+                o.flush();
+            }
+        }
+    }
+}
+"#;
+
+/// `curl URL` from the host, retried until the server answers.
+fn curl_retry(url: &str) -> String {
+    let mut body = String::new();
+    graft_tests::wait_until(&format!("an answer from {url}"), LIMIT, || {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-g", "--max-time", "10", url]);
+        let o = output_within(c, "curl", LIMIT, None);
+        body = text(&o.stdout);
+        o.status.success()
+    });
+    body
+}
+
+/// Two endpoints on different ports, so an answer proves which one it came
+/// through; the usual rules for both families.
+fn dual_env(env: &Env) -> (u16, u16) {
+    let p4 = graft_tests::free_port();
+    let p6 = graft_tests::free_port();
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
+    env.add(&format!("ep-in6 type ipv6 addr ::1 port {p6}"));
+    (p4, p6)
+}
+
+const DUAL_RULES: [&str; 4] = ["-i", "0.0.0.0:0-65535=ep-in4", "-i", ":::0-65535=ep-in6"];
+
+/// node's `server.listen(PORT)` binds `[::]` dual-stack: under the usual
+/// two rules it answers on both endpoints, an IPv4 client seen as
+/// `::ffff:127.0.0.1`, an IPv6 one as `::1`.
+#[test]
+fn node_dual_stack_answers_on_both_endpoints() {
+    let test = "node_dual_stack_answers_on_both_endpoints";
+    let Some(env) = Env::new(test, &["node", "curl"]) else {
+        return;
+    };
+    if !ebpf_or_skip(&env, test) {
+        return;
+    }
+    let (p4, p6) = dual_env(&env);
+    let js = env.script("server.js", NODE, &[]);
+    let mut args: Vec<&str> = DUAL_RULES.to_vec();
+    args.extend(["--", "node", &js, "3000"]);
+    let _node = graft_tests::Proc::spawn(env.graft(&args), "node");
+    assert_eq!(
+        curl_retry(&format!("http://127.0.0.1:{p4}/")),
+        "::ffff:127.0.0.1 IPv6\n"
+    );
+    assert_eq!(curl_retry(&format!("http://[::1]:{p6}/")), "::1 IPv6\n");
+    assert_eq!(
+        curl_retry(&format!("http://127.0.0.1:{p4}/")),
+        "::ffff:127.0.0.1 IPv6\n"
+    );
+    let log = env.d.log_text();
+    assert!(
+        log.contains(&format!(
+            "handed out a dual-stack listener, also answering [::1]:{p6} for ep-in6"
+        )),
+        "{log}"
+    );
+}
+
+/// Java's `new ServerSocket(PORT)` binds `[::]` dual-stack too: both
+/// endpoints, and Java reports each client's address.
+#[test]
+fn java_dual_stack_answers_on_both_endpoints() {
+    let test = "java_dual_stack_answers_on_both_endpoints";
+    let Some(env) = Env::new(test, &["java", "javac", "curl"]) else {
+        return;
+    };
+    if !ebpf_or_skip(&env, test) {
+        return;
+    }
+    let (p4, p6) = dual_env(&env);
+    env.script("Peer.java", JAVA, &[]);
+    let mut c = Command::new("javac");
+    c.arg("-d").arg(&env.dir).arg(env.dir.join("Peer.java"));
+    let o = output_within(c, "javac", LIMIT, None);
+    assert!(o.status.success(), "javac: {}", text(&o.stderr));
+    let cp = env.dir.display().to_string();
+    let mut args: Vec<&str> = DUAL_RULES.to_vec();
+    args.extend(["--", "java", "-cp", &cp, "Peer", "8080", "2"]);
+    let mut java = env.graft(&args);
+    java.stdout(std::process::Stdio::piped());
+    let mut java = graft_tests::Proc::spawn(java, "java");
+    let out = java.child.stdout.take().expect("stdout");
+    graft_tests::wait_line(out, "listening", LIMIT);
+    let ask = |addr: &str| {
+        let a: SocketAddr = addr.parse().expect("addr");
+        text(&graft_tests::tcp_exchange(a, b"", Duration::from_secs(10)))
+    };
+    assert_eq!(ask(&format!("127.0.0.1:{p4}")), "peer 127.0.0.1\n");
+    assert_eq!(ask(&format!("[::1]:{p6}")), "peer 0:0:0:0:0:0:0:1\n");
+    assert!(java.wait_timeout(LIMIT).success());
+}
+
+/// Without the eBPF companion there is no steering: a `[::]` bind answers
+/// on its IPv6 endpoint only, as before, and says so in one line; the
+/// IPv4 endpoint's port has no listener.
+#[test]
+fn dual_stack_without_ebpf_answers_on_ipv6_only_and_says_so() {
+    let test = "dual_stack_without_ebpf_answers_on_ipv6_only_and_says_so";
+    let Some(env) = Env::with_graftd(test, &["node", "curl"], &["--no-ebpf"]) else {
+        return;
+    };
+    let (p4, p6) = dual_env(&env);
+    let js = env.script("server.js", NODE, &[]);
+    let mut args: Vec<&str> = DUAL_RULES.to_vec();
+    args.extend(["--", "node", &js, "3000"]);
+    let mut node = env.graft(&args);
+    node.stderr(std::process::Stdio::piped());
+    let mut node = graft_tests::Proc::spawn(node, "node");
+    assert_eq!(curl_retry(&format!("http://[::1]:{p6}/")), "::1 IPv6\n");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p4)).is_err(),
+        "nothing listens on ep-in4"
+    );
+    let _ = node.child.kill();
+    let _ = node.child.wait();
+    let mut err = String::new();
+    let _ = node
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert_eq!(
+        graft_tests::graft_lines(&err),
+        ["graft: bind [::]:3000: no dual-stack listener on \"ep-in4\" and \"ep-in6\" (graftd's log says why; it needs graftd's eBPF companion): answering on \"ep-in6\" only"]
+    );
+}

@@ -554,3 +554,53 @@ int graft_setsockopt(struct bpf_sockopt *ctx)
 		ctx->optlen = 0;
 	return 1;
 }
+
+/* ------------------------------------------------------------- sk_lookup */
+
+/* A dual-stack listener: graftd binds an AF_INET6 socket to an IPv4
+ * endpoint's address as [::ffff:A4]:P4 (not v6-only), which takes IPv4
+ * connections natively, and puts it here under the IPv6 endpoint's address
+ * and port. Attached to the target namespace (sk_lookup cannot cross
+ * namespaces), the program hands IPv6 connections for [A6]:P6 to it, so one
+ * listener answers on both endpoints with each client's real address. (The
+ * other way round does not work: a socket bound to a specific IPv6 address
+ * is v6-only, and assigning it to an IPv4 lookup fails.) */
+struct graft_steer_key {
+	__u32 ip6[4]; /* network order; all zero: any local address */
+	__u32 port;   /* host order */
+	__u32 protocol;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 4096);
+	__type(key, struct graft_steer_key);
+	__type(value, __u32);
+} graft_steer SEC(".maps");
+
+SEC("sk_lookup")
+int graft_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct graft_steer_key k = {};
+	struct bpf_sock *sk;
+
+	if (ctx->family != AF_INET6)
+		return SK_PASS;
+	k.ip6[0] = ctx->local_ip6[0];
+	k.ip6[1] = ctx->local_ip6[1];
+	k.ip6[2] = ctx->local_ip6[2];
+	k.ip6[3] = ctx->local_ip6[3];
+	k.port = ctx->local_port;
+	k.protocol = ctx->protocol;
+	sk = bpf_map_lookup_elem(&graft_steer, &k);
+	if (!sk) {
+		k.ip6[0] = k.ip6[1] = k.ip6[2] = k.ip6[3] = 0;
+		sk = bpf_map_lookup_elem(&graft_steer, &k);
+		if (!sk)
+			return SK_PASS;
+	}
+	/* A failure (the listener is closing) leaves the ordinary lookup. */
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
+}
