@@ -762,3 +762,67 @@ fn dual_stack_without_ebpf_answers_on_ipv6_only_and_says_so() {
         ["graft: bind [::]:3000: no dual-stack listener on \"ep-in4\" and \"ep-in6\" (graftd's log says why; it needs graftd's eBPF companion): answering on \"ep-in6\" only"]
     );
 }
+
+// ------------------------------------------------------------- /sbin/ip graft
+
+/// Removes a container on drop.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+/// `iproute-graft/divert-ip` (what `make install-ip-divert` runs) in a
+/// throwaway Debian container: afterwards the literal `/sbin/ip graft ...`
+/// reaches ip-graft while every other `/sbin/ip` command is iproute2's,
+/// dpkg records the diversion, installing twice is harmless, and removing
+/// restores Debian's /sbin/ip symlink.
+#[test]
+fn sbin_ip_graft_after_the_debian_divert() {
+    let test = "sbin_ip_graft_after_the_debian_divert";
+    if !graft_tests::root_or_skip(test) || !graft_tests::have_or_skip(test, "docker") {
+        return;
+    }
+    let image = "graft-base:bookworm";
+    let have = Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        println!("SKIP: {test}: no Docker engine or no {image} image (the docker tests build it)");
+        return;
+    }
+    let root = graft_tests::workspace_root();
+    let name = graft_tests::unique("graft-divert-");
+    let _c = Container(name.clone());
+    let mut c = Command::new("docker");
+    c.args(["run", "--rm", "--name", &name, "-v"])
+        .arg(format!("{}:/g:ro", root.join("iproute-graft").display()))
+        .arg("-v")
+        .arg(format!(
+            "{}:/usr/local/bin/ip-graft:ro",
+            graft_tests::bin("ip-graft").display()
+        ))
+        .args([image, "sh", "-c"])
+        .arg(
+            "set -e; /g/divert-ip install /g/ip; /g/divert-ip install /g/ip >/dev/null; \
+             /sbin/ip graft help 2>&1 | head -1; /sbin/ip -o link show lo | cut -d' ' -f2; \
+             dpkg-divert --list /sbin/ip; /g/divert-ip remove >/dev/null; \
+             readlink /sbin/ip; /sbin/ip graft 2>&1 || true",
+        );
+    let o = output_within(c, "docker run divert-ip", LIMIT, None);
+    assert_eq!(
+        text(&o.stdout),
+        "Adding 'local diversion of /sbin/ip to /sbin/ip.distrib'\n\
+         Usage: ip [ OPTIONS ] graft { COMMAND | help }\n\
+         lo:\n\
+         local diversion of /sbin/ip to /sbin/ip.distrib\n\
+         /bin/ip\n\
+         Object \"graft\" is unknown, try \"ip help\".\n",
+        "{}",
+        text(&o.stderr)
+    );
+}
