@@ -24,6 +24,14 @@
 //!   receive queue when the peer is a grafted socket of this host too. A
 //!   direction that ever went through TCP stays on TCP, so bytes are never
 //!   reordered.
+//! * `sk_lookup` (`graft_sk_lookup`), attached to graftd's own network
+//!   namespace rather than the cgroup (a netns link: sk_lookup cannot cross
+//!   namespaces): IPv6 connections to an address and port held in
+//!   `graft_steer` go to the dual-stack listener stored there
+//!   ([`Companion::steer_v6`]); a listener bound to `[::ffff:A4]:P4` takes
+//!   IPv4 natively, so one socket answers on an IPv4 and an IPv6 endpoint.
+//!   Its load or attach failing only turns that off
+//!   ([`Companion::steer_problem`]).
 //!
 //! Without cgroup v2, BTF or the privileges, [`Companion::start`] fails with
 //! an [`Error`] naming what failed; graftd logs it once and runs without.

@@ -18,6 +18,8 @@
  *    addresses its endpoint grants). The kernel runs this hook by the
  *    socket's cgroup, not the caller's, so it sees the container processes
  *    that hold grafted sockets.
+ *  - sk_lookup (attached to graftd's network namespace, not the cgroup):
+ *    IPv6 connections for a dual-stack listener's IPv6 endpoint.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
