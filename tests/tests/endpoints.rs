@@ -826,3 +826,153 @@ fn sbin_ip_graft_after_the_debian_divert() {
         text(&o.stderr)
     );
 }
+
+// ------------------------------------------------- Docker: dual-stack socat
+
+/// Containers removed on drop.
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for n in self.0.iter().rev() {
+            let _ = Command::new("docker").args(["rm", "-f", n]).output();
+        }
+    }
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let o = output_within(
+        {
+            let mut c = Command::new("docker");
+            c.args(args);
+            c
+        },
+        "docker",
+        Duration::from_secs(300),
+        None,
+    );
+    assert!(o.status.success(), "docker {args:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+/// The README's Docker walkthrough with a dual-stack server: socat in a
+/// graft-demo container listening on one `[::]` socket without
+/// IPV6_V6ONLY answers host clients on ep-in4 (127.0.0.1) and ep-in6
+/// (::1), and logs each client's address. Builds the demo image under a
+/// tag of its own (graft-demo:endpoints-e2e) from the debug binaries.
+#[test]
+fn docker_dual_stack_socat_over_ipv4_and_ipv6() {
+    let test = "docker_dual_stack_socat_over_ipv4_and_ipv6";
+    if !graft_tests::root_or_skip(test) || !graft_tests::have_or_skip(test, "socat") {
+        return;
+    }
+    let up = Command::new("docker")
+        .arg("info")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !up {
+        println!("SKIP: {test}: no Docker engine answers");
+        return;
+    }
+    let image = "graft-demo:endpoints-e2e";
+    let mut b = Command::new(graft_tests::workspace_root().join("docker/demo/build-image.sh"));
+    b.arg(graft_tests::bin_dir()).env("GRAFT_DEMO_IMAGE", image);
+    let o = output_within(b, "build-image.sh", Duration::from_secs(900), None);
+    assert!(o.status.success(), "build-image.sh: {}", text(&o.stderr));
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !ebpf_or_skip(&env, test) {
+        return;
+    }
+    let mut c = Containers(Vec::new());
+    let net1 = graft_tests::unique("graft-ds-net1-");
+    c.0.push(net1.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--net=none",
+        "--name",
+        &net1,
+        "graft-base:bookworm",
+        "sleep",
+        "infinity",
+    ]);
+    let host_ns = format!("/proc/{}/ns/net", std::process::id());
+    let p = graft_tests::free_port().to_string();
+    for (name, ty, addr, port) in [
+        ("ep-in4", "ipv4", "127.0.0.1", p.as_str()),
+        ("ep-in6", "ipv6", "::1", p.as_str()),
+        ("ep-out4", "ipv4", "0.0.0.0", "dynamic"),
+        ("ep-out6", "ipv6", "::", "dynamic"),
+    ] {
+        let mut cmd = Command::new(graft_tests::bin("docker-ns-exec"));
+        cmd.args([
+            &net1, "ip", "graft", "add", name, "type", ty, "addr", addr, "port", port, "netns",
+            &host_ns,
+        ]);
+        env.d.apply(&mut cmd);
+        let o = output_within(cmd, "docker-ns-exec ip graft add", LIMIT, None);
+        assert!(
+            o.status.success(),
+            "ip graft add {name}: {}",
+            text(&o.stderr)
+        );
+    }
+    let web = graft_tests::unique("graft-ds-web-");
+    c.0.push(web.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        &format!("--net=container:{net1}"),
+        "-e",
+        &format!("GRAFT_BROKER={}", env.d.broker),
+        image,
+        "socat",
+        "-d",
+        "-d",
+        "TCP6-LISTEN:9000,ipv6only=0,fork",
+        "SYSTEM:echo hello from one dual-stack socket",
+    ]);
+    let ask = |addr: &str| {
+        let mut out = String::new();
+        graft_tests::wait_until(&format!("an answer from {addr}"), LIMIT, || {
+            let mut s = Command::new("socat");
+            s.args(["-", &format!("TCP:{addr}")])
+                .stdin(std::process::Stdio::null());
+            let o = output_within(s, "socat client", LIMIT, None);
+            out = text(&o.stdout);
+            o.status.success() && !out.is_empty()
+        });
+        out
+    };
+    assert_eq!(
+        ask(&format!("127.0.0.1:{p}")),
+        "hello from one dual-stack socket\n"
+    );
+    assert_eq!(
+        ask(&format!("[::1]:{p}")),
+        "hello from one dual-stack socket\n"
+    );
+    let logs = Command::new("docker")
+        .args(["logs", &web])
+        .output()
+        .expect("docker logs");
+    let logs = text(&logs.stderr);
+    let from: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split("accepting connection from AF=10 [").nth(1))
+        .filter_map(|r| r.split(']').next())
+        .collect();
+    assert_eq!(
+        from,
+        [
+            "0000:0000:0000:0000:0000:ffff:7f00:0001",
+            "0000:0000:0000:0000:0000:0000:0000:0001"
+        ],
+        "{logs}"
+    );
+}
