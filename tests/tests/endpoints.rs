@@ -153,6 +153,9 @@ def pktinfo(src):
     return [(socket.IPPROTO_IP, 8, struct.pack("=i4s4s", 0, socket.inet_aton(src), bytes(4)))]
 attempt("sendmsg IP_PKTINFO 127.0.0.2", lambda: u.sendmsg([b"foreign"], pktinfo("127.0.0.2"), 0, ("127.0.0.1", udp4)))
 attempt("sendmsg IP_PKTINFO 127.0.0.1", lambda: u.sendmsg([b"own"], pktinfo("127.0.0.1"), 0, ("127.0.0.1", udp4)))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", udp4))
+attempt("connected sendmsg IP_PKTINFO 127.0.0.2", lambda: c.sendmsg([b"connected-foreign"], pktinfo("127.0.0.2")))
 "#;
 
 fn run_opts(env: &Env) -> (String, Vec<(String, SocketAddr)>) {
@@ -206,7 +209,8 @@ const BEFORE: &str = "before connect IP_UNICAST_IF EPERM\n\
 
 /// IP_UNICAST_IF and its kin: EPERM on a grafted python socket before the
 /// graft (graftd refuses the request) and after it (graft-ebpf's guard);
-/// a datagram naming a foreign source address is refused, one naming the
+/// a datagram naming a foreign source address is refused (on an
+/// unconnected and on a connected socket), one naming the
 /// socket's own goes out from it.
 #[test]
 fn interface_and_source_options_refused_before_and_after_graft() {
@@ -233,7 +237,8 @@ fn interface_and_source_options_refused_before_and_after_graft() {
              after IP_UNICAST_IF on v6 EPERM\n\
              echo v6 still flowing\n\
              sendmsg IP_PKTINFO 127.0.0.2 EPERM\n\
-             sendmsg IP_PKTINFO 127.0.0.1 ok\n"
+             sendmsg IP_PKTINFO 127.0.0.1 ok\n\
+             connected sendmsg IP_PKTINFO 127.0.0.2 EPERM\n"
         )
     );
     let got: Vec<(String, String)> = got
