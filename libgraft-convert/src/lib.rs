@@ -15,7 +15,12 @@
 //!   socket graftd creates and binds to the endpoint; `bind()` then returns 0
 //!   without touching the container's stack. A dual-stack `[::]` bind
 //!   (IPV6_V6ONLY off) with no `::` rule takes the `0.0.0.0` rule, since it
-//!   serves IPv4 too (iperf3 binds `[::]` by default). A `bind()` to port 0 is
+//!   serves IPv4 too (iperf3 binds `[::]` by default). One (a stream socket) that
+//!   matches both a `::` and a `0.0.0.0` rule asks graftd for one listener
+//!   answering on both endpoints (`SocketDual`: bound to the IPv4 endpoint
+//!   as `[::ffff:A4]:P4`, IPv6 connections steered to it by graft-ebpf's
+//!   sk_lookup); when graftd cannot, it says so in one line and grafts onto
+//!   the `::` rule's endpoint alone. A `bind()` to port 0 is
 //!   what clients do, so it is done locally and decided later: at `listen()`
 //!   (a server: grafted if a rule for that address covers port 0) or at the
 //!   first send/connect (egress). A `listen()` on an unbound socket counts as
