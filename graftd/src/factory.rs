@@ -297,6 +297,28 @@ mod tests {
     }
 
     #[test]
+    fn unix_listener_is_world_connectable_and_egress_is_connected() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("graftd-factory-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("u.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = make_here(&params(BindAddr::Unix(path.clone()), libc::AF_UNIX)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, UNIX_SOCKET_MODE);
+        // Not listening yet: the egress connect is refused, and says so.
+        let e = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap_err();
+        assert!(matches!(e, MakeError::Connect(_)), "{e}");
+        assert_eq!(e.errno(), libc::ECONNREFUSED);
+        nsock::listen(&l.fd, nsock::Backlog::new(4).unwrap()).unwrap();
+        let c = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap();
+        assert_eq!(c.addr.len(), 2, "an unnamed unix socket: family only");
+        let peer = nsock::accept(l.fd.as_raw_fd()).unwrap();
+        nix::unistd::close(peer).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn worker_makes_sockets_in_its_namespace() {
         let (fd, id) = crate::netns::open_own().unwrap();
         let w = TargetWorker::spawn(fd, id).unwrap();
