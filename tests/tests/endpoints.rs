@@ -981,3 +981,62 @@ fn docker_dual_stack_socat_over_ipv4_and_ipv6() {
         "{logs}"
     );
 }
+
+const JAVA_HTTP: &str = r#"
+import com.sun.net.httpserver.HttpServer;
+import java.net.InetSocketAddress;
+
+public class Web {
+    public static void main(String[] a) throws Exception {
+        HttpServer s = HttpServer.create(new InetSocketAddress(Integer.parseInt(a[0])), 0);
+        s.createContext("/", x -> {
+            byte[] b = ("peer " + x.getRemoteAddress() + " local " + x.getLocalAddress() + "\n").getBytes();
+            x.sendResponseHeaders(200, b.length);
+            x.getResponseBody().write(b);
+            x.close();
+        });
+        s.start();
+        System.out.println("up " + s.getAddress());
+    }
+}
+"#;
+
+/// Java's HttpServer (a dual-stack `[::]` NIO listener, with both rules on
+/// one `type unix` endpoint) served on a host unix socket: keep-alive
+/// requests through `curl --unix-socket`, and the addresses Java reports
+/// are INET ones (peer `::1` port 0, local the bound `[::]:8000`).
+#[test]
+fn java_http_server_on_a_unix_endpoint() {
+    let test = "java_http_server_on_a_unix_endpoint";
+    let Some(env) = Env::new(test, &["java", "javac", "curl"]) else {
+        return;
+    };
+    let sock = env.dir.join("java.sock").display().to_string();
+    env.add(&format!("ep-u type unix path {sock}"));
+    env.script("Web.java", JAVA_HTTP, &[]);
+    let mut c = Command::new("javac");
+    c.arg("-d").arg(&env.dir).arg(env.dir.join("Web.java"));
+    let o = output_within(c, "javac", LIMIT, None);
+    assert!(o.status.success(), "javac: {}", text(&o.stderr));
+    let cp = env.dir.display().to_string();
+    let java = env.graft(&[
+        "-i",
+        "0.0.0.0:0-65535=ep-u",
+        "-i",
+        ":::0-65535=ep-u",
+        "--",
+        "java",
+        "-cp",
+        &cp,
+        "Web",
+        "8000",
+    ]);
+    let _java = graft_tests::Proc::spawn(java, "java");
+    let want = "peer /[0:0:0:0:0:0:0:1]:0 local /[0:0:0:0:0:0:0:0]:8000\n";
+    assert_eq!(curl_unix(&sock, "http://localhost/"), want);
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "10", "--unix-socket", &sock])
+        .args(["http://localhost/a", "http://localhost/b"]);
+    let o = output_within(c, "curl keep-alive", LIMIT, None);
+    assert_eq!(text(&o.stdout), want.repeat(2), "{}", text(&o.stderr));
+}
