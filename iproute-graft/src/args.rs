@@ -108,6 +108,17 @@ pub fn parse_global(args: &[String]) -> Result<(GlobalOpts, &[String]), Usage> {
     Ok((o, &args[i..]))
 }
 
+/// Test helper: runs a subcommand's parser on a command line as typed
+/// (split on blanks); the usage text on error.
+#[cfg(test)]
+pub fn parse_typed<T>(
+    parse: impl Fn(&[String]) -> Result<T, Usage>,
+    line: &str,
+) -> Result<T, String> {
+    let v: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    parse(&v).map_err(|e| e.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -257,10 +257,9 @@ mod tests {
     /// A one-shot fake graftd: accepts one connection, reads one request
     /// (returning its bytes and how many descriptors came with it), answers
     /// with `reply` (or hangs up when it is `None`).
-    fn fake_graftd(
-        tag: &str,
-        reply: Option<Vec<u8>>,
-    ) -> (PathBuf, std::thread::JoinHandle<(Vec<u8>, usize)>) {
+    /// A SEQPACKET socket bound to a fresh path named for `tag`, listening
+    /// when `listen`.
+    fn bound_socket(tag: &str, listen: bool) -> (PathBuf, OwnedFd) {
         let path =
             std::env::temp_dir().join(format!("ip-graft-test-{}-{tag}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
@@ -272,7 +271,17 @@ mod tests {
         )
         .unwrap();
         socket::bind(l.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
-        socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        if listen {
+            socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        }
+        (path, l)
+    }
+
+    fn fake_graftd(
+        tag: &str,
+        reply: Option<Vec<u8>>,
+    ) -> (PathBuf, std::thread::JoinHandle<(Vec<u8>, usize)>) {
+        let (path, l) = bound_socket(tag, true);
         let h = std::thread::spawn(move || {
             let c = socket::accept(l.as_raw_fd()).unwrap();
             let mut buf = vec![0u8; MAX_MESSAGE + 1];
@@ -389,19 +398,9 @@ mod tests {
 
     #[test]
     fn stale_socket_file_is_not_running() {
-        let p =
-            std::env::temp_dir().join(format!("ip-graft-test-{}-stale.sock", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        {
-            let l = socket::socket(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap();
-            socket::bind(l.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
-        }
+        // Bound, then closed: the file stays, nobody listens.
+        let (p, l) = bound_socket("stale", false);
+        drop(l);
         let e = call(&p, &Request::Show {}, &[]).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -417,18 +416,7 @@ mod tests {
     fn silent_graftd_times_out() {
         // A listener that accepts (the kernel does, from its backlog) but
         // never answers.
-        let p =
-            std::env::temp_dir().join(format!("ip-graft-test-{}-silent.sock", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        let l = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        socket::bind(l.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
-        socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        let (p, l) = bound_socket("silent", true);
         let t = Duration::from_millis(200);
         let e = call_with_timeout(&p, &Request::Show {}, &[], t).unwrap_err();
         assert_eq!(

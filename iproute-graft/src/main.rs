@@ -144,8 +144,7 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<(GlobalOpts, Cmd), String> {
-        let v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-        parse(&v).map_err(|e| e.0)
+        crate::args::parse_typed(parse, s)
     }
 
     #[test]
@@ -181,14 +180,18 @@ mod tests {
 
     #[test]
     fn unknown_command() {
-        assert_eq!(
-            p("frob").unwrap_err(),
-            "Command \"frob\" is unknown, try \"ip graft help\"."
-        );
-        assert_eq!(
-            p("graft link").unwrap_err(),
-            "Command \"link\" is unknown, try \"ip graft help\"."
-        );
+        for (input, want) in [
+            (
+                "frob",
+                "Command \"frob\" is unknown, try \"ip graft help\".",
+            ),
+            (
+                "graft link",
+                "Command \"link\" is unknown, try \"ip graft help\".",
+            ),
+        ] {
+            assert_eq!(p(input).unwrap_err(), want, "{input}");
+        }
     }
 
     #[test]
