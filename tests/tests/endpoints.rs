@@ -1040,3 +1040,81 @@ fn java_http_server_on_a_unix_endpoint() {
     let o = output_within(c, "curl keep-alive", LIMIT, None);
     assert_eq!(text(&o.stdout), want.repeat(2), "{}", text(&o.stderr));
 }
+
+const SINK6: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+print("ready", flush=True)
+s.settimeout(20)
+for _ in range(2):
+    m, a = s.recvfrom(64)
+    print(m.decode(), a[0], flush=True)
+"#;
+
+const SEND6: &str = r#"
+import errno, socket, struct, sys
+port = int(sys.argv[1])
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.sendto(b"plain", ("fd00::53", port))
+def attempt(tag, src):
+    info = [(socket.IPPROTO_IPV6, 50, socket.inet_pton(socket.AF_INET6, src) + struct.pack("i", 0))]
+    try:
+        u.sendmsg([tag.encode()], info, 0, ("fd00::53", port))
+        print(tag, "ok", flush=True)
+    except OSError as e:
+        print(tag, errno.errorcode.get(e.errno, e.errno), flush=True)
+attempt("foreign", "fd00::2")
+attempt("own", "fd00::1")
+"#;
+
+/// The IPv6 half of the source check: in a target namespace of the
+/// test's own with two local addresses, a grafted UDP socket bound to
+/// fd00::1 cannot send from fd00::2 with an IPV6_PKTINFO control message
+/// (graft-ebpf's sendmsg6), while naming its own address works; the sink
+/// sees only fd00::1.
+#[test]
+fn ipv6_pktinfo_foreign_source_refused() {
+    let test = "ipv6_pktinfo_foreign_source_refused";
+    let Some(env) = Env::new(test, &["python3"]) else {
+        return;
+    };
+    if !ebpf_or_skip(&env, test) {
+        return;
+    }
+    let target = graft_tests::Netns::new("t6");
+    for a in ["fd00::1/128", "fd00::2/128", "fd00::53/128"] {
+        graft_tests::run_ok(
+            "ip",
+            ["-n", &target.name, "addr", "add", a, "dev", "lo", "nodad"],
+        );
+    }
+    env.add(&format!(
+        "ep-out6 type ipv6 addr fd00::1 port dynamic netns {}",
+        target.path().display()
+    ));
+    let port = graft_tests::free_port().to_string();
+    let sink = env.script("sink6.py", SINK6, &[]);
+    let mut s = target.cmd(PY);
+    s.arg(&sink).arg(&port).stdout(std::process::Stdio::piped());
+    let mut sink = graft_tests::Proc::spawn(s, "sink6.py");
+    let out = sink.child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    assert_eq!(rx.recv_timeout(LIMIT).expect("sink ready"), "ready");
+    let send = env.script("send6.py", SEND6, &[]);
+    let c = env.graft(&["-e", "fd00::/64=ep-out6", "--", PY, &send, &port]);
+    let o = output_within(c, "send6.py", LIMIT, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "foreign EPERM\nown ok\n");
+    let got: Vec<String> = (0..2)
+        .map(|_| rx.recv_timeout(LIMIT).expect("sink line"))
+        .collect();
+    assert_eq!(got, ["plain fd00::1", "own fd00::1"]);
+    assert!(sink.wait_timeout(LIMIT).success());
+}
