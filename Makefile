@@ -15,7 +15,8 @@ DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
 	clang llvm libbpf-dev bpftool \
 	wrk debootstrap gnuplot-nox jq python3-yaml containernetworking-plugins
 
-.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall clean
+.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall \
+	install-ip-divert uninstall-ip-divert clean
 
 all: build
 
@@ -78,6 +79,15 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,graftd ip-graft graft docker-ns-exec ip)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/graft
 	rm -f $(DESTDIR)$(CNI_BIN_DIR)/graft-cni
+
+# Opt-in (Debian/Ubuntu): the literal `/sbin/ip graft ...` of AF_GRAFT's
+# walkthrough. Diverts iproute2's /sbin/ip with dpkg-divert and installs the
+# wrapper there; every other `ip` command still runs iproute2's.
+install-ip-divert: install
+	iproute-graft/divert-ip install iproute-graft/ip
+
+uninstall-ip-divert:
+	iproute-graft/divert-ip remove
 
 clean:
 	$(CARGO) clean

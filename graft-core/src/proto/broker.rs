@@ -18,6 +18,16 @@
 //! 24 u32 address length          28 [u8; 128] sockaddr (bound address)
 //! ```
 //!
+//! `SocketDual` (op 4, ingress only) asks for one dual-stack listener: an
+//! AF_INET6 socket bound to the IPv4 endpoint named in the header (as
+//! `[::ffff:A4]:P4`, so it takes IPv4 connections) that also answers IPv6
+//! connections to a second, IPv6 endpoint, through graft-ebpf's sk_lookup
+//! program; graftd makes it listen before handing it out. The IPv6
+//! endpoint's name travels as the first option record, with level
+//! [`DUAL_LEVEL`] and the NUL-padded name as value; [`Request::options`]
+//! leaves that record out. A graftd that cannot steer answers
+//! [`Reason::NoDualStack`].
+//!
 //! `SocketBatch` asks for up to [`BATCH_MAX`] egress sockets made exactly
 //! as one `Socket` request would make them (a per-process prefetch pool in
 //! the preload library). Its request must have purpose egress and no
@@ -53,6 +63,9 @@ pub const ADDR_MAX: usize = 128;
 pub const REPLY_LEN: usize = 28 + ADDR_MAX;
 /// Most sockets one `SocketBatch` reply carries.
 pub const BATCH_MAX: usize = 8;
+/// Level of the option record carrying a `SocketDual` request's IPv6
+/// endpoint name (no socket option has a negative level).
+pub const DUAL_LEVEL: c_int = -0x4752;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +76,8 @@ pub enum Op {
     Lookup = 2,
     /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
     SocketBatch = 3,
+    /// One dual-stack listener answering on an IPv4 and an IPv6 endpoint.
+    SocketDual = 4,
     /// The namespace's mapping rules, as a sealed memfd.
     Rules = 5,
 }
@@ -92,6 +107,9 @@ pub enum Reason {
     SocketFailed = 5,
     /// Policy refused the request.
     Policy = 6,
+    /// A `SocketDual` request graftd cannot serve (no eBPF companion or
+    /// sk_lookup, endpoints of other types or target namespaces).
+    NoDualStack = 7,
 }
 
 impl Reason {
@@ -104,6 +122,7 @@ impl Reason {
             4 => Reason::FamilyMismatch,
             5 => Reason::SocketFailed,
             6 => Reason::Policy,
+            7 => Reason::NoDualStack,
             _ => return None,
         })
     }
@@ -118,6 +137,7 @@ impl Reason {
             Reason::FamilyMismatch => "address family does not fit the endpoint",
             Reason::SocketFailed => "creating or binding the host socket failed",
             Reason::Policy => "refused by policy",
+            Reason::NoDualStack => "a dual-stack listener is not available",
         }
     }
 }
@@ -186,6 +206,8 @@ pub enum DecodeError {
     OptLen(usize, u32),
     #[error("a socket batch must be for egress and carry no options")]
     Batch,
+    #[error("a dual-stack request must be for ingress and name its IPv6 endpoint first")]
+    Dual,
     #[error("a rules request carries nothing after its op")]
     Rules,
     #[error("unused bytes are not zero")]
@@ -228,6 +250,7 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
         3 => Ok(Op::SocketBatch),
+        4 => Ok(Op::SocketDual),
         5 => Ok(Op::Rules),
         _ => Err(DecodeError::Op(v)),
     }
@@ -280,9 +303,44 @@ impl Request {
         true
     }
 
-    /// The options carried.
+    /// A `SocketDual` request for a listener on `v4` (the socket's
+    /// endpoint) that also answers on `v6`.
+    pub fn new_dual(
+        v4: EndpointName,
+        v6: EndpointName,
+        family: c_int,
+        sotype: c_int,
+        protocol: c_int,
+    ) -> Self {
+        let mut r = Request::new(
+            Op::SocketDual,
+            v4,
+            family,
+            sotype,
+            protocol,
+            Purpose::Ingress,
+        );
+        // Always fits: the request is empty and a name is at most 15 bytes.
+        r.push_opt(DUAL_LEVEL, 0, v6.as_bytes());
+        r
+    }
+
+    /// The IPv6 endpoint of a `SocketDual` request.
+    pub fn dual(&self) -> Option<EndpointName> {
+        if self.op != Op::SocketDual || self.nopts == 0 || self.opts[0].level != DUAL_LEVEL {
+            return None;
+        }
+        let o = &self.opts[0];
+        if o.name != 0 {
+            return None;
+        }
+        EndpointName::from_bytes(o.bytes()).ok()
+    }
+
+    /// The socket options carried (without a `SocketDual` name record).
     pub fn options(&self) -> &[OptValue] {
-        &self.opts[..self.nopts]
+        let skip = usize::from(self.op == Op::SocketDual).min(self.nopts);
+        &self.opts[skip..self.nopts]
     }
 
     /// Encodes into `out`.
@@ -299,7 +357,8 @@ impl Request {
         wr(out, 32, &self.protocol.to_le_bytes());
         wr(out, 36, &(self.purpose as u16).to_le_bytes());
         wr(out, 38, &(self.nopts as u16).to_le_bytes());
-        for (i, o) in self.options().iter().enumerate() {
+        // Every record, a `SocketDual` request's name record included.
+        for (i, o) in self.opts[..self.nopts].iter().enumerate() {
             let at = HEADER_LEN + i * OPT_LEN;
             wr(out, at, &o.level.to_le_bytes());
             wr(out, at + 4, &o.name.to_le_bytes());
@@ -372,6 +431,9 @@ impl Request {
             req.opts[i] = v;
         }
         req.nopts = nopts as usize;
+        if op == Op::SocketDual && (purpose != Purpose::Ingress || req.dual().is_none()) {
+            return Err(DecodeError::Dual);
+        }
         Ok(req)
     }
 }
@@ -450,6 +512,45 @@ impl Reply {
             addr_len,
             addr,
         })
+    }
+}
+
+#[cfg(test)]
+mod dual_tests {
+    use super::*;
+
+    #[test]
+    fn dual_request_round_trips_and_hides_its_name_record() {
+        let v4 = EndpointName::new("ep-in4").unwrap();
+        let v6 = EndpointName::new("ep-in6").unwrap();
+        let mut r = Request::new_dual(v4, v6, libc::AF_INET6, libc::SOCK_STREAM, 6);
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_ne_bytes()));
+        let mut b = [0u8; REQUEST_LEN];
+        r.encode(&mut b);
+        let d = Request::decode(&b).unwrap();
+        assert_eq!((d.op, d.endpoint, d.dual()), (Op::SocketDual, v4, Some(v6)));
+        assert_eq!(d.options().len(), 1);
+        assert_eq!(d.options()[0].name, libc::SO_REUSEADDR);
+        // Egress, or no name record: refused.
+        let mut e = r.clone();
+        e.purpose = Purpose::Egress;
+        e.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        let n = Request::new(
+            Op::SocketDual,
+            v4,
+            libc::AF_INET6,
+            libc::SOCK_STREAM,
+            6,
+            Purpose::Ingress,
+        );
+        n.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        // A plain request never has a dual endpoint.
+        assert_eq!(
+            Request::new(Op::Socket, v4, 10, 1, 6, Purpose::Ingress).dual(),
+            None
+        );
     }
 }
 
@@ -536,8 +637,8 @@ mod tests {
         r.encode(&mut buf);
         assert_eq!(Request::decode(&buf), Err(DecodeError::Batch), "options");
         let mut b = buf;
-        b[6] = 4;
-        assert_eq!(Request::decode(&b), Err(DecodeError::Op(4)));
+        b[6] = 9;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Op(9)));
 
         let rep = Reply::ok(Op::SocketBatch, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
         let mut out = [0u8; REPLY_LEN];
