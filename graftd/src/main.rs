@@ -26,6 +26,7 @@ mod gc;
 mod netns;
 mod notify;
 mod persist;
+mod rules_fd;
 mod state;
 mod sys;
 
@@ -105,11 +106,9 @@ struct Cli {
 const DEFAULT_LIMIT: u32 = 4096;
 
 fn broker_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 107 || s.contains('\0') {
-        Err("must be 1 to 107 bytes without NUL".into())
-    } else {
-        Ok(s.to_owned())
-    }
+    graft_core::check_broker_name(s)
+        .map(|()| s.to_owned())
+        .map_err(str::to_owned)
 }
 
 /// What every thread shares.

@@ -81,6 +81,12 @@ pub struct EpRecord {
 pub struct NsRecord {
     pub netns: NetnsId,
     pub endpoints: Vec<EpRecord>,
+    /// The namespace's mapping rules (`ip graft rules`, graft-cni).
+    #[serde(
+        default,
+        skip_serializing_if = "graft_core::nsrules::NsRules::is_empty"
+    )]
+    pub rules: graft_core::nsrules::NsRules,
 }
 
 /// The whole file.
@@ -378,6 +384,11 @@ pub fn restore(ctx: &crate::Ctx, brokers: &crate::broker::Handle, records: Vec<N
             }
             added.push(ep);
         }
+        if !added.is_empty() && !r.rules.is_empty() {
+            if let Err(err) = st.set_rules(ns, &r.rules) {
+                log::warn!("{ns}: saved mapping rules dropped: {err}");
+            }
+        }
         drop(st);
         for ep in &added {
             ctx.hooks.endpoint_added(&ep.hook_ref());
@@ -436,6 +447,7 @@ mod tests {
                 },
                 target: NetnsId { dev: 4, ino: 1 },
             }],
+            rules: graft_core::nsrules::NsRules::default(),
         }
     }
 

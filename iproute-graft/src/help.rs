@@ -12,6 +12,10 @@ Usage: ip [ OPTIONS ] graft { COMMAND | help }
        ip graft add NAME type unix path PATH [ netns { PID | NETNSNAME | PATH } ]
        ip graft del NAME
        ip graft [ show | list ] [ NAME ]
+       ip graft rules [ show ]
+       ip graft rules set [ ingress ADDR:PORT[-PORT]=NAME ]... [ egress PREFIX/LEN=NAME ]...
+                          [ exclude PREFIX/LEN ]...
+       ip graft rules flush
        ip graft help
 
 Where: NAME  := up to 15 bytes of letters, digits, '-', '_', '.'
@@ -29,6 +33,11 @@ Where: NAME  := up to 15 bytes of letters, digits, '-', '_', '.'
                 refused with ENOBUFS until one is closed; counted in the
                 kernel by graft-ebpf (without it, an endpoint with a limit
                 gets no sockets)
+
+       rules := the namespace's own mapping rules, in the syntax of graft's -i, -e
+                and -x; `graft -- CMD` run without those flags takes them. The
+                namespace needs an endpoint first; its rules go with its last
+                endpoint. `set` replaces all of them.
 
 The endpoint table shown and changed is the one of the network namespace the
 command runs in (e.g. `ip netns exec c1 ip graft add ...`).

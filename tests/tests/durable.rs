@@ -114,6 +114,9 @@ fn kill9_restart_keeps_every_table_and_running_programs_graft_again() {
     ));
     let gone = Netns::new("durable3");
     env.add_in(&gone, "ep-gone type ipv4 addr 127.0.0.1 port dynamic");
+    // The namespace's mapping rules (ip graft rules, graft-cni) come back too.
+    env.ip_graft("rules set egress 127.0.0.1/32=ep-out4");
+    let rules_before = env.ip_graft("-j rules");
     let before = (show(&env.d, &env.ns), show(&env.d, &other));
     assert_eq!(before.0.as_array().map(Vec::len), Some(3), "{}", before.0);
     assert_eq!(before.1.as_array().map(Vec::len), Some(2), "{}", before.1);
@@ -132,6 +135,12 @@ fn kill9_restart_keeps_every_table_and_running_programs_graft_again() {
         before.0,
         "table of the first namespace"
     );
+    assert_eq!(
+        env.ip_graft("-j rules"),
+        rules_before,
+        "rules of the first namespace"
+    );
+    assert!(rules_before.contains("ep-out4"), "{rules_before}");
     assert_eq!(
         show(&env.d, &other),
         before.1,
