@@ -190,6 +190,7 @@ const PINNED_MAPS: &[&str] = &[
     "graft_global_map",
     "graft_ep_ids",
     "graft_next_id",
+    "graft_steer",
 ];
 
 /// Why the companion could not start or an operation on it failed.
@@ -382,13 +383,21 @@ impl Companion {
             let link_pin = pins.as_ref().map(|p| p.links.join(name));
             links.push(attach_link(
                 fd.as_fd(),
-                &placement,
+                placement.fd.as_fd(),
+                &format!("cgroup {}", placement.dir.display()),
                 name,
                 *attach_type,
                 link_pin.as_deref(),
             )?);
         }
-        let steer = attach_sk_lookup(&mut ebpf);
+        let sk_lookup_pin = pins.as_ref().map(|p| p.links.join("graft_sk_lookup"));
+        let steer = match attach_sk_lookup(&mut ebpf, sk_lookup_pin.as_deref()) {
+            Ok((map, link)) => {
+                links.push(link);
+                Ok(map)
+            }
+            Err(why) => Err(why),
+        };
         let mut c = Companion {
             _links: links,
             ebpf,
@@ -697,16 +706,33 @@ impl Companion {
 /// namespace (graftd's own, where its endpoints usually live); the steering
 /// map on success, else one line saying why (dual-stack listeners then
 /// answer on their IPv6 endpoint only; nothing else depends on it).
-fn attach_sk_lookup(ebpf: &mut Ebpf) -> Result<SockHash<MapData, [u8; 24]>, String> {
+///
+/// Like the cgroup programs it is attached by a bpf_link, pinned (as
+/// `PIN_DIR/links/graft_sk_lookup`, with `graft_steer` among the pinned maps)
+/// when the companion is: listeners handed out before a restart stay steered.
+fn attach_sk_lookup(
+    ebpf: &mut Ebpf,
+    pin_path: Option<&Path>,
+) -> Result<(SockHash<MapData, [u8; 24]>, OwnedFd), String> {
     let map: SockHash<MapData, [u8; 24]> = take(ebpf, "graft_steer").map_err(|e| e.to_string())?;
     let netns = std::fs::File::open("/proc/self/ns/net")
         .map_err(|e| format!("open /proc/self/ns/net: {e}"))?;
     let p: &mut SkLookup = prog(ebpf, "graft_sk_lookup").map_err(|e| e.to_string())?;
     p.load()
         .map_err(|e| bpf_err("load program graft_sk_lookup")(e).to_string())?;
-    p.attach(&netns)
-        .map_err(|e| bpf_err("attach graft_sk_lookup to graftd's namespace")(e).to_string())?;
-    Ok(map)
+    let fd = p
+        .fd()
+        .map_err(|e| bpf_err("program graft_sk_lookup")(e).to_string())?;
+    let link = attach_link(
+        fd.as_fd(),
+        netns.as_fd(),
+        "graftd's network namespace",
+        "graft_sk_lookup",
+        attach::SK_LOOKUP,
+        pin_path,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((map, link))
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
@@ -848,7 +874,8 @@ fn prepare_pin_dir(dir: &Path) -> Result<PinDirs, Error> {
 /// pinned.
 fn attach_link(
     prog: BorrowedFd<'_>,
-    placement: &Placement,
+    target: BorrowedFd<'_>,
+    target_desc: &str,
     name: &str,
     attach_type: u32,
     pin_path: Option<&Path>,
@@ -873,10 +900,8 @@ fn attach_link(
             }
         }
     }
-    let link = pin::link_create(prog, placement.fd.as_fd(), attach_type).map_err(io(format!(
-        "attach {name} to cgroup {}",
-        placement.dir.display()
-    )))?;
+    let link = pin::link_create(prog, target, attach_type)
+        .map_err(io(format!("attach {name} to {target_desc}")))?;
     if let Some(path) = pin_path {
         pin::obj_pin(link.as_fd(), path).map_err(io(format!("pin {}", path.display())))?;
     }

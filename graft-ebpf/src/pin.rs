@@ -29,6 +29,7 @@ pub mod attach {
     pub const CGROUP_UDP6_SENDMSG: u32 = 15;
     pub const CGROUP_SETSOCKOPT: u32 = 22;
     pub const CGROUP_INET_SOCK_RELEASE: u32 = 34;
+    pub const SK_LOOKUP: u32 = 36;
 }
 
 /// One `bpf()` call with a zero-padded attribute block.
@@ -61,15 +62,16 @@ fn owned(rc: libc::c_long) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `BPF_LINK_CREATE`: attaches `prog` to the cgroup `cgroup` as a link.
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup directory or a
+/// network namespace) as a link.
 pub fn link_create(
     prog: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 8];
     // { prog_fd, target_fd }, { attach_type, flags = 0 }
-    attr[0] = lo_hi(prog.as_raw_fd() as u32, cgroup.as_raw_fd() as u32);
+    attr[0] = lo_hi(prog.as_raw_fd() as u32, target.as_raw_fd() as u32);
     attr[1] = lo_hi(attach_type, 0);
     bpf(BPF_LINK_CREATE, &mut attr).and_then(owned)
 }

@@ -820,3 +820,75 @@ print(s.recv(16).decode().strip())
     assert_eq!(out.trim(), "hi", "{err}");
     assert_eq!(host.accepted.load(Ordering::SeqCst), 1);
 }
+
+/// Connects to `addr`, returns what the server sent before closing.
+fn answer(addr: &str) -> String {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn a_dual_stack_listener_stays_steered_across_kill9() {
+    let Some(mut env) = Env::new("dual_kill9", &["python3"]) else {
+        return;
+    };
+    let p4 = free_port();
+    let p6 = free_port();
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
+    env.add(&format!("ep-in6 type ipv6 addr ::1 port {p6}"));
+    let script = env.script(
+        "dual.py",
+        r#"
+import socket
+l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+l.bind(("::", 3000))
+l.listen(16)
+print("listening", flush=True)
+while True:
+    c, peer = l.accept()
+    c.sendall(peer[0].encode())
+    c.close()
+"#,
+        &[],
+    );
+    let mut c = env.graft(&[
+        "-i",
+        "0.0.0.0:0-65535=ep-in4",
+        "-i",
+        ":::0-65535=ep-in6",
+        "--",
+        "python3",
+        &script,
+    ]);
+    c.stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, "dual-stack python server");
+    let mut l = String::new();
+    BufReader::new(p.child.stdout.take().unwrap())
+        .read_line(&mut l)
+        .unwrap();
+    assert_eq!(l.trim(), "listening");
+    if !env
+        .d
+        .log_text()
+        .contains("handed out a dual-stack listener")
+    {
+        println!(
+            "SKIP: dual_kill9: graftd made no dual-stack listener (eBPF companion unavailable?)"
+        );
+        return;
+    }
+    let v6 = format!("[::1]:{p6}");
+    let v4 = format!("127.0.0.1:{p4}");
+    assert_eq!(answer(&v6), "::1");
+    assert_eq!(answer(&v4), "::ffff:127.0.0.1");
+    env.d.kill9();
+    assert_eq!(answer(&v6), "::1", "steered while graftd is down");
+    env.d.restart();
+    assert_eq!(answer(&v6), "::1", "steered after the restart");
+    assert_eq!(answer(&v4), "::ffff:127.0.0.1");
+    drop(p);
+}
