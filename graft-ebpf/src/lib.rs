@@ -60,6 +60,14 @@
 //! * One owner per socket: if another sk_msg program already owns a socket
 //!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
 //!   returns one line saying so.
+//! * `cgroup/bind4`, `cgroup/bind6`: a marked socket refuses every `bind()`
+//!   with EPERM (counted in `policy_denied`), except from the process that
+//!   loaded the programs (graftd, which binds before it marks anyway); this
+//!   is what makes
+//!   it safe for graftd to bind egress sockets with `IP_BIND_ADDRESS_NO_PORT`
+//!   (or not at all, for a wildcard endpoint) and let `connect()` pick the
+//!   port as on the host, reusing TIME_WAIT ports and sharing ports between
+//!   4-tuples. Runs by the socket's cgroup, like setsockopt.
 //! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
 //!   graftd refuses `SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
 //!   `IP_TRANSPARENT`, `IPV6_TRANSPARENT`, `IP_FREEBIND` and `IPV6_FREEBIND`
@@ -108,11 +116,14 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-const CGROUP_PROGRAMS: [&str; 4] = [
+const CGROUP_PROGRAMS: [&str; 6] = [
     "graft_connect4",
     "graft_connect6",
     "graft_sendmsg4",
     "graft_sendmsg6",
+    // The bind guard: see `Companion::bind_guarded`.
+    "graft_bind4",
+    "graft_bind6",
 ];
 
 /// Why the companion could not start or an operation on it failed.
@@ -227,6 +238,9 @@ impl Companion {
     /// attaches them there.
     pub fn start(opts: &Options) -> Result<Self, Error> {
         let splice = u32::from(opts.splice);
+        // The bind guard lets this process's own binds through (it binds
+        // before it marks; tests playing graftd bind after).
+        let binder = std::process::id();
         // Load before touching cgroups: a kernel without BTF or without the
         // privileges fails here with nothing to undo.
         // No CO-RE relocations in our programs: skip parsing the kernel BTF
@@ -234,6 +248,7 @@ impl Companion {
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .override_global("splice_enabled", &splice, true)
+            .override_global("binder_tgid", &binder, true)
             .load(OBJECT)
             .map_err(bpf_err("load eBPF object"))?;
         for name in CGROUP_PROGRAMS {
@@ -312,6 +327,13 @@ impl Companion {
     /// The cgroup the process came from.
     pub fn original_cgroup(&self) -> PathBuf {
         self.placement.original.clone()
+    }
+
+    /// Whether a marked socket refuses every `bind()` (cgroup bind4/bind6;
+    /// always, once started). graftd may then leave an egress socket's port
+    /// to `connect()`: nobody can re-bind it afterwards.
+    pub fn bind_guarded(&self) -> bool {
+        true
     }
 
     /// Whether splicing is on.

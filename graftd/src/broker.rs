@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::proto::broker::{
-    Op, OptValue, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
+    Op, OptValue, Purpose, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
 };
 use graft_core::sockopt::{self, Class, Kind};
 use graft_core::{EndpointAddr, NetnsId};
@@ -522,7 +522,8 @@ fn describe(req: &Request) -> String {
 }
 
 fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, Refusal> {
-    let params = plan(&ep.spec.addr, req)?;
+    let mut params = plan(&ep.spec.addr, req)?;
+    params.port_at_connect = port_at_connect(&params, req.purpose, ctx.hooks.bind_guarded());
     let made = match &ep.target {
         Target::Own => factory::make_here(&params),
         Target::Foreign(w) => w.make(params),
@@ -539,6 +540,22 @@ fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, 
         .socket_handed_out(made.fd.as_fd(), &ep.hook_ref(), req.purpose)
         .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EPERM), Reason::Policy))?;
     Ok(made)
+}
+
+/// Whether a socket's port is left to `connect()`, as on the host: then
+/// TIME_WAIT ports are reused (tcp_tw_reuse) and one port serves many
+/// 4-tuples, where a port taken at bind time is unusable until its TIME_WAIT
+/// ends, so a client churning connections ran out of ports under graft only.
+/// TCP egress sockets of a `dynamic` endpoint, and only while the bind guard
+/// is loaded (the holder could re-bind a socket without a port anywhere).
+/// Without it (`--no-ebpf`) the port is taken at bind, as before.
+pub fn port_at_connect(p: &SocketParams, purpose: Purpose, guarded: bool) -> bool {
+    let dynamic = match &p.bind {
+        BindAddr::V4(a) => a.port() == 0,
+        BindAddr::V6(a) => a.port() == 0,
+        BindAddr::Unix(_) => false,
+    };
+    guarded && purpose == Purpose::Egress && p.sotype == libc::SOCK_STREAM && dynamic
 }
 
 /// The address an endpoint is configured with, as a raw sockaddr (port 0 for
@@ -611,9 +628,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
             return Err(Refusal::opt(libc::EINVAL, Reason::Malformed, o));
         }
         if (o.level, o.name) == (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT) {
-            // Binding without a port would leave the socket re-bindable by
-            // the application to any host address: the port is always taken
-            // at bind instead, which is only slower for connect-heavy apps.
+            // Binding without a port leaves the socket re-bindable unless the
+            // bind guard is loaded: graftd decides (port_at_connect), never
+            // the request.
             continue;
         }
         if mapped
@@ -630,6 +647,7 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         protocol: req.protocol,
         opts,
         bind,
+        port_at_connect: false,
     })
 }
 
@@ -697,6 +715,27 @@ mod tests {
         let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
         assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &int(1)));
         assert!(plan(&v4(), &r).unwrap().opts.is_empty());
+    }
+
+    #[test]
+    fn port_left_to_connect_only_for_guarded_tcp_egress_of_dynamic_endpoints() {
+        let tcp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        let udp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        let dynamic = EndpointAddr::Ipv4 {
+            addr: std::net::Ipv4Addr::LOCALHOST,
+            port: None,
+        };
+        let dyn_tcp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        assert!(port_at_connect(&dyn_tcp, Purpose::Egress, true));
+        assert!(
+            !port_at_connect(&dyn_tcp, Purpose::Egress, false),
+            "no guard"
+        );
+        assert!(!port_at_connect(&dyn_tcp, Purpose::Ingress, true));
+        assert!(!port_at_connect(&tcp, Purpose::Egress, true), "fixed port");
+        let dyn_udp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        assert!(!port_at_connect(&dyn_udp, Purpose::Egress, true));
+        assert!(!port_at_connect(&udp, Purpose::Egress, true));
     }
 
     #[test]

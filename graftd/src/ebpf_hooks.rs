@@ -81,6 +81,13 @@ pub trait Hooks: Send + Sync {
         Ok(())
     }
 
+    /// Whether every socket marked in `socket_handed_out` refuses a later
+    /// `bind()` from whoever holds it (graft-ebpf's bind guard). Only then
+    /// may an egress socket leave its port to `connect()`.
+    fn bind_guarded(&self) -> bool {
+        false
+    }
+
     /// `show` asks for the counters of `ep`: add the kernel-side ones.
     fn merge_stats(&self, _ep: &EndpointRef<'_>, _stats: &mut Stats) {}
 
@@ -116,6 +123,7 @@ pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
                 if c.splice() { "on" } else { "off" }
             );
             Box::new(Ebpf {
+                guarded: c.bind_guarded(),
                 companion: Mutex::new(Some(c)),
             })
         }
@@ -158,6 +166,8 @@ impl Hooks for WithoutEbpf {
 
 /// graft-ebpf's companion behind graftd's hooks.
 struct Ebpf {
+    /// The companion's bind guard is attached (fixed at start).
+    guarded: bool,
     /// `None` once stopping.
     companion: Mutex<Option<graft_ebpf::Companion>>,
 }
@@ -215,6 +225,12 @@ impl Hooks for Ebpf {
                 log::error!("refusing a socket of endpoint {}: {e}", ep.name);
                 io::Error::from_raw_os_error(libc::EPERM)
             })
+    }
+
+    fn bind_guarded(&self) -> bool {
+        // socket_handed_out refuses every socket once the companion is gone,
+        // so a socket bound without its port is never handed out unguarded.
+        self.guarded
     }
 
     fn merge_stats(&self, ep: &EndpointRef<'_>, stats: &mut Stats) {
