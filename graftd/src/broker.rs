@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::proto::broker::{
-    Op, OptValue, Purpose, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
+    Op, OptValue, Purpose, Reason, Reply, Request, BATCH_FIRST, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
 };
 use graft_core::sockopt::{self, Class, Kind};
 use graft_core::{EndpointAddr, NetnsId};
@@ -109,6 +109,8 @@ pub fn spawn(ctx: Arc<Ctx>) -> io::Result<Handle> {
 struct Conn {
     fd: OwnedFd,
     ns: NetnsId,
+    /// Size of the next `SocketBatch` reply (see `BATCH_FIRST`).
+    batch: usize,
 }
 
 struct Loop {
@@ -252,7 +254,11 @@ impl Loop {
                         continue;
                     }
                     *n += 1;
-                    self.conns.push(Conn { fd, ns });
+                    self.conns.push(Conn {
+                        fd,
+                        ns,
+                        batch: BATCH_FIRST,
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -272,7 +278,14 @@ impl Loop {
 
     /// Serves what connection `i` sent; false when it must be closed.
     fn serve(&mut self, i: usize, buf: &mut [u8; REQUEST_LEN + 1]) -> bool {
-        let (fd, ns) = (&self.conns[i].fd, self.conns[i].ns);
+        let Loop {
+            conns,
+            ctx,
+            log_budget,
+            ..
+        } = self;
+        let conn = &mut conns[i];
+        let (fd, ns) = (&conn.fd, conn.ns);
         for _ in 0..BURST {
             let rx = match sys::recv_record(fd.as_fd(), buf) {
                 Ok(Some(rx)) => rx,
@@ -293,7 +306,11 @@ impl Loop {
                     Vec::new(),
                 )
             } else {
-                handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
+                let r = handle_sized(ctx, ns, &buf[..len], log_budget, conn.batch);
+                if r.0.op == Op::SocketBatch && r.0.errno == 0 {
+                    conn.batch = (conn.batch * 2).min(BATCH_MAX);
+                }
+                r
             };
             drop(rx);
             let mut out = [0u8; REPLY_LEN];
@@ -396,12 +413,25 @@ impl Refusal {
     }
 }
 
-/// Answers one record from a client of namespace `ns`'s broker.
+/// Answers one record from a client of namespace `ns`'s broker, as the
+/// first request of a connection.
+#[cfg(test)]
 pub fn handle(
     ctx: &Ctx,
     ns: NetnsId,
     rec: &[u8],
     log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    handle_sized(ctx, ns, rec, log_budget, BATCH_FIRST)
+}
+
+/// Answers one record; a `SocketBatch` gets up to `batch` sockets.
+pub fn handle_sized(
+    ctx: &Ctx,
+    ns: NetnsId,
+    rec: &[u8],
+    log_budget: &mut LogBudget,
+    batch: usize,
 ) -> (Reply, Vec<OwnedFd>) {
     let req = match Request::decode(rec) {
         Ok(r) => r,
@@ -429,7 +459,7 @@ pub fn handle(
         ),
         Op::Socket | Op::SocketBatch => {
             let want = if req.op == Op::SocketBatch {
-                BATCH_MAX
+                batch.clamp(1, BATCH_MAX)
             } else {
                 1
             };
@@ -930,7 +960,10 @@ mod tests {
         b.op = Op::SocketBatch;
         b.purpose = Purpose::Egress;
         let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
-        assert_eq!((r.op, r.errno, fds.len()), (Op::SocketBatch, 0, BATCH_MAX));
+        assert_eq!(
+            (r.op, r.errno, fds.len()),
+            (Op::SocketBatch, 0, BATCH_FIRST)
+        );
         let mut ports: Vec<u16> = fds
             .iter()
             .map(|f| {
@@ -942,12 +975,12 @@ mod tests {
         assert_eq!(&r.addr_bytes()[2..4], &ports[0].to_be_bytes());
         ports.sort();
         ports.dedup();
-        assert_eq!(ports.len(), BATCH_MAX, "each socket has its own port");
+        assert_eq!(ports.len(), BATCH_FIRST, "each socket has its own port");
         let ep = ctx
             .state()
             .lookup(ns, &EndpointName::new("ep").unwrap())
             .unwrap();
-        assert_eq!(ep.stats().sockets, BATCH_MAX as u64);
+        assert_eq!(ep.stats().sockets, BATCH_FIRST as u64);
         // Options or ingress: malformed, nothing made.
         let mut bad = b.clone();
         assert!(bad.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));

@@ -217,8 +217,11 @@ impl Hooks for Ebpf {
         let Some(c) = g.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         };
-        if let Some(line) = c.splice_problem() {
-            log::warn!("{line}");
+        // One bpf() lookup: only worth it when there is splicing to report.
+        if c.splice() {
+            if let Some(line) = c.splice_problem() {
+                log::warn!("{line}");
+            }
         }
         c.register_socket_with_policy(sock, &key(ep), ep.policy)
             .map_err(|e| {

@@ -465,9 +465,10 @@ pub const MAX_FDS: usize = graft_core::proto::broker::BATCH_MAX;
 /// keeping the first [`MAX_FDS`] and closing the rest. Bounded EINTR retries; the
 /// socket's SO_RCVTIMEO bounds the wait.
 pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
-    // Room for one cmsg with 16 ints (twice a batch, so a longer one is
-    // still received and closed rather than truncated), aligned for cmsghdr.
-    let mut cbuf = [0u64; 12];
+    // Room for one cmsg (a 16-byte header) with 2 * MAX_FDS ints (twice a
+    // batch, so a longer one is still received and closed rather than
+    // truncated), aligned for cmsghdr.
+    let mut cbuf = [0u64; 2 + MAX_FDS];
     for _ in 0..64 {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
