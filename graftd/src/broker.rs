@@ -466,7 +466,7 @@ pub fn handle_sized(
             let mut made: Vec<factory::Made> = Vec::with_capacity(want);
             let mut failed = None;
             for _ in 0..want {
-                match socket_for(ctx, &ep, &req) {
+                match socket_for(ctx, &ep, &req, made.is_empty()) {
                     Ok(m) => {
                         ep.count(true);
                         made.push(m);
@@ -551,8 +551,14 @@ fn describe(req: &Request) -> String {
     format!("{fam} {ty}")
 }
 
-fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, Refusal> {
+fn socket_for(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    req: &Request,
+    want_addr: bool,
+) -> Result<factory::Made, Refusal> {
     let mut params = plan(&ep.spec.addr, req)?;
+    params.want_addr = want_addr;
     params.port_at_connect = port_at_connect(&params, req.purpose, ctx.hooks.bind_guarded());
     let made = match &ep.target {
         Target::Own => factory::make_here(&params),
@@ -678,6 +684,7 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         opts,
         bind,
         port_at_connect: false,
+        want_addr: true,
     })
 }
 

@@ -47,6 +47,9 @@ pub struct SocketParams {
     /// socket's own family (connect picks the address too). Only for sockets
     /// the eBPF bind guard covers: otherwise the holder could re-bind them.
     pub port_at_connect: bool,
+    /// Read the bound address back (`Made::addr`); a batch's later sockets
+    /// skip it, only the first one's goes into the reply.
+    pub want_addr: bool,
 }
 
 /// A socket made and bound, with its bound address as raw sockaddr bytes.
@@ -108,7 +111,11 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
         })?;
     }
     bind(fd.as_fd(), p).map_err(MakeError::Bind)?;
-    let addr = sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?;
+    let addr = if p.want_addr {
+        sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?
+    } else {
+        Vec::new()
+    };
     Ok(Made { fd, addr })
 }
 
@@ -241,6 +248,7 @@ mod tests {
             opts: vec![],
             bind,
             port_at_connect: false,
+            want_addr: true,
         }
     }
 
