@@ -6,14 +6,17 @@
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
 PROFILE ?= debug
+# Where CNI plugins live on a node (kubelet/containerd's default).
+CNI_BIN_DIR ?= /opt/cni/bin
 
 # Debian packages the build, the tests, the demo and the benchmarks use.
 DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
 	iperf3 nginx-light curl socat python3 netcat-openbsd \
 	clang llvm libbpf-dev bpftool \
-	wrk debootstrap gnuplot-nox jq
+	wrk debootstrap gnuplot-nox jq python3-yaml containernetworking-plugins
 
-.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall clean
+.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall \
+	install-ip-divert uninstall-ip-divert clean
 
 all: build
 
@@ -69,10 +72,22 @@ install: release
 		target/release/docker-ns-exec $(DESTDIR)$(PREFIX)/bin/
 	install -m 0755 iproute-graft/ip $(DESTDIR)$(PREFIX)/bin/ip
 	install -m 0644 target/release/libgraft_convert.so $(DESTDIR)$(PREFIX)/lib/graft/libgraft-convert.so
+	install -d $(DESTDIR)$(CNI_BIN_DIR)
+	install -m 0755 target/release/graft-cni $(DESTDIR)$(CNI_BIN_DIR)/graft-cni
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,graftd ip-graft graft docker-ns-exec ip)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/graft
+	rm -f $(DESTDIR)$(CNI_BIN_DIR)/graft-cni
+
+# Opt-in (Debian/Ubuntu): the literal `/sbin/ip graft ...` of AF_GRAFT's
+# walkthrough. Diverts iproute2's /sbin/ip with dpkg-divert and installs the
+# wrapper there; every other `ip` command still runs iproute2's.
+install-ip-divert: install
+	iproute-graft/divert-ip install iproute-graft/ip
+
+uninstall-ip-divert:
+	iproute-graft/divert-ip remove
 
 clean:
 	$(CARGO) clean

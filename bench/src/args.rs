@@ -1,26 +1,40 @@
-//! `--key value` / `--flag` parsing, shared by every subcommand.
+//! `--key value` / `--flag` parsing, shared by every subcommand: each
+//! subcommand names the options it takes, anything else is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::Result;
 
 /// Flags that take no value.
 const SWITCHES: &[&str] = &["once", "oob"];
+
+/// Bad input on the command line (main exits 2 on it, not 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+fn bad(msg: String) -> anyhow::Error {
+    BadInput(msg).into()
+}
 
 pub struct Args {
     kv: HashMap<String, String>,
 }
 
 impl Args {
-    pub fn parse(argv: &[String]) -> std::result::Result<Self, String> {
+    /// Parses `argv` for a subcommand that takes the options in `known`.
+    pub fn parse(argv: &[String], known: &[&str]) -> std::result::Result<Self, String> {
         let mut kv = HashMap::new();
         let mut it = argv.iter();
         while let Some(k) = it.next() {
             let key = k
                 .strip_prefix("--")
                 .ok_or_else(|| format!("unexpected argument `{k}`"))?;
+            if !known.contains(&key) {
+                return Err(format!("unknown option `{k}`"));
+            }
             if SWITCHES.contains(&key) {
                 kv.insert(key.to_owned(), String::new());
                 continue;
@@ -39,9 +53,9 @@ impl Args {
         let v = self
             .kv
             .get(key)
-            .ok_or_else(|| anyhow!("--{key} ADDR:PORT is required"))?;
+            .ok_or_else(|| bad(format!("--{key} ADDR:PORT is required")))?;
         v.parse()
-            .with_context(|| format!("--{key} `{v}` is not ADDR:PORT"))
+            .map_err(|_| bad(format!("--{key} `{v}` is not ADDR:PORT")))
     }
 
     pub fn num(&self, key: &str, default: u64) -> Result<u64> {
@@ -49,7 +63,7 @@ impl Args {
             None => Ok(default),
             Some(v) => v
                 .parse()
-                .with_context(|| format!("--{key} `{v}` is not a number")),
+                .map_err(|_| bad(format!("--{key} `{v}` is not a number"))),
         }
     }
 
@@ -58,10 +72,10 @@ impl Args {
             None => default,
             Some(v) => v
                 .parse::<f64>()
-                .with_context(|| format!("--{key} `{v}` is not a number of seconds"))?,
+                .map_err(|_| bad(format!("--{key} `{v}` is not a number of seconds")))?,
         };
         if !(s > 0.0 && s < 86_400.0) {
-            return Err(anyhow!("--{key} must be between 0 and 86400 seconds"));
+            return Err(bad(format!("--{key} must be between 0 and 86400 seconds")));
         }
         Ok(Duration::from_secs_f64(s))
     }

@@ -28,44 +28,59 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: graft-bench { server | latency | churn | relay | sendcost | sockcost } [--key value]…
-  server   --listen ADDR:PORT [--once] [--size N]
+  server   --listen ADDR:PORT [--once] [--size N] [--secs LIFETIME]
   latency  --connect ADDR:PORT [--size 64] [--count N] [--secs S] [--warmup N]
   churn    --connect ADDR:PORT [--size 64] [--count N] [--secs S]
-  relay    --listen ADDR:PORT --upstream ADDR:PORT
+  relay    --listen ADDR:PORT --upstream ADDR:PORT [--secs LIFETIME]
   sendcost --dest ADDR:PORT [--count N] [--oob]
   sockcost --dest ADDR:PORT [--count N] [--secs S]";
+
+type Run = fn(&args::Args) -> anyhow::Result<()>;
+
+/// Every subcommand, the options it takes and what runs it.
+const COMMANDS: &[(&str, &[&str], Run)] = &[
+    ("server", &["listen", "once", "size", "secs"], server::run),
+    (
+        "latency",
+        &["connect", "size", "count", "secs", "warmup"],
+        latency::run,
+    ),
+    ("churn", &["connect", "size", "count", "secs"], churn::run),
+    ("relay", &["listen", "upstream", "secs"], relay::run),
+    ("sendcost", &["dest", "count", "oob"], |a| {
+        sendcost::run(a, false)
+    }),
+    ("sockcost", &["dest", "count", "secs"], |a| {
+        sendcost::run(a, true)
+    }),
+];
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("graft-bench: {msg} (graft-bench --help)");
+    ExitCode::from(2)
+}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = argv.split_first() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
+        return usage_error("a subcommand is required");
     };
-    let a = match args::Args::parse(rest) {
+    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let Some(&(_, known, run)) = COMMANDS.iter().find(|(name, _, _)| name == cmd) else {
+        return usage_error(&format!("unknown subcommand `{cmd}`"));
+    };
+    let a = match args::Args::parse(rest, known) {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("graft-bench: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(&format!("{cmd}: {e}")),
     };
-    let res = match cmd.as_str() {
-        "server" => server::run(&a),
-        "latency" => latency::run(&a),
-        "churn" => churn::run(&a),
-        "relay" => relay::run(&a),
-        "sendcost" => sendcost::run(&a, false),
-        "sockcost" => sendcost::run(&a, true),
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        other => {
-            eprintln!("graft-bench: unknown subcommand `{other}`\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match res {
+    match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<args::BadInput>().is_some() => {
+            usage_error(&format!("{cmd}: {e}"))
+        }
         Err(e) => {
             eprintln!("graft-bench {cmd}: {e:#}");
             ExitCode::FAILURE

@@ -12,9 +12,9 @@
 //! belongs to the running container (a pid can be reused), `setns`es into it
 //! and execs the command (looked up on PATH).
 //!
-//! Exit status: 2 usage error; 1 the container is unknown, stopped, or its
-//! namespace cannot be entered; 126/127 the command cannot be run; otherwise
-//! the command's own.
+//! Exit status: 2 usage error (one line); 1 the container is unknown,
+//! stopped, or its namespace cannot be entered; 126/127 the command cannot be
+//! run; otherwise the command's own.
 #![forbid(unsafe_code)]
 
 mod inspect;
@@ -24,40 +24,59 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
-const USAGE: &str = "usage: docker-ns-exec CONTAINER COMMAND [ARGS...]";
+use clap::error::ErrorKind;
+use clap::Parser;
+
+/// Runs a host command inside the network namespace of a running Docker
+/// container (mounts, pids and users stay the host's).
+#[derive(Debug, Parser)]
+#[command(name = "docker-ns-exec", version)]
+struct Cli {
+    /// The container's name or id.
+    #[arg(value_name = "CONTAINER")]
+    container: String,
+    /// The command and its arguments, looked up on the host's PATH; options
+    /// after the container belong to the command.
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
+}
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("docker-ns-exec: {msg}");
     ExitCode::from(code)
 }
 
+/// clap's error as one line: its first paragraph (the message and any list
+/// of missing arguments) joined, without the `error: ` prefix.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let words: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .flat_map(str::split_whitespace)
+        .collect();
+    let line = words.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
 fn main() -> ExitCode {
-    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if argv.first().is_some_and(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    if argv.first().is_some_and(|a| a == "--") {
-        argv.remove(0);
-    }
-    let container = match argv.first().map(|c| c.to_str()) {
-        None => {
-            eprintln!("docker-ns-exec: no container given\n{USAGE}");
-            return ExitCode::from(2);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            print!("{}", e.render());
+            return ExitCode::SUCCESS;
         }
-        Some(None) => return fail(2, "container name is not valid UTF-8"),
-        // Docker names and ids never start with '-': this is a mistyped option.
-        Some(Some(c)) if c.starts_with('-') => {
-            eprintln!("docker-ns-exec: unknown option \"{c}\"\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        Some(Some(c)) => c.to_owned(),
+        Err(e) => return fail(2, format!("{} (--help shows the usage)", one_line(&e))),
     };
-    if argv.len() < 2 {
-        eprintln!("docker-ns-exec: no command given\n{USAGE}");
-        return ExitCode::from(2);
-    }
-    run(&container, &argv[1], &argv[2..])
+    let Some((prog, args)) = cli.command.split_first() else {
+        return fail(2, "no command given (--help shows the usage)");
+    };
+    run(&cli.container, prog, args)
 }
 
 fn run(container: &str, prog: &OsString, args: &[OsString]) -> ExitCode {

@@ -10,6 +10,8 @@
 //!   path) and how `ip graft` spells it.
 //! * [`rules`]: the ingress (`-i ADDR:PORT[-PORT]=EP`) and egress
 //!   (`-e PREFIX/LEN=EP`, `-x PREFIX/LEN`) mapping rules, their parser and matcher.
+//! * [`nsrules`]: a namespace's own rules as graftd keeps them and hands them
+//!   to `graft -- CMD` (run without `-i/-e/-x`).
 //! * [`sockopt`]: which socket options a grafted socket carries over from the
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
@@ -22,6 +24,7 @@
 pub mod endpoint;
 pub mod name;
 pub mod netns;
+pub mod nsrules;
 pub mod proto;
 pub mod rules;
 pub mod sockopt;
@@ -40,6 +43,20 @@ pub const DEFAULT_BROKER_NAME: &str = "graft/broker";
 /// Environment variable overriding [`DEFAULT_BROKER_NAME`] (tests run several
 /// daemons side by side).
 pub const ENV_BROKER: &str = "GRAFT_BROKER";
+/// Longest broker name: an abstract socket's name fills `sun_path` (108
+/// bytes) after its leading NUL.
+pub const BROKER_NAME_MAX: usize = 107;
+
+/// Whether `name` can be a broker's abstract socket name: 1 to
+/// [`BROKER_NAME_MAX`] bytes, no NUL. The error is the reason, for the caller
+/// to put after the name.
+pub fn check_broker_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > BROKER_NAME_MAX || name.contains('\0') {
+        Err("a broker name must be 1 to 107 bytes without NUL")
+    } else {
+        Ok(())
+    }
+}
 /// Ingress rules for the preload library, as in AF_GRAFT's wrapper.
 pub const ENV_INGRESS: &str = "GRAFT_INGRESS_CONVERT";
 /// Egress rules for the preload library, as in AF_GRAFT's wrapper.
@@ -54,3 +71,18 @@ pub const ENV_POOL: &str = "GRAFT_POOL";
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_names_up_to_the_abstract_socket_limit() {
+        assert_eq!(check_broker_name(DEFAULT_BROKER_NAME), Ok(()));
+        assert_eq!(check_broker_name(&"b".repeat(BROKER_NAME_MAX)), Ok(()));
+        let err = check_broker_name(&"b".repeat(BROKER_NAME_MAX + 1)).unwrap_err();
+        assert!(err.contains(&BROKER_NAME_MAX.to_string()), "{err}");
+        assert!(check_broker_name("").is_err());
+        assert!(check_broker_name("a\0b").is_err());
+    }
+}

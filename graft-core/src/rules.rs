@@ -14,7 +14,9 @@
 //! `GRAFT_EGRESS_EXCLUDE`) rules are separated by whitespace or commas.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::name::{EndpointName, NameError};
 
@@ -83,6 +85,15 @@ fn parse_name(rule: &str, s: &str) -> Result<EndpointName, RuleError> {
     })
 }
 
+/// `LHS=EP`: the left-hand side and the endpoint.
+fn split_endpoint(
+    rule: &str,
+    shape: impl Fn() -> RuleError,
+) -> Result<(&str, EndpointName), RuleError> {
+    let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
+    Ok((lhs, parse_name(rule, ep)?))
+}
+
 fn parse_port(rule: &str, s: &str) -> Result<u16, RuleError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(RuleError::BadPort {
@@ -94,6 +105,40 @@ fn parse_port(rule: &str, s: &str) -> Result<u16, RuleError> {
         rule: rule.to_owned(),
         port: s.to_owned(),
     })
+}
+
+/// `PORT` or `LO-HI` (inclusive, not reversed).
+fn parse_port_range(rule: &str, s: &str) -> Result<(u16, u16), RuleError> {
+    let range = match s.split_once('-') {
+        Some((lo, hi)) => (parse_port(rule, lo)?, parse_port(rule, hi)?),
+        None => {
+            let p = parse_port(rule, s)?;
+            (p, p)
+        }
+    };
+    if range.0 > range.1 {
+        return Err(RuleError::ReversedRange(rule.to_owned()));
+    }
+    Ok(range)
+}
+
+/// The rule that decides for a destination among the `matching` ones: the
+/// longest prefix; on a tie, one for which `wins_tie` holds.
+fn longest_prefix<'a, R>(
+    matching: impl Iterator<Item = &'a R>,
+    prefix: impl Fn(&R) -> &Prefix,
+    wins_tie: impl Fn(&R) -> bool,
+) -> Option<&'a R> {
+    let mut best: Option<&R> = None;
+    for r in matching {
+        best = match best {
+            None => Some(r),
+            Some(b) if prefix(r).len > prefix(b).len => Some(r),
+            Some(b) if prefix(r).len == prefix(b).len && wins_tie(r) => Some(r),
+            keep => keep,
+        };
+    }
+    best
 }
 
 fn parse_ip(rule: &str, s: &str) -> Result<IpAddr, RuleError> {
@@ -108,8 +153,7 @@ impl std::str::FromStr for IngressRule {
 
     fn from_str(rule: &str) -> Result<Self, RuleError> {
         let shape = || RuleError::IngressShape(rule.to_owned());
-        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
-        let endpoint = parse_name(rule, ep)?;
+        let (lhs, endpoint) = split_endpoint(rule, shape)?;
         let (addr, ports) = if let Some(rest) = lhs.strip_prefix('[') {
             let (a, p) = rest.split_once("]:").ok_or_else(shape)?;
             (a, p)
@@ -117,16 +161,7 @@ impl std::str::FromStr for IngressRule {
             lhs.rsplit_once(':').ok_or_else(shape)?
         };
         let addr = parse_ip(rule, addr)?;
-        let ports = match ports.split_once('-') {
-            Some((lo, hi)) => (parse_port(rule, lo)?, parse_port(rule, hi)?),
-            None => {
-                let p = parse_port(rule, ports)?;
-                (p, p)
-            }
-        };
-        if ports.0 > ports.1 {
-            return Err(RuleError::ReversedRange(rule.to_owned()));
-        }
+        let ports = parse_port_range(rule, ports)?;
         Ok(IngressRule {
             addr,
             ports,
@@ -153,50 +188,26 @@ impl Prefix {
     fn parse(rule: &str, s: &str, shape: impl Fn() -> RuleError) -> Result<Self, RuleError> {
         let (a, l) = s.split_once('/').ok_or_else(shape)?;
         let addr = parse_ip(rule, a)?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = l
-            .parse()
-            .ok()
-            .filter(|n| *n <= max && l.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| RuleError::BadPrefixLen {
-                rule: rule.to_owned(),
-                len: l.to_owned(),
-            })?;
-        let p = Prefix { addr, len };
-        if p.mask(addr) != addr {
+        let bad_len = || RuleError::BadPrefixLen {
+            rule: rule.to_owned(),
+            len: l.to_owned(),
+        };
+        if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad_len());
+        }
+        let len: u8 = l.parse().map_err(|_| bad_len())?;
+        let net = IpNet::new(addr, len).map_err(|_| bad_len())?;
+        if net.trunc() != net {
             return Err(RuleError::HostBits(rule.to_owned()));
         }
-        Ok(p)
-    }
-
-    /// `a` with the bits beyond this prefix's length cleared (in `a`'s family).
-    fn mask(&self, a: IpAddr) -> IpAddr {
-        match a {
-            IpAddr::V4(v) => {
-                let bits = u32::from(v);
-                let m = if self.len == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - u32::from(self.len.min(32)))
-                };
-                IpAddr::V4(Ipv4Addr::from(bits & m))
-            }
-            IpAddr::V6(v) => {
-                let bits = u128::from(v);
-                let m = if self.len == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - u32::from(self.len.min(128)))
-                };
-                IpAddr::V6(Ipv6Addr::from(bits & m))
-            }
-        }
+        Ok(Prefix { addr, len })
     }
 
     /// Whether `a` (same family; callers canonicalize v4-mapped addresses)
-    /// lies inside this prefix.
+    /// lies inside this prefix. A hand-made prefix longer than its family
+    /// allows contains nothing.
     pub fn contains(&self, a: IpAddr) -> bool {
-        a.is_ipv4() == self.addr.is_ipv4() && self.mask(a) == self.addr
+        IpNet::new(self.addr, self.len).is_ok_and(|net| net.contains(&a))
     }
 }
 
@@ -211,8 +222,7 @@ impl std::str::FromStr for EgressRule {
 
     fn from_str(rule: &str) -> Result<Self, RuleError> {
         let shape = || RuleError::EgressShape(rule.to_owned());
-        let (lhs, ep) = rule.rsplit_once('=').ok_or_else(shape)?;
-        let endpoint = parse_name(rule, ep)?;
+        let (lhs, endpoint) = split_endpoint(rule, shape)?;
         Ok(EgressRule {
             prefix: Prefix::parse(rule, lhs, shape)?,
             endpoint: Some(endpoint),
@@ -267,22 +277,7 @@ impl PolicyRule {
             None => (rest, None),
         };
         let prefix = Prefix::parse(arg, &format!("{addr}/{len}"), shape)?;
-        let ports = match ports {
-            None => None,
-            Some(p) => {
-                let r = match p.split_once('-') {
-                    Some((lo, hi)) => (parse_port(arg, lo)?, parse_port(arg, hi)?),
-                    None => {
-                        let v = parse_port(arg, p)?;
-                        (v, v)
-                    }
-                };
-                if r.0 > r.1 {
-                    return Err(RuleError::ReversedRange(arg.to_owned()));
-                }
-                Some(r)
-            }
-        };
+        let ports = ports.map(|p| parse_port_range(arg, p)).transpose()?;
         Ok(PolicyRule {
             action,
             prefix,
@@ -340,15 +335,11 @@ impl<'de> serde::Deserialize<'de> for PolicyRule {
 /// longest matching prefix decides (deny wins a tie); with no match, the
 /// destination is allowed unless the policy has at least one `allow` clause.
 pub fn policy_allows(policy: &[PolicyRule], dst: IpAddr, port: u16) -> bool {
-    let mut best: Option<&PolicyRule> = None;
-    for r in policy.iter().filter(|r| r.matches(dst, port)) {
-        best = match best {
-            None => Some(r),
-            Some(b) if r.prefix.len > b.prefix.len => Some(r),
-            Some(b) if r.prefix.len == b.prefix.len && r.action == PolicyAction::Deny => Some(r),
-            keep => keep,
-        };
-    }
+    let best = longest_prefix(
+        policy.iter().filter(|r| r.matches(dst, port)),
+        |r| &r.prefix,
+        |r| r.action == PolicyAction::Deny,
+    );
     match best {
         Some(r) => r.action == PolicyAction::Allow,
         None => !policy.iter().any(|r| r.action == PolicyAction::Allow),
@@ -413,15 +404,11 @@ impl RuleSet {
     /// Longest-prefix egress decision for destination `dst`.
     pub fn match_egress(&self, dst: IpAddr) -> EgressDecision {
         let dst = dst.to_canonical();
-        let mut best: Option<&EgressRule> = None;
-        for r in self.egress.iter().filter(|r| r.prefix.contains(dst)) {
-            best = match best {
-                None => Some(r),
-                Some(b) if r.prefix.len > b.prefix.len => Some(r),
-                Some(b) if r.prefix.len == b.prefix.len && r.endpoint.is_none() => Some(r),
-                keep => keep,
-            };
-        }
+        let best = longest_prefix(
+            self.egress.iter().filter(|r| r.prefix.contains(dst)),
+            |r| &r.prefix,
+            |r| r.endpoint.is_none(),
+        );
         match best {
             None => EgressDecision::NoRule,
             Some(EgressRule {
@@ -433,23 +420,15 @@ impl RuleSet {
 
     /// Renders the rules back into the three environment values.
     pub fn to_env_values(&self) -> (String, String, String) {
-        let join = |it: Vec<String>| it.join(" ");
+        fn join<'a, R: fmt::Display + 'a>(rules: impl Iterator<Item = &'a R>) -> String {
+            rules.map(R::to_string).collect::<Vec<_>>().join(" ")
+        }
+        let (grafts, excludes): (Vec<&EgressRule>, Vec<&EgressRule>) =
+            self.egress.iter().partition(|r| r.endpoint.is_some());
         (
-            join(self.ingress.iter().map(|r| r.to_string()).collect()),
-            join(
-                self.egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_some())
-                    .map(|r| r.to_string())
-                    .collect(),
-            ),
-            join(
-                self.egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_none())
-                    .map(|r| r.to_string())
-                    .collect(),
-            ),
+            join(self.ingress.iter()),
+            join(grafts.into_iter()),
+            join(excludes.into_iter()),
         )
     }
 
@@ -470,6 +449,7 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn ep(s: &str) -> EndpointName {
         EndpointName::new(s).unwrap()
@@ -586,6 +566,63 @@ mod tests {
         );
         assert!("allow 10.0.0.0/8:99999".parse::<PolicyRule>().is_err());
         assert!("permit 10.0.0.0/8".parse::<PolicyRule>().is_err());
+    }
+
+    #[test]
+    fn one_port_range_grammar_for_ingress_and_policy() {
+        let i = |s: &str| s.parse::<IngressRule>().map(|r| r.ports);
+        let p = |s: &str| s.parse::<PolicyRule>().map(|r| r.ports);
+        assert_eq!(i("0.0.0.0:80=e"), Ok((80, 80)));
+        assert_eq!(p("allow 0.0.0.0/0:80"), Ok(Some((80, 80))));
+        assert_eq!(i("0.0.0.0:80-90=e"), Ok((80, 90)));
+        assert_eq!(p("allow 0.0.0.0/0:80-90"), Ok(Some((80, 90))));
+        assert_eq!(p("deny 0.0.0.0/0"), Ok(None));
+        for bad in ["90-80", "-80", "80-", "+80", "1-65536", ""] {
+            assert!(i(&format!("0.0.0.0:{bad}=e")).is_err(), "ingress {bad}");
+            assert!(
+                p(&format!("allow 0.0.0.0/0:{bad}")).is_err(),
+                "policy {bad}"
+            );
+        }
+        assert_eq!(
+            p("allow 10.0.0.0/8:90-80").unwrap_err().to_string(),
+            "\"10.0.0.0/8:90-80\": port range is reversed"
+        );
+    }
+
+    #[test]
+    fn prefixes_contain_by_family_and_length() {
+        let pre = |s: &str| s.parse::<EgressRule>().unwrap().prefix;
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(pre("0.0.0.0/0=e").contains(a("203.0.113.9")));
+        assert!(!pre("0.0.0.0/0=e").contains(a("::1")), "families never mix");
+        assert!(!pre("::/0=e").contains(a("127.0.0.1")));
+        assert!(pre("10.1.0.0/16=e").contains(a("10.1.255.255")));
+        assert!(!pre("10.1.0.0/16=e").contains(a("10.2.0.0")));
+        assert!(pre("2001:db8::/127=e").contains(a("2001:db8::1")));
+        assert!(!pre("2001:db8::/128=e").contains(a("2001:db8::1")));
+        let hand_made = Prefix {
+            addr: a("10.0.0.0"),
+            len: 40,
+        };
+        assert!(!hand_made.contains(a("10.0.0.1")));
+        for bad in ["10.0.0.0/=e", "10.0.0.0/+8=e", "::/129=e", "10.0.0.0/08x=e"] {
+            assert!(bad.parse::<EgressRule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exclusion_wins_a_tie_and_deny_wins_a_tie() {
+        let set = RuleSet::from_env_values(None, Some("10.0.0.0/8=a"), Some("10.0.0.0/8")).unwrap();
+        assert_eq!(
+            set.match_egress("10.0.0.1".parse().unwrap()),
+            EgressDecision::Excluded
+        );
+        let pol: Vec<PolicyRule> = ["allow 10.0.0.0/8", "deny 10.0.0.0/8", "allow 10.0.0.0/8"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(!policy_allows(&pol, "10.0.0.1".parse().unwrap(), 1));
     }
 
     #[test]

@@ -24,6 +24,14 @@
 //!   receive queue when the peer is a grafted socket of this host too. A
 //!   direction that ever went through TCP stays on TCP, so bytes are never
 //!   reordered.
+//! * `sk_lookup` (`graft_sk_lookup`), attached to graftd's own network
+//!   namespace rather than the cgroup (a netns link: sk_lookup cannot cross
+//!   namespaces): IPv6 connections to an address and port held in
+//!   `graft_steer` go to the dual-stack listener stored there
+//!   ([`Companion::steer_v6`]); a listener bound to `[::ffff:A4]:P4` takes
+//!   IPv4 natively, so one socket answers on an IPv4 and an IPv6 endpoint.
+//!   Its load or attach failing only turns that off
+//!   ([`Companion::steer_problem`]).
 //!
 //! Without cgroup v2, BTF or the privileges, [`Companion::start`] fails with
 //! an [`Error`] naming what failed; graftd logs it once and runs without.
@@ -69,8 +77,10 @@
 //!   port as on the host, reusing TIME_WAIT ports and sharing ports between
 //!   4-tuples. Runs by the socket's cgroup, like setsockopt.
 //! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
-//!   graftd refuses `SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
-//!   `IP_TRANSPARENT`, `IPV6_TRANSPARENT`, `IP_FREEBIND` and `IPV6_FREEBIND`
+//!   graftd refuses the options of `graft_core::sockopt`'s `Class::Refuse`
+//!   list (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
+//!   `IP(V6)_TRANSPARENT`, `IP(V6)_FREEBIND`, `IP(V6)_UNICAST_IF`,
+//!   `IP(V6)_MULTICAST_IF`, `IP_OPTIONS`, `IPV6_PKTINFO`, `IPV6_RTHDR`)
 //!   in requests, but a process holding a grafted host socket could set them
 //!   directly (a Docker container's root keeps `CAP_NET_RAW` in the initial
 //!   user namespace, enough for `SO_BINDTODEVICE`). On a marked socket the
@@ -99,7 +109,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, SkStorage, SockHash};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
@@ -205,6 +215,9 @@ pub struct Companion {
     counters: HashMap<MapData, u32, GraftCounters>,
     global: Array<MapData, GraftGlobal>,
     _socks: Option<SockHash<MapData, [u8; 56]>>,
+    /// The dual-stack steering map, when `graft_sk_lookup` is attached to
+    /// graftd's own namespace; else why not.
+    steer: Result<SockHash<MapData, [u8; 24]>, String>,
     endpoints: StdHashMap<EndpointKey, u32>,
     next_id: u32,
     splice: bool,
@@ -304,6 +317,7 @@ impl Companion {
                 "attach graft_setsockopt to cgroup {}",
                 placement.dir.display()
             )))?;
+        let steer = attach_sk_lookup(&mut ebpf);
         Ok(Companion {
             ebpf,
             sk,
@@ -311,6 +325,7 @@ impl Companion {
             counters,
             global,
             _socks: socks,
+            steer,
             endpoints: StdHashMap::new(),
             next_id: 1,
             splice: opts.splice,
@@ -458,6 +473,52 @@ impl Companion {
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
+
+    /// Why dual-stack steering is unavailable (`None`: it is available).
+    pub fn steer_problem(&self) -> Option<&str> {
+        self.steer.as_ref().err().map(String::as_str)
+    }
+
+    /// Makes `listener` (an AF_INET6 socket of graftd's own namespace bound
+    /// to a v4-mapped address, not v6-only, already listening) also answer
+    /// IPv6 connections to `[addr]:port` (`::`: any local address), through
+    /// `graft_sk_lookup`. The entry goes away when the socket is closed.
+    pub fn steer_v6(
+        &mut self,
+        listener: BorrowedFd<'_>,
+        addr: std::net::Ipv6Addr,
+        port: u16,
+        protocol: i32,
+    ) -> Result<(), Error> {
+        let map = self.steer.as_mut().map_err(|why| Error::Bpf {
+            op: "steer IPv6 connections to a dual-stack listener".into(),
+            detail: why.clone(),
+        })?;
+        let mut key = [0u8; 24];
+        key[..16].copy_from_slice(&addr.octets());
+        key[16..20].copy_from_slice(&u32::from(port).to_ne_bytes());
+        key[20..24].copy_from_slice(&(protocol as u32).to_ne_bytes());
+        map.insert(key, listener.as_raw_fd(), 0)
+            .map_err(bpf_err(format!(
+                "steer [{addr}]:{port} to a dual-stack listener"
+            )))
+    }
+}
+
+/// Loads `graft_sk_lookup` and attaches it to the calling process's network
+/// namespace (graftd's own, where its endpoints usually live); the steering
+/// map on success, else one line saying why (dual-stack listeners then
+/// answer on their IPv6 endpoint only; nothing else depends on it).
+fn attach_sk_lookup(ebpf: &mut Ebpf) -> Result<SockHash<MapData, [u8; 24]>, String> {
+    let map: SockHash<MapData, [u8; 24]> = take(ebpf, "graft_steer").map_err(|e| e.to_string())?;
+    let netns = std::fs::File::open("/proc/self/ns/net")
+        .map_err(|e| format!("open /proc/self/ns/net: {e}"))?;
+    let p: &mut SkLookup = prog(ebpf, "graft_sk_lookup").map_err(|e| e.to_string())?;
+    p.load()
+        .map_err(|e| bpf_err("load program graft_sk_lookup")(e).to_string())?;
+    p.attach(&netns)
+        .map_err(|e| bpf_err("attach graft_sk_lookup to graftd's namespace")(e).to_string())?;
+    Ok(map)
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>

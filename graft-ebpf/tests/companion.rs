@@ -7,7 +7,9 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
+
+use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use graft_core::rules::{policy_allows, PolicyRule};
@@ -15,9 +17,18 @@ use graft_core::{EndpointName, NetnsId};
 use graft_ebpf::{Companion, EndpointKey, Options};
 use graft_tests::{root_or_skip, Netns};
 
+/// One companion at a time: `Companion::start` moves this test process into
+/// a cgroup of its own, and a process is in one cgroup at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
-fn start(test: &str, splice: bool) -> Option<Companion> {
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The companion for `test` (with the lock held as long as the guard lives),
+/// or `None` after the skip line.
+fn start(test: &str, splice: bool) -> Option<(MutexGuard<'static, ()>, Companion)> {
+    let guard = lock();
     if !root_or_skip(test) {
         return None;
     }
@@ -26,7 +37,7 @@ fn start(test: &str, splice: bool) -> Option<Companion> {
         splice,
         cgroup_name: Some(name),
     }) {
-        Ok(c) => Some(c),
+        Ok(c) => Some((guard, c)),
         Err(e) => {
             println!("SKIP: {test}: eBPF companion unavailable: {e}");
             None
@@ -39,6 +50,16 @@ fn key(netns: NetnsId, name: &str) -> EndpointKey {
         netns,
         name: EndpointName::new(name).unwrap(),
     }
+}
+
+/// Endpoints named `names` in the current namespace, added without a policy.
+fn endpoints_here<const N: usize>(c: &mut Companion, names: [&str; N]) -> [EndpointKey; N] {
+    let here = NetnsId::current().unwrap();
+    let keys = names.map(|n| key(here, n));
+    for k in &keys {
+        c.add_endpoint(*k, &[]).unwrap();
+    }
+    keys
 }
 
 fn rules(s: &[&str]) -> Vec<PolicyRule> {
@@ -64,8 +85,7 @@ fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 
 #[test]
 fn policy_refuses_connect_and_sendto_with_eperm() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("policy", false) else {
+    let Some((_g, mut c)) = start("policy", false) else {
         return;
     };
     let here = NetnsId::current().unwrap();
@@ -183,8 +203,7 @@ fn policy_refuses_connect_and_sendto_with_eperm() {
 /// address is local, so `connect()` on a UDP socket succeeds when allowed.
 #[test]
 fn policy_matches_graft_core() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("differential", false) else {
+    let Some((_g, mut c)) = start("differential", false) else {
         return;
     };
     let ns = Netns::new("ebpf");
@@ -282,14 +301,10 @@ fn policy_matches_graft_core() {
 /// Connection counters and bytes, without splicing (TCP's own byte counts).
 #[test]
 fn counters_count_connections_and_bytes() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("counters", false) else {
+    let Some((_g, mut c)) = start("counters", false) else {
         return;
     };
-    let here = NetnsId::current().unwrap();
-    let (srv, cli) = (key(here, "ep-srv"), key(here, "ep-cli"));
-    c.add_endpoint(srv, &[]).unwrap();
-    c.add_endpoint(cli, &[]).unwrap();
+    let [srv, cli] = endpoints_here(&mut c, ["ep-srv", "ep-cli"]);
     let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
     let addr = l.local_addr().unwrap();
     const N: usize = 5;
@@ -338,14 +353,10 @@ fn counters_count_connections_and_bytes() {
 
 #[test]
 fn splice_carries_bytes_exactly_v4_v6_dualstack() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("splice", true) else {
+    let Some((_g, mut c)) = start("splice", true) else {
         return;
     };
-    let here = NetnsId::current().unwrap();
-    let (srv, cli) = (key(here, "sp-srv"), key(here, "sp-cli"));
-    c.add_endpoint(srv, &[]).unwrap();
-    c.add_endpoint(cli, &[]).unwrap();
+    let [srv, cli] = endpoints_here(&mut c, ["sp-srv", "sp-cli"]);
     for (bind, connect_to) in [
         ("127.0.0.1:0", None),
         ("[::1]:0", None),
@@ -421,8 +432,7 @@ fn splice_carries_bytes_exactly_v4_v6_dualstack() {
 /// cookie in the key keeps them apart.
 #[test]
 fn splice_keeps_namespaces_apart() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("splice-ns", true) else {
+    let Some((_g, mut c)) = start("splice-ns", true) else {
         return;
     };
     let ns1 = Netns::new("sp1");
@@ -444,8 +454,7 @@ fn splice_keeps_namespaces_apart() {
         reuse(&s);
         bind(&l, &"127.0.0.1:7000".parse().unwrap()).unwrap();
         bind(&s, &"127.0.0.1:7001".parse().unwrap()).unwrap();
-        // SAFETY: l is an open socket we own; listen(2) on it.
-        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 8) }, 0);
+        listen(&l, 8);
         connect(&s, &"127.0.0.1:7000".parse().unwrap()).unwrap();
         let l = TcpListener::from(l);
         let (a, peer) = l.accept().unwrap();
@@ -482,98 +491,30 @@ fn splice_keeps_namespaces_apart() {
 // ---------------------------------------------------------------- helpers
 
 fn socket(family: i32, ty: i32) -> OwnedFd {
-    // SAFETY: plain socket(2); the result is checked before being owned.
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(v) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: v.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: v.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
+    let family = AddressFamily::from_i32(family).expect("address family");
+    let ty = SockType::try_from(ty).expect("socket type");
+    sock::socket(family, ty, SockFlag::SOCK_CLOEXEC, None).expect("socket")
 }
 
 fn connect(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = sockaddr(a);
-    // SAFETY: ss/len describe a valid socket address.
-    let rc = unsafe {
-        libc::connect(
-            s.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(sock::connect(s.as_raw_fd(), &SockaddrStorage::from(*a))?)
 }
 
 fn bind(s: &OwnedFd, a: &SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = sockaddr(a);
-    // SAFETY: ss/len describe a valid socket address.
-    let rc = unsafe {
-        libc::bind(
-            s.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(sock::bind(s.as_raw_fd(), &SockaddrStorage::from(*a))?)
+}
+
+fn listen(s: &OwnedFd, backlog: i32) {
+    sock::listen(s, sock::Backlog::new(backlog).expect("backlog")).expect("listen");
 }
 
 fn reuse(s: &OwnedFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: SO_REUSEADDR takes an int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    sock::setsockopt(s, sock::sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
 }
 
-/// A marked listener (as graftd hands out: marked before listen()).
-fn listener(c: &mut Companion, ep: &EndpointKey, addr: SocketAddr) -> TcpListener {
+/// A TCP socket of `addr`'s family, registered on `ep` (marked) as graftd
+/// does before handing it out.
+fn marked_tcp(c: &mut Companion, ep: &EndpointKey, addr: &SocketAddr) -> OwnedFd {
     let fam = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -581,21 +522,20 @@ fn listener(c: &mut Companion, ep: &EndpointKey, addr: SocketAddr) -> TcpListene
     };
     let s = socket(fam, libc::SOCK_STREAM);
     c.register_socket(s.as_fd(), ep).unwrap();
+    s
+}
+
+/// A marked listener (as graftd hands out: marked before listen()).
+fn listener(c: &mut Companion, ep: &EndpointKey, addr: SocketAddr) -> TcpListener {
+    let s = marked_tcp(c, ep, &addr);
     reuse(&s);
     bind(&s, &addr).unwrap();
-    // SAFETY: listen(2) on a socket we own.
-    assert_eq!(unsafe { libc::listen(s.as_raw_fd(), 16) }, 0);
+    listen(&s, 16);
     TcpListener::from(s)
 }
 
 fn client(c: &mut Companion, ep: &EndpointKey, to: SocketAddr) -> TcpStream {
-    let fam = if to.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let s = socket(fam, libc::SOCK_STREAM);
-    c.register_socket(s.as_fd(), ep).unwrap();
+    let s = marked_tcp(c, ep, &to);
     connect(&s, &to).unwrap();
     TcpStream::from(s)
 }
@@ -685,7 +625,7 @@ fn exchange(srv: TcpStream, cli: TcpStream, srv_out: &[u8], cli_out: &[u8]) -> (
 /// to the cgroup before ours, so its sockops runs first.
 #[test]
 fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = lock();
     if !root_or_skip("ebusy") {
         return;
     }
@@ -756,10 +696,7 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
         cgroup_name: Some(name),
     })
     .expect("companion");
-    let here = NetnsId::current().unwrap();
-    let (srv, cli) = (key(here, "eb-srv"), key(here, "eb-cli"));
-    c.add_endpoint(srv, &[]).unwrap();
-    c.add_endpoint(cli, &[]).unwrap();
+    let [srv, cli] = endpoints_here(&mut c, ["eb-srv", "eb-cli"]);
     let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
     let mark = graft_ebpf::GraftSk {
         endpoint: 1,
@@ -855,32 +792,15 @@ fn escapes(family: i32) -> Vec<(&'static str, i32, i32, Vec<u8>)> {
     ];
     // The IPv4 level applies to IPv6 sockets too (the kernel hands SOL_IP
     // down to ip_setsockopt), so both families get these.
-    v.push((
-        "IP_TRANSPARENT",
-        libc::SOL_IP,
-        libc::IP_TRANSPARENT,
-        one().to_vec(),
-    ));
-    v.push((
-        "IP_FREEBIND",
-        libc::SOL_IP,
-        libc::IP_FREEBIND,
-        one().to_vec(),
-    ));
+    let mut flags = vec![
+        ("IP_TRANSPARENT", libc::SOL_IP, libc::IP_TRANSPARENT),
+        ("IP_FREEBIND", libc::SOL_IP, libc::IP_FREEBIND),
+    ];
     if family == libc::AF_INET6 {
-        v.push((
-            "IPV6_TRANSPARENT",
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            one().to_vec(),
-        ));
-        v.push((
-            "IPV6_FREEBIND",
-            libc::SOL_IPV6,
-            libc::IPV6_FREEBIND,
-            one().to_vec(),
-        ));
+        flags.push(("IPV6_TRANSPARENT", libc::SOL_IPV6, libc::IPV6_TRANSPARENT));
+        flags.push(("IPV6_FREEBIND", libc::SOL_IPV6, libc::IPV6_FREEBIND));
     }
+    v.extend(flags.into_iter().map(|(n, l, o)| (n, l, o, one().to_vec())));
     v
 }
 
@@ -905,13 +825,10 @@ fn python_in_cgroup(cgroup: &std::path::Path, script: &str, arg: &str) -> String
 
 #[test]
 fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut c) = start("sockopt", false) else {
+    let Some((_g, mut c)) = start("sockopt", false) else {
         return;
     };
-    let here = NetnsId::current().unwrap();
-    let ep = key(here, "ep-sockopt");
-    c.add_endpoint(ep, &[]).unwrap();
+    let [ep] = endpoints_here(&mut c, ["ep-sockopt"]);
     let mut refused = 0u64;
 
     for (family, ty) in [
@@ -977,8 +894,7 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
     let l = socket(libc::AF_INET, libc::SOCK_STREAM);
     c.register_socket(l.as_fd(), &ep).unwrap();
     bind(&l, &"127.0.0.1:0".parse().unwrap()).unwrap();
-    // SAFETY: listen(2) on a socket we own.
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 8) }, 0);
+    listen(&l, 8);
     let l = TcpListener::from(l);
     let cli = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (acc, _) = l.accept().unwrap();

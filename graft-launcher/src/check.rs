@@ -35,8 +35,8 @@ pub enum CheckError {
         hint: String,
         err: Errno,
     },
-    #[error("broker name \"{0}\" is not a valid abstract socket name (1-107 bytes)")]
-    BadName(String),
+    #[error("broker name \"{0}\" is not a valid abstract socket name: {1}")]
+    BadName(String, &'static str),
     #[error(
         "endpoint \"{ep}\" does not exist in this network namespace: add it from inside \
          this namespace with `ip graft add {ep} type {kind} addr ADDR port PORT|dynamic` \
@@ -132,10 +132,10 @@ impl Broker {
     /// Connects to the broker named `name` in this network namespace.
     /// `hint` names an endpoint for the error's fix text.
     pub fn connect(name: &str, hint: &str) -> Result<Self, CheckError> {
+        graft_core::check_broker_name(name)
+            .map_err(|why| CheckError::BadName(name.to_owned(), why))?;
         let addr = UnixAddr::new_abstract(name.as_bytes())
-            .ok()
-            .filter(|_| !name.is_empty())
-            .ok_or_else(|| CheckError::BadName(name.to_owned()))?;
+            .map_err(|_| CheckError::BadName(name.to_owned(), "not an abstract socket name"))?;
         let io = |op, err| CheckError::Io {
             name: name.to_owned(),
             op,

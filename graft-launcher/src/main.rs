@@ -17,6 +17,9 @@
 //! rather than at the program's first `bind()` or `connect()`. It also warns
 //! when the program cannot be preloaded (static or setuid).
 //!
+//! Without `-i`, `-e` and `-x` it takes the rules graftd keeps for this
+//! network namespace, when there are any (see [`ns_rules`]).
+//!
 //! Exit status: 2 for a usage error or a bad mapping, 1 when the check fails
 //! or the library is not found, 126/127 when the command cannot be run
 //! (permission / anything else); otherwise the command's own, since `graft`
@@ -27,6 +30,7 @@ mod args;
 mod check;
 mod elf;
 mod library;
+mod ns_rules;
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
@@ -109,6 +113,11 @@ fn warn_if_unpreloadable(prog: &Path) {
 }
 
 fn run(args: Args) -> ExitCode {
+    let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
+    let args = match ns_rules::fill(args, &broker, &|k| std::env::var(k).ok()) {
+        Ok(a) => a,
+        Err(e) => return fail(1, e),
+    };
     let env = match args.rule_env(|k| std::env::var(k).ok()) {
         Ok(e) => e,
         Err(e) => return fail(2, e),
@@ -119,7 +128,6 @@ fn run(args: Args) -> ExitCode {
         Err(e) => return fail(1, e),
     };
     if args.check {
-        let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
         if let Err(e) = check::check(&broker, &env.rules, args.verbose) {
             return fail(1, e);
         }

@@ -376,6 +376,8 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
+        Some(4) => Op::SocketDual,
+        Some(5) => Op::Rules,
         _ => Op::Socket,
     }
 }
@@ -443,22 +445,43 @@ pub fn handle_sized(
             );
         }
     };
+    if req.op == Op::Rules {
+        let rules = ctx.state().rules(ns);
+        return match crate::rules_fd::sealed(&rules.to_blob()) {
+            Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
+            Err(e) => {
+                log::warn!("broker for {ns}: cannot hand out the rules: {e}");
+                (
+                    Reply::err(
+                        Op::Rules,
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        Reason::SocketFailed,
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+    }
     let ep = ctx.state().lookup(ns, &req.endpoint);
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::SocketDual | Op::Rules => libc::EADDRNOTAVAIL,
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
     };
     match req.op {
+        Op::SocketDual => dual(ctx, ns, &ep, &req, log_budget),
         Op::Lookup => (
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
         ),
-        Op::Socket | Op::SocketBatch => {
-            let want = if req.op == Op::SocketBatch {
+        Op::Socket | Op::SocketBatch | Op::Rules => {
+            // An egress socket of a unix endpoint is handed out connected:
+            // a batch would open connections nobody uses yet.
+            let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
+            let want = if req.op == Op::SocketBatch && !unix {
                 batch.clamp(1, BATCH_MAX)
             } else {
                 1
@@ -529,6 +552,121 @@ pub fn handle_sized(
     }
 }
 
+/// A `SocketDual` request: one AF_INET6 listener bound to the IPv4
+/// endpoint `ep4` (as `[::ffff:A4]:P4`, taking IPv4 connections natively)
+/// that graft-ebpf's sk_lookup program also hands the IPv6 connections to
+/// the second endpoint. sk_lookup works inside one namespace, the one it is
+/// attached to (graftd's own), so both endpoints must target it. It has to
+/// be listening to go into the steering map: graftd listens (the
+/// application's own listen() then only sets its backlog).
+fn dual(
+    ctx: &Ctx,
+    ns: NetnsId,
+    ep4: &Endpoint,
+    req: &Request,
+    log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    let refuse = |errno: libc::c_int, reason: Reason, why: String, lb: &mut LogBudget| {
+        let level = if lb.take() {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "{ns} endpoint {}: refused a dual-stack listener: {why}",
+            ep4.spec.name
+        );
+        (Reply::err(Op::SocketDual, errno, reason), Vec::new())
+    };
+    let Some(name6) = req.dual() else {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "no IPv6 endpoint".into(),
+            log_budget,
+        );
+    };
+    let Some(ep6) = ctx.state().lookup(ns, &name6) else {
+        return refuse(
+            libc::EADDRNOTAVAIL,
+            Reason::NoEndpoint,
+            format!("no endpoint {name6}"),
+            log_budget,
+        );
+    };
+    let nodual =
+        |why: String, lb: &mut LogBudget| refuse(libc::EOPNOTSUPP, Reason::NoDualStack, why, lb);
+    let (EndpointAddr::Ipv4 { .. }, EndpointAddr::Ipv6 { addr: a6, port: p6 }) =
+        (&ep4.spec.addr, &ep6.spec.addr)
+    else {
+        return nodual(
+            format!(
+                "{} is not type ipv4 or {name6} is not type ipv6",
+                ep4.spec.name
+            ),
+            log_budget,
+        );
+    };
+    if !matches!(ep4.target, Target::Own) || !matches!(ep6.target, Target::Own) {
+        return nodual(
+            "both endpoints must target graftd's own namespace (sk_lookup cannot cross namespaces)"
+                .into(),
+            log_budget,
+        );
+    }
+    if req.family != libc::AF_INET6 || req.sotype != libc::SOCK_STREAM {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "not an AF_INET6 stream socket".into(),
+            log_budget,
+        );
+    }
+    let made = match socket_for(ctx, ep4, req, true) {
+        Ok(m) => m,
+        Err(r) => {
+            ep4.count(false);
+            return refuse(
+                r.errno,
+                r.reason,
+                format!(
+                    "{}: {}",
+                    r.reason.describe(),
+                    io::Error::from_raw_os_error(r.errno)
+                ),
+                log_budget,
+            );
+        }
+    };
+    if let Err(e) = nix::sys::socket::listen(&made.fd, nix::sys::socket::Backlog::MAXCONN) {
+        return refuse(
+            e as libc::c_int,
+            Reason::SocketFailed,
+            format!("listen(): {e}"),
+            log_budget,
+        );
+    }
+    let port = p6.unwrap_or_else(|| u16::from_be_bytes([made.addr[2], made.addr[3]]));
+    if let Err(e) = ctx
+        .hooks
+        .steer_v6(made.fd.as_fd(), *a6, port, libc::IPPROTO_TCP)
+    {
+        return nodual(
+            format!(
+                "IPv6 steering to [{a6}]:{port} unavailable ({e}; needs graftd's eBPF companion)"
+            ),
+            log_budget,
+        );
+    }
+    ep4.count(true);
+    log::debug!(
+        "{ns} endpoint {}: handed out a dual-stack listener, also answering [{a6}]:{port} for {name6}",
+        ep4.spec.name
+    );
+    (Reply::ok(Op::SocketDual, &made.addr), vec![made.fd])
+}
+
 fn label(level: libc::c_int, name: libc::c_int) -> String {
     sockopt::lookup(level, name)
         .map(|o| format!(", {}", o.label))
@@ -589,7 +727,7 @@ pub fn port_at_connect(p: &SocketParams, purpose: Purpose, guarded: bool) -> boo
     let dynamic = match &p.bind {
         BindAddr::V4(a) => a.port() == 0,
         BindAddr::V6(a) => a.port() == 0,
-        BindAddr::Unix(_) => false,
+        BindAddr::Unix(_) | BindAddr::UnixConnect(_) => false,
     };
     guarded && purpose == Purpose::Egress && p.sotype == libc::SOCK_STREAM && dynamic
 }
@@ -620,6 +758,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         return Err(Refusal::new(libc::EINVAL, Reason::Malformed));
     }
     let mismatch = || Refusal::new(libc::EAFNOSUPPORT, Reason::FamilyMismatch);
+    if let (EndpointAddr::Unix { path }, libc::AF_INET | libc::AF_INET6) = (addr, req.family) {
+        return plan_inet_on_unix(path, req);
+    }
     let mapped = matches!(addr, EndpointAddr::Ipv4 { .. }) && req.family == libc::AF_INET6;
     let bind = match (addr, req.family) {
         (EndpointAddr::Ipv4 { addr, port }, libc::AF_INET) => {
@@ -681,6 +822,60 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         family: req.family,
         sotype: req.sotype,
         protocol: req.protocol,
+        opts,
+        bind,
+        port_at_connect: false,
+        want_addr: true,
+    })
+}
+
+/// Socket-level options that mean the same on a unix stream socket; every
+/// other option an INET program sets (TCP_NODELAY, keepalive timers, TOS
+/// ...) has no meaning there and is dropped.
+const UNIX_KEEPS: [libc::c_int; 8] = [
+    libc::SO_REUSEADDR,
+    libc::SO_KEEPALIVE,
+    libc::SO_LINGER,
+    libc::SO_RCVBUF,
+    libc::SO_SNDBUF,
+    libc::SO_RCVLOWAT,
+    libc::SO_RCVTIMEO,
+    libc::SO_SNDTIMEO,
+];
+
+/// An AF_INET/AF_INET6 stream socket grafted onto a `type unix` endpoint:
+/// graftd makes a unix stream socket, bound at the path for ingress (a
+/// listener) or connected to it for egress (the path lives in graftd's
+/// mount namespace, not the container's). Datagram sockets are refused:
+/// a unix datagram socket would not answer the INET addresses the program
+/// sends to and receives from.
+fn plan_inet_on_unix(path: &std::path::Path, req: &Request) -> Result<SocketParams, Refusal> {
+    use graft_core::proto::broker::Purpose;
+    match (req.sotype, req.protocol) {
+        (libc::SOCK_STREAM, 0 | libc::IPPROTO_TCP) => {}
+        (libc::SOCK_DGRAM, _) => {
+            return Err(Refusal::new(libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch))
+        }
+        _ => return Err(Refusal::new(libc::EPROTONOSUPPORT, Reason::FamilyMismatch)),
+    }
+    let mut opts = Vec::new();
+    for o in req.options() {
+        match sockopt::lookup(o.level, o.name) {
+            Some(k) if k.class != Class::Refuse => {}
+            _ => return Err(Refusal::opt(libc::EPERM, Reason::OptionRefused, o)),
+        }
+        if o.level == libc::SOL_SOCKET && UNIX_KEEPS.contains(&o.name) {
+            opts.push(*o);
+        }
+    }
+    let bind = match req.purpose {
+        Purpose::Ingress => BindAddr::Unix(path.to_path_buf()),
+        Purpose::Egress => BindAddr::UnixConnect(path.to_path_buf()),
+    };
+    Ok(SocketParams {
+        family: libc::AF_UNIX,
+        sotype: libc::SOCK_STREAM,
+        protocol: 0,
         opts,
         bind,
         port_at_connect: false,
@@ -800,11 +995,35 @@ mod tests {
         let unix = EndpointAddr::Unix {
             path: "/run/x".into(),
         };
+        // An INET stream socket on a unix endpoint: a unix listener at the
+        // path, TCP options dropped, escape options still refused.
+        let mut r = req(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP);
+        assert!(r.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &int(1)));
+        let p = plan(&unix, &r).unwrap();
         assert_eq!(
-            plan(&unix, &req(libc::AF_INET, libc::SOCK_STREAM, 0))
-                .unwrap_err()
-                .errno,
-            libc::EAFNOSUPPORT
+            (p.family, p.sotype, p.protocol, &p.bind),
+            (
+                libc::AF_UNIX,
+                libc::SOCK_STREAM,
+                0,
+                &BindAddr::Unix("/run/x".into())
+            )
+        );
+        assert_eq!(p.opts.len(), 1);
+        assert_eq!(p.opts[0].name, libc::SO_REUSEADDR);
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        r.purpose = Purpose::Egress;
+        assert_eq!(
+            plan(&unix, &r).unwrap().bind,
+            BindAddr::UnixConnect("/run/x".into())
+        );
+        assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_UNICAST_IF, &int(1)));
+        assert_eq!(plan(&unix, &r).unwrap_err().reason, Reason::OptionRefused);
+        let e = plan(&unix, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap_err();
+        assert_eq!(
+            (e.errno, e.reason),
+            (libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch)
         );
         assert!(plan(&unix, &req(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0)).is_ok());
         assert_eq!(
@@ -927,6 +1146,41 @@ mod tests {
         );
         let (r, _) = handle(&ctx, ns, &[0u8; 10], &mut lb);
         assert_eq!((r.errno, r.reason), (libc::EINVAL, Reason::Malformed));
+    }
+
+    #[test]
+    fn rules_come_as_a_sealed_blob_of_the_callers_namespace_only() {
+        use std::io::Read;
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let rules = graft_core::nsrules::NsRules {
+            ingress: vec!["0.0.0.0:80=ep".into()],
+            ..Default::default()
+        };
+        ctx.state().set_rules(ns, &rules).unwrap();
+        let mut lb = LogBudget::default();
+        let read = |ns| {
+            let (r, fds) = handle(
+                &ctx,
+                ns,
+                &bytes(&Request::rules()),
+                &mut LogBudget::default(),
+            );
+            assert_eq!((r.op, r.errno, fds.len()), (Op::Rules, 0, 1));
+            let mut b = Vec::new();
+            std::fs::File::from(fds.into_iter().next().unwrap())
+                .read_to_end(&mut b)
+                .unwrap();
+            graft_core::nsrules::NsRules::from_blob(&b).unwrap()
+        };
+        assert_eq!(read(ns), rules);
+        assert!(read(NetnsId { dev: 4, ino: 78 }).is_empty());
+        let mut bad = bytes(&Request::rules());
+        bad[8] = b'x';
+        let (r, fds) = handle(&ctx, ns, &bad, &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fds.len()),
+            (Op::Rules, libc::EINVAL, Reason::Malformed, 0)
+        );
     }
 
     #[test]

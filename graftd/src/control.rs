@@ -282,6 +282,11 @@ fn handle(
             endpoints: vec![],
         },
         Request::Show {} => show(ctx, caller),
+        Request::SetRules { rules } => set_rules(ctx, caller, &rules),
+        Request::GetRules {} => Reply::Rules {
+            netns: caller,
+            rules: ctx.state().rules(caller),
+        },
         Request::Del { name } => del(ctx, brokers, caller, &name),
         Request::Add {
             endpoint,
@@ -318,6 +323,22 @@ fn show(ctx: &Ctx, ns: NetnsId) -> Reply {
     Reply::Ok {
         netns: ns,
         endpoints,
+    }
+}
+
+fn set_rules(ctx: &Ctx, ns: NetnsId, rules: &graft_core::nsrules::NsRules) -> Reply {
+    match ctx.state().set_rules(ns, rules) {
+        Ok(()) => {
+            log::info!(
+                "{ns}: rules {}",
+                if rules.is_empty() { "cleared" } else { "set" }
+            );
+            Reply::Ok {
+                netns: ns,
+                endpoints: vec![],
+            }
+        }
+        Err(e) => err(e.errno(), e.to_string()),
     }
 }
 

@@ -69,6 +69,21 @@ pub trait Hooks: Send + Sync {
     /// forgotten).
     fn endpoint_removed(&self, _ep: &EndpointRef<'_>) {}
 
+    /// `listener`, made for an IPv4 endpoint as a dual-stack AF_INET6
+    /// socket in graftd's own namespace and already listening, should also
+    /// answer IPv6 connections to `[addr]:port` (the IPv6 endpoint of a
+    /// `[::]` bind). An error refuses the dual-stack request (the library
+    /// then grafts the socket onto the IPv6 endpoint alone).
+    fn steer_v6(
+        &self,
+        _listener: BorrowedFd<'_>,
+        _addr: std::net::Ipv6Addr,
+        _port: u16,
+        _protocol: i32,
+    ) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+
     /// A socket was made and bound for `ep` and is about to be handed out;
     /// `purpose` says whether the application asked for it to listen
     /// (ingress) or to connect/send (egress).
@@ -122,6 +137,11 @@ pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
                 c.cgroup().display(),
                 if c.splice() { "on" } else { "off" }
             );
+            if let Some(why) = c.steer_problem() {
+                log::warn!(
+                    "dual-stack listeners unavailable ({why}): a [::] bind answers on its IPv6 endpoint only"
+                );
+            }
             Box::new(Ebpf {
                 guarded: c.bind_guarded(),
                 companion: Mutex::new(Some(c)),
@@ -234,6 +254,23 @@ impl Hooks for Ebpf {
         // socket_handed_out refuses every socket once the companion is gone,
         // so a socket bound without its port is never handed out unguarded.
         self.guarded
+    }
+
+    fn steer_v6(
+        &self,
+        listener: BorrowedFd<'_>,
+        addr: std::net::Ipv6Addr,
+        port: u16,
+        protocol: i32,
+    ) -> io::Result<()> {
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        };
+        c.steer_v6(listener, addr, port, protocol).map_err(|e| {
+            log::warn!("{e}");
+            io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+        })
     }
 
     fn merge_stats(&self, ep: &EndpointRef<'_>, stats: &mut Stats) {

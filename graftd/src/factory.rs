@@ -31,6 +31,9 @@ pub enum BindAddr {
     V4(SocketAddrV4),
     V6(SocketAddrV6),
     Unix(PathBuf),
+    /// Not bound: connected to a unix listener at this path (egress of an
+    /// INET program onto a `type unix` endpoint).
+    UnixConnect(PathBuf),
 }
 
 /// Everything needed to make one socket, already validated.
@@ -72,6 +75,8 @@ pub enum MakeError {
     },
     #[error("bind(): {0}")]
     Bind(io::Error),
+    #[error("connect() to the endpoint's unix socket: {0}")]
+    Connect(io::Error),
     #[error("getsockname(): {0}")]
     Name(io::Error),
     #[error("the worker of network namespace {0} is gone or did not answer")]
@@ -84,6 +89,7 @@ impl MakeError {
             MakeError::Socket(e)
             | MakeError::Option { err: e, .. }
             | MakeError::Bind(e)
+            | MakeError::Connect(e)
             | MakeError::Name(e) => e.raw_os_error().unwrap_or(libc::EIO),
             MakeError::Worker(_) => libc::EAGAIN,
         }
@@ -98,9 +104,21 @@ impl MakeError {
     }
 }
 
+/// Longest graftd waits for a host unix listener to take a connection (a
+/// full backlog); the broker thread serves everyone, so this stays short.
+const UNIX_CONNECT_TIMEOUT_SECS: i64 = 1;
+
+/// Mode of a unix socket file graftd binds for an endpoint: like a port on
+/// the host's loopback, anyone who can reach the file may connect. Who can
+/// reach it is decided by the directory the administrator puts it in.
+pub const UNIX_SOCKET_MODE: u32 = 0o666;
+
 /// Makes the socket in the calling thread's network namespace.
 pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
     let fd = sys::socket(p.family, p.sotype, p.protocol).map_err(MakeError::Socket)?;
+    if let BindAddr::UnixConnect(path) = &p.bind {
+        connect_unix(fd.as_fd(), path).map_err(MakeError::Connect)?;
+    }
     for o in &p.opts {
         sys::setsockopt(fd.as_fd(), o.level, o.name, o.bytes()).map_err(|err| {
             MakeError::Option {
@@ -117,6 +135,23 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
         Vec::new()
     };
     Ok(Made { fd, addr })
+}
+
+/// Connects to the unix listener at `path`, waiting at most
+/// [`UNIX_CONNECT_TIMEOUT_SECS`] for room in its backlog; the send timeout used
+/// for that is cleared again (the carried options are applied after).
+fn connect_unix(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    // struct timeval on the 64-bit targets graftd is built for.
+    let tv = |secs: i64| [secs.to_ne_bytes(), 0i64.to_ne_bytes()].concat();
+    sys::setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDTIMEO,
+        &tv(UNIX_CONNECT_TIMEOUT_SECS),
+    )?;
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    nsock::connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv(0))
 }
 
 fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
@@ -136,6 +171,7 @@ fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
         )?;
     }
     match &p.bind {
+        BindAddr::UnixConnect(_) => Ok(()),
         BindAddr::V4(a) => nsock::bind(raw, &SockaddrIn::from(*a)).map_err(io::Error::from),
         BindAddr::V6(a) => nsock::bind(raw, &SockaddrIn6::from(*a)).map_err(io::Error::from),
         BindAddr::Unix(path) => {
@@ -144,10 +180,12 @@ fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
                 Err(nix::errno::Errno::EADDRINUSE) if is_stale(path, p.sotype) => {
                     log::info!("removing stale unix socket {}", path.display());
                     std::fs::remove_file(path)?;
-                    nsock::bind(raw, &addr).map_err(io::Error::from)
+                    nsock::bind(raw, &addr).map_err(io::Error::from)?;
                 }
-                r => r.map_err(io::Error::from),
+                r => r.map_err(io::Error::from)?,
             }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
         }
     }
 }
@@ -306,6 +344,28 @@ mod tests {
         assert!(path.exists());
         let again = make_here(&p).unwrap();
         drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unix_listener_is_world_connectable_and_egress_is_connected() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("graftd-factory-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("u.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = make_here(&params(BindAddr::Unix(path.clone()), libc::AF_UNIX)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, UNIX_SOCKET_MODE);
+        // Not listening yet: the egress connect is refused, and says so.
+        let e = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap_err();
+        assert!(matches!(e, MakeError::Connect(_)), "{e}");
+        assert_eq!(e.errno(), libc::ECONNREFUSED);
+        nsock::listen(&l.fd, nsock::Backlog::new(4).unwrap()).unwrap();
+        let c = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap();
+        assert_eq!(c.addr.len(), 2, "an unnamed unix socket: family only");
+        let peer = nsock::accept(l.fd.as_raw_fd()).unwrap();
+        nix::unistd::close(peer).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

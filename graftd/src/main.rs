@@ -23,6 +23,7 @@ mod ebpf_hooks;
 mod factory;
 mod gc;
 mod netns;
+mod rules_fd;
 mod state;
 mod sys;
 
@@ -60,11 +61,9 @@ struct Cli {
 }
 
 fn broker_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 107 || s.contains('\0') {
-        Err("must be 1 to 107 bytes without NUL".into())
-    } else {
-        Ok(s.to_owned())
-    }
+    graft_core::check_broker_name(s)
+        .map(|()| s.to_owned())
+        .map_err(str::to_owned)
 }
 
 /// What every thread shares.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use graft_core::endpoint::EndpointError;
+use graft_core::nsrules::{NsRules, NsRulesError};
 use graft_core::proto::control::{self, EndpointInfo, Stats, MAX_ENDPOINTS_PER_NETNS, MAX_MESSAGE};
 use graft_core::{EndpointName, EndpointSpec, NetnsId};
 
@@ -38,15 +39,21 @@ pub enum StateError {
     LabelTooLong,
     #[error("invalid endpoint: {0}")]
     Invalid(#[from] EndpointError),
+    #[error("this network namespace has no endpoints: add them before its rules")]
+    NoEndpoints,
+    #[error("invalid rules: {0}")]
+    Rules(#[from] NsRulesError),
 }
 
 impl StateError {
     pub fn errno(&self) -> i32 {
         match self {
             StateError::Exists(_) => libc::EEXIST,
-            StateError::NotFound(_) => libc::ENOENT,
+            StateError::NotFound(_) | StateError::NoEndpoints => libc::ENOENT,
             StateError::Full(_) | StateError::TooBig => libc::ENOSPC,
-            StateError::LabelTooLong | StateError::Invalid(_) => libc::EINVAL,
+            StateError::LabelTooLong | StateError::Invalid(_) | StateError::Rules(_) => {
+                libc::EINVAL
+            }
         }
     }
 }
@@ -124,6 +131,10 @@ pub struct NsEntry {
     /// Keeps the namespace alive while graftd serves it.
     _fd: OwnedFd,
     pub endpoints: BTreeMap<EndpointName, Arc<Endpoint>>,
+    /// The namespace's own mapping rules (canonical; empty when none), which
+    /// `graft -- CMD` without flags fetches from the broker. They live and
+    /// die with the namespace's endpoints.
+    pub rules: NsRules,
 }
 
 /// All endpoint tables.
@@ -262,6 +273,7 @@ impl State {
         let entry = self.netns.entry(ns).or_insert_with(|| NsEntry {
             _fd: ns_fd,
             endpoints: BTreeMap::new(),
+            rules: NsRules::default(),
         });
         entry.endpoints.insert(ep.spec.name, ep.clone());
         ep
@@ -295,6 +307,23 @@ impl State {
         self.netns
             .get(&ns)
             .map(|e| e.endpoints.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the rules of `ns` (which must have an endpoint) with the
+    /// canonical form of `rules`; empty lists clear them.
+    pub fn set_rules(&mut self, ns: NetnsId, rules: &NsRules) -> Result<(), StateError> {
+        let canonical = rules.canonical()?;
+        let entry = self.netns.get_mut(&ns).ok_or(StateError::NoEndpoints)?;
+        entry.rules = canonical;
+        Ok(())
+    }
+
+    /// The rules of `ns` (empty when it has none or is unknown).
+    pub fn rules(&self, ns: NetnsId) -> NsRules {
+        self.netns
+            .get(&ns)
+            .map(|e| e.rules.clone())
             .unwrap_or_default()
     }
 
@@ -357,6 +386,33 @@ mod tests {
         assert_eq!(st.lookup(A, &name).unwrap().netns, A);
         assert_eq!(st.lookup(B, &name).unwrap().netns, B);
         assert!(st.lookup(NetnsId { dev: 4, ino: 300 }, &name).is_none());
+    }
+
+    #[test]
+    fn rules_live_with_the_namespace_endpoints() {
+        let mut st = State::new(OWN);
+        let r = NsRules {
+            ingress: vec![":::80=a".into()],
+            ..NsRules::default()
+        };
+        assert_eq!(st.set_rules(A, &r), Err(StateError::NoEndpoints));
+        add(&mut st, A, "a").unwrap();
+        st.set_rules(A, &r).unwrap();
+        assert_eq!(st.rules(A).ingress, ["[::]:80=a"], "kept canonical");
+        assert!(st.rules(B).is_empty());
+        let bad = NsRules {
+            egress: vec!["10.0.0.0/8".into()],
+            ..NsRules::default()
+        };
+        assert!(matches!(st.set_rules(A, &bad), Err(StateError::Rules(_))));
+        assert_eq!(
+            st.rules(A).ingress,
+            ["[::]:80=a"],
+            "a refused set changes nothing"
+        );
+        st.remove(A, &EndpointName::new("a").unwrap()).unwrap();
+        add(&mut st, A, "a").unwrap();
+        assert!(st.rules(A).is_empty(), "forgotten with the last endpoint");
     }
 
     #[test]

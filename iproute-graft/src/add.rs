@@ -225,8 +225,7 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<AddCmd, String> {
-        let v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-        parse(&v).map_err(|e| e.0)
+        crate::args::parse_typed(parse, s)
     }
 
     fn line(s: &str) -> String {
@@ -290,26 +289,20 @@ mod tests {
             c.spec.to_string(),
             "e type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:443 deny 10.1.0.0/16 allow 192.168.0.0/16:1000-2000"
         );
-        assert_eq!(
-            p("e type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.1/8").unwrap_err(),
-            "Error: invalid \"allow\" argument: \"10.0.0.1/8\": address has bits set beyond the prefix length"
-        );
-        assert_eq!(
-            p("e type ipv4 addr 0.0.0.0 port dynamic deny 10.0.0.0").unwrap_err(),
-            "Error: invalid \"deny\" argument: \"10.0.0.0\": expected PREFIX/LEN[:PORT[-PORT]]"
-        );
-        assert_eq!(
-            p("e type ipv4 addr 0.0.0.0 port dynamic deny 10.0.0.0/33").unwrap_err(),
-            "Error: invalid \"deny\" argument: \"10.0.0.0/33\": prefix length \"33\" is not valid for this address family"
-        );
-        assert_eq!(
-            p("e type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:99999").unwrap_err(),
-            "Error: invalid \"allow\" argument: \"10.0.0.0/8:99999\": \"99999\" is not a port (0-65535)"
-        );
-        assert_eq!(
-            p("e type unix path /x allow 10.0.0.0/8").unwrap_err(),
-            "Error: \"allow\"/\"deny\" are not valid for type unix"
-        );
+        for (input, want) in [
+            ("e type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.1/8",
+             "Error: invalid \"allow\" argument: \"10.0.0.1/8\": address has bits set beyond the prefix length"),
+            ("e type ipv4 addr 0.0.0.0 port dynamic deny 10.0.0.0",
+             "Error: invalid \"deny\" argument: \"10.0.0.0\": expected PREFIX/LEN[:PORT[-PORT]]"),
+            ("e type ipv4 addr 0.0.0.0 port dynamic deny 10.0.0.0/33",
+             "Error: invalid \"deny\" argument: \"10.0.0.0/33\": prefix length \"33\" is not valid for this address family"),
+            ("e type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:99999",
+             "Error: invalid \"allow\" argument: \"10.0.0.0/8:99999\": \"99999\" is not a port (0-65535)"),
+            ("e type unix path /x allow 10.0.0.0/8",
+             "Error: \"allow\"/\"deny\" are not valid for type unix"),
+        ] {
+            assert_eq!(p(input).unwrap_err(), want, "{input}");
+        }
     }
 
     #[test]

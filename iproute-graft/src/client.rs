@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use graft_core::nsrules::NsRules;
 use graft_core::proto::control::{self, EndpointInfo, Reply, Request, MAX_MESSAGE};
 use graft_core::NetnsId;
 use nix::errno::Errno;
@@ -77,11 +78,11 @@ pub fn control_path() -> PathBuf {
 /// What a successful reply carries.
 #[derive(Debug)]
 pub struct Answer {
-    /// The caller's namespace as graftd identified it (no command prints it
-    /// today; the client tests check it arrives).
-    #[allow(dead_code)]
+    /// The caller's namespace as graftd identified it.
     pub netns: NetnsId,
     pub endpoints: Vec<EndpointInfo>,
+    /// The namespace's rules, in the answer to `GetRules`.
+    pub rules: Option<NsRules>,
 }
 
 /// Sends `req` with `fds` attached (the caller's namespace first) and returns
@@ -100,7 +101,16 @@ fn call_with_timeout(
     send(&sock, req, fds)?;
     let reply = receive(&sock, path, timeout)?;
     match reply {
-        Reply::Ok { netns, endpoints } => Ok(Answer { netns, endpoints }),
+        Reply::Ok { netns, endpoints } => Ok(Answer {
+            netns,
+            endpoints,
+            rules: None,
+        }),
+        Reply::Rules { netns, rules } => Ok(Answer {
+            netns,
+            endpoints: Vec::new(),
+            rules: Some(rules),
+        }),
         Reply::Error(e) => {
             let message = one_line(&e.message);
             Err(ClientError::Graftd {
@@ -257,10 +267,9 @@ mod tests {
     /// A one-shot fake graftd: accepts one connection, reads one request
     /// (returning its bytes and how many descriptors came with it), answers
     /// with `reply` (or hangs up when it is `None`).
-    fn fake_graftd(
-        tag: &str,
-        reply: Option<Vec<u8>>,
-    ) -> (PathBuf, std::thread::JoinHandle<(Vec<u8>, usize)>) {
+    /// A SEQPACKET socket bound to a fresh path named for `tag`, listening
+    /// when `listen`.
+    fn bound_socket(tag: &str, listen: bool) -> (PathBuf, OwnedFd) {
         let path =
             std::env::temp_dir().join(format!("ip-graft-test-{}-{tag}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
@@ -272,7 +281,17 @@ mod tests {
         )
         .unwrap();
         socket::bind(l.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
-        socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        if listen {
+            socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        }
+        (path, l)
+    }
+
+    fn fake_graftd(
+        tag: &str,
+        reply: Option<Vec<u8>>,
+    ) -> (PathBuf, std::thread::JoinHandle<(Vec<u8>, usize)>) {
+        let (path, l) = bound_socket(tag, true);
         let h = std::thread::spawn(move || {
             let c = socket::accept(l.as_raw_fd()).unwrap();
             let mut buf = vec![0u8; MAX_MESSAGE + 1];
@@ -389,19 +408,9 @@ mod tests {
 
     #[test]
     fn stale_socket_file_is_not_running() {
-        let p =
-            std::env::temp_dir().join(format!("ip-graft-test-{}-stale.sock", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        {
-            let l = socket::socket(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap();
-            socket::bind(l.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
-        }
+        // Bound, then closed: the file stays, nobody listens.
+        let (p, l) = bound_socket("stale", false);
+        drop(l);
         let e = call(&p, &Request::Show {}, &[]).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -417,18 +426,7 @@ mod tests {
     fn silent_graftd_times_out() {
         // A listener that accepts (the kernel does, from its backlog) but
         // never answers.
-        let p =
-            std::env::temp_dir().join(format!("ip-graft-test-{}-silent.sock", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        let l = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        socket::bind(l.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
-        socket::listen(&l, socket::Backlog::new(1).unwrap()).unwrap();
+        let (p, l) = bound_socket("silent", true);
         let t = Duration::from_millis(200);
         let e = call_with_timeout(&p, &Request::Show {}, &[], t).unwrap_err();
         assert_eq!(

@@ -35,25 +35,28 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<EndpointName, String> {
-        let v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-        parse(&v).map_err(|e| e.0)
+        crate::args::parse_typed(parse, s)
     }
 
     #[test]
     fn parses_one_name() {
         assert_eq!(p("ep-in4").unwrap().as_str(), "ep-in4");
-        assert_eq!(
-            p("").unwrap_err(),
-            "Error: argument \"NAME\" is required: ip graft del NAME"
-        );
-        assert_eq!(
-            p("a b").unwrap_err(),
-            "Error: invalid argument \"b\"; try \"ip graft help\"."
-        );
-        assert_eq!(
-            p("sixteen-bytes-xx").unwrap_err(),
-            "Error: endpoint name \"sixteen-bytes-xx\" is longer than 15 bytes"
-        );
+        for (input, want) in [
+            (
+                "",
+                "Error: argument \"NAME\" is required: ip graft del NAME",
+            ),
+            (
+                "a b",
+                "Error: invalid argument \"b\"; try \"ip graft help\".",
+            ),
+            (
+                "sixteen-bytes-xx",
+                "Error: endpoint name \"sixteen-bytes-xx\" is longer than 15 bytes",
+            ),
+        ] {
+            assert_eq!(p(input).unwrap_err(), want, "{input}");
+        }
         assert_eq!(
             parse(&[String::new()]).unwrap_err().0,
             "Error: endpoint name is empty"

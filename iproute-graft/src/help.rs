@@ -11,6 +11,10 @@ Usage: ip [ OPTIONS ] graft { COMMAND | help }
        ip graft add NAME type unix path PATH [ netns { PID | NETNSNAME | PATH } ]
        ip graft del NAME
        ip graft [ show | list ] [ NAME ]
+       ip graft rules [ show ]
+       ip graft rules set [ ingress ADDR:PORT[-PORT]=NAME ]... [ egress PREFIX/LEN=NAME ]...
+                          [ exclude PREFIX/LEN ]...
+       ip graft rules flush
        ip graft help
 
 Where: NAME  := up to 15 bytes of letters, digits, '-', '_', '.'
@@ -23,6 +27,11 @@ Where: NAME  := up to 15 bytes of letters, digits, '-', '_', '.'
        allow/deny := egress policy of the endpoint, enforced in the kernel when
                 graft-ebpf is loaded; longest prefix wins, deny wins a tie; with
                 any allow clause, destinations no clause covers are denied
+
+       rules := the namespace's own mapping rules, in the syntax of graft's -i, -e
+                and -x; `graft -- CMD` run without those flags takes them. The
+                namespace needs an endpoint first; its rules go with its last
+                endpoint. `set` replaces all of them.
 
 The endpoint table shown and changed is the one of the network namespace the
 command runs in (e.g. `ip netns exec c1 ip graft add ...`).

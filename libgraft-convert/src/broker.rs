@@ -5,7 +5,10 @@
 //! never shares its parent's connection mid-request: it closes its inherited
 //! copy and connects anew) and same inode (the application may have closed
 //! or reused the number; then the number is no longer ours and is left
-//! alone). An atomic try-lock holding the owner's pid guards it; a thread or
+//! alone), and same network namespace (a thread that called setns() talks
+//! to the broker of the namespace it is in now: the cached connection leads
+//! to the one it was made in, so it is closed and made anew). An atomic
+//! try-lock holding the owner's pid guards it; a thread or
 //! signal handler that finds it busy uses a one-off connection instead, so
 //! nothing ever waits for a lock. A lock still held by another pid was held
 //! across fork() and is taken over. Every broker socket has send and receive
@@ -25,6 +28,9 @@ pub const TIMEOUT_SECS: i64 = 5;
 static CACHE_FD: AtomicI32 = AtomicI32::new(-1);
 static CACHE_PID: AtomicI32 = AtomicI32::new(0);
 static CACHE_INO: AtomicU64 = AtomicU64::new(0);
+/// The network namespace (device, inode) the cached connection was made in.
+static CACHE_NS_DEV: AtomicU64 = AtomicU64::new(0);
+static CACHE_NS_INO: AtomicU64 = AtomicU64::new(0);
 /// pid of the holder, 0 when free.
 static LOCK: AtomicI32 = AtomicI32::new(0);
 
@@ -51,16 +57,18 @@ pub struct Answer {
     pub extra: [Option<OwnedFd>; sys::MAX_FDS - 1],
 }
 
-/// Sends `req` to the broker named `name` and returns its answer.
-pub fn ask(name: &str, req: &Request) -> Result<Answer, Error> {
+/// Sends `req` to the broker named `name` in the calling thread's network
+/// namespace `ns` (from [`sys::sys_netns_id`]; `None`: unknown, so the
+/// cached connection is not used) and returns its answer.
+pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, Error> {
     let mut buf = [0u8; REQUEST_LEN];
     req.encode(&mut buf);
     // A real getpid per request rather than a pid cached by fork handlers:
     // children made by vfork(), posix_spawn() or a raw clone() run no
     // handlers, and must still never share the parent's connection.
     let pid = sys::sys_getpid();
-    if try_lock(pid) {
-        let r = ask_cached(name, &buf, pid);
+    if let Some(ns) = ns.filter(|_| try_lock(pid)) {
+        let r = ask_cached(name, &buf, pid, ns);
         LOCK.store(0, Ordering::Release);
         r
     } else {
@@ -78,10 +86,10 @@ fn try_lock(pid: i32) -> bool {
         .is_ok()
 }
 
-fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
-    let (fd, fresh) = match cached(pid) {
+fn ask_cached(name: &str, buf: &[u8], pid: i32, ns: (u64, u64)) -> Result<Answer, Error> {
+    let (fd, fresh) = match cached(pid, ns) {
         Some(fd) => (fd, false),
-        None => (open_cached(name, pid)?, true),
+        None => (open_cached(name, pid, ns)?, true),
     };
     match exchange(fd, buf) {
         Ok(a) => Ok(a),
@@ -89,7 +97,7 @@ fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
         // graftd: try once more on a fresh one.
         Err(Error::Io(_)) if !fresh => {
             forget(true);
-            let fd = open_cached(name, pid)?;
+            let fd = open_cached(name, pid, ns)?;
             let r = exchange(fd, buf);
             if r.is_err() {
                 forget(true);
@@ -104,8 +112,9 @@ fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
     }
 }
 
-/// The cached connection, if it is still ours and still the same socket.
-fn cached(pid: i32) -> Option<RawFd> {
+/// The cached connection, if it is still ours, still the same socket, and
+/// made in namespace `ns`.
+fn cached(pid: i32, ns: (u64, u64)) -> Option<RawFd> {
     let fd = CACHE_FD.load(Ordering::Relaxed);
     if fd < 0 {
         return None;
@@ -129,6 +138,16 @@ fn cached(pid: i32) -> Option<RawFd> {
         forget(true);
         return None;
     }
+    if (
+        CACHE_NS_DEV.load(Ordering::Relaxed),
+        CACHE_NS_INO.load(Ordering::Relaxed),
+    ) != ns
+    {
+        // This thread moved to another namespace (setns): the connection
+        // leads to the old namespace's broker and its endpoints.
+        forget(true);
+        return None;
+    }
     Some(fd)
 }
 
@@ -139,7 +158,7 @@ fn forget(close: bool) {
     }
 }
 
-fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
+fn open_cached(name: &str, pid: i32, ns: (u64, u64)) -> Result<RawFd, Error> {
     let conn = connect(name)?;
     let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high_fd_floor()) {
         Ok(hi) => {
@@ -151,6 +170,8 @@ fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
     let ino = sys::sys_fstat(fd).map(|(i, _)| i).unwrap_or(0);
     CACHE_INO.store(ino, Ordering::Relaxed);
     CACHE_PID.store(pid, Ordering::Relaxed);
+    CACHE_NS_DEV.store(ns.0, Ordering::Relaxed);
+    CACHE_NS_INO.store(ns.1, Ordering::Relaxed);
     CACHE_FD.store(fd, Ordering::Relaxed);
     Ok(fd)
 }

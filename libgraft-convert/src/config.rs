@@ -70,10 +70,8 @@ impl Config {
         let broker = get(ENV_BROKER)
             .filter(|b| !b.is_empty())
             .unwrap_or_else(|| DEFAULT_BROKER_NAME.to_owned());
-        if broker.len() > 100 && bad.is_none() {
-            bad = Some(format!(
-                "bad {ENV_BROKER}: \"{broker}\" is longer than 100 bytes"
-            ));
+        if let (Err(why), None) = (graft_core::check_broker_name(&broker), &bad) {
+            bad = Some(format!("bad {ENV_BROKER}: \"{broker}\": {why}"));
         }
         let verbose = matches!(get(ENV_VERBOSE).as_deref(), Some(v) if !v.is_empty() && v != "0");
         let pool = get(ENV_POOL).as_deref() != Some("0");

@@ -162,7 +162,18 @@ pub unsafe extern "C" fn setsockopt(
     // Only sockets our socket() made and not decided yet keep a record
     // (with no rules there are none): everything else, grafted sockets
     // included, pays this one table load.
-    if !matches!(table::state(fd), table::CANDIDATE | table::PORT0) {
+    let st = table::state(fd);
+    if !matches!(st, table::CANDIDATE | table::PORT0) {
+        if table::is_unix(st)
+            && matches!(
+                level,
+                libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6
+            )
+        {
+            // The program thinks it holds a TCP socket; on the unix socket
+            // behind it TCP_NODELAY, keepalive timers, TOS ... mean nothing.
+            return 0;
+        }
         return real();
     }
     let r = real();
@@ -299,6 +310,61 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: 
     unsafe { sys::sendmmsg(fd, v, n, flags) }
 }
 
+/// Writes `b` into the caller's address buffer as the kernel would:
+/// at most `cap` bytes, the full length in `*len`.
+///
+/// # Safety
+/// `a` must have `cap` writable bytes and `len` must be writable (the
+/// caller's contract with the kernel, already checked non-null).
+unsafe fn give_addr(a: *mut sockaddr, len: *mut socklen_t, cap: socklen_t, b: &[u8]) {
+    let copy = b.len().min(cap as usize);
+    // SAFETY: per this function's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), a.cast::<u8>(), copy);
+        *len = b.len() as socklen_t;
+    }
+}
+
+/// A unix-backed socket's INET name (see [`graft::unix_name`]) into the
+/// caller's buffer, after the real call succeeded.
+///
+/// # Safety
+/// As [`give_addr`], `a` and `len` may be null.
+unsafe fn unix_name_out(
+    fd: c_int,
+    st: u32,
+    peer: bool,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) {
+    if a.is_null() || len.is_null() {
+        return;
+    }
+    if let Ok(Some((b, n))) = catch_unwind(|| graft::unix_name(fd, st, peer)) {
+        // SAFETY: the caller's buffer and length, non-null.
+        unsafe { give_addr(a, len, cap, &b[..n]) };
+    }
+}
+
+/// # Safety
+/// getpeername(2).
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sys::getpeername(fd, a, len) };
+    if r == 0 && config::active() {
+        let st = table::state(fd);
+        if table::is_unix(st) {
+            // SAFETY: the caller's buffer, as getpeername(2) takes it.
+            unsafe { unix_name_out(fd, st, true, a, len, cap) };
+        }
+    }
+    r
+}
+
 /// # Safety
 /// getsockname(2).
 #[no_mangle]
@@ -307,6 +373,14 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getsockname(fd, a, len) };
+    if r == 0 && config::active() {
+        let st = table::state(fd);
+        if table::is_unix(st) {
+            // SAFETY: the caller's buffer, as getsockname(2) takes it.
+            unsafe { unix_name_out(fd, st, false, a, len, cap) };
+            return r;
+        }
+    }
     if r != 0 || a.is_null() || len.is_null() || !config::getsockname_app() {
         return r;
     }
@@ -398,11 +472,30 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     r
 }
 
-fn accepted(r: c_int) -> c_int {
+/// After accept on `fd` returned `r`; `a`/`len`/`cap` are the caller's
+/// address buffer.
+///
+/// # Safety
+/// `a` null or with `cap` writable bytes, `len` null or writable.
+unsafe fn accepted(
+    fd: c_int,
+    r: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) -> c_int {
     if r >= 0 && config::active() {
         let saved = errno();
-        // A connection is never grafted again: keep sends on it on the fast path.
-        table::set(r, table::LOCAL);
+        if table::state(fd) == table::UNIX_LISTEN {
+            // The program gets a TCP-looking connection: its local address
+            // is the listener's, its peer a loopback address.
+            table::set_with_addr(r, table::UNIX_PEER, &table::addr(fd));
+            // SAFETY: the caller's buffer, as accept(2) takes it.
+            unsafe { unix_name_out(r, table::UNIX_PEER, true, a, len, cap) };
+        } else {
+            // A connection is never grafted again: keep sends on it on the fast path.
+            table::set(r, table::LOCAL);
+        }
         set_errno(saved);
     }
     r
@@ -412,8 +505,10 @@ fn accepted(r: c_int) -> c_int {
 /// accept(2).
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwarded unchanged.
-    accepted(unsafe { sys::accept(fd, a, len) })
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged; then the caller's own buffer.
+    unsafe { accepted(fd, sys::accept(fd, a, len), a, len, cap) }
 }
 
 /// # Safety
@@ -425,8 +520,10 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: forwarded unchanged.
-    accepted(unsafe { sys::accept4(fd, a, len, flags) })
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged; then the caller's own buffer.
+    unsafe { accepted(fd, sys::accept4(fd, a, len, flags), a, len, cap) }
 }
 
 /// Whether a receive that failed with EAGAIN must be repeated: the socket is

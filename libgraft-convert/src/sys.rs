@@ -34,13 +34,14 @@ pub enum Sym {
     Accept,
     Accept4,
     Setsockopt,
+    Getpeername,
     Read,
     Recv,
     Recvfrom,
     Recvmsg,
 }
 
-const NAMES: [&[u8]; 21] = [
+const NAMES: [&[u8]; 22] = [
     b"socket\0",
     b"bind\0",
     b"listen\0",
@@ -58,6 +59,7 @@ const NAMES: [&[u8]; 21] = [
     b"accept\0",
     b"accept4\0",
     b"setsockopt\0",
+    b"getpeername\0",
     b"read\0",
     b"recv\0",
     b"recvfrom\0",
@@ -65,7 +67,7 @@ const NAMES: [&[u8]; 21] = [
 ];
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 21] = [const { AtomicUsize::new(0) }; 21];
+static REAL: [AtomicUsize; 22] = [const { AtomicUsize::new(0) }; 22];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -187,6 +189,14 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c
 pub unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
     call_real!(Sym::Getsockname, NameFn, (fd, a, l), unsafe {
         libc::syscall(libc::SYS_getsockname, fd, a, l) as c_int
+    })
+}
+
+/// # Safety
+/// Same contract as getpeername(2).
+pub unsafe fn getpeername(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
+    call_real!(Sym::Getpeername, NameFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_getpeername, fd, a, l) as c_int
     })
 }
 
@@ -478,6 +488,26 @@ pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     // SAFETY: st is a writable stat.
     let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) };
     (r == 0).then_some((st.st_ino, st.st_mode))
+}
+
+/// The network namespace of the calling thread, as (device, inode) of
+/// `/proc/thread-self/ns/net`; `None` when procfs cannot tell (not mounted).
+/// A thread that called setns() answers with its new namespace.
+pub fn sys_netns_id() -> Option<(u64, u64)> {
+    const PATH: &[u8] = b"/proc/thread-self/ns/net\0";
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: PATH is NUL-terminated and st is a writable stat.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_newfstatat,
+            libc::AT_FDCWD,
+            PATH.as_ptr(),
+            &mut st as *mut libc::stat,
+            0,
+        )
+    };
+    (r == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// Writes all of `b` to stderr (best effort, bounded retries).

@@ -590,3 +590,140 @@ pub fn graft_lines(stderr: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// What [`HostHttp`] answers.
+pub const HOST_BODY: &str = "hello-from-host";
+
+/// A host-namespace HTTP-ish server on its own thread: answers every
+/// connection with one fixed response ([`HOST_BODY`]) in one segment and
+/// records the peer it saw. A connection whose first byte is `x` is held
+/// until the client closes it, then counted in `closed` (for tests that keep
+/// many connections open).
+pub struct HostHttp {
+    pub addr: SocketAddr,
+    pub peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    /// Connections accepted.
+    pub count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Held (`x`) connections the client has closed.
+    pub closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HostHttp {
+    pub fn start(bind: &str) -> HostHttp {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::{Arc, Mutex};
+        let l = std::net::TcpListener::bind(bind).expect("host server bind");
+        // A deeper accept queue for the many-connections tests.
+        // (nix's Backlog stops at the libc crate's SOMAXCONN, below this.)
+        // SAFETY: listen(2) on a socket we own; no pointers.
+        let r = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) };
+        assert_eq!(r, 0, "listen 4096: {}", std::io::Error::last_os_error());
+        let addr = l.local_addr().expect("addr");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (count, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (p2, n2, c2) = (peers.clone(), count.clone(), closed.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                if let Ok(peer) = s.peer_addr() {
+                    p2.lock().expect("peers").push(peer);
+                }
+                n2.fetch_add(1, Ordering::SeqCst);
+                let c3 = c2.clone();
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if buf[..n].starts_with(b"x") {
+                        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                        c3.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let answer = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{HOST_BODY}",
+                        HOST_BODY.len()
+                    );
+                    let _ = s.write_all(answer.as_bytes());
+                });
+            }
+        });
+        HostHttp {
+            addr,
+            peers,
+            count,
+            closed,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+/// A command line as typed, split on blanks: `words("add ep type ipv4")`.
+pub fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+impl Env {
+    /// `graft ARGS` inside another namespace, as a client of this graftd.
+    pub fn graft_in(&self, ns: &Netns, args: &[&str]) -> Command {
+        let mut c = ns.cmd(bin("graft"));
+        c.args(args).stdin(Stdio::null());
+        self.d.apply(&mut c);
+        c
+    }
+
+    /// `ip -s -j graft show` in `ns`: the `stats` object of endpoint `name`.
+    pub fn stats_in(&self, ns: &Netns, name: &str) -> serde_json::Value {
+        let out = self.d.ip_graft_ok(Some(ns), &["-s", "-j", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j graft show JSON");
+        v.as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == name))
+            .unwrap_or_else(|| panic!("no endpoint {name} in {out}"))["stats"]
+            .clone()
+    }
+
+    /// [`Env::stats_in`] the test's own namespace.
+    pub fn stats(&self, name: &str) -> serde_json::Value {
+        self.stats_in(&self.ns, name)
+    }
+
+    /// Whether this graftd loaded its eBPF companion; if it could not, the
+    /// skip line (with graftd's reason) and false.
+    pub fn ebpf_or_skip(&self, test: &str) -> bool {
+        let start = Instant::now();
+        loop {
+            let log = self.d.log_text();
+            if log.contains("eBPF companion attached") {
+                return true;
+            }
+            if let Some(why) = log
+                .lines()
+                .find(|l| l.contains("eBPF companion unavailable"))
+            {
+                println!("SKIP: {test}: {why}");
+                return false;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "graftd said nothing about eBPF:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The opening of a test that drives graftd directly: root (else the skip
+/// line and `None`), a private graftd, then one new namespace per name.
+pub fn graftd_and_netns<const N: usize>(
+    test: &str,
+    names: [&str; N],
+) -> Option<(Graftd, [Netns; N])> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let d = Graftd::start();
+    Some((d, names.map(Netns::new)))
+}

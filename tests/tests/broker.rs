@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use graft_core::proto::broker::{self as bp, Op, Purpose, Reason};
 use graft_core::proto::control::{self, Reply, Request};
 use graft_core::{EndpointAddr, EndpointName, EndpointSpec, NetnsId};
-use graft_tests::{bin, root_or_skip, unique, wait_until, Graftd, Netns};
+use graft_tests::{bin, graftd_and_netns, root_or_skip, unique, wait_until, Graftd, Netns};
 use nix::errno::Errno;
 use nix::sys::socket::{
     connect, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessage,
@@ -258,13 +258,8 @@ fn netns_cookie(fd: BorrowedFd<'_>) -> u64 {
 }
 
 fn cookie_of_new_socket() -> u64 {
-    let s = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
+    // Any socket of this namespace; binding to the wildcard needs no address.
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket here");
     netns_cookie(s.as_fd())
 }
 
@@ -294,11 +289,10 @@ fn show(d: &Graftd, ns: &Netns) -> Vec<control::EndpointInfo> {
 
 #[test]
 fn socket_from_broker_lives_in_host_namespace() {
-    if !root_or_skip("socket_from_broker_lives_in_host_namespace") {
+    let Some((d, [c1])) = graftd_and_netns("socket_from_broker_lives_in_host_namespace", ["c1"])
+    else {
         return;
-    }
-    let d = Graftd::start();
-    let c1 = Netns::new("c1");
+    };
     add_ok(&d, &c1, "ep-in4", v4("127.0.0.1", None));
 
     // Inside c1: connect to the broker, get the socket, listen on it.
@@ -349,12 +343,11 @@ fn socket_from_broker_lives_in_host_namespace() {
 
 #[test]
 fn families_lookup_target_netns_and_unix() {
-    if !root_or_skip("families_lookup_target_netns_and_unix") {
+    let Some((d, [c1, tgt])) =
+        graftd_and_netns("families_lookup_target_netns_and_unix", ["fam", "tgt"])
+    else {
         return;
-    }
-    let d = Graftd::start();
-    let c1 = Netns::new("fam");
-    let tgt = Netns::new("tgt");
+    };
     add_ok(&d, &c1, "ep-in4", v4("127.0.0.1", None));
     add_ok(
         &d,
@@ -470,11 +463,12 @@ fn families_lookup_target_netns_and_unix() {
 
 #[test]
 fn malformed_broker_requests_are_answered_and_service_continues() {
-    if !root_or_skip("malformed_broker_requests_are_answered_and_service_continues") {
+    let Some((mut d, [c1])) = graftd_and_netns(
+        "malformed_broker_requests_are_answered_and_service_continues",
+        ["bad"],
+    ) else {
         return;
-    }
-    let mut d = Graftd::start();
-    let c1 = Netns::new("bad");
+    };
     add_ok(&d, &c1, "ep-in4", v4("127.0.0.1", None));
     let good = encode(&sock_req("ep-in4", libc::AF_INET, libc::SOCK_STREAM));
 
@@ -661,11 +655,9 @@ fn malformed_control_requests_are_answered_and_service_continues() {
 
 #[test]
 fn escaping_options_are_refused() {
-    if !root_or_skip("escaping_options_are_refused") {
+    let Some((d, [c1])) = graftd_and_netns("escaping_options_are_refused", ["opt"]) else {
         return;
-    }
-    let d = Graftd::start();
-    let c1 = Netns::new("opt");
+    };
     add_ok(&d, &c1, "ep-in4", v4("127.0.0.1", None));
     let conn = broker_connect(&d, &c1).unwrap();
     let refused: Vec<(&str, i32, i32, Vec<u8>)> = vec![
@@ -726,13 +718,12 @@ fn escaping_options_are_refused() {
 
 #[test]
 fn namespaces_only_see_their_own_endpoints() {
-    if !root_or_skip("namespaces_only_see_their_own_endpoints") {
+    let Some((d, [a, b, none])) = graftd_and_netns(
+        "namespaces_only_see_their_own_endpoints",
+        ["a", "b", "none"],
+    ) else {
         return;
-    }
-    let d = Graftd::start();
-    let a = Netns::new("a");
-    let b = Netns::new("b");
-    let none = Netns::new("none");
+    };
     add_ok(&d, &a, "ep-a", v4("127.0.0.1", None));
     add_ok(&d, &b, "ep-b", v4("127.0.0.1", None));
     // Same name in both: each namespace has its own.
@@ -801,11 +792,9 @@ fn namespaces_only_see_their_own_endpoints() {
 
 #[test]
 fn duplicate_add_and_del() {
-    if !root_or_skip("duplicate_add_and_del") {
+    let Some((d, [c1])) = graftd_and_netns("duplicate_add_and_del", ["dup"]) else {
         return;
-    }
-    let d = Graftd::start();
-    let c1 = Netns::new("dup");
+    };
     add_ok(&d, &c1, "ep-in4", v4("127.0.0.1", Some(8080)));
     let add = Request::Add {
         endpoint: spec("ep-in4", v4("127.0.0.1", Some(9090))),
@@ -847,12 +836,10 @@ fn duplicate_add_and_del() {
 
 #[test]
 fn unused_namespace_is_forgotten() {
-    if !root_or_skip("unused_namespace_is_forgotten") {
+    let Some((d, [g, keep])) = graftd_and_netns("unused_namespace_is_forgotten", ["gc", "keep"])
+    else {
         return;
-    }
-    let d = Graftd::start();
-    let g = Netns::new("gc");
-    let keep = Netns::new("keep");
+    };
     add_ok(&d, &g, "ep-gone", v4("127.0.0.1", None));
     let keep_id = add_ok(&d, &keep, "ep-kept", v4("127.0.0.1", None));
     // Endpoints whose sockets are made in g itself and in another namespace:

@@ -5,152 +5,58 @@
 //! its own namespace and its own graftd; assertions are on what crossed the
 //! wire (bytes, peer addresses) and on exact error text.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_tests::{
-    bin, have_or_skip, preload_lib, root_or_skip, text, unique, wait_tcp, wait_until, Graftd,
-    Netns, Proc,
+    free_port, graft_lines, have_or_skip, preload_lib, text, unique, wait_tcp, wait_until, Env,
+    HostHttp, Proc, HOST_BODY as BODY,
 };
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// One test's world: a namespace with only loopback, a private graftd, and a
-/// scratch directory.
-struct Env {
-    ns: Netns,
-    d: Graftd,
-    dir: PathBuf,
-}
-
-impl Env {
-    fn new(test: &str) -> Option<Env> {
-        if !root_or_skip(test) || !have_or_skip(test, "python3") {
-            return None;
-        }
-        let dir = std::env::temp_dir().join(unique("graft-cv-"));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Some(Env {
-            ns: Netns::new("cv"),
-            d: Graftd::start(),
-            dir,
-        })
-    }
-
-    /// `ip graft add ARGS` inside the namespace.
-    fn add(&self, args: &[&str]) {
-        let mut a = vec!["add"];
-        a.extend_from_slice(args);
-        self.d.ip_graft_ok(Some(&self.ns), &a);
-    }
-
-    /// `graft ARGS` inside the namespace, as a user runs it.
-    fn graft(&self, args: &[&str]) -> Command {
-        let mut c = self.ns.cmd(bin("graft"));
-        c.args(args).stdin(Stdio::null());
-        self.d.apply(&mut c);
-        c
-    }
-
-    /// Writes a python script with `@NAME@` placeholders filled in.
-    fn script(&self, name: &str, body: &str, vars: &[(&str, String)]) -> String {
-        let mut text = body.to_owned();
-        for (k, v) in vars {
-            text = text.replace(&format!("@{k}@"), v);
-        }
-        let p = self.dir.join(name);
-        std::fs::write(&p, text).expect("write script");
-        p.display().to_string()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs a command to completion within `limit`, capturing its output.
 fn output(cmd: Command, what: &str, limit: Duration) -> Output {
     graft_tests::output_within(cmd, what, limit, None)
 }
 
+/// The usual ingress world: ep-in4 on a free port of the host's loopback.
+fn ingress_world(test: &str) -> Option<(Env, u16)> {
+    let env = Env::new(test, &["python3"])?;
+    let port = free_port();
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
+    Some((env, port))
+}
+
+/// The usual egress world: ep-out4 added, a host server running.
+fn egress_world(test: &str) -> Option<(Env, HostHttp)> {
+    let env = Env::new(test, &["python3"])?;
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    Some((env, HostHttp::start("127.0.0.1:0")))
+}
+
+/// Writes the python script `name` (`@K@` filled from `vars`) and runs
+/// `graft RULES -- python3 SCRIPT` to a successful exit: (stdout, stderr).
+fn python_ok(
+    env: &Env,
+    rules: &[&str],
+    name: &str,
+    body: &str,
+    vars: &[(&str, String)],
+) -> (String, String) {
+    let py = env.script(name, body, vars);
+    let mut cmd = env.graft(rules);
+    cmd.args(["--", PY, &py]);
+    output_ok(cmd, name)
+}
+
 /// Output with a successful exit; returns (stdout, stderr).
 fn output_ok(cmd: Command, what: &str) -> (String, String) {
     graft_tests::output_ok_within(cmd, what, LIMIT)
-}
-
-/// The lines a preload library or launcher printed.
-fn graft_lines(stderr: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter(|l| l.starts_with("graft: "))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// A port free on the host's loopback right now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind probe");
-    let u = UdpSocket::bind(l.local_addr().expect("addr")).ok();
-    let p = l.local_addr().expect("addr").port();
-    drop(u);
-    p
-}
-
-const BODY: &str = "hello-from-host";
-
-/// A host-namespace HTTP-ish server: answers every connection with a fixed
-/// response and records the peer address it saw.
-struct HostTcp {
-    addr: SocketAddr,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
-    count: Arc<AtomicUsize>,
-}
-
-fn host_http(bind: &str) -> HostTcp {
-    let l = TcpListener::bind(bind).expect("host server bind");
-    // A deeper accept queue for the many-connections test.
-    // SAFETY: listen(2) on a socket we own; no pointers.
-    unsafe { libc::listen(l.as_raw_fd(), 4096) };
-    let addr = l.local_addr().expect("addr");
-    let peers = Arc::new(Mutex::new(Vec::new()));
-    let count = Arc::new(AtomicUsize::new(0));
-    let (p2, c2) = (peers.clone(), count.clone());
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            if let Ok(peer) = s.peer_addr() {
-                p2.lock().expect("peers").push(peer);
-            }
-            c2.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut buf = [0u8; 1024];
-                let n = s.read(&mut buf).unwrap_or(0);
-                if buf[..n].starts_with(b"x") {
-                    // The many-connections client: hold it open until it closes.
-                    let _ = s.set_read_timeout(Some(LIMIT));
-                    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-                    return;
-                }
-                // One write, so clients see the answer in one segment.
-                let answer = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
-                    BODY.len()
-                );
-                let _ = s.write_all(answer.as_bytes());
-            });
-        }
-    });
-    HostTcp { addr, peers, count }
 }
 
 /// Forwards every line of a child's output (draining it to the end, so the
@@ -183,22 +89,14 @@ fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str, limit: Duratio
 
 #[test]
 fn iperf3_tcp_and_udp_server_reached_from_host() {
-    let Some(env) = Env::new("iperf3_tcp_and_udp_server_reached_from_host") else {
+    let Some(env) = Env::new("iperf3_tcp_and_udp_server_reached_from_host", &["python3"]) else {
         return;
     };
     if !have_or_skip("iperf3", "iperf3") {
         return;
     }
     let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
     for udp in [false, true] {
         let mut cmd = env.graft(&[
             "-v",
@@ -250,7 +148,10 @@ fn iperf3_tcp_and_udp_server_reached_from_host() {
 
 #[test]
 fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
-    let Some(env) = Env::new("nginx_master_and_workers_on_ipv4_and_ipv6_endpoints") else {
+    let Some(env) = Env::new(
+        "nginx_master_and_workers_on_ipv4_and_ipv6_endpoints",
+        &["python3"],
+    ) else {
         return;
     };
     if !have_or_skip("nginx", "nginx") || !have_or_skip("nginx", "curl") {
@@ -258,24 +159,8 @@ fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
     }
     let p4 = free_port();
     let p6 = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &p4.to_string(),
-    ]);
-    env.add(&[
-        "ep-in6",
-        "type",
-        "ipv6",
-        "addr",
-        "::1",
-        "port",
-        &p6.to_string(),
-    ]);
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
+    env.add(&format!("ep-in6 type ipv6 addr ::1 port {p6}"));
     let d = env.dir.display().to_string();
     std::fs::create_dir_all(env.dir.join("www")).expect("www");
     std::fs::write(env.dir.join("www/index.html"), "graft-nginx-page\n").expect("index");
@@ -338,16 +223,14 @@ fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
 
 #[test]
 fn egress_curl_python_socat_reach_host_server() {
-    let Some(env) = Env::new("egress_curl_python_socat_reach_host_server") else {
+    let Some(env) = Env::new("egress_curl_python_socat_reach_host_server", &["python3"]) else {
         return;
     };
     if !have_or_skip("egress", "curl") || !have_or_skip("egress", "socat") {
         return;
     }
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
     let url = format!("http://127.0.0.1:{}/", srv.addr.port());
 
     // Without graft the namespace cannot reach the host server at all.
@@ -384,7 +267,9 @@ fn egress_curl_python_socat_reach_host_server() {
         "verbose line {want:?} missing:\n{err}"
     );
 
-    let py = env.script(
+    let (out, _) = python_ok(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
         "client.py",
         "import socket\n\
          s = socket.create_connection(('127.0.0.1', @PORT@), timeout=10)\n\
@@ -396,10 +281,6 @@ fn egress_curl_python_socat_reach_host_server() {
          \x20   data += b\n\
          print(data.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n",
         &[("PORT", srv.addr.port().to_string())],
-    );
-    let (out, _) = output_ok(
-        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "python",
     );
     assert_eq!(out, BODY);
 
@@ -420,12 +301,10 @@ fn egress_curl_python_socat_reach_host_server() {
 
 #[test]
 fn egress_udp_sendto_sendmsg_and_v4_mapped() {
-    let Some(env) = Env::new("egress_udp_sendto_sendmsg_and_v4_mapped") else {
+    let Some(env) = Env::new("egress_udp_sendto_sendmsg_and_v4_mapped", &["python3"]) else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let u = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
     let port = u.local_addr().expect("addr").port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -439,7 +318,9 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
             let _ = u.send_to(&r, from);
         }
     });
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-v", "-e", "0.0.0.0/0=ep-out4"],
         "udp.py",
         "import socket\n\
          A = ('127.0.0.1', @PORT@)\n\
@@ -466,10 +347,6 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
          assert libc.sendmmsg(w.fileno(), ctypes.byref(m), 1, 0) == 1, ctypes.get_errno()\n\
          print(w.recv(100).decode(), w.getsockname()[1])\n",
         &[("PORT", port.to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "udp client",
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "stdout: {out}\nstderr: {err}");
@@ -505,21 +382,17 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
 
 #[test]
 fn unmatched_sockets_stay_on_the_container_stack() {
-    let Some(env) = Env::new("unmatched_sockets_stay_on_the_container_stack") else {
+    let Some(env) = Env::new(
+        "unmatched_sockets_stay_on_the_container_stack",
+        &["python3"],
+    ) else {
         return;
     };
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &free_port().to_string(),
-    ]);
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
+    env.add(&format!(
+        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
+        free_port()
+    ));
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let py = env.script(
         "local.py",
         "import socket\n\
@@ -610,56 +483,81 @@ fn fail_script(env: &Env) -> (String, u16, u16) {
 const FAIL_OUT: &str = "connect 101 Network is unreachable\nlocal listener got nothing\n\
 bind 99 Cannot assign requested address\nlocal sockets on port 0\n";
 
-#[test]
-fn graftd_stopped_fails_closed_with_one_line() {
-    let Some(mut env) = Env::new("graftd_stopped_fails_closed_with_one_line") else {
+/// One way of breaking the world under a grafted program, and the one line
+/// the library must print for a call (`connect`, `bind`) of an address on an
+/// endpoint when it is broken that way.
+struct FailCase {
+    test: &'static str,
+    /// Stop graftd after adding the endpoints; otherwise graftd runs but has
+    /// only an unrelated endpoint (so the broker is there).
+    stop_graftd: bool,
+    line: fn(call: &str, addr: &str, ep: &str, broker: &str) -> String,
+}
+
+fn unreachable_line(call: &str, addr: &str, ep: &str, broker: &str) -> String {
+    format!(
+        "graft: {call} {addr}: endpoint \"{ep}\": graftd is not reachable in this network \
+         namespace (broker \"{broker}\"): start graftd and add the endpoint with \"ip graft \
+         add {ep} ...\""
+    )
+}
+
+fn missing_line(call: &str, addr: &str, ep: &str, _broker: &str) -> String {
+    format!(
+        "graft: {call} {addr}: endpoint \"{ep}\" does not exist in this network namespace: \
+         add it with \"ip graft add {ep} type ipv4 addr ADDR port PORT\""
+    )
+}
+
+/// curl, then the failure script, under `graft -n` in a world broken as
+/// `case` says: every call fails with its errno and exactly one line, nothing
+/// reaches the host server, nothing lands on the container's own stack.
+fn fails_closed(case: &FailCase) {
+    let Some(mut env) = Env::new(case.test, &["python3"]) else {
         return;
     };
-    if !have_or_skip("graftd_stopped", "curl") {
+    if !have_or_skip(case.test, "curl") {
         return;
     }
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &free_port().to_string(),
-    ]);
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
-    env.d.proc.term();
-    wait_until("graftd to exit", LIMIT, || !env.d.alive());
+    if case.stop_graftd {
+        env.add(&format!(
+            "ep-in4 type ipv4 addr 127.0.0.1 port {}",
+            free_port()
+        ));
+        env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    } else {
+        env.add("ep-other type ipv4 addr 127.0.0.1 port dynamic");
+    }
+    let srv = HostHttp::start("127.0.0.1:0");
+    if case.stop_graftd {
+        env.d.proc.term();
+        wait_until("graftd to exit", LIMIT, || !env.d.alive());
+    }
     let broker = env.d.broker.clone();
+    let line = |call: &str, addr: String, ep: &str| (case.line)(call, &addr, ep, &broker);
 
     let url = format!("http://127.0.0.1:{}/", srv.addr.port());
-    let o = output(
-        env.graft(&[
-            "-n",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            &url,
-        ]),
+    let curl = [
+        "-n",
+        "-e",
+        "0.0.0.0/0=ep-out4",
+        "--",
         "curl",
-        LIMIT,
-    );
+        "-sS",
+        "--max-time",
+        "10",
+    ];
+    let mut c = env.graft(&curl);
+    c.arg(&url);
+    let o = output(c, "curl", LIMIT);
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert_eq!(
         graft_lines(&err),
-        vec![format!(
-            "graft: connect 127.0.0.1:{}: endpoint \"ep-out4\": graftd is not reachable in this \
-             network namespace (broker \"{broker}\"): start graftd and add the endpoint with \
-             \"ip graft add ep-out4 ...\"",
-            srv.addr.port()
+        vec![line(
+            "connect",
+            format!("127.0.0.1:{}", srv.addr.port()),
+            "ep-out4"
         )],
         "stderr: {err}"
     );
@@ -669,126 +567,52 @@ fn graftd_stopped_fails_closed_with_one_line() {
     );
 
     let (py, lport, bport) = fail_script(&env);
-    let o = output(
-        env.graft(&[
-            "-n",
-            "-i",
-            "0.0.0.0:0-65535=ep-in4",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            PY,
-            &py,
-        ]),
-        "fail.py",
-        LIMIT,
-    );
+    let rules = [
+        "-n",
+        "-i",
+        "0.0.0.0:0-65535=ep-in4",
+        "-e",
+        "0.0.0.0/0=ep-out4",
+    ];
+    let mut c = env.graft(&rules);
+    c.args(["--", PY, &py]);
+    let o = output(c, "fail.py", LIMIT);
     let err = text(&o.stderr);
     assert_eq!(text(&o.stdout), FAIL_OUT, "stderr: {err}");
-    let head = |call: &str, a: &str, ep: &str| {
-        format!(
-            "graft: {call} {a}: endpoint \"{ep}\": graftd is not reachable in this network \
-             namespace (broker \"{broker}\"): start graftd and add the endpoint with \"ip graft \
-             add {ep} ...\""
-        )
-    };
     assert_eq!(
         graft_lines(&err),
         vec![
-            head("connect", &format!("127.0.0.1:{lport}"), "ep-out4"),
-            head("bind", &format!("0.0.0.0:{bport}"), "ep-in4"),
+            line("connect", format!("127.0.0.1:{lport}"), "ep-out4"),
+            line("bind", format!("0.0.0.0:{bport}"), "ep-in4"),
         ]
     );
     assert!(srv.peers.lock().expect("peers").is_empty());
+}
+
+#[test]
+fn graftd_stopped_fails_closed_with_one_line() {
+    fails_closed(&FailCase {
+        test: "graftd_stopped_fails_closed_with_one_line",
+        stop_graftd: true,
+        line: unreachable_line,
+    });
 }
 
 #[test]
 fn missing_endpoint_fails_closed_with_one_line() {
-    let Some(env) = Env::new("missing_endpoint_fails_closed_with_one_line") else {
-        return;
-    };
-    if !have_or_skip("missing_endpoint", "curl") {
-        return;
-    }
-    // Some endpoint exists (so the broker is there), but not the ones used.
-    env.add(&[
-        "ep-other",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
-    let url = format!("http://127.0.0.1:{}/", srv.addr.port());
-    let o = output(
-        env.graft(&[
-            "-n",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            &url,
-        ]),
-        "curl",
-        LIMIT,
-    );
-    assert!(!o.status.success());
-    let err = text(&o.stderr);
-    assert_eq!(
-        graft_lines(&err),
-        vec![format!(
-            "graft: connect 127.0.0.1:{}: endpoint \"ep-out4\" does not exist in this network \
-             namespace: add it with \"ip graft add ep-out4 type ipv4 addr ADDR port PORT\"",
-            srv.addr.port()
-        )],
-        "stderr: {err}"
-    );
-    assert!(
-        err.contains("Couldn't connect to server"),
-        "curl says: {err}"
-    );
-
-    let (py, lport, bport) = fail_script(&env);
-    let o = output(
-        env.graft(&[
-            "-n",
-            "-i",
-            "0.0.0.0:0-65535=ep-in4",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            PY,
-            &py,
-        ]),
-        "fail.py",
-        LIMIT,
-    );
-    let err = text(&o.stderr);
-    assert_eq!(text(&o.stdout), FAIL_OUT, "stderr: {err}");
-    assert_eq!(
-        graft_lines(&err),
-        vec![
-            format!(
-                "graft: connect 127.0.0.1:{lport}: endpoint \"ep-out4\" does not exist in this \
-                 network namespace: add it with \"ip graft add ep-out4 type ipv4 addr ADDR port PORT\""
-            ),
-            format!(
-                "graft: bind 0.0.0.0:{bport}: endpoint \"ep-in4\" does not exist in this \
-                 network namespace: add it with \"ip graft add ep-in4 type ipv4 addr ADDR port PORT\""
-            ),
-        ]
-    );
-    assert!(srv.peers.lock().expect("peers").is_empty());
+    fails_closed(&FailCase {
+        test: "missing_endpoint_fails_closed_with_one_line",
+        stop_graftd: false,
+        line: missing_line,
+    });
 }
 
 #[test]
 fn bad_mapping_is_refused_by_graft_and_by_the_library() {
-    let Some(env) = Env::new("bad_mapping_is_refused_by_graft_and_by_the_library") else {
+    let Some(env) = Env::new(
+        "bad_mapping_is_refused_by_graft_and_by_the_library",
+        &["python3"],
+    ) else {
         return;
     };
     // The launcher refuses before exec.
@@ -849,18 +673,13 @@ fn bad_mapping_is_refused_by_graft_and_by_the_library() {
 
 #[test]
 fn refused_option_fails_the_bind() {
-    let Some(env) = Env::new("refused_option_fails_the_bind") else {
+    let Some(env) = Env::new("refused_option_fails_the_bind", &["python3"]) else {
         return;
     };
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &free_port().to_string(),
-    ]);
+    env.add(&format!(
+        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
+        free_port()
+    ));
     let py = env.script(
         "mark.py",
         "import socket\n\
@@ -891,23 +710,16 @@ fn refused_option_fails_the_bind() {
 
 #[test]
 fn fork_after_grafting_child_accepts_and_grafts_anew() {
-    let Some(env) = Env::new("fork_after_grafting_child_accepts_and_grafts_anew") else {
+    let Some(env) = Env::new(
+        "fork_after_grafting_child_accepts_and_grafts_anew",
+        &["python3"],
+    ) else {
         return;
     };
     let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
+    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
     let py = env.script(
         "fork.py",
         "import socket, os\n\
@@ -961,11 +773,7 @@ fn fork_after_grafting_child_accepts_and_grafts_anew() {
     assert!(st.success());
     let out = rx.recv_timeout(LIMIT).expect("output");
     assert_eq!(out, "listening\nchild exit 0\n");
-    assert_eq!(
-        srv.count.load(Ordering::SeqCst),
-        2,
-        "parent and child reached the host"
-    );
+    assert_eq!(srv.accepted(), 2, "parent and child reached the host");
 }
 
 /// Waits until something listens on 127.0.0.1:port, without connecting (a
@@ -987,23 +795,11 @@ fn wait_tcp_no_consume(port: u16) {
 
 #[test]
 fn exec_and_child_processes_are_grafted() {
-    let Some(env) = Env::new("exec_and_child_processes_are_grafted") else {
+    let Some((env, port)) = ingress_world("exec_and_child_processes_are_grafted") else {
         return;
     };
-    let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
     let child = env.script(
         "child.py",
         "import socket\n\
@@ -1045,18 +841,14 @@ fn exec_and_child_processes_are_grafted() {
     );
     assert_eq!(text(&got), BODY);
     assert!(p.wait_timeout(LIMIT).success());
-    assert_eq!(srv.count.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.accepted(), 1);
 }
 
 #[test]
 fn thousand_concurrent_grafted_connections() {
-    let Some(env) = Env::new("thousand_concurrent_grafted_connections") else {
+    let Some((env, srv)) = egress_world("thousand_concurrent_grafted_connections") else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
     let py = env.script(
         "many.py",
         "import socket, threading, selectors, resource, time, sys\n\
@@ -1094,28 +886,18 @@ fn thousand_concurrent_grafted_connections() {
     let line = wait_for(&so, "open ", Duration::from_secs(120));
     assert_eq!(line, "open 1000 errors []");
     wait_until("1000 connections at the host server", LIMIT, || {
-        srv.count.load(Ordering::SeqCst) >= 1000
+        srv.accepted() >= 1000
     });
-    assert_eq!(srv.count.load(Ordering::SeqCst), 1000);
+    assert_eq!(srv.accepted(), 1000);
     drop(p.child.stdin.take());
     assert!(p.wait_timeout(LIMIT).success());
 }
 
 #[test]
 fn so_reuseport_two_listeners_on_one_endpoint() {
-    let Some(env) = Env::new("so_reuseport_two_listeners_on_one_endpoint") else {
+    let Some((env, port)) = ingress_world("so_reuseport_two_listeners_on_one_endpoint") else {
         return;
     };
-    let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
     let py = env.script(
         "reuseport.py",
         "import socket, selectors, time\n\
@@ -1177,28 +959,10 @@ fn so_reuseport_two_listeners_on_one_endpoint() {
 
 #[test]
 fn getsockname_policy_host_and_app() {
-    let Some(env) = Env::new("getsockname_policy_host_and_app") else {
+    let Some((env, port)) = ingress_world("getsockname_policy_host_and_app") else {
         return;
     };
-    let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
-    env.add(&[
-        "ep-dyn",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        "dynamic",
-    ]);
+    env.add("ep-dyn type ipv4 addr 127.0.0.1 port dynamic");
     let py = env.script(
         "names.py",
         "import socket\n\
@@ -1261,20 +1025,12 @@ fn getsockname_policy_host_and_app() {
 
 #[test]
 fn options_carry_over_to_the_host_socket() {
-    let Some(env) = Env::new("options_carry_over_to_the_host_socket") else {
+    let Some((env, port)) = ingress_world("options_carry_over_to_the_host_socket") else {
         return;
     };
-    let port = free_port();
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &port.to_string(),
-    ]);
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-i", "0.0.0.0:0-65535=ep-in4"],
         "opts.py",
         "import socket\n\
          S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
@@ -1287,10 +1043,6 @@ fn options_carry_over_to_the_host_socket() {
          \x20     s.getsockopt(S, socket.SO_REUSEADDR), s.getsockopt(S, socket.SO_KEEPALIVE),\n\
          \x20     s.getsockopt(T, socket.TCP_KEEPIDLE))\n",
         &[],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-i", "0.0.0.0:0-65535=ep-in4", "--", PY, &py]),
-        "opts.py",
     );
     // The kernel reports twice the SO_RCVBUF that was set.
     assert_eq!(out, format!("127.0.0.1 {port} 131072 1 1 1 77\n"), "{err}");
@@ -1307,13 +1059,9 @@ const FETCH_PY: &str = "import socket, os\n\
 
 #[test]
 fn egress_options_set_before_connect_carry_over() {
-    let Some(env) = Env::new("egress_options_set_before_connect_carry_over") else {
+    let Some((env, srv)) = egress_world("egress_options_set_before_connect_carry_over") else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
     // Three ways an option reaches the socket before the graft: set on the
     // descriptor itself, set through a duplicate (recorded on the other
     // descriptor), set by a forked child on the shared socket. The values
@@ -1338,14 +1086,12 @@ fn egress_options_set_before_connect_carry_over() {
          f.connect(DST)\n\
          print('fork', f.getsockopt(S, socket.SO_KEEPALIVE), fetch(f))\n"
     );
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &["-v", "-e", "0.0.0.0/0=ep-out4"],
         "opts_egress.py",
         &body,
         &[("HP", srv.addr.port().to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&["-v", "-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "opts_egress.py",
     );
     assert_eq!(
         out,
@@ -1353,7 +1099,7 @@ fn egress_options_set_before_connect_carry_over() {
         "{err}"
     );
     // Only grafted sockets reach the host server from this namespace.
-    assert_eq!(srv.count.load(Ordering::SeqCst), 3);
+    assert_eq!(srv.accepted(), 3);
     let want = format!("connect 127.0.0.1:{} -> ep-out4", srv.addr.port());
     assert_eq!(
         graft_lines(&err)
@@ -1367,13 +1113,9 @@ fn egress_options_set_before_connect_carry_over() {
 
 #[test]
 fn egress_refused_option_fails_the_connect() {
-    let Some(env) = Env::new("egress_refused_option_fails_the_connect") else {
+    let Some((env, srv)) = egress_world("egress_refused_option_fails_the_connect") else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
     // SO_MARK set and then switched off again is what a fresh socket has:
     // grafted. Left on: refused by graftd, the connect fails.
     let body = format!(
@@ -1411,23 +1153,22 @@ fn egress_refused_option_fails_the_connect() {
             srv.addr.port()
         )]
     );
-    assert_eq!(
-        srv.count.load(Ordering::SeqCst),
-        1,
-        "the refused socket never left"
-    );
+    assert_eq!(srv.accepted(), 1, "the refused socket never left");
 }
 
 #[test]
 fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
-    let Some(env) = Env::new("nonblocking_connect_keeps_einprogress_and_fd_flags") else {
+    let Some(env) = Env::new(
+        "nonblocking_connect_keeps_einprogress_and_fd_flags",
+        &["python3"],
+    ) else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
-    let py = env.script(
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
+    let (out, err) = python_ok(
+        &env,
+        &["-e", "0.0.0.0/0=ep-out4"],
         "nb.py",
         "import socket, select, fcntl, os\n\
          A = ('127.0.0.1', @HP@)\n\
@@ -1442,44 +1183,31 @@ fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
          d = t.dup(); print('dup', d.getpeername() == t.getpeername())\n",
         &[("HP", srv.addr.port().to_string())],
     );
-    let (out, err) = output_ok(
-        env.graft(&["-e", "0.0.0.0/0=ep-out4", "--", PY, &py]),
-        "nb.py",
-    );
     assert_eq!(
         out,
         "connect_ex 115\nso_error 0\nnonblock True inheritable True\n\
          blocking True inheritable False\ndup True\n",
         "{err}"
     );
-    wait_until("two connections at the host", LIMIT, || {
-        srv.count.load(Ordering::SeqCst) == 2
-    });
+    wait_until("two connections at the host", LIMIT, || srv.accepted() == 2);
 }
 
 #[test]
 fn egress_ipv6_and_client_bind_port_zero() {
-    let Some(env) = Env::new("egress_ipv6_and_client_bind_port_zero") else {
+    let Some(env) = Env::new("egress_ipv6_and_client_bind_port_zero", &["python3"]) else {
         return;
     };
     if !have_or_skip("egress_ipv6", "curl") {
         return;
     }
-    env.add(&[
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        &free_port().to_string(),
-    ]);
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    env.add(&["ep-out6", "type", "ipv6", "addr", "::", "port", "dynamic"]);
-    let srv6 = host_http("[::1]:0");
-    let srv4 = host_http("127.0.0.1:0");
+    env.add(&format!(
+        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
+        free_port()
+    ));
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    env.add("ep-out6 type ipv6 addr :: port dynamic");
+    let srv6 = HostHttp::start("[::1]:0");
+    let srv4 = HostHttp::start("127.0.0.1:0");
     let url = format!("http://[::1]:{}/", srv6.addr.port());
     let (out, err) = output_ok(
         env.graft(&[
@@ -1501,26 +1229,21 @@ fn egress_ipv6_and_client_bind_port_zero() {
 
     // A client that binds port 0 before connecting is a client, even with an
     // ingress rule covering port 0: it is grafted on egress, not ingress.
-    let py = env.script(
+    let (out, err) = python_ok(
+        &env,
+        &[
+            "-v",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+        ],
         "client_bind0.py",
         "import socket\n\
          c = socket.socket(); c.bind(('0.0.0.0', 0)); c.connect(('127.0.0.1', @HP@))\n\
          c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); c.shutdown(socket.SHUT_WR)\n\
          print(c.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n",
         &[("HP", srv4.addr.port().to_string())],
-    );
-    let (out, err) = output_ok(
-        env.graft(&[
-            "-v",
-            "-i",
-            "0.0.0.0:0-65535=ep-in4",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            PY,
-            &py,
-        ]),
-        "client_bind0.py",
     );
     assert_eq!(out, format!("{BODY}\n"), "{err}");
     let lines = graft_lines(&err);
@@ -1532,18 +1255,19 @@ fn egress_ipv6_and_client_bind_port_zero() {
         "{lines:?}"
     );
     assert!(!lines.iter().any(|l| l.contains("-> ep-in4")), "{lines:?}");
-    assert_eq!(srv4.count.load(Ordering::SeqCst), 1);
+    assert_eq!(srv4.accepted(), 1);
 }
 
 #[test]
 fn socket_inherited_across_exec_is_classified_and_grafted() {
-    let Some(env) = Env::new("socket_inherited_across_exec_is_classified_and_grafted") else {
+    let Some(env) = Env::new(
+        "socket_inherited_across_exec_is_classified_and_grafted",
+        &["python3"],
+    ) else {
         return;
     };
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
     // The first image makes the socket; the exec'd one has never seen it and
     // must classify it (unbound, unconnected AF_INET stream) on connect.
     // The options set by the first image were never seen by the second
@@ -1572,7 +1296,7 @@ fn socket_inherited_across_exec_is_classified_and_grafted() {
         "exec inherit",
     );
     assert_eq!(out, format!("100000 1 {BODY}\n"), "{err}");
-    assert_eq!(srv.count.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.accepted(), 1);
     assert!(
         graft_lines(&err)
             .iter()
@@ -1661,16 +1385,14 @@ int main(int argc, char **argv) {
 
 #[test]
 fn c_program_errno_dup_and_signal_handlers() {
-    let Some(env) = Env::new("c_program_errno_dup_and_signal_handlers") else {
+    let Some(env) = Env::new("c_program_errno_dup_and_signal_handlers", &["python3"]) else {
         return;
     };
     if !have_or_skip("c_program", "cc") {
         return;
     }
-    env.add(&[
-        "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-    ]);
-    let srv = host_http("127.0.0.1:0");
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    let srv = HostHttp::start("127.0.0.1:0");
     let src = env.dir.join("signals.c");
     let exe = env.dir.join("signals");
     std::fs::write(&src, SIGNALS_C).expect("write C");
@@ -1694,12 +1416,12 @@ fn c_program_errno_dup_and_signal_handlers() {
          main ok 300 fail 0; handler grafted yes, failed 0\n",
         "{err}"
     );
-    assert!(srv.count.load(Ordering::SeqCst) >= 301);
+    assert!(srv.accepted() >= 301);
 }
 
 #[test]
 fn stuck_or_garbled_broker_fails_closed() {
-    let Some(env) = Env::new("stuck_or_garbled_broker_fails_closed") else {
+    let Some(env) = Env::new("stuck_or_garbled_broker_fails_closed", &["python3"]) else {
         return;
     };
     // A stand-in broker inside the namespace that never answers, or answers

@@ -10,11 +10,10 @@
 //! a target namespace of their own, so that the TCP segment counters of that
 //! namespace (`nstat`) show whether the bytes went through TCP at all.
 
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_tests::{bin, have_or_skip, root_or_skip, text, unique, Graftd, Netns, Proc};
+use graft_tests::{text, Env, Netns, Proc};
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(90);
@@ -146,100 +145,43 @@ elif mode == "sockopt":
     print("echo", back.decode(), flush=True)
 "#;
 
-struct Env {
-    d: Graftd,
-    dir: PathBuf,
+/// A world for `test` with graftd started with `graftd_args` and app.py in
+/// the scratch directory; `None` (after the skip line) when a tool is missing
+/// or, unless `--no-ebpf` is asked for, graftd could not load its companion.
+fn ebpf_env(test: &str, graftd_args: &[&str]) -> Option<Env> {
+    let env = Env::with_graftd(test, &["python3", "nstat"], graftd_args)?;
+    env.script("app.py", SCRIPT, &[]);
+    if !graftd_args.contains(&"--no-ebpf") && !env.ebpf_or_skip(test) {
+        return None;
+    }
+    Some(env)
 }
 
-impl Env {
-    fn new(test: &str, args: &[&str]) -> Option<Env> {
-        if !root_or_skip(test) || !have_or_skip(test, "python3") || !have_or_skip(test, "nstat") {
-            return None;
-        }
-        let dir = std::env::temp_dir().join(unique("graft-ebpf-"));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        std::fs::write(dir.join("app.py"), SCRIPT).expect("write app.py");
-        Some(Env {
-            d: Graftd::start_with(args),
-            dir,
-        })
-    }
-
-    /// Whether graftd runs with its companion; if not, the skip line.
-    fn ebpf_or_skip(&self, test: &str) -> bool {
-        let start = Instant::now();
-        loop {
-            let log = self.d.log_text();
-            if log.contains("eBPF companion attached") {
-                return true;
-            }
-            if log.contains("eBPF companion unavailable") {
-                println!(
-                    "SKIP: {test}: {}",
-                    log.lines()
-                        .find(|l| l.contains("unavailable"))
-                        .unwrap_or("")
-                );
-                return false;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "graftd said nothing about eBPF:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn add(&self, ns: &Netns, args: &[&str]) {
-        let mut a = vec!["add"];
-        a.extend_from_slice(args);
-        self.d.ip_graft_ok(Some(ns), &a);
-    }
-
-    /// `graft RULES -- python3 app.py ARGS` inside `ns`.
-    fn app(&self, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
-        let mut c = ns.cmd(bin("graft"));
-        c.args(rules)
-            .arg("--")
-            .arg(PY)
-            .arg(self.dir.join("app.py"))
-            .args(args)
-            .stdin(Stdio::null());
-        self.d.apply(&mut c);
-        c
-    }
-
-    /// `ip -s -j graft show` in `ns`: the stats object of endpoint `name`.
-    fn stats(&self, ns: &Netns, name: &str) -> serde_json::Value {
-        let out = self.d.ip_graft_ok(Some(ns), &["-s", "-j", "show"]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j graft show JSON");
-        v.as_array()
-            .and_then(|a| a.iter().find(|e| e["name"] == name))
-            .unwrap_or_else(|| panic!("no endpoint {name} in {out}"))["stats"]
-            .clone()
-    }
+/// [`ebpf_env`] and one more namespace per name (splice tests keep the
+/// endpoints' sockets in a namespace of their own).
+fn ebpf_env_netns<const N: usize>(
+    test: &str,
+    graftd_args: &[&str],
+    names: [&str; N],
+) -> Option<(Env, [Netns; N])> {
+    let env = ebpf_env(test, graftd_args)?;
+    Some((env, names.map(Netns::new)))
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `graft RULES -- python3 app.py ARGS` inside `ns`.
+fn app(env: &Env, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
+    let mut c = env.graft_in(ns, rules);
+    c.arg("--").arg(PY).arg(env.dir.join("app.py")).args(args);
+    c
 }
 
 fn run_bounded(cmd: Command, what: &str) -> Output {
     graft_tests::output_within(cmd, what, LIMIT, None)
 }
 
+/// Runs to success within [`LIMIT`]; stdout.
 fn ok(cmd: Command, what: &str) -> String {
-    let o = run_bounded(cmd, what);
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
+    graft_tests::output_ok_within(cmd, what, LIMIT).0
 }
 
 /// A host TCP server counting accepted connections and a UDP receiver, on
@@ -281,13 +223,9 @@ impl HostSinks {
 #[test]
 fn policy_denies_with_eperm_and_counts() {
     let test = "policy_denies_with_eperm_and_counts";
-    let Some(env) = Env::new(test, &[]) else {
+    let Some(env) = ebpf_env(test, &[]) else {
         return;
     };
-    if !env.ebpf_or_skip(test) {
-        return;
-    }
-    let ns = Netns::new("pol");
     let allowed = HostSinks::new("127.0.0.1");
     let denied = HostSinks::new("127.0.0.2");
     let (ta, ua) = (
@@ -295,27 +233,18 @@ fn policy_denies_with_eperm_and_counts() {
         allowed.udp_port().to_string(),
     );
     let (td, ud) = (denied.tcp_port().to_string(), denied.udp_port().to_string());
-    env.add(
-        &ns,
-        &[
-            "ep-out",
-            "type",
-            "ipv4",
-            "addr",
-            "0.0.0.0",
-            "port",
-            "dynamic",
-            "allow",
-            "127.0.0.1/32",
-            "deny",
-            "127.0.0.2/32",
-        ],
+    env.add_in(
+        &env.ns,
+        "ep-out type ipv4 addr 0.0.0.0 port dynamic allow 127.0.0.1/32 deny 127.0.0.2/32",
     );
     let rules = ["-e", "127.0.0.0/8=ep-out"];
     let probe = |proto: &str, host: &str, port: &str| {
-        ok(env.app(&ns, &rules, &["probe", proto, host, port]), "probe")
-            .trim()
-            .to_owned()
+        ok(
+            app(&env, &env.ns, &rules, &["probe", proto, host, port]),
+            "probe",
+        )
+        .trim()
+        .to_owned()
     };
     assert_eq!(probe("tcp", "127.0.0.1", &ta), format!("tcp {ta} ok"));
     assert_eq!(probe("tcp", "127.0.0.2", &td), format!("tcp {td} EPERM"));
@@ -323,13 +252,13 @@ fn policy_denies_with_eperm_and_counts() {
     assert_eq!(probe("udp", "127.0.0.2", &ud), format!("udp {ud} EPERM"));
     wait_for_sinks(&allowed, (1, 1));
     assert_eq!(denied.drain(), (0, 0), "a denied destination was reached");
-    let s = env.stats(&ns, "ep-out");
+    let s = env.stats_in(&env.ns, "ep-out");
     assert_eq!(s["policy_denied"], 2, "{s}");
     // Each probe is its own process whose one egress graft takes a batch
     // for its socket pool: all of a batch's sockets count as handed out.
     let handed = 4 * graft_core::proto::broker::BATCH_FIRST;
     assert_eq!(s["sockets"], handed, "{s}");
-    let cols = stats_columns(&env.d.ip_graft_ok(Some(&ns), &["-s", "show"]), "ep-out");
+    let cols = stats_columns(&env.d.ip_graft_ok(Some(&env.ns), &["-s", "show"]), "ep-out");
     assert_eq!(
         cols.get("denied").map(String::as_str),
         Some("2"),
@@ -352,7 +281,7 @@ fn policy_denies_with_eperm_and_counts() {
         .args(["probe", "udp", "127.0.0.2", &ud]);
     assert_eq!(ok(c, "host probe").trim(), format!("udp {ud} ok"));
     wait_for_sinks(&denied, (1, 1));
-    assert_eq!(env.stats(&ns, "ep-out")["policy_denied"], 2);
+    assert_eq!(env.stats_in(&env.ns, "ep-out")["policy_denied"], 2);
 }
 
 /// The `-s` block under endpoint `name` of `ip -s graft show`: header word
@@ -413,23 +342,37 @@ fn out_segs(ns: &Netns) -> u64 {
 }
 
 /// A grafted server in `srv_ns` and a grafted client in `cli_ns`, both on
-/// endpoints whose sockets live in `target`. Returns (server, client) lines.
-#[allow(clippy::too_many_arguments)]
-fn run_pair(
-    env: &Env,
-    srv_ns: &Netns,
-    cli_ns: &Netns,
-    ip: &str,
+/// endpoints whose sockets live in the endpoints' target namespace.
+struct Pair<'a> {
+    srv_ns: &'a Netns,
+    cli_ns: &'a Netns,
+    ip: &'a str,
     port: u16,
-    rules: (&str, &str),
+    /// (`-i` rule of the server, `-e` rule of the client)
+    rules: (&'a str, &'a str),
+    /// Bytes each way.
     n: usize,
+    /// A second connection for the ping-pong.
     pingpong: bool,
-) -> (String, String) {
+}
+
+/// Runs a [`Pair`]; returns (server, client) lines.
+fn run_pair(env: &Env, pair: Pair) -> (String, String) {
+    let Pair {
+        srv_ns,
+        cli_ns,
+        ip,
+        port,
+        rules,
+        n,
+        pingpong,
+    } = pair;
     let (rule_in, rule_out) = rules;
     let p = port.to_string();
     let ns_ = n.to_string();
     let conns = if pingpong { "2" } else { "1" };
-    let mut srv = env.app(
+    let mut srv = app(
+        env,
         srv_ns,
         &["-i", rule_in],
         &["server", ip, &p, "7", &ns_, conns],
@@ -450,7 +393,8 @@ fn run_pair(
     assert_eq!(first, "listening");
     let once = if pingpong { "twice" } else { "once" };
     let cli = ok(
-        env.app(
+        app(
+            env,
             cli_ns,
             &["-e", rule_out],
             &["client", ip, &p, "9", &ns_, once],
@@ -484,32 +428,28 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
 /// namespace carries only control segments, and the counters match.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
-    let test = "splice_grafted_pairs_v4_v6_byte_exact";
-    let Some(env) = Env::new(test, &["--splice"]) else {
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(
+        "splice_grafted_pairs_v4_v6_byte_exact",
+        &["--splice"],
+        ["sph", "sp1", "sp2"],
+    ) else {
         return;
     };
-    if !env.ebpf_or_skip(test) {
-        return;
-    }
-    let host = Netns::new("sph");
-    let c1 = Netns::new("sp1");
-    let c2 = Netns::new("sp2");
     const N: usize = 8 << 20;
     for (ty, ip, any) in [("ipv4", "127.0.0.1", "0.0.0.0"), ("ipv6", "::1", "::")] {
         let port = 15000;
         let ps = port.to_string();
         let (ein, eout) = (format!("in-{ty}"), format!("out-{ty}"));
-        env.add(
+        env.add_in(
             &c1,
-            &[
-                &ein, "type", ty, "addr", ip, "port", &ps, "netns", &host.name,
-            ],
+            &format!("{ein} type {ty} addr {ip} port {ps} netns {}", host.name),
         );
-        env.add(
+        env.add_in(
             &c2,
-            &[
-                &eout, "type", ty, "addr", any, "port", "dynamic", "netns", &host.name,
-            ],
+            &format!(
+                "{eout} type {ty} addr {any} port dynamic netns {}",
+                host.name
+            ),
         );
         let rule_in = format!("{ip}:{port}={ein}");
         let rule_out = if ty == "ipv4" {
@@ -518,7 +458,18 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
             format!("{ip}/128={eout}")
         };
         let segs = out_segs(&host);
-        let (srv, cli) = run_pair(&env, &c1, &c2, ip, port, (&rule_in, &rule_out), N, true);
+        let (srv, cli) = run_pair(
+            &env,
+            Pair {
+                srv_ns: &c1,
+                cli_ns: &c2,
+                ip,
+                port,
+                rules: (&rule_in, &rule_out),
+                n: N,
+                pingpong: true,
+            },
+        );
         check_pair(&srv, &cli, N as u64, true);
         let segs = out_segs(&host) - segs;
         // 2 × 8 MiB through TCP on loopback takes hundreds of segments;
@@ -527,8 +478,8 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
             segs < 60,
             "{ty}: {segs} TCP segments: the transfer was not spliced"
         );
-        let si = env.stats(&c1, &ein);
-        let so = env.stats(&c2, &eout);
+        let si = env.stats_in(&c1, &ein);
+        let so = env.stats_in(&c2, &eout);
         let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
         assert_eq!(si["passive_established"], 2, "{si}");
         assert_eq!(so["active_established"], 2, "{so}");
@@ -543,47 +494,37 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
 /// payload bytes exactly (no SYN/FIN), and connections by direction.
 #[test]
 fn counters_without_splice_count_payload_bytes() {
-    let test = "counters_without_splice_count_payload_bytes";
-    let Some(env) = Env::new(test, &[]) else {
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(
+        "counters_without_splice_count_payload_bytes",
+        &[],
+        ["cth", "ct1", "ct2"],
+    ) else {
         return;
     };
-    if !env.ebpf_or_skip(test) {
-        return;
-    }
-    let host = Netns::new("cth");
-    let c1 = Netns::new("ct1");
-    let c2 = Netns::new("ct2");
     const N: usize = 3 << 20;
-    env.add(
+    env.add_in(
         &c1,
-        &[
-            "in",
-            "type",
-            "ipv4",
-            "addr",
-            "127.0.0.1",
-            "port",
-            "15100",
-            "netns",
-            &host.name,
-        ],
+        &format!("in type ipv4 addr 127.0.0.1 port 15100 netns {}", host.name),
     );
-    env.add(
+    env.add_in(
         &c2,
-        &[
-            "out", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic", "netns", &host.name,
-        ],
+        &format!(
+            "out type ipv4 addr 0.0.0.0 port dynamic netns {}",
+            host.name
+        ),
     );
     let segs = out_segs(&host);
     let (srv, cli) = run_pair(
         &env,
-        &c1,
-        &c2,
-        "127.0.0.1",
-        15100,
-        ("127.0.0.1:15100=in", "127.0.0.1/32=out"),
-        N,
-        true,
+        Pair {
+            srv_ns: &c1,
+            cli_ns: &c2,
+            ip: "127.0.0.1",
+            port: 15100,
+            rules: ("127.0.0.1:15100=in", "127.0.0.1/32=out"),
+            n: N,
+            pingpong: true,
+        },
     );
     check_pair(&srv, &cli, N as u64, true);
     assert!(out_segs(&host) - segs > 300, "TCP carried the bytes");
@@ -592,8 +533,8 @@ fn counters_without_splice_count_payload_bytes() {
     // Close accounting runs when each socket reaches CLOSE.
     let start = Instant::now();
     loop {
-        let si = env.stats(&c1, "in");
-        let so = env.stats(&c2, "out");
+        let si = env.stats_in(&c1, "in");
+        let so = env.stats_in(&c2, "out");
         let got = (
             &si["bytes_received"],
             &si["bytes_sent"],
@@ -624,47 +565,30 @@ fn counters_without_splice_count_payload_bytes() {
 /// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
 #[test]
 fn splice_same_four_tuple_in_two_namespaces() {
-    let test = "splice_same_four_tuple_in_two_namespaces";
-    let Some(env) = Env::new(test, &["--splice"]) else {
+    let Some((env, [h1, h2, c])) = ebpf_env_netns(
+        "splice_same_four_tuple_in_two_namespaces",
+        &["--splice"],
+        ["st1", "st2", "stc"],
+    ) else {
         return;
     };
-    if !env.ebpf_or_skip(test) {
-        return;
-    }
-    let h1 = Netns::new("st1");
-    let h2 = Netns::new("st2");
-    let c = Netns::new("stc");
     const N: usize = 4 << 20;
     for h in [&h1, &h2] {
         let tag = &h.name[h.name.len() - 3..];
-        env.add(
+        env.add_in(
             &c,
-            &[
-                &format!("i{tag}"),
-                "type",
-                "ipv4",
-                "addr",
-                "127.0.0.1",
-                "port",
-                "15500",
-                "netns",
-                &h.name,
-            ],
+            &format!(
+                "i{tag} type ipv4 addr 127.0.0.1 port 15500 netns {}",
+                h.name
+            ),
         );
         // A fixed client port: both connections are 127.0.0.1:15501 -> 127.0.0.1:15500.
-        env.add(
+        env.add_in(
             &c,
-            &[
-                &format!("o{tag}"),
-                "type",
-                "ipv4",
-                "addr",
-                "127.0.0.1",
-                "port",
-                "15501",
-                "netns",
-                &h.name,
-            ],
+            &format!(
+                "o{tag} type ipv4 addr 127.0.0.1 port 15501 netns {}",
+                h.name
+            ),
         );
     }
     let tags: Vec<String> = [&h1, &h2]
@@ -680,16 +604,18 @@ fn splice_same_four_tuple_in_two_namespaces() {
                 s.spawn(move || {
                     run_pair(
                         env,
-                        c,
-                        c,
-                        "127.0.0.1",
-                        15500,
-                        (
-                            &format!("127.0.0.1:15500=i{tag}"),
-                            &format!("127.0.0.1/32=o{tag}"),
-                        ),
-                        N,
-                        false,
+                        Pair {
+                            srv_ns: c,
+                            cli_ns: c,
+                            ip: "127.0.0.1",
+                            port: 15500,
+                            rules: (
+                                &format!("127.0.0.1:15500=i{tag}"),
+                                &format!("127.0.0.1/32=o{tag}"),
+                            ),
+                            n: N,
+                            pingpong: false,
+                        },
                     )
                 })
             })
@@ -700,7 +626,7 @@ fn splice_same_four_tuple_in_two_namespaces() {
         check_pair(srv, cli, N as u64, false);
     }
     for tag in &tags {
-        let so = env.stats(&c, &format!("o{tag}"));
+        let so = env.stats_in(&c, &format!("o{tag}"));
         assert_eq!(so["bytes_sent"], N as u64, "{so}");
         assert_eq!(so["active_established"], 1, "{so}");
     }
@@ -711,35 +637,20 @@ fn splice_same_four_tuple_in_two_namespaces() {
 #[test]
 fn no_ebpf_says_so_once_and_works() {
     let test = "no_ebpf_says_so_once_and_works";
-    let Some(env) = Env::new(test, &["--no-ebpf"]) else {
+    let Some(env) = ebpf_env(test, &["--no-ebpf"]) else {
         return;
     };
-    let ns = Netns::new("noe");
     let sink = HostSinks::new("127.0.0.1");
     let tp = sink.tcp_port().to_string();
-    env.add(
-        &ns,
-        &[
-            "ep-out", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-        ],
-    );
-    env.add(
-        &ns,
-        &[
-            "ep-pol",
-            "type",
-            "ipv4",
-            "addr",
-            "0.0.0.0",
-            "port",
-            "dynamic",
-            "allow",
-            "127.0.0.1/32",
-        ],
+    env.add_in(&env.ns, "ep-out type ipv4 addr 0.0.0.0 port dynamic");
+    env.add_in(
+        &env.ns,
+        "ep-pol type ipv4 addr 0.0.0.0 port dynamic allow 127.0.0.1/32",
     );
     let out = ok(
-        env.app(
-            &ns,
+        app(
+            &env,
+            &env.ns,
             &["-e", "127.0.0.1/32=ep-out"],
             &["probe", "tcp", "127.0.0.1", &tp],
         ),
@@ -748,8 +659,9 @@ fn no_ebpf_says_so_once_and_works() {
     assert_eq!(out.trim(), format!("tcp {tp} ok"));
     wait_for_sinks(&sink, (1, 0));
     let o = run_bounded(
-        env.app(
-            &ns,
+        app(
+            &env,
+            &env.ns,
             &["-e", "127.0.0.1/32=ep-pol"],
             &["probe", "tcp", "127.0.0.1", &tp],
         ),
@@ -760,12 +672,12 @@ fn no_ebpf_says_so_once_and_works() {
         "a policy endpoint worked without eBPF: {}",
         text(&o.stdout)
     );
-    let shown = env.d.ip_graft_ok(Some(&ns), &["-s", "show"]);
+    let shown = env.d.ip_graft_ok(Some(&env.ns), &["-s", "show"]);
     assert!(
         shown.contains("ep-out type ipv4 addr 0.0.0.0 port dynamic"),
         "{shown}"
     );
-    let s = env.stats(&ns, "ep-out");
+    let s = env.stats_in(&env.ns, "ep-out");
     // One egress graft: one batch for the process's socket pool.
     assert_eq!(s["sockets"], graft_core::proto::broker::BATCH_FIRST, "{s}");
     assert!(
@@ -804,16 +716,13 @@ fn host_echo_once() -> (u16, std::thread::JoinHandle<()>) {
     (port, t)
 }
 
-fn sockopt_probe(env: &Env, ns: &Netns) -> String {
-    env.add(
-        ns,
-        &[
-            "ep-out4", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-        ],
-    );
+fn sockopt_probe(env: &Env) -> String {
+    let ns = &env.ns;
+    env.add_in(ns, "ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let (port, server) = host_echo_once();
     let out = ok(
-        env.app(
+        app(
+            env,
             ns,
             &["-e", "0.0.0.0/0=ep-out4"],
             &["sockopt", "127.0.0.1", &port.to_string()],
@@ -830,14 +739,10 @@ fn sockopt_probe(env: &Env, ns: &Netns) -> String {
 #[test]
 fn setsockopt_escape_options_refused_on_grafted_socket() {
     let test = "setsockopt_escape_options_refused_on_grafted_socket";
-    let Some(env) = Env::new(test, &[]) else {
+    let Some(env) = ebpf_env(test, &[]) else {
         return;
     };
-    if !env.ebpf_or_skip(test) {
-        return;
-    }
-    let ns = Netns::new("sso");
-    let out = sockopt_probe(&env, &ns);
+    let out = sockopt_probe(&env);
     assert_eq!(
         out,
         "SO_BINDTODEVICE PermissionError EPERM\n\
@@ -846,7 +751,7 @@ fn setsockopt_escape_options_refused_on_grafted_socket() {
          nodelay 1\n\
          echo still flowing\n"
     );
-    assert_eq!(env.stats(&ns, "ep-out4")["policy_denied"], 2);
+    assert_eq!(env.stats_in(&env.ns, "ep-out4")["policy_denied"], 2);
 }
 
 /// The same program with `graftd --no-ebpf`: the kernel applies both
@@ -855,11 +760,10 @@ fn setsockopt_escape_options_refused_on_grafted_socket() {
 #[test]
 fn setsockopt_escape_options_not_refused_without_ebpf() {
     let test = "setsockopt_escape_options_not_refused_without_ebpf";
-    let Some(env) = Env::new(test, &["--no-ebpf"]) else {
+    let Some(env) = ebpf_env(test, &["--no-ebpf"]) else {
         return;
     };
-    let ns = Netns::new("ssn");
-    let out = sockopt_probe(&env, &ns);
+    let out = sockopt_probe(&env);
     assert_eq!(
         out,
         "SO_BINDTODEVICE ok\n\

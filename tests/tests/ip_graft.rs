@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use graft_tests::{path_with_wrapper, root_or_skip, run, Graftd, Netns};
+use graft_tests::{
+    graftd_and_netns, path_with_wrapper, root_or_skip, run, text, words, Graftd, Netns,
+};
 
 /// `ip ARGS` through the wrapper, inside `ns` when given, as a client of `g`
 /// (or, without a daemon, with the control socket at `control`).
@@ -30,10 +32,6 @@ fn ip(g: Option<&Graftd>, control: Option<&Path>, ns: Option<&Netns>, args: &[&s
         cmd.env(graft_core::ENV_CONTROL, c);
     }
     cmd.output().expect("run ip")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Asserts a clean success and returns stdout.
@@ -68,6 +66,12 @@ fn fails(out: &Output, code: i32, what: &str) -> String {
         "{what}: expected one stderr line, got {err:?}"
     );
     err.trim_end().to_owned()
+}
+
+/// `ip ARGS` inside `ns` as a client of `g`, asserting exit 2 with one line
+/// (see [`fails`]); returns that line.
+fn fails_in(g: &Graftd, ns: &Netns, args: &[&str], what: &str) -> String {
+    fails(&ip(Some(g), None, Some(ns), args), 2, what)
 }
 
 /// (dev, ino) of a namespace file, as graftd reports `target_netns`.
@@ -167,12 +171,10 @@ fn json(s: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn walkthrough_shows_af_graft_lines() {
-    if !root_or_skip("walkthrough_shows_af_graft_lines") {
+    let Some((g, [c1, c2])) = graftd_and_netns("walkthrough_shows_af_graft_lines", ["c1", "c2"])
+    else {
         return;
-    }
-    let g = Graftd::start();
-    let c1 = Netns::new("c1");
-    let c2 = Netns::new("c2");
+    };
     // `netns PID`: this test process lives in the host namespace. (AF_GRAFT's
     // docs say `netns 1`; that is tried below where /proc/1/ns/net can be
     // opened, which some sandboxes forbid even to root.)
@@ -341,19 +343,7 @@ fn walkthrough_shows_af_graft_lines() {
     );
 
     // `netns 1`, exactly as AF_GRAFT's walkthrough types it.
-    let add1 = [
-        "graft",
-        "add",
-        "ep-1",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        "8080",
-        "netns",
-        "1",
-    ];
+    let add1 = words("graft add ep-1 type ipv4 addr 127.0.0.1 port 8080 netns 1");
     if std::fs::File::open("/proc/1/ns/net").is_ok() {
         ok(&g, Some(&c1), &add1);
         assert_eq!(
@@ -365,7 +355,7 @@ fn walkthrough_shows_af_graft_lines() {
         ok(&g, Some(&c1), &["graft", "del", "ep-1"]);
     } else {
         println!("SKIP: walkthrough: `netns 1`: /proc/1/ns/net cannot be opened here (sandbox)");
-        let e = fails(&ip(Some(&g), None, Some(&c1), &add1), 2, "netns 1");
+        let e = fails_in(&g, &c1, &add1, "netns 1");
         assert!(
             e.starts_with("Error: cannot open netns \"1\": /proc/1/ns/net: "),
             "{e}"
@@ -379,41 +369,25 @@ fn walkthrough_shows_af_graft_lines() {
 
 #[test]
 fn namespaces_see_only_their_own_endpoints() {
-    if !root_or_skip("namespaces_see_only_their_own_endpoints") {
+    let Some((g, [a, b])) = graftd_and_netns("namespaces_see_only_their_own_endpoints", ["a", "b"])
+    else {
         return;
-    }
-    let g = Graftd::start();
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    };
     ok(
         &g,
         Some(&a),
-        &[
-            "graft",
-            "add",
-            "ep",
-            "type",
-            "ipv4",
-            "addr",
-            "127.0.0.1",
-            "port",
-            "8081",
-        ],
+        &words("graft add ep type ipv4 addr 127.0.0.1 port 8081"),
     );
     ok(
         &g,
         Some(&a),
-        &[
-            "graft", "add", "only-a", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic",
-        ],
+        &words("graft add only-a type ipv4 addr 0.0.0.0 port dynamic"),
     );
     // The same name in another namespace is another endpoint.
     ok(
         &g,
         Some(&b),
-        &[
-            "graft", "add", "ep", "type", "ipv6", "addr", "::1", "port", "8082",
-        ],
+        &words("graft add ep type ipv6 addr ::1 port 8082"),
     );
     assert_eq!(
         ok(&g, Some(&a), &["graft", "show"]),
@@ -424,20 +398,12 @@ fn namespaces_see_only_their_own_endpoints() {
         "ep type ipv6 addr ::1 port 8082\n"
     );
     // b cannot see, show or delete a's endpoint.
-    let e = fails(
-        &ip(Some(&g), None, Some(&b), &["graft", "show", "only-a"]),
-        2,
-        "show other's",
-    );
+    let e = fails_in(&g, &b, &["graft", "show", "only-a"], "show other's");
     assert_eq!(
         e,
         "Error: endpoint \"only-a\" does not exist in this network namespace"
     );
-    let e = fails(
-        &ip(Some(&g), None, Some(&b), &["graft", "del", "only-a"]),
-        2,
-        "del other's",
-    );
+    let e = fails_in(&g, &b, &["graft", "del", "only-a"], "del other's");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("only-a"),
         "{e}"
@@ -454,38 +420,20 @@ fn namespaces_see_only_their_own_endpoints() {
 
 #[test]
 fn del_and_duplicate_names() {
-    if !root_or_skip("del_and_duplicate_names") {
+    let Some((g, [c])) = graftd_and_netns("del_and_duplicate_names", ["dup"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("dup");
-    let add = [
-        "graft",
-        "add",
-        "ep-in4",
-        "type",
-        "ipv4",
-        "addr",
-        "127.0.0.1",
-        "port",
-        "8080",
-    ];
+    };
+    let add = words("graft add ep-in4 type ipv4 addr 127.0.0.1 port 8080");
     ok(&g, Some(&c), &add);
     // Re-adding the name is refused, even with another address, and the
     // existing endpoint is untouched.
-    let e = fails(&ip(Some(&g), None, Some(&c), &add), 2, "duplicate add");
+    let e = fails_in(&g, &c, &add, "duplicate add");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("ep-in4") && e.contains("exists"),
         "{e}"
     );
-    let other = [
-        "graft", "add", "ep-in4", "type", "ipv6", "addr", "::1", "port", "1",
-    ];
-    fails(
-        &ip(Some(&g), None, Some(&c), &other),
-        2,
-        "duplicate add, other addr",
-    );
+    let other = words("graft add ep-in4 type ipv6 addr ::1 port 1");
+    fails_in(&g, &c, &other, "duplicate add, other addr");
     assert_eq!(
         ok(&g, Some(&c), &["graft", "show"]),
         "ep-in4 type ipv4 addr 127.0.0.1 port 8080\n"
@@ -493,11 +441,7 @@ fn del_and_duplicate_names() {
     // del works (abbreviated too), and twice is an error.
     assert_eq!(ok(&g, Some(&c), &["graft", "del", "ep-in4"]), "");
     assert_eq!(ok(&g, Some(&c), &["graft", "show"]), "");
-    let e = fails(
-        &ip(Some(&g), None, Some(&c), &["graft", "del", "ep-in4"]),
-        2,
-        "del missing",
-    );
+    let e = fails_in(&g, &c, &["graft", "del", "ep-in4"], "del missing");
     assert!(
         e.starts_with("Error: graftd: ") && e.contains("ep-in4"),
         "{e}"
@@ -511,14 +455,12 @@ fn del_and_duplicate_names() {
 
 #[test]
 fn bad_input_gets_one_line_and_exit_2() {
-    if !root_or_skip("bad_input_gets_one_line_and_exit_2") {
+    let Some((g, [c])) = graftd_and_netns("bad_input_gets_one_line_and_exit_2", ["bad"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("bad");
+    };
     let cases: &[(&[&str], &str)] = &[
         (
-            &["add", "sixteen-bytes-xx", "type", "ipv4", "addr", "1.2.3.4", "port", "1"],
+            &words("add sixteen-bytes-xx type ipv4 addr 1.2.3.4 port 1"),
             "Error: endpoint name \"sixteen-bytes-xx\" is longer than 15 bytes",
         ),
         (
@@ -527,79 +469,79 @@ fn bad_input_gets_one_line_and_exit_2() {
         ),
         (&["add"], "Error: argument \"NAME\" is required: ip graft add NAME type TYPE ..."),
         (
-            &["add", "e", "type", "ipv5", "addr", "1.2.3.4", "port", "1"],
+            &words("add e type ipv5 addr 1.2.3.4 port 1"),
             "Error: argument \"ipv5\" is wrong: type must be ipv4, ipv6 or unix",
         ),
         (
-            &["add", "e", "type", "ipv4", "addr", "1.2.3.400", "port", "1"],
+            &words("add e type ipv4 addr 1.2.3.400 port 1"),
             "Error: argument \"1.2.3.400\" is wrong: addr of type ipv4 must be an IPv4 address",
         ),
         (
-            &["add", "e", "type", "ipv4", "addr", "::1", "port", "1"],
+            &words("add e type ipv4 addr ::1 port 1"),
             "Error: argument \"::1\" is wrong: addr of type ipv4 must be an IPv4 address",
         ),
         (
-            &["add", "e", "type", "ipv6", "addr", "127.0.0.1", "port", "1"],
+            &words("add e type ipv6 addr 127.0.0.1 port 1"),
             "Error: argument \"127.0.0.1\" is wrong: addr of type ipv6 must be an IPv6 address",
         ),
         (
-            &["add", "e", "type", "ipv4", "addr", "1.2.3.4", "port", "65536"],
+            &words("add e type ipv4 addr 1.2.3.4 port 65536"),
             "Error: argument \"65536\" is wrong: port must be 0-65535 or \"dynamic\"",
         ),
         (
-            &["add", "e", "type", "ipv4", "addr", "1.2.3.4", "port", "http"],
+            &words("add e type ipv4 addr 1.2.3.4 port http"),
             "Error: argument \"http\" is wrong: port must be 0-65535 or \"dynamic\"",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4"],
+            &words("add x type ipv4 addr 1.2.3.4"),
             "Error: argument \"port\" is required for type ipv4: port { PORT | dynamic }",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr"],
+            &words("add x type ipv4 addr"),
             "Error: \"addr\" needs an argument: addr ADDR",
         ),
         (
-            &["add", "x", "addr", "1.2.3.4", "port", "1"],
+            &words("add x addr 1.2.3.4 port 1"),
             "Error: argument \"type\" is required: type { ipv4 | ipv6 | unix }",
         ),
         (
-            &["add", "x", "type", "unix"],
+            &words("add x type unix"),
             "Error: argument \"path\" is required for type unix: path PATH",
         ),
         (
-            &["add", "x", "type", "unix", "path", "relative.sock"],
+            &words("add x type unix path relative.sock"),
             "Error: argument \"relative.sock\" is wrong: unix path must be absolute",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4", "port", "1", "bogus", "1"],
+            &words("add x type ipv4 addr 1.2.3.4 port 1 bogus 1"),
             "Error: invalid argument \"bogus\"; try \"ip graft help\".",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4", "port", "1", "port", "2"],
+            &words("add x type ipv4 addr 1.2.3.4 port 1 port 2"),
             "Error: \"port\" is given twice",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4", "port", "1", "netns", "gt-no-such-ns"],
+            &words("add x type ipv4 addr 1.2.3.4 port 1 netns gt-no-such-ns"),
             "Error: cannot find netns \"gt-no-such-ns\": /run/netns/gt-no-such-ns: No such file or directory",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4", "port", "1", "netns", "999999999"],
+            &words("add x type ipv4 addr 1.2.3.4 port 1 netns 999999999"),
             "Error: cannot find netns \"999999999\": /proc/999999999/ns/net: No such file or directory",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "1.2.3.4", "port", "1", "netns", "/etc/hostname"],
+            &words("add x type ipv4 addr 1.2.3.4 port 1 netns /etc/hostname"),
             "Error: netns \"/etc/hostname\" (/etc/hostname) is not a network namespace",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic", "allow", "10.0.0.1/8"],
+            &words("add x type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.1/8"),
             "Error: invalid \"allow\" argument: \"10.0.0.1/8\": address has bits set beyond the prefix length",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic", "deny", "10.0.0.0"],
+            &words("add x type ipv4 addr 0.0.0.0 port dynamic deny 10.0.0.0"),
             "Error: invalid \"deny\" argument: \"10.0.0.0\": expected PREFIX/LEN[:PORT[-PORT]]",
         ),
         (
-            &["add", "x", "type", "ipv4", "addr", "0.0.0.0", "port", "dynamic", "allow", "10.0.0.0/8:70000"],
+            &words("add x type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:70000"),
             "Error: invalid \"allow\" argument: \"10.0.0.0/8:70000\": \"70000\" is not a port (0-65535)",
         ),
         (&["del"], "Error: argument \"NAME\" is required: ip graft del NAME"),
@@ -637,17 +579,7 @@ fn graftd_not_running_is_one_clear_line() {
     for args in [
         &["graft", "show"][..],
         &["graft", "del", "x"],
-        &[
-            "graft",
-            "add",
-            "x",
-            "type",
-            "ipv4",
-            "addr",
-            "127.0.0.1",
-            "port",
-            "1",
-        ],
+        &words("graft add x type ipv4 addr 127.0.0.1 port 1"),
     ] {
         let e = fails(&ip(None, Some(&missing), Some(&c), args), 1, "no graftd");
         assert_eq!(
@@ -665,17 +597,7 @@ fn graftd_not_running_is_one_clear_line() {
     ok(
         &g,
         Some(&c),
-        &[
-            "graft",
-            "add",
-            "x",
-            "type",
-            "ipv4",
-            "addr",
-            "127.0.0.1",
-            "port",
-            "1",
-        ],
+        &words("graft add x type ipv4 addr 127.0.0.1 port 1"),
     );
     // SIGKILL, and leave the zombie for the guard to reap (so its pid cannot be
     // reused before the guard signals it).
@@ -795,31 +717,13 @@ fn help_and_passthrough_to_system_ip() {
 
 #[test]
 fn policy_clauses_and_details() {
-    if !root_or_skip("policy_clauses_and_details") {
+    let Some((g, [c])) = graftd_and_netns("policy_clauses_and_details", ["pol"]) else {
         return;
-    }
-    let g = Graftd::start();
-    let c = Netns::new("pol");
+    };
     ok(
         &g,
         Some(&c),
-        &[
-            "graft",
-            "add",
-            "ep-pol",
-            "type",
-            "ipv4",
-            "addr",
-            "0.0.0.0",
-            "port",
-            "dynamic",
-            "allow",
-            "10.0.0.0/8:443",
-            "deny",
-            "10.1.0.0/16",
-            "allow",
-            "192.168.0.0/16:1000-2000",
-        ],
+        &words("graft add ep-pol type ipv4 addr 0.0.0.0 port dynamic allow 10.0.0.0/8:443 deny 10.1.0.0/16 allow 192.168.0.0/16:1000-2000"),
     );
     assert_eq!(
         ok(&g, Some(&c), &["graft", "show"]),

@@ -12,10 +12,6 @@ use std::process::{Command, Output, Stdio};
 
 use graft_tests::*;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn out(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run graft")
 }
@@ -141,26 +137,10 @@ fn check_fails_closed_and_names_the_fix() {
     // One endpoint there, one missing: the missing one is named, with its type.
     graftd.ip_graft_ok(
         Some(&ns),
-        &[
-            "add",
-            "ep-in4",
-            "type",
-            "ipv4",
-            "addr",
-            "127.0.0.1",
-            "port",
-            "dynamic",
-        ],
+        &words("add ep-in4 type ipv4 addr 127.0.0.1 port dynamic"),
     );
-    let o = run_in_ns(&[
-        "-i",
-        "0.0.0.0:0-65535=ep-in4",
-        "-i",
-        ":::0-65535=ep-in6",
-        "--",
-        "touch",
-        m,
-    ]);
+    let both = ["-i", "0.0.0.0:0-65535=ep-in4", "-i", ":::0-65535=ep-in6"];
+    let o = run_in_ns(&[&both[..], &["--", "touch", m]].concat());
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr),
@@ -172,12 +152,7 @@ fn check_fails_closed_and_names_the_fix() {
 
     // The same endpoint name in the test's own namespace does not count:
     // endpoints are per namespace.
-    graftd.ip_graft_ok(
-        None,
-        &[
-            "add", "ep-in6", "type", "ipv6", "addr", "::1", "port", "dynamic",
-        ],
-    );
+    graftd.ip_graft_ok(None, &words("add ep-in6 type ipv6 addr ::1 port dynamic"));
     let o = run_in_ns(&["-i", ":::80=ep-in6", "--", "true"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("endpoint \"ep-in6\" does not exist"));
@@ -185,20 +160,9 @@ fn check_fails_closed_and_names_the_fix() {
     // Everything present: the command runs, -v reports the endpoints.
     graftd.ip_graft_ok(
         Some(&ns),
-        &[
-            "add", "ep-in6", "type", "ipv6", "addr", "::1", "port", "dynamic",
-        ],
+        &words("add ep-in6 type ipv6 addr ::1 port dynamic"),
     );
-    let o = run_in_ns(&[
-        "-v",
-        "-i",
-        "0.0.0.0:0-65535=ep-in4",
-        "-i",
-        ":::0-65535=ep-in6",
-        "--",
-        "touch",
-        m,
-    ]);
+    let o = run_in_ns(&[&["-v"], &both[..], &["--", "touch", m]].concat());
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(

@@ -4,7 +4,7 @@
 //! Request (`REQUEST_LEN` bytes exactly):
 //! ```text
 //!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup,
-//!                                                   3 = socket batch)
+//!                                                   3 = socket batch, 5 = rules)
 //!  8 [u8;16] endpoint name, NUL-padded
 //! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
 //! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
@@ -18,6 +18,16 @@
 //! 24 u32 address length          28 [u8; 128] sockaddr (bound address)
 //! ```
 //!
+//! `SocketDual` (op 4, ingress only) asks for one dual-stack listener: an
+//! AF_INET6 socket bound to the IPv4 endpoint named in the header (as
+//! `[::ffff:A4]:P4`, so it takes IPv4 connections) that also answers IPv6
+//! connections to a second, IPv6 endpoint, through graft-ebpf's sk_lookup
+//! program; graftd makes it listen before handing it out. The IPv6
+//! endpoint's name travels as the first option record, with level
+//! [`DUAL_LEVEL`] and the NUL-padded name as value; [`Request::options`]
+//! leaves that record out. A graftd that cannot steer answers
+//! [`Reason::NoDualStack`].
+//!
 //! `SocketBatch` asks for up to [`BATCH_MAX`] egress sockets made exactly
 //! as one `Socket` request would make them (a per-process prefetch pool in
 //! the preload library). Its request must have purpose egress and no
@@ -25,6 +35,13 @@
 //! above, the address being the first socket's, and carries between 1 and
 //! [`BATCH_MAX`] sockets in one SCM_RIGHTS message: the receiver counts
 //! them from the control message, and asks each one for its own address.
+//!
+//! `Rules` asks for the namespace's own mapping rules (see
+//! [`crate::nsrules`]). Its request is all zero after the op (no endpoint,
+//! family, type, protocol, purpose or option); its success reply carries no
+//! address and exactly one descriptor: a sealed memfd holding the rules blob
+//! ([`crate::nsrules::NsRules::from_blob`]), with empty lists when the
+//! namespace has no rules.
 
 use libc::c_int;
 
@@ -51,6 +68,9 @@ pub const BATCH_MAX: usize = 32;
 /// A process that makes one connection gets few spare sockets; one that
 /// churns pays a round trip per 32 connections, not per 8.
 pub const BATCH_FIRST: usize = 8;
+/// Level of the option record carrying a `SocketDual` request's IPv6
+/// endpoint name (no socket option has a negative level).
+pub const DUAL_LEVEL: c_int = -0x4752;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +81,10 @@ pub enum Op {
     Lookup = 2,
     /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
     SocketBatch = 3,
+    /// One dual-stack listener answering on an IPv4 and an IPv6 endpoint.
+    SocketDual = 4,
+    /// The namespace's mapping rules, as a sealed memfd.
+    Rules = 5,
 }
 
 /// Which side of the application asked.
@@ -88,6 +112,9 @@ pub enum Reason {
     SocketFailed = 5,
     /// Policy refused the request.
     Policy = 6,
+    /// A `SocketDual` request graftd cannot serve (no eBPF companion or
+    /// sk_lookup, endpoints of other types or target namespaces).
+    NoDualStack = 7,
 }
 
 impl Reason {
@@ -100,6 +127,7 @@ impl Reason {
             4 => Reason::FamilyMismatch,
             5 => Reason::SocketFailed,
             6 => Reason::Policy,
+            7 => Reason::NoDualStack,
             _ => return None,
         })
     }
@@ -114,6 +142,7 @@ impl Reason {
             Reason::FamilyMismatch => "address family does not fit the endpoint",
             Reason::SocketFailed => "creating or binding the host socket failed",
             Reason::Policy => "refused by policy",
+            Reason::NoDualStack => "a dual-stack listener is not available",
         }
     }
 }
@@ -182,6 +211,10 @@ pub enum DecodeError {
     OptLen(usize, u32),
     #[error("a socket batch must be for egress and carry no options")]
     Batch,
+    #[error("a dual-stack request must be for ingress and name its IPv6 endpoint first")]
+    Dual,
+    #[error("a rules request carries nothing after its op")]
+    Rules,
     #[error("unused bytes are not zero")]
     Padding,
     #[error("unknown failure reason {0}")]
@@ -222,6 +255,8 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
         3 => Ok(Op::SocketBatch),
+        4 => Ok(Op::SocketDual),
+        5 => Ok(Op::Rules),
         _ => Err(DecodeError::Op(v)),
     }
 }
@@ -248,6 +283,14 @@ impl Request {
         }
     }
 
+    /// A `Rules` request. Its record has no endpoint name; the decoded
+    /// request carries the placeholder name `-`, which no lookup uses.
+    pub fn rules() -> Self {
+        // "-" is one byte of the allowed alphabet: from_bytes cannot fail.
+        let placeholder = EndpointName::from_bytes(b"-").expect("valid placeholder name");
+        Request::new(Op::Rules, placeholder, 0, 0, 0, Purpose::Ingress)
+    }
+
     /// Adds an option; false when the request is full or the value too long.
     pub fn push_opt(&mut self, level: c_int, name: c_int, value: &[u8]) -> bool {
         if self.nopts >= MAX_OPTS || value.len() > OPT_VALUE_MAX {
@@ -265,9 +308,44 @@ impl Request {
         true
     }
 
-    /// The options carried.
+    /// A `SocketDual` request for a listener on `v4` (the socket's
+    /// endpoint) that also answers on `v6`.
+    pub fn new_dual(
+        v4: EndpointName,
+        v6: EndpointName,
+        family: c_int,
+        sotype: c_int,
+        protocol: c_int,
+    ) -> Self {
+        let mut r = Request::new(
+            Op::SocketDual,
+            v4,
+            family,
+            sotype,
+            protocol,
+            Purpose::Ingress,
+        );
+        // Always fits: the request is empty and a name is at most 15 bytes.
+        r.push_opt(DUAL_LEVEL, 0, v6.as_bytes());
+        r
+    }
+
+    /// The IPv6 endpoint of a `SocketDual` request.
+    pub fn dual(&self) -> Option<EndpointName> {
+        if self.op != Op::SocketDual || self.nopts == 0 || self.opts[0].level != DUAL_LEVEL {
+            return None;
+        }
+        let o = &self.opts[0];
+        if o.name != 0 {
+            return None;
+        }
+        EndpointName::from_bytes(o.bytes()).ok()
+    }
+
+    /// The socket options carried (without a `SocketDual` name record).
     pub fn options(&self) -> &[OptValue] {
-        &self.opts[..self.nopts]
+        let skip = usize::from(self.op == Op::SocketDual).min(self.nopts);
+        &self.opts[skip..self.nopts]
     }
 
     /// Encodes into `out`.
@@ -276,13 +354,16 @@ impl Request {
         wr(out, 0, &MAGIC.to_le_bytes());
         wr(out, 4, &VERSION.to_le_bytes());
         wr(out, 6, &(self.op as u16).to_le_bytes());
-        wr(out, 8, self.endpoint.as_bytes());
+        if self.op != Op::Rules {
+            wr(out, 8, self.endpoint.as_bytes());
+        }
         wr(out, 24, &self.family.to_le_bytes());
         wr(out, 28, &self.sotype.to_le_bytes());
         wr(out, 32, &self.protocol.to_le_bytes());
         wr(out, 36, &(self.purpose as u16).to_le_bytes());
         wr(out, 38, &(self.nopts as u16).to_le_bytes());
-        for (i, o) in self.options().iter().enumerate() {
+        // Every record, a `SocketDual` request's name record included.
+        for (i, o) in self.opts[..self.nopts].iter().enumerate() {
             let at = HEADER_LEN + i * OPT_LEN;
             wr(out, at, &o.level.to_le_bytes());
             wr(out, at + 4, &o.name.to_le_bytes());
@@ -296,6 +377,13 @@ impl Request {
     /// every byte not covered by a field is zero.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let op = op_from(check_head(b, REQUEST_LEN)?)?;
+        if op == Op::Rules {
+            return if b[8..].iter().all(|&c| c == 0) {
+                Ok(Request::rules())
+            } else {
+                Err(DecodeError::Rules)
+            };
+        }
         let raw_name = &b[8..8 + 16];
         let n = raw_name.iter().position(|&c| c == 0).unwrap_or(16);
         if n > MAX_NAME_LEN || raw_name[n..].iter().any(|&c| c != 0) {
@@ -348,6 +436,9 @@ impl Request {
             req.opts[i] = v;
         }
         req.nopts = nopts as usize;
+        if op == Op::SocketDual && (purpose != Purpose::Ingress || req.dual().is_none()) {
+            return Err(DecodeError::Dual);
+        }
         Ok(req)
     }
 }
@@ -426,6 +517,45 @@ impl Reply {
             addr_len,
             addr,
         })
+    }
+}
+
+#[cfg(test)]
+mod dual_tests {
+    use super::*;
+
+    #[test]
+    fn dual_request_round_trips_and_hides_its_name_record() {
+        let v4 = EndpointName::new("ep-in4").unwrap();
+        let v6 = EndpointName::new("ep-in6").unwrap();
+        let mut r = Request::new_dual(v4, v6, libc::AF_INET6, libc::SOCK_STREAM, 6);
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_ne_bytes()));
+        let mut b = [0u8; REQUEST_LEN];
+        r.encode(&mut b);
+        let d = Request::decode(&b).unwrap();
+        assert_eq!((d.op, d.endpoint, d.dual()), (Op::SocketDual, v4, Some(v6)));
+        assert_eq!(d.options().len(), 1);
+        assert_eq!(d.options()[0].name, libc::SO_REUSEADDR);
+        // Egress, or no name record: refused.
+        let mut e = r.clone();
+        e.purpose = Purpose::Egress;
+        e.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        let n = Request::new(
+            Op::SocketDual,
+            v4,
+            libc::AF_INET6,
+            libc::SOCK_STREAM,
+            6,
+            Purpose::Ingress,
+        );
+        n.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        // A plain request never has a dual endpoint.
+        assert_eq!(
+            Request::new(Op::Socket, v4, 10, 1, 6, Purpose::Ingress).dual(),
+            None
+        );
     }
 }
 
@@ -512,10 +642,29 @@ mod tests {
         r.encode(&mut buf);
         assert_eq!(Request::decode(&buf), Err(DecodeError::Batch), "options");
         let mut b = buf;
-        b[6] = 4;
-        assert_eq!(Request::decode(&b), Err(DecodeError::Op(4)));
+        b[6] = 9;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Op(9)));
 
         let rep = Reply::ok(Op::SocketBatch, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut out = [0u8; REPLY_LEN];
+        rep.encode(&mut out);
+        assert_eq!(Reply::decode(&out).unwrap(), rep);
+    }
+
+    #[test]
+    fn rules_request_is_bare() {
+        let r = Request::rules();
+        let mut buf = [0u8; REQUEST_LEN];
+        r.encode(&mut buf);
+        assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 5);
+        assert!(buf[8..].iter().all(|&c| c == 0));
+        assert_eq!(Request::decode(&buf).unwrap(), r);
+        for at in [8, 24, 36, 38, REQUEST_LEN - 1] {
+            let mut b = buf;
+            b[at] = 1;
+            assert_eq!(Request::decode(&b), Err(DecodeError::Rules), "byte {at}");
+        }
+        let rep = Reply::ok(Op::Rules, &[]);
         let mut out = [0u8; REPLY_LEN];
         rep.encode(&mut out);
         assert_eq!(Reply::decode(&out).unwrap(), rep);
