@@ -56,10 +56,13 @@
 //!   (`tcp_bpf_recvmsg`), which differs from plain TCP in one way an
 //!   application can notice: a blocking `recv()` may fail with EAGAIN after a
 //!   wake-up that brought no data (seen on 6.18 while another thread writes
-//!   to the same socket). Event-driven programs (poll/epoll, non-blocking
-//!   sockets, CPython with a socket timeout) are unaffected (poll and
-//!   FIONREAD see redirected bytes); a blocking reader may not be, which is
-//!   why it is opt-in.
+//!   to the same socket's memory being freed: `tcp_msg_wait_data` returns
+//!   after one wake-up, and `tcp_bpf_recvmsg` turns "no data" into EAGAIN).
+//!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
+//!   socket timeout) are unaffected (poll and FIONREAD see redirected
+//!   bytes); for blocking readers libgraft-convert repeats such a receive.
+//!   It stays opt-in because the throughput and latency goals are not met
+//!   unpinned (see bench/results/2026-12-01-churn.md).
 //! * Reordering is impossible by construction: a socket enters the splice
 //!   map at establishment (before any data, unless data rode in the SYN, in
 //!   which case it never splices), and a direction that sent anything through
