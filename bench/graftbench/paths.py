@@ -10,7 +10,7 @@ import time
 
 from .proc import RUN, RUNID, BenchError, kill_proc, nsx, proc_log, sh, spawn
 
-SVC = {"iperf": 1, "pp": 2, "nginx": 3, "churn": 4}
+SVC = {"iperf": 1, "pp": 2, "nginx": 3, "churn": 4, "nginx_out": 5}
 
 
 class Path:
@@ -44,6 +44,11 @@ class Path:
 
     def egress_argv(self, h, tool_args, pinned=False):
         return self.egress_client() + [h.bench] + tool_args
+
+    def egress_nginx(self):
+        """(addr, port, process) of the plain host nginx the wrk_out row's
+        client dials (issue 10: an unmodified client through egress)."""
+        return None
 
 
 def start_servers(h, path, prefix, bind, name, wrap=None, services=("iperf", "pp", "nginx")):
@@ -88,7 +93,7 @@ class HostPath(Path):
     name = "host"
     label = "host (loopback, no netfilter rules)"
     base = 21000
-    workloads = Path.workloads + ("churn", "churn_pin")
+    workloads = Path.workloads + ("churn", "churn_pin", "wrk_out")
     nat = False
 
     def setup(self, h):
@@ -107,6 +112,9 @@ class HostPath(Path):
 
     def egress_client(self):
         return nsx(self.ns)
+
+    def egress_nginx(self):
+        return "127.0.0.1", self.port("nginx"), self.procs["nginx"]
 
 
 class HostNatPath(HostPath):
@@ -258,7 +266,7 @@ class GraftPath(Path):
     name = "graft"
     label = "graft (servers in a loopback-only netns)"
     base = 21600
-    workloads = Path.workloads + ("churn", "churn_pin")
+    workloads = Path.workloads + ("churn", "churn_pin", "wrk_out")
     host_path = "host"
     ns_tag = "g"
     graftd_args = ()
@@ -282,6 +290,13 @@ class GraftPath(Path):
         self.procs = start_servers(h, self, self.d.envx(nsx(self.gns)), "0.0.0.0", self.name, wrap=wrap)
         self.procs["churn"] = spawn(nsx(self.hns) + [h.bench, "server", "--once", "--listen", f"127.0.0.1:{self.port('churn')}"],
                                     f"{self.name}-churn")
+        if "wrk_out" in self.workloads:
+            # a plain host nginx of this path's own for the wrk_out row
+            conf = h.nginx_conf(f"{self.name}-out", "127.0.0.1", self.port("nginx_out"))
+            self.procs["nginx_out"] = spawn(nsx(self.hns) + ["nginx", "-c", conf, "-e",
+                                                             os.path.join(RUN.tmp, f"{self.name}-out-nginx.err")],
+                                            f"{self.name}-nginx-out")
+            wait_port(nsx(self.hns), "127.0.0.1", self.port("nginx_out"), self.label)
         for s in ("iperf", "pp", "nginx", "churn"):
             try:
                 wait_port(nsx(self.hns), "127.0.0.1", self.port(s), self.label)
@@ -294,6 +309,10 @@ class GraftPath(Path):
 
     def egress_client(self):
         return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
+
+    def egress_nginx(self):
+        p = self.procs.get("nginx_out")
+        return ("127.0.0.1", self.port("nginx_out"), p) if p else None
 
 
 class GraftG2GPath(GraftPath):

@@ -72,10 +72,13 @@
 //!   (`tcp_bpf_recvmsg`), which differs from plain TCP in one way an
 //!   application can notice: a blocking `recv()` may fail with EAGAIN after a
 //!   wake-up that brought no data (seen on 6.18 while another thread writes
-//!   to the same socket). Event-driven programs (poll/epoll, non-blocking
-//!   sockets, CPython with a socket timeout) are unaffected (poll and
-//!   FIONREAD see redirected bytes); a blocking reader may not be, which is
-//!   why it is opt-in.
+//!   to the same socket's memory being freed: `tcp_msg_wait_data` returns
+//!   after one wake-up, and `tcp_bpf_recvmsg` turns "no data" into EAGAIN).
+//!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
+//!   socket timeout) are unaffected (poll and FIONREAD see redirected
+//!   bytes); for blocking readers libgraft-convert repeats such a receive.
+//!   It stays opt-in because the throughput and latency goals are not met
+//!   unpinned (see bench/results/2026-12-01-churn.md).
 //! * Reordering is impossible by construction: a socket enters the splice
 //!   map at establishment (before any data, unless data rode in the SYN, in
 //!   which case it never splices), and a direction that sent anything through
@@ -84,6 +87,14 @@
 //! * One owner per socket: if another sk_msg program already owns a socket
 //!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
 //!   returns one line saying so.
+//! * `cgroup/bind4`, `cgroup/bind6`: a marked socket refuses every `bind()`
+//!   with EPERM (counted in `policy_denied`), except from the process that
+//!   loaded the programs (graftd, which binds before it marks anyway); this
+//!   is what makes
+//!   it safe for graftd to bind egress sockets with `IP_BIND_ADDRESS_NO_PORT`
+//!   (or not at all, for a wildcard endpoint) and let `connect()` pick the
+//!   port as on the host, reusing TIME_WAIT ports and sharing ports between
+//!   4-tuples. Runs by the socket's cgroup, like setsockopt.
 //! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
 //!   graftd refuses the options of `graft_core::sockopt`'s `Class::Refuse`
 //!   list (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
@@ -171,6 +182,9 @@ const CGROUP_PROGRAMS: &[(&str, Kind, u32)] = &[
     ),
     ("graft_sockops", Kind::SockOps, attach::CGROUP_SOCK_OPS),
     ("graft_setsockopt", Kind::Sockopt, attach::CGROUP_SETSOCKOPT),
+    // The bind guard: see `Companion::bind_guarded`.
+    ("graft_bind4", Kind::SockAddr, attach::CGROUP_INET4_BIND),
+    ("graft_bind6", Kind::SockAddr, attach::CGROUP_INET6_BIND),
     (
         "graft_sock_release",
         Kind::Sock,
@@ -329,6 +343,9 @@ impl Companion {
             Some(dir) => Some(prepare_pin_dir(dir)?),
             None => None,
         };
+        // The bind guard lets this process's own binds through (it binds
+        // before it marks; tests playing graftd bind after).
+        let binder = std::process::id();
         // Load before touching cgroups: a kernel without BTF or without the
         // privileges fails here with nothing to undo.
         // No CO-RE relocations in our programs: skip parsing the kernel BTF
@@ -336,7 +353,8 @@ impl Companion {
         let mut loader = EbpfLoader::new();
         loader
             .btf(None)
-            .override_global("splice_enabled", &splice, true);
+            .override_global("splice_enabled", &splice, true)
+            .override_global("binder_tgid", &binder, true);
         if let Some(p) = &pins {
             check_pinned_maps(&p.maps)?;
             for name in PINNED_MAPS {
@@ -472,6 +490,13 @@ impl Companion {
     /// The cgroup the process came from.
     pub fn original_cgroup(&self) -> PathBuf {
         self.placement.original.clone()
+    }
+
+    /// Whether a marked socket refuses every `bind()` (cgroup bind4/bind6;
+    /// always, once started). graftd may then leave an egress socket's port
+    /// to `connect()`: nobody can re-bind it afterwards.
+    pub fn bind_guarded(&self) -> bool {
+        true
     }
 
     /// Whether splicing is on.

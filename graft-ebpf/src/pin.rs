@@ -23,6 +23,8 @@ const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 /// `enum bpf_attach_type` values of the hooks graft uses.
 pub mod attach {
     pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const CGROUP_INET4_BIND: u32 = 8;
+    pub const CGROUP_INET6_BIND: u32 = 9;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_INET6_CONNECT: u32 = 11;
     pub const CGROUP_UDP4_SENDMSG: u32 = 14;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::proto::broker::{
-    Op, OptValue, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
+    Op, OptValue, Purpose, Reason, Reply, Request, BATCH_FIRST, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
 };
 use graft_core::sockopt::{self, Class, Kind};
 use graft_core::{EndpointAddr, NetnsId};
@@ -115,6 +115,8 @@ struct Conn {
     ns: NetnsId,
     /// Last time it sent a request (or was accepted).
     last: Instant,
+    /// Size of the next `SocketBatch` reply (see `BATCH_FIRST`).
+    batch: usize,
 }
 
 struct Loop {
@@ -272,6 +274,7 @@ impl Loop {
                         fd,
                         ns,
                         last: Instant::now(),
+                        batch: BATCH_FIRST,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -292,8 +295,15 @@ impl Loop {
 
     /// Serves what connection `i` sent; false when it must be closed.
     fn serve(&mut self, i: usize, buf: &mut [u8; REQUEST_LEN + 1]) -> bool {
-        self.conns[i].last = Instant::now();
-        let (fd, ns) = (&self.conns[i].fd, self.conns[i].ns);
+        let Loop {
+            conns,
+            ctx,
+            log_budget,
+            ..
+        } = self;
+        let conn = &mut conns[i];
+        let (fd, ns) = (&conn.fd, conn.ns);
+        conn.last = Instant::now();
         for _ in 0..BURST {
             let rx = match sys::recv_record(fd.as_fd(), buf) {
                 Ok(Some(rx)) => rx,
@@ -314,7 +324,11 @@ impl Loop {
                     Vec::new(),
                 )
             } else {
-                handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
+                let r = handle_sized(ctx, ns, &buf[..len], log_budget, conn.batch);
+                if r.0.op == Op::SocketBatch && r.0.errno == 0 {
+                    conn.batch = (conn.batch * 2).min(BATCH_MAX);
+                }
+                r
             };
             drop(rx);
             let mut out = [0u8; REPLY_LEN];
@@ -419,12 +433,25 @@ impl Refusal {
     }
 }
 
-/// Answers one record from a client of namespace `ns`'s broker.
+/// Answers one record from a client of namespace `ns`'s broker, as the
+/// first request of a connection.
+#[cfg(test)]
 pub fn handle(
     ctx: &Ctx,
     ns: NetnsId,
     rec: &[u8],
     log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    handle_sized(ctx, ns, rec, log_budget, BATCH_FIRST)
+}
+
+/// Answers one record; a `SocketBatch` gets up to `batch` sockets.
+pub fn handle_sized(
+    ctx: &Ctx,
+    ns: NetnsId,
+    rec: &[u8],
+    log_budget: &mut LogBudget,
+    batch: usize,
 ) -> (Reply, Vec<OwnedFd>) {
     let req = match Request::decode(rec) {
         Ok(r) => r,
@@ -473,14 +500,14 @@ pub fn handle(
             // a batch would open connections nobody uses yet.
             let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
             let want = if req.op == Op::SocketBatch && !unix {
-                BATCH_MAX
+                batch.clamp(1, BATCH_MAX)
             } else {
                 1
             };
             let mut made: Vec<factory::Made> = Vec::with_capacity(want);
             let mut failed = None;
             for _ in 0..want {
-                match socket_for(ctx, &ep, &req) {
+                match socket_for(ctx, &ep, &req, made.is_empty()) {
                     Ok(m) => {
                         ep.count(true);
                         made.push(m);
@@ -614,7 +641,7 @@ fn dual(
             log_budget,
         );
     }
-    let made = match socket_for(ctx, ep4, req) {
+    let made = match socket_for(ctx, ep4, req, true) {
         Ok(m) => m,
         Err(r) => {
             ep4.count(false);
@@ -680,8 +707,15 @@ fn describe(req: &Request) -> String {
     format!("{fam} {ty}")
 }
 
-fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, Refusal> {
-    let params = plan(&ep.spec.addr, req)?;
+fn socket_for(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    req: &Request,
+    want_addr: bool,
+) -> Result<factory::Made, Refusal> {
+    let mut params = plan(&ep.spec.addr, req)?;
+    params.want_addr = want_addr;
+    params.port_at_connect = port_at_connect(&params, req.purpose, ctx.hooks.bind_guarded());
     let made = match &ep.target {
         Target::Own => factory::make_here(&params),
         Target::Foreign(w) => w.make(params),
@@ -701,6 +735,22 @@ fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, 
             errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
         })?;
     Ok(made)
+}
+
+/// Whether a socket's port is left to `connect()`, as on the host: then
+/// TIME_WAIT ports are reused (tcp_tw_reuse) and one port serves many
+/// 4-tuples, where a port taken at bind time is unusable until its TIME_WAIT
+/// ends, so a client churning connections ran out of ports under graft only.
+/// TCP egress sockets of a `dynamic` endpoint, and only while the bind guard
+/// is loaded (the holder could re-bind a socket without a port anywhere).
+/// Without it (`--no-ebpf`) the port is taken at bind, as before.
+pub fn port_at_connect(p: &SocketParams, purpose: Purpose, guarded: bool) -> bool {
+    let dynamic = match &p.bind {
+        BindAddr::V4(a) => a.port() == 0,
+        BindAddr::V6(a) => a.port() == 0,
+        BindAddr::Unix(_) | BindAddr::UnixConnect(_) => false,
+    };
+    guarded && purpose == Purpose::Egress && p.sotype == libc::SOCK_STREAM && dynamic
 }
 
 /// The address an endpoint is configured with, as a raw sockaddr (port 0 for
@@ -776,9 +826,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
             return Err(Refusal::opt(libc::EINVAL, Reason::Malformed, o));
         }
         if (o.level, o.name) == (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT) {
-            // Binding without a port would leave the socket re-bindable by
-            // the application to any host address: the port is always taken
-            // at bind instead, which is only slower for connect-heavy apps.
+            // Binding without a port leaves the socket re-bindable unless the
+            // bind guard is loaded: graftd decides (port_at_connect), never
+            // the request.
             continue;
         }
         if mapped
@@ -795,6 +845,8 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         protocol: req.protocol,
         opts,
         bind,
+        port_at_connect: false,
+        want_addr: true,
     })
 }
 
@@ -847,6 +899,8 @@ fn plan_inet_on_unix(path: &std::path::Path, req: &Request) -> Result<SocketPara
         protocol: 0,
         opts,
         bind,
+        port_at_connect: false,
+        want_addr: true,
     })
 }
 
@@ -914,6 +968,27 @@ mod tests {
         let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
         assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &int(1)));
         assert!(plan(&v4(), &r).unwrap().opts.is_empty());
+    }
+
+    #[test]
+    fn port_left_to_connect_only_for_guarded_tcp_egress_of_dynamic_endpoints() {
+        let tcp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        let udp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        let dynamic = EndpointAddr::Ipv4 {
+            addr: std::net::Ipv4Addr::LOCALHOST,
+            port: None,
+        };
+        let dyn_tcp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        assert!(port_at_connect(&dyn_tcp, Purpose::Egress, true));
+        assert!(
+            !port_at_connect(&dyn_tcp, Purpose::Egress, false),
+            "no guard"
+        );
+        assert!(!port_at_connect(&dyn_tcp, Purpose::Ingress, true));
+        assert!(!port_at_connect(&tcp, Purpose::Egress, true), "fixed port");
+        let dyn_udp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        assert!(!port_at_connect(&dyn_udp, Purpose::Egress, true));
+        assert!(!port_at_connect(&udp, Purpose::Egress, true));
     }
 
     #[test]
@@ -1169,7 +1244,10 @@ mod tests {
         b.op = Op::SocketBatch;
         b.purpose = Purpose::Egress;
         let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
-        assert_eq!((r.op, r.errno, fds.len()), (Op::SocketBatch, 0, BATCH_MAX));
+        assert_eq!(
+            (r.op, r.errno, fds.len()),
+            (Op::SocketBatch, 0, BATCH_FIRST)
+        );
         let mut ports: Vec<u16> = fds
             .iter()
             .map(|f| {
@@ -1181,12 +1259,12 @@ mod tests {
         assert_eq!(&r.addr_bytes()[2..4], &ports[0].to_be_bytes());
         ports.sort();
         ports.dedup();
-        assert_eq!(ports.len(), BATCH_MAX, "each socket has its own port");
+        assert_eq!(ports.len(), BATCH_FIRST, "each socket has its own port");
         let ep = ctx
             .state()
             .lookup(ns, &EndpointName::new("ep").unwrap())
             .unwrap();
-        assert_eq!(ep.stats().sockets, BATCH_MAX as u64);
+        assert_eq!(ep.stats().sockets, BATCH_FIRST as u64);
         // Options or ingress: malformed, nothing made.
         let mut bad = b.clone();
         assert!(bad.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));

@@ -109,6 +109,13 @@ pub trait Hooks: Send + Sync {
         Ok(())
     }
 
+    /// Whether every socket marked in `socket_handed_out` refuses a later
+    /// `bind()` from whoever holds it (graft-ebpf's bind guard). Only then
+    /// may an egress socket leave its port to `connect()`.
+    fn bind_guarded(&self) -> bool {
+        false
+    }
+
     /// `show` asks for the counters of `ep`: add the kernel-side ones.
     fn merge_stats(&self, _ep: &EndpointRef<'_>, _stats: &mut Stats) {}
 
@@ -152,6 +159,7 @@ pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
                 );
             }
             Box::new(Ebpf {
+                guarded: c.bind_guarded(),
                 companion: Mutex::new(Some(c)),
             })
         }
@@ -203,6 +211,8 @@ impl Hooks for WithoutEbpf {
 
 /// graft-ebpf's companion behind graftd's hooks.
 struct Ebpf {
+    /// The companion's bind guard is attached (fixed at start).
+    guarded: bool,
     /// `None` once stopping.
     companion: Mutex<Option<graft_ebpf::Companion>>,
 }
@@ -265,8 +275,11 @@ impl Hooks for Ebpf {
         let Some(c) = g.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         };
-        if let Some(line) = c.splice_problem() {
-            log::warn!("{line}");
+        // One bpf() lookup: only worth it when there is splicing to report.
+        if c.splice() {
+            if let Some(line) = c.splice_problem() {
+                log::warn!("{line}");
+            }
         }
         c.register_socket_with_limit(sock, &key(ep), ep.policy, ep.limit)
             .map_err(|e| match e {
@@ -279,6 +292,12 @@ impl Hooks for Ebpf {
                     io::Error::from_raw_os_error(libc::EPERM)
                 }
             })
+    }
+
+    fn bind_guarded(&self) -> bool {
+        // socket_handed_out refuses every socket once the companion is gone,
+        // so a socket bound without its port is never handed out unguarded.
+        self.guarded
     }
 
     fn steer_v6(

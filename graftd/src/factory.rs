@@ -45,6 +45,14 @@ pub struct SocketParams {
     /// Options to apply before bind, in request order.
     pub opts: Vec<OptValue>,
     pub bind: BindAddr,
+    /// Leave the port to `connect()`: bind the address with
+    /// IP_BIND_ADDRESS_NO_PORT, or not at all when it is the wildcard of the
+    /// socket's own family (connect picks the address too). Only for sockets
+    /// the eBPF bind guard covers: otherwise the holder could re-bind them.
+    pub port_at_connect: bool,
+    /// Read the bound address back (`Made::addr`); a batch's later sockets
+    /// skip it, only the first one's goes into the reply.
+    pub want_addr: bool,
 }
 
 /// A socket made and bound, with its bound address as raw sockaddr bytes.
@@ -121,7 +129,11 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
         })?;
     }
     bind(fd.as_fd(), p).map_err(MakeError::Bind)?;
-    let addr = sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?;
+    let addr = if p.want_addr {
+        sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?
+    } else {
+        Vec::new()
+    };
     Ok(Made { fd, addr })
 }
 
@@ -144,6 +156,20 @@ fn connect_unix(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
 
 fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
     let raw = fd.as_raw_fd();
+    if p.port_at_connect {
+        match &p.bind {
+            BindAddr::V4(a) if a.port() == 0 && a.ip().is_unspecified() => return Ok(()),
+            BindAddr::V6(a) if a.port() == 0 && a.ip().is_unspecified() => return Ok(()),
+            _ => {}
+        }
+        let one: libc::c_int = 1;
+        sys::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one.to_ne_bytes(),
+        )?;
+    }
     match &p.bind {
         BindAddr::UnixConnect(_) => Ok(()),
         BindAddr::V4(a) => nsock::bind(raw, &SockaddrIn::from(*a)).map_err(io::Error::from),
@@ -259,6 +285,8 @@ mod tests {
             protocol: 0,
             opts: vec![],
             bind,
+            port_at_connect: false,
+            want_addr: true,
         }
     }
 
@@ -274,6 +302,29 @@ mod tests {
             u16::from_be_bytes([m.addr[2], m.addr[3]]),
             0,
             "port allocated at bind"
+        );
+    }
+
+    #[test]
+    fn port_at_connect_binds_the_address_only_and_skips_the_wildcard() {
+        let mut p = params(
+            BindAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)),
+            libc::AF_INET,
+        );
+        p.port_at_connect = true;
+        let m = make_here(&p).unwrap();
+        assert_eq!(&m.addr[2..8], &[0, 0, 127, 0, 0, 1], "address, no port");
+        p.bind = BindAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let m = make_here(&p).unwrap();
+        assert_eq!(&m.addr[2..8], &[0; 6], "not bound");
+        // A v4 wildcard on an AF_INET6 socket is still bound: unbound, the
+        // socket could reach IPv6 destinations.
+        p.family = libc::AF_INET6;
+        p.bind = BindAddr::V6("[::ffff:0.0.0.0]:0".parse().unwrap());
+        let m = make_here(&p).unwrap();
+        assert_eq!(
+            &m.addr[8..24],
+            &Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets()
         );
     }
 

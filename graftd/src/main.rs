@@ -55,7 +55,9 @@ struct Cli {
     /// Splice local grafted connections in the kernel (needs graft-ebpf).
     #[arg(long)]
     splice: bool,
-    /// Do not load the eBPF companion (no in-kernel egress policy, counters or splicing).
+    /// Do not load the eBPF companion (no in-kernel egress policy, counters,
+    /// splicing or bind guard: egress ports are then taken when a socket is
+    /// handed out, not at connect).
     #[arg(long)]
     no_ebpf: bool,
     /// bpffs directory where the eBPF companion's maps and links are pinned,

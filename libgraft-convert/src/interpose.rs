@@ -525,3 +525,91 @@ pub unsafe extern "C" fn accept4(
     // SAFETY: forwarded unchanged; then the caller's own buffer.
     unsafe { accepted(fd, sys::accept4(fd, a, len, flags), a, len, cap) }
 }
+
+/// Whether a receive that failed with EAGAIN must be repeated: the socket is
+/// blocking, the call did not ask not to wait (`MSG_DONTWAIT`) and no receive
+/// timeout is set, so EAGAIN is not an answer the program can expect. The
+/// kernel's sockmap receive path (`tcp_bpf_recvmsg`, which spliced sockets
+/// take: `graftd --splice`) returns it after a wake-up that brought no data,
+/// e.g. when another thread's send on the same socket frees memory (seen on
+/// 6.18). Only sockets the library knows (made by this process's `socket()`,
+/// grafted, or accepted) are looked at; the check costs two system calls,
+/// paid only on that error path.
+#[cold]
+#[inline(never)]
+fn blocking_eagain(fd: c_int, flags: c_int) -> bool {
+    let e = errno();
+    if (e != libc::EAGAIN && e != libc::EWOULDBLOCK)
+        || flags & libc::MSG_DONTWAIT != 0
+        || !config::active()
+        || !matches!(
+            table::state(fd),
+            table::INGRESS | table::EGRESS | table::LOCAL
+        )
+    {
+        return false;
+    }
+    let retry = matches!(sys::sys_fcntl(fd, libc::F_GETFL, 0), Ok(fl) if fl & libc::O_NONBLOCK == 0)
+        && sys::sys_rcvtimeo_unset(fd);
+    set_errno(e);
+    retry
+}
+
+/// # Safety
+/// read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::read(fd, buf, n) };
+        if r >= 0 || !blocking_eagain(fd, 0) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recv(2).
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recv(fd, buf, n, flags) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recvfrom(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recvfrom(fd, buf, n, flags, a, len) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recvmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recvmsg(fd, msg, flags) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}

@@ -42,15 +42,19 @@
 //!   on): an egress graft of a socket whose whole history the library saw
 //!   and that carries no option is served from a per-process pool of
 //!   sockets graftd made in advance, keyed by (network namespace,
-//!   endpoint, family, type, protocol); an empty pool asks with one `SocketBatch` request for up to
-//!   8 sockets, uses one and keeps the rest. At most 4 keys of 8 sockets,
+//!   endpoint, family, type, protocol); an empty pool asks with one
+//!   `SocketBatch` request, uses one socket and keeps the rest (graftd sends
+//!   8 on a process's first batch, then 16, then 32 per batch). At most 4
+//!   keys of 32 sockets,
 //!   close-on-exec, at high descriptor numbers the application never sees
 //!   (the pooled socket is `dup3`'d over its descriptor like a fresh one);
 //!   a busy pool (another thread, a signal handler) falls back to one
 //!   request, never waits. A fork()ed child closes its inherited copies at
-//!   once. Consequences: each pooled socket holds an ephemeral port on the
-//!   endpoint's address from the moment it is made, and an endpoint removed
-//!   with `ip graft del` can still hand out up to 7 pooled sockets per
+//!   once. Consequences: without graft-ebpf's bind guard (`graftd
+//!   --no-ebpf`) each pooled socket holds an ephemeral port on the
+//!   endpoint's address from the moment it is made (with it, TCP egress
+//!   sockets get their port at connect), and an endpoint removed
+//!   with `ip graft del` can still hand out up to 31 pooled sockets per
 //!   process until they are used (with graft-ebpf, deleting an endpoint
 //!   already makes its sockets refused on connect). Sockets with options,
 //!   ingress sockets and sockets of unknown history always take a request.

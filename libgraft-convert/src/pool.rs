@@ -118,8 +118,10 @@ fn locked(
     batch.op = Op::SocketBatch;
     let mut a = broker::ask(name, &batch, Some(ns))?;
     if a.reply.errno == 0 {
+        // One getrlimit per batch, not per socket.
+        let floor = broker::high_fd_floor();
         for f in a.extra.iter_mut().filter_map(Option::take) {
-            push(k, f);
+            push(k, f, floor);
         }
     }
     Ok(a)
@@ -189,16 +191,12 @@ fn pop(k: usize) -> Option<OwnedFd> {
 
 /// Keeps `f` at a high number; closed when the key is full or no high
 /// number is free.
-fn push(k: usize, f: OwnedFd) {
+fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
     let n = LEN[k].load(Ordering::Relaxed) as usize;
     if n >= BATCH_MAX {
         return;
     }
-    let Ok(hi) = sys::sys_fcntl(
-        f.as_raw_fd(),
-        libc::F_DUPFD_CLOEXEC,
-        broker::high_fd_floor(),
-    ) else {
+    let Ok(hi) = sys::sys_fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) else {
         return;
     };
     drop(f);
@@ -272,14 +270,16 @@ mod tests {
         key(&req("d"), 1, ns).unwrap();
         assert_eq!(key(&req("e"), 1, ns), None, "all key slots used");
 
+        let floor = broker::high_fd_floor();
         for _ in 0..BATCH_MAX + 2 {
             push(
                 a,
                 sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap(),
+                floor,
             );
         }
         assert_eq!(held(), BATCH_MAX, "a key holds at most one batch");
-        let floor = broker::high_fd_floor() as RawFd;
+        let floor = floor as RawFd;
         for slot in &FD[a] {
             let fd = slot.load(Ordering::Relaxed);
             assert!(fd >= floor, "fd {fd} below {floor}");

@@ -35,9 +35,13 @@ pub enum Sym {
     Accept4,
     Setsockopt,
     Getpeername,
+    Read,
+    Recv,
+    Recvfrom,
+    Recvmsg,
 }
 
-const NAMES: [&[u8]; 18] = [
+const NAMES: [&[u8]; 22] = [
     b"socket\0",
     b"bind\0",
     b"listen\0",
@@ -56,10 +60,14 @@ const NAMES: [&[u8]; 18] = [
     b"accept4\0",
     b"setsockopt\0",
     b"getpeername\0",
+    b"read\0",
+    b"recv\0",
+    b"recvfrom\0",
+    b"recvmsg\0",
 ];
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 18] = [const { AtomicUsize::new(0) }; 18];
+static REAL: [AtomicUsize; 22] = [const { AtomicUsize::new(0) }; 22];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -90,6 +98,11 @@ type Int2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Int3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type SetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
+type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> isize;
+type RecvFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> isize;
+type RecvfromFn =
+    unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> isize;
+type RecvmsgFn = unsafe extern "C" fn(c_int, *mut msghdr, c_int) -> isize;
 
 /// Calls the real function `$sym` with C type `$ty`, or falls back to `$fallback`.
 macro_rules! call_real {
@@ -220,6 +233,56 @@ pub unsafe fn setsockopt(
     )
 }
 
+/// # Safety
+/// Same contract as read(2).
+pub unsafe fn read(fd: c_int, buf: *mut c_void, n: size_t) -> isize {
+    call_real!(Sym::Read, ReadFn, (fd, buf, n), unsafe {
+        libc::syscall(libc::SYS_read, fd, buf, n) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as recv(2).
+pub unsafe fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> isize {
+    call_real!(Sym::Recv, RecvFn, (fd, buf, n, flags), unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            buf,
+            n,
+            flags,
+            std::ptr::null_mut::<sockaddr>(),
+            std::ptr::null_mut::<socklen_t>(),
+        ) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as recvfrom(2).
+pub unsafe fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    l: *mut socklen_t,
+) -> isize {
+    call_real!(
+        Sym::Recvfrom,
+        RecvfromFn,
+        (fd, buf, n, flags, a, l),
+        unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize }
+    )
+}
+
+/// # Safety
+/// Same contract as recvmsg(2).
+pub unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize {
+    call_real!(Sym::Recvmsg, RecvmsgFn, (fd, m, flags), unsafe {
+        libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize
+    })
+}
+
 pub fn close(fd: c_int) -> c_int {
     call_real!(Sym::Close, IntFn, (fd), unsafe {
         // SAFETY: close(2) takes no pointers.
@@ -337,6 +400,13 @@ pub fn sys_getsockopt(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> O
         )
     };
     (r == 0).then_some((len as usize).min(buf.len()))
+}
+
+/// Whether `fd` is a socket with no receive timeout (SO_RCVTIMEO zero).
+pub fn sys_rcvtimeo_unset(fd: RawFd) -> bool {
+    let mut tv = [0u8; std::mem::size_of::<libc::timeval>()];
+    matches!(sys_getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &mut tv),
+        Some(n) if tv[..n].iter().all(|b| *b == 0))
 }
 
 pub fn sys_getsockopt_int(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
@@ -516,9 +586,10 @@ pub const MAX_FDS: usize = graft_core::proto::broker::BATCH_MAX;
 /// keeping the first [`MAX_FDS`] and closing the rest. Bounded EINTR retries; the
 /// socket's SO_RCVTIMEO bounds the wait.
 pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
-    // Room for one cmsg with 16 ints (twice a batch, so a longer one is
-    // still received and closed rather than truncated), aligned for cmsghdr.
-    let mut cbuf = [0u64; 12];
+    // Room for one cmsg (a 16-byte header) with 2 * MAX_FDS ints (twice a
+    // batch, so a longer one is still received and closed rather than
+    // truncated), aligned for cmsghdr.
+    let mut cbuf = [0u64; 2 + MAX_FDS];
     for _ in 0..64 {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),

@@ -62,7 +62,12 @@ pub const ADDR_MAX: usize = 128;
 /// Size of every reply.
 pub const REPLY_LEN: usize = 28 + ADDR_MAX;
 /// Most sockets one `SocketBatch` reply carries.
-pub const BATCH_MAX: usize = 8;
+pub const BATCH_MAX: usize = 32;
+/// Sockets in graftd's first `SocketBatch` reply on a broker connection;
+/// each further batch on the same connection doubles, up to [`BATCH_MAX`].
+/// A process that makes one connection gets few spare sockets; one that
+/// churns pays a round trip per 32 connections, not per 8.
+pub const BATCH_FIRST: usize = 8;
 /// Level of the option record carrying a `SocketDual` request's IPv6
 /// endpoint name (no socket option has a negative level).
 pub const DUAL_LEVEL: c_int = -0x4752;

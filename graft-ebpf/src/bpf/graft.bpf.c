@@ -595,6 +595,46 @@ int graft_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
+/* ------------------------------------------------------------------ bind */
+
+/* The process that loaded these programs (graftd; a test playing graftd),
+ * by its tgid as the kernel sees it. Its binds are never refused: graftd binds
+ * each socket before marking it anyway, and nothing else it does binds a
+ * marked socket; the exemption lets a loader bind after marking. */
+const volatile __u32 binder_tgid = 0;
+
+/* A bind that reaches a marked socket comes from the program holding it.
+ * Refusing it is what lets graftd bind egress sockets with
+ * IP_BIND_ADDRESS_NO_PORT (or not at all for a wildcard endpoint) and leave
+ * the port to connect(), as the host does: without this, such a socket could
+ * be re-bound to any host address. Like setsockopt, the kernel runs this hook
+ * by the socket's cgroup, whoever calls bind(). connect()'s own port choice
+ * does not pass through here. */
+static __always_inline int bind_guard(struct bpf_sock_addr *ctx)
+{
+	struct graft_sk *gs = bpf_sk_storage_get(&graft_sk_map, ctx->sk, 0, 0);
+	struct graft_counters *c;
+
+	if (!gs || (bpf_get_current_pid_tgid() >> 32) == binder_tgid)
+		return 1;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->policy_denied, 1);
+	return 0; /* EPERM */
+}
+
+SEC("cgroup/bind4")
+int graft_bind4(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx);
+}
+
+SEC("cgroup/bind6")
+int graft_bind6(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx);
+}
+
 /* ------------------------------------------------------------- sk_lookup */
 
 /* A dual-stack listener: graftd binds an AF_INET6 socket to an IPv4
