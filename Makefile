@@ -6,15 +6,19 @@
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
 PROFILE ?= debug
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+# Where CNI plugins live on a node (kubelet/containerd's default).
+CNI_BIN_DIR ?= /opt/cni/bin
 
 # Debian packages the build, the tests, the demo and the benchmarks use.
 DEB_PACKAGES := build-essential pkg-config iproute2 nftables procps psmisc \
 	iperf3 nginx-light curl socat python3 netcat-openbsd \
 	clang llvm libbpf-dev bpftool \
-	wrk debootstrap gnuplot-nox jq \
+	wrk debootstrap gnuplot-nox jq python3-yaml containernetworking-plugins \
 	golang-go musl-tools busybox-static
 
-.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall clean
+.PHONY: all deps build release test lint demo docker-image bench bench-quick install uninstall \
+	install-ip-divert uninstall-ip-divert clean
 
 all: build
 
@@ -81,10 +85,27 @@ install: release
 	install -m 0755 target/static/release/graft $(DESTDIR)$(PREFIX)/bin/graft
 	install -m 0755 iproute-graft/ip $(DESTDIR)$(PREFIX)/bin/ip
 	install -m 0644 target/release/libgraft_convert.so $(DESTDIR)$(PREFIX)/lib/graft/libgraft-convert.so
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	sed 's|@BINDIR@|$(PREFIX)/bin|g' deploy/systemd/graftd.service.in > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
+	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
+	@echo "install: systemctl daemon-reload && systemctl enable --now graftd (see README, 'graftd as a service')"
+	install -d $(DESTDIR)$(CNI_BIN_DIR)
+	install -m 0755 target/release/graft-cni $(DESTDIR)$(CNI_BIN_DIR)/graft-cni
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,graftd ip-graft graft docker-ns-exec ip)
 	rm -rf $(DESTDIR)$(PREFIX)/lib/graft
+	rm -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/graftd.service
+	rm -f $(DESTDIR)$(CNI_BIN_DIR)/graft-cni
+
+# Opt-in (Debian/Ubuntu): the literal `/sbin/ip graft ...` of AF_GRAFT's
+# walkthrough. Diverts iproute2's /sbin/ip with dpkg-divert and installs the
+# wrapper there; every other `ip` command still runs iproute2's.
+install-ip-divert: install
+	iproute-graft/divert-ip install iproute-graft/ip
+
+uninstall-ip-divert:
+	iproute-graft/divert-ip remove
 
 clean:
 	$(CARGO) clean

@@ -8,9 +8,9 @@ import sys
 import tempfile
 import time
 
-from .proc import RUN, RUNID, BenchError, nsx, proc_log, sh, spawn
+from .proc import RUN, RUNID, BenchError, kill_proc, nsx, proc_log, sh, spawn
 
-SVC = {"iperf": 1, "pp": 2, "nginx": 3, "churn": 4}
+SVC = {"iperf": 1, "pp": 2, "nginx": 3, "churn": 4, "nginx_out": 5}
 
 
 class Path:
@@ -44,6 +44,11 @@ class Path:
 
     def egress_argv(self, h, tool_args, pinned=False):
         return self.egress_client() + [h.bench] + tool_args
+
+    def egress_nginx(self):
+        """(addr, port, process) of the plain host nginx the wrk_out row's
+        client dials (issue 10: an unmodified client through egress)."""
+        return None
 
 
 def start_servers(h, path, prefix, bind, name, wrap=None, services=("iperf", "pp", "nginx")):
@@ -88,7 +93,7 @@ class HostPath(Path):
     name = "host"
     label = "host (loopback, no netfilter rules)"
     base = 21000
-    workloads = Path.workloads + ("churn", "churn_pin")
+    workloads = Path.workloads + ("churn", "churn_pin", "wrk_out")
     nat = False
 
     def setup(self, h):
@@ -107,6 +112,9 @@ class HostPath(Path):
 
     def egress_client(self):
         return nsx(self.ns)
+
+    def egress_nginx(self):
+        return "127.0.0.1", self.port("nginx"), self.procs["nginx"]
 
 
 class HostNatPath(HostPath):
@@ -258,7 +266,7 @@ class GraftPath(Path):
     name = "graft"
     label = "graft (servers in a loopback-only netns)"
     base = 21600
-    workloads = Path.workloads + ("churn", "churn_pin")
+    workloads = Path.workloads + ("churn", "churn_pin", "wrk_out")
     host_path = "host"
     ns_tag = "g"
     graftd_args = ()
@@ -285,6 +293,13 @@ class GraftPath(Path):
         self.procs = start_servers(h, self, self.d.envx(nsx(self.gns)), "0.0.0.0", self.name, wrap=wrap)
         self.procs["churn"] = spawn(nsx(self.hns) + [h.bench, "server", "--once", "--listen", f"127.0.0.1:{self.port('churn')}"],
                                     f"{self.name}-churn")
+        if "wrk_out" in self.workloads:
+            # a plain host nginx of this path's own for the wrk_out row
+            conf = h.nginx_conf(f"{self.name}-out", "127.0.0.1", self.port("nginx_out"))
+            self.procs["nginx_out"] = spawn(nsx(self.hns) + ["nginx", "-c", conf, "-e",
+                                                             os.path.join(RUN.tmp, f"{self.name}-out-nginx.err")],
+                                            f"{self.name}-nginx-out")
+            wait_port(nsx(self.hns), "127.0.0.1", self.port("nginx_out"), self.label)
         for s in ("iperf", "pp", "nginx", "churn"):
             try:
                 wait_port(nsx(self.hns), "127.0.0.1", self.port(s), self.label)
@@ -309,6 +324,10 @@ class GraftSeccompPath(GraftPath):
     base = 22500
     ns_tag = "gsec"
     graft_opts = ("--mode", "seccomp")
+
+    def egress_nginx(self):
+        p = self.procs.get("nginx_out")
+        return ("127.0.0.1", self.port("nginx_out"), p) if p else None
 
 
 class GraftG2GPath(GraftPath):
@@ -360,13 +379,24 @@ class Graftd:
         # nsenter, not `ip netns exec`: the latter remounts /sys, which hides
         # the cgroup2 mount graftd needs for its eBPF companion
         enter = ["nsenter", f"--net=/run/netns/{ns}"] if ns else []
-        self.p = spawn(enter + [h.graft_bin("graftd"), "--control", self.control, "--broker-name", self.broker]
-                       + list(extra), f"graftd-{tag}", env=env)
+        # private state, bpffs pins and cgroup, removed at teardown
+        uniq = os.path.basename(self.dir)
+        self.own = ["--control", self.control, "--broker-name", self.broker,
+                    "--state-dir", os.path.join(self.dir, "state"),
+                    "--pin-dir", f"/sys/fs/bpf/{uniq}", "--cgroup", uniq]
+        self.p = spawn(enter + [h.graft_bin("graftd")] + self.own + list(extra), f"graftd-{tag}", env=env)
+        RUN.cleanups.append(self.remove)
         t = time.time()
         while not os.path.exists(self.control):
             if self.p.poll() is not None or time.time() - t > 10:
                 raise BenchError(f"graftd ({tag}) did not create its control socket:\n{proc_log(self.p)}")
             time.sleep(0.05)
+
+    def remove(self):
+        """Stops this graftd and removes its pinned eBPF companion and cgroup."""
+        kill_proc(self.p)
+        subprocess.run([self.h.graft_bin("graftd")] + self.own + ["--remove"],
+                       capture_output=True, timeout=30)
 
     def envx(self, prefix):
         """A command prefix that runs in `prefix` with this graftd's environment."""

@@ -7,8 +7,8 @@ import re
 import time
 from dataclasses import dataclass, replace
 
-from .load import others_cpu, proc_table, wait_quiet
-from .proc import RUN, BenchError, kv, nsx, on_cpu0, run_client, say
+from .load import descendants, others_cpu, proc_table, wait_quiet
+from .proc import NCPU, RUN, BenchError, kv, nsx, on_cpu0, run_client, say, sh
 
 WORKLOADS = {
     # name: (unit, higher_is_better, label)
@@ -23,6 +23,7 @@ WORKLOADS = {
     "close": ("req/s", True, "nginx+wrk Connection: close"),
     "churn": ("conn/s", True, "egress churn (new conn per request)"),
     "churn_pin": ("conn/s", True, "egress churn, pinned cpu0"),
+    "wrk_out": ("req/s", True, "wrk -c32 Connection: close as the egress client (wrk cpu0, nginx cpu1)"),
 }
 # metrics derived from another cell's output (same run), not run on their own
 DERIVED = {"lat_pin99": "lat_pin", "lat99": "lat"}
@@ -106,8 +107,39 @@ def w_churn(h, path, wl, cfg):
     return {wl: v["conn_per_s"]}
 
 
+def w_wrk_out(h, path, wl, cfg):
+    """wrk (unmodified, dynamically linked: grafted by the preload library)
+    as the egress client, a new connection per request against a plain host
+    nginx; wrk on cpu0, nginx (master and worker) on the last CPU, as in
+    issue 10."""
+    target = path.egress_nginx()
+    if target is None:
+        raise BenchError(f"{path.name}: no egress nginx")
+    addr, port, ng = target
+    pids = descendants(ng.pid)
+    argv = path.egress_client() + ["taskset", "-c", "0", "timeout", str(int(cfg.secs) + 20), "wrk", "-t1", "-c32",
+                                   f"-d{cfg.secs}s", "-H", "Connection: close", f"http://{addr}:{port}/"]
+    try:
+        for pid in pids:
+            sh(["taskset", "-a", "-p", "-c", str(NCPU - 1), str(pid)], quiet=True)
+        out = run_client(argv, cfg.secs + 30, f"{path.name}/{wl}")
+    finally:
+        for pid in pids:
+            sh(["taskset", "-a", "-p", "-c", f"0-{NCPU - 1}", str(pid)], quiet=True, check=False)
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if not m:
+        raise BenchError(f"wrk printed no rate:\n{out}")
+    errs = re.search(r"Socket errors: (.*)", out)
+    if errs:
+        n = sum(int(x) for x in re.findall(r"\d+", errs.group(1)))
+        total = re.search(r"(\d+) requests in", out)
+        if total and n > 0.01 * int(total.group(1)):
+            raise BenchError(f"wrk: {errs.group(0)}")
+    return {wl: float(m.group(1))}
+
+
 RUNNERS = {"tcp1": w_iperf, "tcp4": w_iperf, "udp": w_iperf, "lat_pin": w_latency, "lat": w_latency,
-           "ka": w_wrk, "close": w_wrk, "churn": w_churn, "churn_pin": w_churn}
+           "ka": w_wrk, "close": w_wrk, "churn": w_churn, "churn_pin": w_churn, "wrk_out": w_wrk_out}
 
 
 @dataclass(frozen=True)
@@ -127,7 +159,8 @@ class Config:
 
 MODES = {
     "full": Config("full", runs=3, secs=5, lat_count=20000, lat_secs=3, churn_count=3000,
-                   workloads=("tcp1", "tcp4", "udp", "lat_pin", "lat", "ka", "close", "churn", "churn_pin"),
+                   workloads=("tcp1", "tcp4", "udp", "lat_pin", "lat", "ka", "close", "churn", "churn_pin",
+                              "wrk_out"),
                    quiet_wait=10, retries=2, micro=True),
     # pinned churn: unpinned churn mostly measures whether the other vCPU
     # happens to be awake (idle vCPUs halt; a cross-CPU wake-up costs ~0.4 ms)

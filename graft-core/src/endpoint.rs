@@ -14,6 +14,8 @@ pub const MAX_UNIX_PATH: usize = 107;
 /// Most `allow`/`deny` clauses one endpoint may have: graft-ebpf's programs
 /// walk them with a bounded loop the verifier must accept.
 pub const MAX_POLICY_CLAUSES: usize = 32;
+/// Largest `limit` (live sockets of one endpoint) accepted.
+pub const MAX_LIMIT: u32 = 1 << 20;
 
 /// The address a grafted socket is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,10 @@ pub enum EndpointError {
     NulInPath,
     #[error("{0} allow/deny clauses (at most {MAX_POLICY_CLAUSES})")]
     TooManyClauses(usize),
+    #[error("limit must be 1 to {MAX_LIMIT}")]
+    BadLimit,
+    #[error("limit applies to ipv4 and ipv6 endpoints only")]
+    LimitOnUnix,
 }
 
 impl EndpointAddr {
@@ -124,6 +130,10 @@ pub struct EndpointSpec {
     /// graft-ebpf when it is loaded. Empty: allow everything (as AF_GRAFT).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<crate::rules::PolicyRule>,
+    /// Most live sockets handed out from this endpoint at once (`limit N`);
+    /// `None`: graftd's default. Counted in the kernel by graft-ebpf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 impl EndpointSpec {
@@ -133,6 +143,14 @@ impl EndpointSpec {
         self.addr.validate()?;
         if self.policy.len() > MAX_POLICY_CLAUSES {
             return Err(EndpointError::TooManyClauses(self.policy.len()));
+        }
+        match self.limit {
+            Some(0) => return Err(EndpointError::BadLimit),
+            Some(l) if l > MAX_LIMIT => return Err(EndpointError::BadLimit),
+            Some(_) if matches!(self.addr, EndpointAddr::Unix { .. }) => {
+                return Err(EndpointError::LimitOnUnix)
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -146,6 +164,9 @@ impl fmt::Display for EndpointSpec {
         }
         for p in &self.policy {
             write!(f, " {p}")?;
+        }
+        if let Some(l) = self.limit {
+            write!(f, " limit {l}")?;
         }
         Ok(())
     }
@@ -165,6 +186,7 @@ mod tests {
             },
             netns: Some("1".into()),
             policy: vec![],
+            limit: None,
         };
         assert_eq!(
             ep.to_string(),
@@ -178,11 +200,21 @@ mod tests {
             },
             netns: None,
             policy: vec!["allow 2001:db8::/32:443".parse().unwrap()],
+            limit: Some(100),
         };
         assert_eq!(
             ep.to_string(),
-            "ep-out6 type ipv6 addr :: port dynamic allow 2001:db8::/32:443"
+            "ep-out6 type ipv6 addr :: port dynamic allow 2001:db8::/32:443 limit 100"
         );
+        assert_eq!(ep.validate(), Ok(()));
+        let mut bad = ep.clone();
+        bad.limit = Some(0);
+        assert_eq!(bad.validate(), Err(EndpointError::BadLimit));
+        bad.limit = Some(5);
+        bad.addr = EndpointAddr::Unix {
+            path: "/run/x".into(),
+        };
+        assert_eq!(bad.validate(), Err(EndpointError::LimitOnUnix));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   path) and how `ip graft` spells it.
 //! * [`rules`]: the ingress (`-i ADDR:PORT[-PORT]=EP`) and egress
 //!   (`-e PREFIX/LEN=EP`, `-x PREFIX/LEN`) mapping rules, their parser and matcher.
+//! * [`nsrules`]: a namespace's own rules as graftd keeps them and hands them
+//!   to `graft -- CMD` (run without `-i/-e/-x`).
 //! * [`sockopt`]: which socket options a grafted socket carries over from the
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
@@ -22,6 +24,7 @@
 pub mod endpoint;
 pub mod name;
 pub mod netns;
+pub mod nsrules;
 pub mod proto;
 pub mod rules;
 pub mod sockopt;
@@ -65,6 +68,13 @@ pub const ENV_VERBOSE: &str = "GRAFT_VERBOSE";
 /// `GRAFT_POOL=0` turns off the preload library's per-process pool of
 /// pre-made egress sockets (on by default).
 pub const ENV_POOL: &str = "GRAFT_POOL";
+/// Milliseconds the preload library waits for an unreachable broker (graftd
+/// restarting) before failing a call closed; `0` fails at once.
+pub const ENV_WAIT: &str = "GRAFT_WAIT_MS";
+/// Default of [`ENV_WAIT`]: a supervised restart takes well under a second.
+pub const DEFAULT_WAIT_MS: u32 = 1000;
+/// Largest [`ENV_WAIT`] accepted.
+pub const MAX_WAIT_MS: u32 = 60_000;
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";

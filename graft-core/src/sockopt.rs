@@ -45,7 +45,12 @@ pub enum Class {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Any,
+    /// AF_INET sockets only.
     Inet4,
+    /// An IPv4-level option that counts on AF_INET6 sockets too (they carry
+    /// IPv4 traffic when dual-stack, and the kernel accepts SOL_IP options
+    /// on them): the escape options, so none slips through on either family.
+    Inet,
     Inet6,
     Stream,
     Dgram,
@@ -88,6 +93,22 @@ macro_rules! opt {
 }
 
 /// Every option graft knows about.
+///
+/// The [`Class::Refuse`] ones each let the holder of a host socket choose
+/// something its endpoint does not grant: an interface (SO_BINDTODEVICE,
+/// SO_BINDTOIFINDEX, IP(V6)_UNICAST_IF, IP(V6)_MULTICAST_IF, the interface
+/// half of a sticky IPV6_PKTINFO), a routing mark (SO_MARK), a source
+/// address the socket is not bound to (IP(V6)_TRANSPARENT, IP(V6)_FREEBIND,
+/// the address half of IPV6_PKTINFO) or the route itself (IP_OPTIONS source
+/// routes, IPV6_RTHDR segment routing headers). graft-ebpf's cgroup
+/// setsockopt guard refuses the same list on grafted sockets. Not refused:
+/// IPV6_ADDR_PREFERENCES (it only orders the candidate source addresses of
+/// a socket without one, and every grafted socket is bound to its
+/// endpoint's address) and the receive-side IP_PKTINFO/IPV6_RECVPKTINFO
+/// flags. Per-message IP_PKTINFO/IPV6_PKTINFO control messages on sendmsg()
+/// are not options: graft-ebpf's sendmsg4/6 programs refuse a source
+/// address other than the socket's own; the interface index they carry is
+/// out of any cgroup hook's sight (see the README).
 pub const SNAPSHOT: &[Opt] = &[
     opt!(SOL_SOCKET, SO_REUSEADDR, Int, Carry, Any),
     opt!(SOL_SOCKET, SO_REUSEPORT, Int, Carry, Any),
@@ -117,8 +138,11 @@ pub const SNAPSHOT: &[Opt] = &[
     opt!(IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, Int, Carry, Inet4),
     opt!(IPPROTO_IP, IP_MULTICAST_TTL, Int, Carry, Inet4),
     opt!(IPPROTO_IP, IP_MULTICAST_LOOP, Int, Carry, Inet4),
-    opt!(IPPROTO_IP, IP_FREEBIND, Int, Refuse, Inet4),
-    opt!(IPPROTO_IP, IP_TRANSPARENT, Int, Refuse, Inet4),
+    opt!(IPPROTO_IP, IP_FREEBIND, Int, Refuse, Inet),
+    opt!(IPPROTO_IP, IP_TRANSPARENT, Int, Refuse, Inet),
+    opt!(IPPROTO_IP, IP_UNICAST_IF, Int, Refuse, Inet),
+    opt!(IPPROTO_IP, IP_MULTICAST_IF, Int, Refuse, Inet),
+    opt!(IPPROTO_IP, IP_OPTIONS, Int, Refuse, Inet),
     opt!(IPPROTO_IPV6, IPV6_V6ONLY, Int, Carry, Inet6),
     opt!(IPPROTO_IPV6, IPV6_TCLASS, Int, Carry, Inet6),
     opt!(IPPROTO_IPV6, IPV6_UNICAST_HOPS, Int, Carry, Inet6),
@@ -129,6 +153,10 @@ pub const SNAPSHOT: &[Opt] = &[
     opt!(IPPROTO_IPV6, IPV6_MULTICAST_LOOP, Int, Carry, Inet6),
     opt!(IPPROTO_IPV6, IPV6_FREEBIND, Int, Refuse, Inet6),
     opt!(IPPROTO_IPV6, IPV6_TRANSPARENT, Int, Refuse, Inet6),
+    opt!(IPPROTO_IPV6, IPV6_UNICAST_IF, Int, Refuse, Inet6),
+    opt!(IPPROTO_IPV6, IPV6_MULTICAST_IF, Int, Refuse, Inet6),
+    opt!(IPPROTO_IPV6, IPV6_PKTINFO, Int, Refuse, Inet6),
+    opt!(IPPROTO_IPV6, IPV6_RTHDR, Int, Refuse, Inet6),
     opt!(IPPROTO_TCP, TCP_NODELAY, Int, Carry, Stream),
     opt!(IPPROTO_TCP, TCP_CORK, Int, Carry, Stream),
     opt!(IPPROTO_TCP, TCP_KEEPIDLE, Int, Carry, Stream),
@@ -157,6 +185,7 @@ impl Opt {
             // their values only matter for v4 traffic there; carry them only
             // for AF_INET to keep the snapshot small.
             Scope::Inet4 => family == libc::AF_INET,
+            Scope::Inet => family == libc::AF_INET || family == libc::AF_INET6,
             Scope::Inet6 => family == libc::AF_INET6,
             Scope::Stream => sotype == libc::SOCK_STREAM,
             Scope::Dgram => sotype == libc::SOCK_DGRAM,
@@ -182,8 +211,18 @@ mod tests {
             (libc::IPPROTO_IP, libc::IP_FREEBIND),
             (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT),
             (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
+            (libc::IPPROTO_IP, libc::IP_UNICAST_IF),
+            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_IF),
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_IF),
+            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF),
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO),
+            (libc::SOL_SOCKET, libc::SO_BINDTOIFINDEX),
         ] {
             assert_eq!(lookup(l, n).unwrap().class, Class::Refuse);
+        }
+        // SOL_IP escapes count on AF_INET6 sockets too.
+        for o in SNAPSHOT.iter().filter(|o| o.class == Class::Refuse) {
+            assert!(o.applies(libc::AF_INET6, libc::SOCK_STREAM), "{}", o.label);
         }
     }
 

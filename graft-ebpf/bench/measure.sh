@@ -9,12 +9,12 @@ B=/work/main/target/debug; RB=/work/main/target/release
 W=/tmp/gm; rm -rf $W; mkdir -p $W/bin
 ln -sf /work/main/iproute-graft/ip $W/bin/ip; for b in ip-graft graft graftd; do ln -sf $B/$b $W/bin/$b; done
 export PATH=$W/bin:$PATH
-cleanup() { for p in $W/*.pid; do kill $(cat $p) 2>/dev/null; done; sleep 0.5; for n in gms1 gmc1 gms2 gmc2; do ip netns pids $n 2>/dev/null | xargs -r kill; ip netns del $n 2>/dev/null; done; }
+cleanup() { for p in $W/*.pid; do kill $(cat $p) 2>/dev/null; done; sleep 0.5; for g in sp ns; do $B/graftd --control $W/$g.sock --state-dir $W/$g.state --pin-dir /sys/fs/bpf/gm-$g-$$ --cgroup gm-$g-$$ --remove 2>/dev/null; done; for n in gms1 gmc1 gms2 gmc2; do ip netns pids $n 2>/dev/null | xargs -r kill; ip netns del $n 2>/dev/null; done; }
 trap cleanup EXIT
 for n in gms1 gmc1 gms2 gmc2; do ip netns add $n; ip -n $n link set lo up; done
 # graftd 1: --splice (ports 1610x), graftd 2: no splice (ports 1620x)
 start() { # tag args
-  RUST_LOG=info $B/graftd --control $W/$1.sock --broker-name gm/$1 $2 > $W/$1.log 2>&1 & echo $! > $W/$1.pid; sleep 1; }
+  RUST_LOG=info $B/graftd --control $W/$1.sock --broker-name gm/$1 --state-dir $W/$1.state --pin-dir /sys/fs/bpf/gm-$1-$$ --cgroup gm-$1-$$ $2 > $W/$1.log 2>&1 & echo $! > $W/$1.pid; sleep 1; }
 start sp --splice; start ns ""
 env_of() { echo GRAFT_CONTROL=$W/$1.sock GRAFT_BROKER=gm/$1; }
 for t in sp:1:1610 ns:2:1620; do IFS=: read tag i p <<<"$t"

@@ -97,6 +97,8 @@ pub struct Placement {
     pub dir: PathBuf,
     /// Opened directory, what programs attach to.
     pub fd: fs::File,
+    /// Left in place on drop (pinned programs are attached to it).
+    persistent: bool,
     /// The cgroup2 mount we made when none was visible; dropped last.
     _mount: Option<PrivateMount>,
 }
@@ -190,45 +192,79 @@ fn remove_stale(parent: &Path) {
     }
 }
 
-impl Placement {
-    /// Creates `NAME` under the process's current cgroup v2 and moves the
-    /// whole process into it.
-    pub fn enter(name: &str) -> Result<Self, Error> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(io_err("read /proc/self/mountinfo"))?;
-        let own =
-            fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
-        let path = own_cgroup_path(&own).ok_or(Error::NoCgroup2)?;
-        let mut mount = None;
-        let original = match cgroup_dir(&cgroup2_mounts(&mountinfo), &path) {
-            Some(d) => d,
-            None => {
-                // `ip netns exec` remounts /sys, hiding /sys/fs/cgroup, and a
-                // v1-only host mounts no v2 at all; the v2 hierarchy is still
-                // there: mount it privately for as long as we need it.
-                let m = PrivateMount::new()?;
-                let d = cgroup_dir(&[(m.path.clone(), "/".to_owned())], &path)
-                    .ok_or_else(|| Error::CgroupNotVisible { path: path.clone() })?;
-                mount = Some(m);
-                d
-            }
-        };
-        remove_stale(&original);
-        let dir = original.join(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(format!("create cgroup {}", dir.display()))(e)),
+/// Where the process's cgroup v2 is, the mount that shows it (made
+/// privately when none is visible), and where cgroup `name` is: a child of
+/// the process's cgroup, or, for an absolute `name`, that path from the
+/// hierarchy's root.
+fn resolve(name: &str) -> Result<(PathBuf, PathBuf, Option<PrivateMount>), Error> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(io_err("read /proc/self/mountinfo"))?;
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("read /proc/self/cgroup"))?;
+    let path = own_cgroup_path(&own).ok_or(Error::NoCgroup2)?;
+    let mounts = cgroup2_mounts(&mountinfo);
+    let (original, mount, mounts) = match cgroup_dir(&mounts, &path) {
+        Some(d) => (d, None, mounts),
+        None => {
+            // `ip netns exec` remounts /sys, hiding /sys/fs/cgroup, and a
+            // v1-only host mounts no v2 at all; the v2 hierarchy is still
+            // there: mount it privately for as long as we need it.
+            let m = PrivateMount::new()?;
+            let mounts = vec![(m.path.clone(), "/".to_owned())];
+            let d = cgroup_dir(&mounts, &path)
+                .ok_or_else(|| Error::CgroupNotVisible { path: path.clone() })?;
+            (d, Some(m), mounts)
         }
+    };
+    if name.starts_with('/') {
+        let dir = cgroup_dir(&mounts, name).ok_or_else(|| Error::CgroupNotVisible {
+            path: name.to_owned(),
+        })?;
+        return Ok((original, dir, mount));
+    }
+    // Already in it (a process that placed itself before and starts the
+    // companion again): the same cgroup, not a child of the same name.
+    if original.file_name().is_some_and(|f| f == name) {
+        if let Some(parent) = original.parent() {
+            let dir = original.clone();
+            return Ok((parent.to_owned(), dir, mount));
+        }
+    }
+    let dir = original.join(name);
+    Ok((original, dir, mount))
+}
+
+/// The directory of cgroup `name` (as [`Placement::enter`] takes it), if it
+/// exists.
+pub(crate) fn locate(name: &str) -> Result<Option<PathBuf>, Error> {
+    let (_, dir, _mount) = resolve(name)?;
+    Ok(dir.exists().then_some(dir))
+}
+
+impl Placement {
+    /// Creates cgroup `name` (a child of the process's current cgroup v2, or
+    /// an absolute path in the hierarchy) unless it exists, and moves the
+    /// whole process into it. A `persistent` placement is left as it is when
+    /// dropped: pinned programs stay attached to it.
+    pub fn enter(name: &str, persistent: bool) -> Result<Self, Error> {
+        let (original, dir, mount) = resolve(name)?;
+        remove_stale(&original);
+        let made = match fs::create_dir_all(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_err(format!("create cgroup {}", dir.display()))(e)),
+        };
         let fd = fs::File::open(&dir).map_err(io_err(format!("open cgroup {}", dir.display())))?;
         if let Err(e) = move_pid(&dir, std::process::id()) {
-            let _ = fs::remove_dir(&dir);
+            if made && !persistent {
+                let _ = fs::remove_dir(&dir);
+            }
             return Err(e);
         }
         Ok(Placement {
             original,
             dir,
             fd,
+            persistent,
             _mount: mount,
         })
     }
@@ -236,6 +272,9 @@ impl Placement {
 
 impl Drop for Placement {
     fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
         if let Err(e) = move_pid(&self.original, std::process::id()) {
             log::warn!("{e}");
             return;

@@ -24,6 +24,30 @@
 //!   receive queue when the peer is a grafted socket of this host too. A
 //!   direction that ever went through TCP stays on TCP, so bytes are never
 //!   reordered.
+//! * `sk_lookup` (`graft_sk_lookup`), attached to graftd's own network
+//!   namespace rather than the cgroup (a netns link: sk_lookup cannot cross
+//!   namespaces): IPv6 connections to an address and port held in
+//!   `graft_steer` go to the dual-stack listener stored there
+//!   ([`Companion::steer_v6`]); a listener bound to `[::ffff:A4]:P4` takes
+//!   IPv4 natively, so one socket answers on an IPv4 and an IPv6 endpoint.
+//!   Its load or attach failing only turns that off
+//!   ([`Companion::steer_problem`]).
+//!
+//! * `cgroup/sock_release` counts closes of the sockets graftd handed out
+//!   (matched by socket cookie, so accepted children do not count): with
+//!   graftd's count of sockets handed out this gives each endpoint's live
+//!   sockets, which [`Companion::register_socket_limited`] holds to a limit.
+//!
+//! Outliving graftd ([`Options::pin_dir`]): the maps in `PINNED_MAPS` are
+//! pinned as `DIR/maps/NAME` and every cgroup program is attached by a
+//! bpf_link pinned as `DIR/links/NAME`, to a cgroup that is left in place.
+//! The programs then keep guarding every grafted socket while no graftd runs.
+//! The next [`Companion::start`] reuses the pinned maps (socket marks,
+//! policies, counters, endpoint ids) and swaps its freshly loaded programs
+//! into the pinned links with `BPF_LINK_UPDATE` (atomic: no hook is ever
+//! empty or doubled). [`remove_pinned`] takes it all away. Adding a program:
+//! one line in `CGROUP_PROGRAMS`; a map whose contents must survive a
+//! restart: one line in `PINNED_MAPS`.
 //!
 //! Without cgroup v2, BTF or the privileges, [`Companion::start`] fails with
 //! an [`Error`] naming what failed; graftd logs it once and runs without.
@@ -48,10 +72,13 @@
 //!   (`tcp_bpf_recvmsg`), which differs from plain TCP in one way an
 //!   application can notice: a blocking `recv()` may fail with EAGAIN after a
 //!   wake-up that brought no data (seen on 6.18 while another thread writes
-//!   to the same socket). Event-driven programs (poll/epoll, non-blocking
-//!   sockets, CPython with a socket timeout) are unaffected (poll and
-//!   FIONREAD see redirected bytes); a blocking reader may not be, which is
-//!   why it is opt-in.
+//!   to the same socket's memory being freed: `tcp_msg_wait_data` returns
+//!   after one wake-up, and `tcp_bpf_recvmsg` turns "no data" into EAGAIN).
+//!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
+//!   socket timeout) are unaffected (poll and FIONREAD see redirected
+//!   bytes); for blocking readers libgraft-convert repeats such a receive.
+//!   It stays opt-in because the throughput and latency goals are not met
+//!   unpinned (see bench/results/2026-12-01-churn.md).
 //! * Reordering is impossible by construction: a socket enters the splice
 //!   map at establishment (before any data, unless data rode in the SYN, in
 //!   which case it never splices), and a direction that sent anything through
@@ -60,9 +87,19 @@
 //! * One owner per socket: if another sk_msg program already owns a socket
 //!   (EBUSY), the connection is not spliced and [`Companion::splice_problem`]
 //!   returns one line saying so.
+//! * `cgroup/bind4`, `cgroup/bind6`: a marked socket refuses every `bind()`
+//!   with EPERM (counted in `policy_denied`), except from the process that
+//!   loaded the programs (graftd, which binds before it marks anyway); this
+//!   is what makes
+//!   it safe for graftd to bind egress sockets with `IP_BIND_ADDRESS_NO_PORT`
+//!   (or not at all, for a wildcard endpoint) and let `connect()` pick the
+//!   port as on the host, reusing TIME_WAIT ports and sharing ports between
+//!   4-tuples. Runs by the socket's cgroup, like setsockopt.
 //! * `cgroup/setsockopt` closes the hole the broker's option check leaves:
-//!   graftd refuses `SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
-//!   `IP_TRANSPARENT`, `IPV6_TRANSPARENT`, `IP_FREEBIND` and `IPV6_FREEBIND`
+//!   graftd refuses the options of `graft_core::sockopt`'s `Class::Refuse`
+//!   list (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`, `SO_MARK`,
+//!   `IP(V6)_TRANSPARENT`, `IP(V6)_FREEBIND`, `IP(V6)_UNICAST_IF`,
+//!   `IP(V6)_MULTICAST_IF`, `IP_OPTIONS`, `IPV6_PKTINFO`, `IPV6_RTHDR`)
 //!   in requests, but a process holding a grafted host socket could set them
 //!   directly (a Docker container's root keeps `CAP_NET_RAW` in the initial
 //!   user namespace, enough for `SO_BINDTODEVICE`). On a marked socket the
@@ -85,19 +122,21 @@
 
 mod cgroup;
 pub mod maps;
+mod pin;
 
 use std::collections::HashMap as StdHashMap;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, SkStorage, SockHash};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
+use aya::programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
 
 pub use cgroup::Placement;
 pub use maps::{GraftCounters, GraftGlobal, GraftSk};
+use pin::attach;
 
 /// The compiled programs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/graft.bpf.o"));
@@ -108,11 +147,64 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-const CGROUP_PROGRAMS: [&str; 4] = [
-    "graft_connect4",
-    "graft_connect6",
-    "graft_sendmsg4",
-    "graft_sendmsg6",
+/// How a program is loaded (its aya type).
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    SockAddr,
+    SockOps,
+    Sockopt,
+    Sock,
+}
+
+/// The one list of programs attached to the companion's cgroup: name in
+/// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
+/// bpf_link, pinned as `PIN_DIR/links/NAME`.
+const CGROUP_PROGRAMS: &[(&str, Kind, u32)] = &[
+    (
+        "graft_connect4",
+        Kind::SockAddr,
+        attach::CGROUP_INET4_CONNECT,
+    ),
+    (
+        "graft_connect6",
+        Kind::SockAddr,
+        attach::CGROUP_INET6_CONNECT,
+    ),
+    (
+        "graft_sendmsg4",
+        Kind::SockAddr,
+        attach::CGROUP_UDP4_SENDMSG,
+    ),
+    (
+        "graft_sendmsg6",
+        Kind::SockAddr,
+        attach::CGROUP_UDP6_SENDMSG,
+    ),
+    ("graft_sockops", Kind::SockOps, attach::CGROUP_SOCK_OPS),
+    ("graft_setsockopt", Kind::Sockopt, attach::CGROUP_SETSOCKOPT),
+    // The bind guard: see `Companion::bind_guarded`.
+    ("graft_bind4", Kind::SockAddr, attach::CGROUP_INET4_BIND),
+    ("graft_bind6", Kind::SockAddr, attach::CGROUP_INET6_BIND),
+    (
+        "graft_sock_release",
+        Kind::Sock,
+        attach::CGROUP_INET_SOCK_RELEASE,
+    ),
+];
+
+/// Maps whose contents must survive graftd (pinned as `PIN_DIR/maps/NAME`):
+/// socket marks, policies, counters, endpoint ids, splice tables. A map not
+/// listed here is made afresh by every graftd.
+const PINNED_MAPS: &[&str] = &[
+    "graft_sk_map",
+    "graft_policy_map",
+    "graft_counters_map",
+    "graft_socks",
+    "graft_sock_ep",
+    "graft_global_map",
+    "graft_ep_ids",
+    "graft_next_id",
+    "graft_steer",
 ];
 
 /// Why the companion could not start or an operation on it failed.
@@ -136,6 +228,8 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    #[error("endpoint {name} has {live} live sockets, its limit")]
+    LimitReached { name: String, live: u64 },
     #[error("endpoint {name} in {netns} is not registered with the eBPF companion")]
     UnknownEndpoint { name: String, netns: NetnsId },
 }
@@ -169,8 +263,14 @@ fn bpf_err<E: std::error::Error>(op: impl Into<String>) -> impl FnOnce(E) -> Err
 pub struct Options {
     /// Splice local grafted↔grafted TCP connections (`graftd --splice`).
     pub splice: bool,
-    /// Name of the cgroup made under the current one; `graftd-PID` if unset.
+    /// The cgroup the programs are attached to and the process moves into:
+    /// a name, made under the cgroup the process starts in, or an absolute
+    /// path from the cgroup2 root; `graftd-PID` if unset.
     pub cgroup_name: Option<String>,
+    /// Pin maps and links under this bpffs directory, so the programs stay
+    /// armed after the process exits and the next one adopts them; `None`:
+    /// everything goes with the process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Counters of one endpoint, as the programs keep them.
@@ -184,20 +284,30 @@ pub struct EndpointKey {
 }
 
 /// The loaded and attached programs. Dropping it detaches them, moves the
-/// process back to its original cgroup and removes the one it made.
+/// process back to its original cgroup and removes the one it made; when
+/// pinned ([`Options::pin_dir`]) it only closes the process's handles and
+/// everything stays attached.
 pub struct Companion {
-    // Field order is drop order: programs and maps go before the process
-    // leaves the cgroup they were attached to.
+    // Field order is drop order: links (which detach when not pinned),
+    // programs and maps go before the process leaves the cgroup they were
+    // attached to.
+    _links: Vec<OwnedFd>,
     ebpf: Ebpf,
     sk: SkStorage<MapData, GraftSk>,
     policies: HashMap<MapData, u32, maps::GraftPolicy>,
     counters: HashMap<MapData, u32, GraftCounters>,
     global: Array<MapData, GraftGlobal>,
+    ids: HashMap<MapData, maps::GraftEpKey, maps::GraftEpVal>,
+    next: Array<MapData, u64>,
     _socks: Option<SockHash<MapData, [u8; 56]>>,
+    /// The dual-stack steering map, when `graft_sk_lookup` is attached to
+    /// graftd's own namespace; else why not.
+    steer: Result<SockHash<MapData, [u8; 24]>, String>,
     endpoints: StdHashMap<EndpointKey, u32>,
     next_id: u32,
     splice: bool,
     splice_errors_seen: u64,
+    pinned: Option<PathBuf>,
     placement: Placement,
 }
 
@@ -223,28 +333,38 @@ where
 }
 
 impl Companion {
-    /// Loads the programs, moves the process into a cgroup of its own and
-    /// attaches them there.
+    /// Loads the programs, moves the process into the companion's cgroup and
+    /// attaches them there. With [`Options::pin_dir`], maps and links are
+    /// pinned (or adopted from an earlier graftd, whose links get the new
+    /// programs atomically) and stay armed after the process exits.
     pub fn start(opts: &Options) -> Result<Self, Error> {
         let splice = u32::from(opts.splice);
+        let pins = match &opts.pin_dir {
+            Some(dir) => Some(prepare_pin_dir(dir)?),
+            None => None,
+        };
+        // The bind guard lets this process's own binds through (it binds
+        // before it marks; tests playing graftd bind after).
+        let binder = std::process::id();
         // Load before touching cgroups: a kernel without BTF or without the
         // privileges fails here with nothing to undo.
         // No CO-RE relocations in our programs: skip parsing the kernel BTF
         // (megabytes, seconds in a debug build); maps still carry their BTF.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
             .override_global("splice_enabled", &splice, true)
-            .load(OBJECT)
-            .map_err(bpf_err("load eBPF object"))?;
-        for name in CGROUP_PROGRAMS {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.load().map_err(bpf_err(format!("load program {name}")))?;
+            .override_global("binder_tgid", &binder, true);
+        if let Some(p) = &pins {
+            check_pinned_maps(&p.maps)?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, p.maps.join(name));
+            }
         }
-        let so: &mut SockOps = prog(&mut ebpf, "graft_sockops")?;
-        so.load().map_err(bpf_err("load program graft_sockops"))?;
-        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
-        sso.load()
-            .map_err(bpf_err("load program graft_setsockopt"))?;
+        let mut ebpf = loader.load(OBJECT).map_err(bpf_err("load eBPF object"))?;
+        for (name, kind, _) in CGROUP_PROGRAMS {
+            load_program(&mut ebpf, name, *kind)?;
+        }
 
         let socks = if opts.splice {
             let socks: SockHash<MapData, [u8; 56]> = take(&mut ebpf, "graft_socks")?;
@@ -260,48 +380,106 @@ impl Companion {
         let policies = take(&mut ebpf, "graft_policy_map")?;
         let counters = take(&mut ebpf, "graft_counters_map")?;
         let global = take(&mut ebpf, "graft_global_map")?;
+        let ids: HashMap<MapData, maps::GraftEpKey, maps::GraftEpVal> =
+            take(&mut ebpf, "graft_ep_ids")?;
+        let next: Array<MapData, u64> = take(&mut ebpf, "graft_next_id")?;
 
         let name = opts
             .cgroup_name
             .clone()
             .unwrap_or_else(|| format!("graftd-{}", std::process::id()));
-        let placement = Placement::enter(&name)?;
-        // From here on, an error drops `placement`, which moves us back.
-        // aya attaches through bpf_link on every kernel this runs on; a link
-        // takes no flags and coexists with other programs like ALLOW_MULTI.
-        for name in CGROUP_PROGRAMS {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.attach(&placement.fd, CgroupAttachMode::Single)
-                .map_err(bpf_err(format!(
-                    "attach {name} to cgroup {}",
-                    placement.dir.display()
-                )))?;
+        let placement = Placement::enter(&name, pins.is_some())?;
+        // From here on, an error drops `placement`, which moves us back
+        // (when nothing is pinned).
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
+        for (name, _, attach_type) in CGROUP_PROGRAMS {
+            let p = ebpf.program(name).ok_or_else(|| Error::Bpf {
+                op: format!("find program {name}"),
+                detail: "missing from the object".into(),
+            })?;
+            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
+            let link_pin = pins.as_ref().map(|p| p.links.join(name));
+            links.push(attach_link(
+                fd.as_fd(),
+                placement.fd.as_fd(),
+                &format!("cgroup {}", placement.dir.display()),
+                name,
+                *attach_type,
+                link_pin.as_deref(),
+            )?);
         }
-        let so: &mut SockOps = prog(&mut ebpf, "graft_sockops")?;
-        so.attach(&placement.fd, CgroupAttachMode::Single)
-            .map_err(bpf_err(format!(
-                "attach graft_sockops to cgroup {}",
-                placement.dir.display()
-            )))?;
-        let sso: &mut CgroupSockopt = prog(&mut ebpf, "graft_setsockopt")?;
-        sso.attach(&placement.fd, CgroupAttachMode::Single)
-            .map_err(bpf_err(format!(
-                "attach graft_setsockopt to cgroup {}",
-                placement.dir.display()
-            )))?;
-        Ok(Companion {
+        let sk_lookup_pin = pins.as_ref().map(|p| p.links.join("graft_sk_lookup"));
+        let steer = match attach_sk_lookup(&mut ebpf, sk_lookup_pin.as_deref()) {
+            Ok((map, link)) => {
+                links.push(link);
+                Ok(map)
+            }
+            Err(why) => Err(why),
+        };
+        let mut c = Companion {
+            _links: links,
             ebpf,
             sk,
             policies,
             counters,
             global,
+            ids,
+            next,
             _socks: socks,
+            steer,
             endpoints: StdHashMap::new(),
             next_id: 1,
             splice: opts.splice,
             splice_errors_seen: 0,
+            pinned: pins.map(|p| p.dir),
             placement,
-        })
+        };
+        c.adopt_ids();
+        Ok(c)
+    }
+
+    /// Reads the endpoint ids an earlier graftd left in the pinned maps.
+    fn adopt_ids(&mut self) {
+        let mut max = 0u32;
+        for (k, v) in self.ids.iter().filter_map(Result::ok) {
+            let Some(key) = k.endpoint_key() else {
+                continue;
+            };
+            max = max.max(v.id);
+            self.endpoints.insert(key, v.id);
+        }
+        let stored = self.next.get(&0, 0).unwrap_or(0);
+        let next = u64::from(max).saturating_add(1).max(stored).max(1);
+        self.next_id = u32::try_from(next).unwrap_or(1);
+        if !self.endpoints.is_empty() {
+            log::info!(
+                "eBPF companion: adopted {} endpoint id(s) from {}",
+                self.endpoints.len(),
+                self.pinned
+                    .as_deref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            );
+        }
+    }
+
+    /// Forgets every endpoint not in `keep` (their namespaces went away
+    /// while no graftd ran): policies, counters and ids go; their sockets
+    /// still open are refused further connects (fail closed).
+    pub fn retain_endpoints(&mut self, keep: &[EndpointKey]) {
+        let stale: Vec<EndpointKey> = self
+            .endpoints
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.remove_endpoint(&k);
+        }
+    }
+
+    /// The pin directory, when the companion outlives the process.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_deref()
     }
 
     /// The cgroup the programs are attached to (and the process runs in).
@@ -312,6 +490,13 @@ impl Companion {
     /// The cgroup the process came from.
     pub fn original_cgroup(&self) -> PathBuf {
         self.placement.original.clone()
+    }
+
+    /// Whether a marked socket refuses every `bind()` (cgroup bind4/bind6;
+    /// always, once started). graftd may then leave an egress socket's port
+    /// to `connect()`: nobody can re-bind it afterwards.
+    pub fn bind_guarded(&self) -> bool {
+        true
     }
 
     /// Whether splicing is on.
@@ -341,7 +526,20 @@ impl Companion {
                 let _ = self.policies.remove(&id);
                 return Err(bpf_err(format!("create counters of endpoint {}", key.name))(e));
             }
+            let v = maps::GraftEpVal {
+                id,
+                pad: 0,
+                handed: 0,
+            };
+            if let Err(e) = self.ids.insert(maps::GraftEpKey::new(&key), v, 0) {
+                let _ = self.policies.remove(&id);
+                let _ = self.counters.remove(&id);
+                return Err(bpf_err(format!("record the id of endpoint {}", key.name))(
+                    e,
+                ));
+            }
             self.next_id = self.next_id.wrapping_add(1).max(1);
+            let _ = self.next.set(0, u64::from(self.next_id), 0);
             self.endpoints.insert(key, id);
         }
         Ok(id)
@@ -354,12 +552,27 @@ impl Companion {
         if let Some(id) = self.endpoints.remove(key) {
             let _ = self.policies.remove(&id);
             let _ = self.counters.remove(&id);
+            let _ = self.ids.remove(&maps::GraftEpKey::new(key));
         }
     }
 
     /// Marks a socket graftd hands out as belonging to `key` (which must have
-    /// been added). Non-inet sockets are accepted and ignored.
+    /// been added) and counts it as live. Non-inet sockets are accepted and
+    /// ignored.
     pub fn register_socket(&mut self, fd: BorrowedFd<'_>, key: &EndpointKey) -> Result<(), Error> {
+        self.register_socket_limited(fd, key, None)
+    }
+
+    /// [`Companion::register_socket`], refused with
+    /// [`Error::LimitReached`] when the endpoint already has `limit` live
+    /// sockets (handed out and not closed: cgroup/sock_release counts the
+    /// closes).
+    pub fn register_socket_limited(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: &EndpointKey,
+        limit: Option<u32>,
+    ) -> Result<(), Error> {
         let id = *self
             .endpoints
             .get(key)
@@ -370,17 +583,49 @@ impl Companion {
         if !is_inet(fd) {
             return Ok(());
         }
+        let k = maps::GraftEpKey::new(key);
+        let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
+            id,
+            pad: 0,
+            handed: 0,
+        });
+        let live = self.live_of(id, v.handed);
+        if limit.is_some_and(|l| live >= u64::from(l)) {
+            return Err(Error::LimitReached {
+                name: key.name.to_string(),
+                live,
+            });
+        }
         let raw = fd.as_raw_fd();
         self.sk
             .insert(
                 &raw,
                 GraftSk {
                     endpoint: id,
-                    flags: 0,
+                    flags: maps::SK_HANDED,
+                    cookie: socket_cookie(fd),
                 },
                 0,
             )
-            .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))
+            .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))?;
+        // Only graftd writes this entry (under the caller's lock), so the
+        // read-modify-write cannot lose a count.
+        v.handed += 1;
+        self.ids
+            .insert(k, v, 0)
+            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))
+    }
+
+    fn live_of(&self, id: u32, handed: u64) -> u64 {
+        let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
+        handed.saturating_sub(released)
+    }
+
+    /// Sockets of an endpoint handed out and still open (`None` if unknown).
+    pub fn live(&self, key: &EndpointKey) -> Option<u64> {
+        let id = *self.endpoints.get(key)?;
+        let v = self.ids.get(&maps::GraftEpKey::new(key), 0).ok()?;
+        Some(self.live_of(id, v.handed))
     }
 
     /// [`Companion::add_endpoint`] when needed, then
@@ -395,6 +640,20 @@ impl Companion {
             self.add_endpoint(*key, policy)?;
         }
         self.register_socket(fd, key)
+    }
+
+    /// [`Companion::register_socket_with_policy`] with a live socket limit.
+    pub fn register_socket_with_limit(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: &EndpointKey,
+        policy: &[PolicyRule],
+        limit: Option<u32>,
+    ) -> Result<(), Error> {
+        if !self.endpoints.contains_key(key) {
+            self.add_endpoint(*key, policy)?;
+        }
+        self.register_socket_limited(fd, key, limit)
     }
 
     /// The endpoint id a socket is marked with, if any.
@@ -436,6 +695,69 @@ impl Companion {
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
+
+    /// Why dual-stack steering is unavailable (`None`: it is available).
+    pub fn steer_problem(&self) -> Option<&str> {
+        self.steer.as_ref().err().map(String::as_str)
+    }
+
+    /// Makes `listener` (an AF_INET6 socket of graftd's own namespace bound
+    /// to a v4-mapped address, not v6-only, already listening) also answer
+    /// IPv6 connections to `[addr]:port` (`::`: any local address), through
+    /// `graft_sk_lookup`. The entry goes away when the socket is closed.
+    pub fn steer_v6(
+        &mut self,
+        listener: BorrowedFd<'_>,
+        addr: std::net::Ipv6Addr,
+        port: u16,
+        protocol: i32,
+    ) -> Result<(), Error> {
+        let map = self.steer.as_mut().map_err(|why| Error::Bpf {
+            op: "steer IPv6 connections to a dual-stack listener".into(),
+            detail: why.clone(),
+        })?;
+        let mut key = [0u8; 24];
+        key[..16].copy_from_slice(&addr.octets());
+        key[16..20].copy_from_slice(&u32::from(port).to_ne_bytes());
+        key[20..24].copy_from_slice(&(protocol as u32).to_ne_bytes());
+        map.insert(key, listener.as_raw_fd(), 0)
+            .map_err(bpf_err(format!(
+                "steer [{addr}]:{port} to a dual-stack listener"
+            )))
+    }
+}
+
+/// Loads `graft_sk_lookup` and attaches it to the calling process's network
+/// namespace (graftd's own, where its endpoints usually live); the steering
+/// map on success, else one line saying why (dual-stack listeners then
+/// answer on their IPv6 endpoint only; nothing else depends on it).
+///
+/// Like the cgroup programs it is attached by a bpf_link, pinned (as
+/// `PIN_DIR/links/graft_sk_lookup`, with `graft_steer` among the pinned maps)
+/// when the companion is: listeners handed out before a restart stay steered.
+fn attach_sk_lookup(
+    ebpf: &mut Ebpf,
+    pin_path: Option<&Path>,
+) -> Result<(SockHash<MapData, [u8; 24]>, OwnedFd), String> {
+    let map: SockHash<MapData, [u8; 24]> = take(ebpf, "graft_steer").map_err(|e| e.to_string())?;
+    let netns = std::fs::File::open("/proc/self/ns/net")
+        .map_err(|e| format!("open /proc/self/ns/net: {e}"))?;
+    let p: &mut SkLookup = prog(ebpf, "graft_sk_lookup").map_err(|e| e.to_string())?;
+    p.load()
+        .map_err(|e| bpf_err("load program graft_sk_lookup")(e).to_string())?;
+    let fd = p
+        .fd()
+        .map_err(|e| bpf_err("program graft_sk_lookup")(e).to_string())?;
+    let link = attach_link(
+        fd.as_fd(),
+        netns.as_fd(),
+        "graftd's network namespace",
+        "graft_sk_lookup",
+        attach::SK_LOOKUP,
+        pin_path,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((map, link))
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
@@ -447,6 +769,29 @@ where
         detail: "missing from the object".into(),
     })?;
     p.try_into().map_err(bpf_err(format!("program {name}")))
+}
+
+/// The socket's cookie (what `bpf_get_socket_cookie` returns for it); 0 if
+/// it cannot be read (the socket then never counts as released).
+fn socket_cookie(fd: BorrowedFd<'_>) -> u64 {
+    let mut c: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is a valid borrowed descriptor; c/len point to a u64 and
+    // its size, which is what SO_COOKIE writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        c
+    } else {
+        0
+    }
 }
 
 fn is_inet(fd: BorrowedFd<'_>) -> bool {
@@ -464,4 +809,184 @@ fn is_inet(fd: BorrowedFd<'_>) -> bool {
         )
     };
     rc == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &str, kind: Kind) -> Result<(), Error> {
+    let r = match kind {
+        Kind::SockAddr => prog::<CgroupSockAddr>(ebpf, name)?.load(),
+        Kind::SockOps => prog::<SockOps>(ebpf, name)?.load(),
+        Kind::Sockopt => prog::<CgroupSockopt>(ebpf, name)?.load(),
+        Kind::Sock => prog::<CgroupSock>(ebpf, name)?.load(),
+    };
+    r.map_err(bpf_err(format!("load program {name}")))
+}
+
+/// Refuses pinned maps whose shape differs from this build's (left by another
+/// graft version): adopting one would hand the programs a map of another
+/// layout. The old programs stay attached and armed until `graftd --remove`.
+fn check_pinned_maps(dir: &Path) -> Result<(), Error> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(bpf_err("parse eBPF object"))?;
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(def) = obj.maps.get(*name) else {
+            continue;
+        };
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(bpf_err(format!("open pinned map {name}")))?;
+        let have = (info.key_size(), info.value_size(), info.max_entries());
+        let want = (def.key_size(), def.value_size(), def.max_entries());
+        if have != want {
+            return Err(Error::Bpf {
+                op: format!("adopt pinned map {}", path.display()),
+                detail: format!(
+                    "it was made by another graft version (key/value/entries {}/{}/{}, this one needs \
+                     {}/{}/{}): stop graftd and run graftd --remove (with the same --pin-dir and \
+                     --cgroup) before starting this version",
+                    have.0, have.1, have.2, want.0, want.1, want.2
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where a pinned companion keeps things.
+struct PinDirs {
+    dir: PathBuf,
+    maps: PathBuf,
+    links: PathBuf,
+}
+
+/// Makes sure `dir` is on bpffs (mounting bpffs on /sys/fs/bpf when nothing
+/// is mounted there, as systemd would at boot) and creates its subdirectories.
+fn prepare_pin_dir(dir: &Path) -> Result<PinDirs, Error> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    let parent = dir.parent().unwrap_or(dir);
+    if !pin::on_bpffs(parent) && parent == sys_bpf {
+        pin::mount_bpffs(sys_bpf).map_err(|source| Error::Io {
+            op: "mount bpffs on /sys/fs/bpf".into(),
+            source,
+        })?;
+        log::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    let maps = dir.join("maps");
+    let links = dir.join("links");
+    for d in [dir, &maps, &links] {
+        std::fs::create_dir_all(d).map_err(|source| Error::Io {
+            op: format!("create pin directory {}", d.display()),
+            source,
+        })?;
+    }
+    if !pin::on_bpffs(dir) {
+        return Err(Error::Io {
+            op: format!("pin directory {}", dir.display()),
+            source: std::io::Error::other("not on a bpf filesystem (mount -t bpf bpf DIR)"),
+        });
+    }
+    Ok(PinDirs {
+        dir: dir.to_owned(),
+        maps,
+        links,
+    })
+}
+
+/// Attaches `prog` to the companion's cgroup as a bpf_link. With `pin`: a
+/// link already pinned there gets `prog` in place, atomically (an upgrade or
+/// restart: the hook is never empty); otherwise a new link is made and
+/// pinned.
+fn attach_link(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    target_desc: &str,
+    name: &str,
+    attach_type: u32,
+    pin_path: Option<&Path>,
+) -> Result<OwnedFd, Error> {
+    let io = |op: String| move |source| Error::Io { op, source };
+    if let Some(path) = pin_path {
+        if path.exists() {
+            let updated = pin::obj_get(path)
+                .and_then(|link| pin::link_update(link.as_fd(), prog).map(|()| link));
+            match updated {
+                Ok(link) => return Ok(link),
+                // A link whose cgroup was removed (ENOLINK), or of another
+                // kind: replaced by a new one.
+                Err(e) => {
+                    log::warn!(
+                        "pinned link {} cannot take the new {name} ({e}); attaching anew",
+                        path.display()
+                    );
+                    std::fs::remove_file(path)
+                        .map_err(io(format!("remove stale pin {}", path.display())))?;
+                }
+            }
+        }
+    }
+    let link = pin::link_create(prog, target, attach_type)
+        .map_err(io(format!("attach {name} to {target_desc}")))?;
+    if let Some(path) = pin_path {
+        pin::obj_pin(link.as_fd(), path).map_err(io(format!("pin {}", path.display())))?;
+    }
+    Ok(link)
+}
+
+/// Removes a pinned companion: its links (detaching the programs), its maps
+/// (socket marks, policies, counters) and the pin directory, then the cgroup
+/// if no process is left in it. Refuses while a process runs in that cgroup
+/// (a graftd still serving). `cgroup_name` is as in [`Options`].
+pub fn remove_pinned(pin_dir: &Path, cgroup_name: &str) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    let cg = cgroup::locate(cgroup_name)?;
+    if let Some(cg) = &cg {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return Err(Error::Io {
+                op: format!("remove cgroup {}", cg.display()),
+                source: std::io::Error::other(format!(
+                    "processes still run in it ({}): stop graftd first",
+                    procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                )),
+            });
+        }
+    }
+    for sub in ["links", "maps"] {
+        let d = pin_dir.join(sub);
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path()).map_err(|source| Error::Io {
+                op: format!("unpin {}", e.path().display()),
+                source,
+            })?;
+            done.push(format!("unpinned {}", e.path().display()));
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => done.push(format!("removed {}", pin_dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Io {
+                op: format!("remove {}", pin_dir.display()),
+                source,
+            })
+        }
+    }
+    if let Some(cg) = cg {
+        match std::fs::remove_dir(&cg) {
+            Ok(()) => done.push(format!("removed cgroup {}", cg.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    op: format!("remove cgroup {}", cg.display()),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(done)
 }

@@ -18,7 +18,11 @@ const DENY: u8 = 2;
 pub struct GraftSk {
     pub endpoint: u32,
     pub flags: u32,
+    pub cookie: u64,
 }
+
+/// `GRAFT_SK_HANDED`.
+pub const SK_HANDED: u32 = 32;
 
 /// `struct graft_rule`.
 #[repr(C)]
@@ -56,6 +60,52 @@ pub struct GraftCounters {
     pub spliced_msgs: u64,
     pub spliced_bytes: u64,
     pub splice_refused: u64,
+    pub released: u64,
+}
+
+/// `struct graft_ep_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraftEpKey {
+    pub netns_dev: u64,
+    pub netns_ino: u64,
+    pub name: [u8; 16],
+}
+
+/// `struct graft_ep_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraftEpVal {
+    pub id: u32,
+    pub pad: u32,
+    pub handed: u64,
+}
+
+impl GraftEpKey {
+    pub fn new(k: &crate::EndpointKey) -> Self {
+        let mut name = [0u8; 16];
+        let b = k.name.as_str().as_bytes();
+        let n = b.len().min(15);
+        name[..n].copy_from_slice(&b[..n]);
+        GraftEpKey {
+            netns_dev: k.netns.dev,
+            netns_ino: k.netns.ino,
+            name,
+        }
+    }
+
+    /// The endpoint this key names (`None` for a key no graftd wrote).
+    pub fn endpoint_key(&self) -> Option<crate::EndpointKey> {
+        let len = self.name.iter().position(|&c| c == 0).unwrap_or(16);
+        let name = std::str::from_utf8(&self.name[..len]).ok()?;
+        Some(crate::EndpointKey {
+            netns: graft_core::NetnsId {
+                dev: self.netns_dev,
+                ino: self.netns_ino,
+            },
+            name: graft_core::EndpointName::new(name).ok()?,
+        })
+    }
 }
 
 /// `struct graft_global`.
@@ -66,7 +116,7 @@ pub struct GraftGlobal {
     pub splice_errors: u64,
 }
 
-// SAFETY (all five): plain #[repr(C)] integer structs without padding holes
+// SAFETY (all seven): plain #[repr(C)] integer structs without padding holes
 // the kernel could leak through (each layout is a multiple of its alignment
 // and its fields are laid out back to back), valid for any bit pattern.
 unsafe impl aya::Pod for GraftSk {}
@@ -78,6 +128,10 @@ unsafe impl aya::Pod for GraftPolicy {}
 unsafe impl aya::Pod for GraftCounters {}
 // SAFETY: see above.
 unsafe impl aya::Pod for GraftGlobal {}
+// SAFETY: see above.
+unsafe impl aya::Pod for GraftEpKey {}
+// SAFETY: see above.
+unsafe impl aya::Pod for GraftEpVal {}
 
 /// An address as the four network-order words the kernel compares, and its
 /// family (IPv4 in word 0).
@@ -183,10 +237,12 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(std::mem::size_of::<GraftSk>(), 8);
+        assert_eq!(std::mem::size_of::<GraftSk>(), 16);
+        assert_eq!(std::mem::size_of::<GraftEpKey>(), 32);
+        assert_eq!(std::mem::size_of::<GraftEpVal>(), 16);
         assert_eq!(std::mem::size_of::<GraftRule>(), 40);
         assert_eq!(std::mem::size_of::<GraftPolicy>(), 8 + 40 * MAX_RULES);
-        assert_eq!(std::mem::size_of::<GraftCounters>(), 64);
+        assert_eq!(std::mem::size_of::<GraftCounters>(), 72);
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn start(test: &str, splice: bool) -> Option<(MutexGuard<'static, ()>, Companion
     match Companion::start(&Options {
         splice,
         cgroup_name: Some(name),
+        ..Default::default()
     }) {
         Ok(c) => Some((guard, c)),
         Err(e) => {
@@ -694,6 +695,7 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let mut c = Companion::start(&Options {
         splice: true,
         cgroup_name: Some(name),
+        ..Default::default()
     })
     .expect("companion");
     let [srv, cli] = endpoints_here(&mut c, ["eb-srv", "eb-cli"]);
@@ -701,6 +703,7 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let mark = graft_ebpf::GraftSk {
         endpoint: 1,
         flags: 0,
+        cookie: 0,
     };
     fmark.insert(&l.as_raw_fd(), mark, 0).unwrap();
     let s = socket(libc::AF_INET, libc::SOCK_STREAM);

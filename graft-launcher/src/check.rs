@@ -130,8 +130,14 @@ pub fn describe_addr(raw: &[u8]) -> String {
 
 impl Broker {
     /// Connects to the broker named `name` in this network namespace.
-    /// `hint` names an endpoint for the error's fix text.
-    pub fn connect(name: &str, hint: &str) -> Result<Self, CheckError> {
+    /// `hint` names an endpoint for the error's fix text. While nothing
+    /// listens (graftd restarting) it retries every 10 ms for up to `wait`,
+    /// as the preload library does.
+    pub fn connect_waiting(
+        name: &str,
+        hint: &str,
+        wait: std::time::Duration,
+    ) -> Result<Self, CheckError> {
         graft_core::check_broker_name(name)
             .map_err(|why| CheckError::BadName(name.to_owned(), why))?;
         let addr = UnixAddr::new_abstract(name.as_bytes())
@@ -148,11 +154,22 @@ impl Broker {
             None,
         )
         .map_err(|e| io("socket", e))?;
-        socket::connect(fd.as_raw_fd(), &addr).map_err(|err| CheckError::Unreachable {
-            name: name.to_owned(),
-            hint: hint.to_owned(),
-            err,
-        })?;
+        let start = std::time::Instant::now();
+        loop {
+            match socket::connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::ECONNREFUSED) if start.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(err) => {
+                    return Err(CheckError::Unreachable {
+                        name: name.to_owned(),
+                        hint: hint.to_owned(),
+                        err,
+                    })
+                }
+            }
+        }
         socket::setsockopt(
             &fd,
             sockopt::ReceiveTimeout,
@@ -229,13 +246,24 @@ impl Broker {
 
 /// Checks every endpoint the rules name; with `verbose`, prints one line per
 /// endpoint found. The first problem is the error.
+/// `GRAFT_WAIT_MS` as the preload library reads it (a bad value is the
+/// default here; the library reports it when the program starts).
+pub fn wait_from_env() -> std::time::Duration {
+    let ms = std::env::var(graft_core::ENV_WAIT)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|ms| *ms <= graft_core::MAX_WAIT_MS)
+        .unwrap_or(graft_core::DEFAULT_WAIT_MS);
+    std::time::Duration::from_millis(u64::from(ms))
+}
+
 pub fn check(broker: &str, rules: &RuleSet, verbose: bool) -> Result<(), CheckError> {
     let endpoints = rules.endpoints();
     let Some(first) = endpoints.first() else {
         return Ok(());
     };
     let hint = format!("{first} type {}", kind_of(rules, *first));
-    let b = Broker::connect(broker, &hint)?;
+    let b = Broker::connect_waiting(broker, &hint, wait_from_env())?;
     for ep in endpoints {
         let reply = b.lookup(ep, family_of(rules, ep))?;
         match (reply.errno, reply.reason) {
@@ -306,7 +334,7 @@ mod tests {
     #[test]
     fn no_broker_is_a_clear_error() {
         let name = format!("graft-test/none-{}", std::process::id());
-        let e = Broker::connect(&name, "ep-in4 type ipv4")
+        let e = Broker::connect_waiting(&name, "ep-in4 type ipv4", std::time::Duration::ZERO)
             .err()
             .unwrap()
             .to_string();

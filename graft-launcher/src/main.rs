@@ -25,6 +25,9 @@
 //! grafts the trapped calls with the same rules. The launcher is built
 //! statically so it runs in any image.
 //!
+//! Without `-i`, `-e` and `-x` it takes the rules graftd keeps for this
+//! network namespace, when there are any (see [`ns_rules`]).
+//!
 //! Exit status: 2 for a usage error or a bad mapping, 1 when the check fails
 //! or the library is not found, 126/127 when the command cannot be run
 //! (permission / anything else); otherwise the command's own, since `graft`
@@ -35,6 +38,7 @@ mod args;
 mod check;
 mod elf;
 mod library;
+mod ns_rules;
 mod seccomp;
 
 use std::ffi::OsString;
@@ -118,6 +122,11 @@ fn warn_if_unpreloadable(prog: &Path) {
 }
 
 fn run(args: Args) -> ExitCode {
+    let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
+    let args = match ns_rules::fill(args, &broker, &|k| std::env::var(k).ok()) {
+        Ok(a) => a,
+        Err(e) => return fail(1, e),
+    };
     let env = match args.rule_env(|k| std::env::var(k).ok()) {
         Ok(e) => e,
         Err(e) => return fail(2, e),
@@ -134,7 +143,6 @@ fn run(args: Args) -> ExitCode {
     } else {
         None
     };
-    let broker = check::broker_name(std::env::var(graft_core::ENV_BROKER).ok());
     // `--wait`: a container's namespace exists only once it runs, so its
     // endpoints (and graftd's broker there) may be added after the launcher
     // started: keep asking, for a bounded time.

@@ -88,7 +88,7 @@ pub fn attach(
     hint: &str,
     allow_page: Option<u64>,
 ) -> Result<bool, SeccompError> {
-    let b = Broker::connect(broker, hint)?;
+    let b = Broker::connect_waiting(broker, hint, crate::check::wait_from_env())?;
     let (ingress, egress, exclude) = rules.to_env_values();
     let mut a = Attach {
         listener_fd: 0,

@@ -6,7 +6,11 @@
 //! connect to it; every connection remembers which listener it came from and
 //! is served from that namespace's table only. Everything is non-blocking: a
 //! client that sends slowly or never reads its replies costs the others
-//! nothing (a reply that cannot be sent at once closes the connection).
+//! nothing (a reply that cannot be sent at once closes the connection). A
+//! namespace whose broker has [`MAX_CONNS_PER_BROKER`] connections open
+//! closes the one idle longest for each new one, so a process holding
+//! connections open can neither starve its own namespace's newcomers nor,
+//! being bounded per namespace, anyone else's.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::proto::broker::{
-    Op, OptValue, Reason, Reply, Request, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
+    Op, OptValue, Purpose, Reason, Reply, Request, BATCH_FIRST, BATCH_MAX, REPLY_LEN, REQUEST_LEN,
 };
 use graft_core::sockopt::{self, Class, Kind};
 use graft_core::{EndpointAddr, NetnsId};
@@ -109,6 +113,10 @@ pub fn spawn(ctx: Arc<Ctx>) -> io::Result<Handle> {
 struct Conn {
     fd: OwnedFd,
     ns: NetnsId,
+    /// Last time it sent a request (or was accepted).
+    last: Instant,
+    /// Size of the next `SocketBatch` reply (see `BATCH_FIRST`).
+    batch: usize,
 }
 
 struct Loop {
@@ -246,13 +254,28 @@ impl Loop {
             };
             match sys::accept(l.as_fd()) {
                 Ok(fd) => {
-                    let n = self.per_ns.entry(ns).or_insert(0);
-                    if *n >= MAX_CONNS_PER_BROKER {
-                        log::warn!("broker for {ns}: {MAX_CONNS_PER_BROKER} connections open, refusing another");
-                        continue;
+                    if self.per_ns.get(&ns).copied().unwrap_or(0) >= MAX_CONNS_PER_BROKER {
+                        let idle = self
+                            .conns
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.ns == ns)
+                            .min_by_key(|(_, c)| c.last)
+                            .map(|(i, _)| i);
+                        if let Some(i) = idle {
+                            log::warn!(
+                                "broker for {ns}: {MAX_CONNS_PER_BROKER} connections open, closing the one idle longest"
+                            );
+                            self.drop_conn(i);
+                        }
                     }
-                    *n += 1;
-                    self.conns.push(Conn { fd, ns });
+                    *self.per_ns.entry(ns).or_insert(0) += 1;
+                    self.conns.push(Conn {
+                        fd,
+                        ns,
+                        last: Instant::now(),
+                        batch: BATCH_FIRST,
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -272,7 +295,15 @@ impl Loop {
 
     /// Serves what connection `i` sent; false when it must be closed.
     fn serve(&mut self, i: usize, buf: &mut [u8; REQUEST_LEN + 1]) -> bool {
-        let (fd, ns) = (&self.conns[i].fd, self.conns[i].ns);
+        let Loop {
+            conns,
+            ctx,
+            log_budget,
+            ..
+        } = self;
+        let conn = &mut conns[i];
+        let (fd, ns) = (&conn.fd, conn.ns);
+        conn.last = Instant::now();
         for _ in 0..BURST {
             let rx = match sys::recv_record(fd.as_fd(), buf) {
                 Ok(Some(rx)) => rx,
@@ -293,10 +324,14 @@ impl Loop {
                     Vec::new(),
                 )
             } else if guess_op(&buf[..len]) == Op::Attach {
-                let r = crate::seccomp::attach(&self.ctx, ns, fd.as_fd(), &buf[..len]);
+                let r = crate::seccomp::attach(ctx, ns, fd.as_fd(), &buf[..len]);
                 (r, Vec::new())
             } else {
-                handle(&self.ctx, ns, &buf[..len], &mut self.log_budget)
+                let r = handle_sized(ctx, ns, &buf[..len], log_budget, conn.batch);
+                if r.0.op == Op::SocketBatch && r.0.errno == 0 {
+                    conn.batch = (conn.batch * 2).min(BATCH_MAX);
+                }
+                r
             };
             drop(rx);
             let mut out = [0u8; REPLY_LEN];
@@ -362,7 +397,9 @@ fn guess_op(b: &[u8]) -> Op {
     match b.get(6..8).map(|o| u16::from_le_bytes([o[0], o[1]])) {
         Some(2) => Op::Lookup,
         Some(3) => Op::SocketBatch,
-        Some(4) => Op::Attach,
+        Some(4) => Op::SocketDual,
+        Some(5) => Op::Rules,
+        Some(6) => Op::Attach,
         _ => Op::Socket,
     }
 }
@@ -400,12 +437,25 @@ impl Refusal {
     }
 }
 
-/// Answers one record from a client of namespace `ns`'s broker.
+/// Answers one record from a client of namespace `ns`'s broker, as the
+/// first request of a connection.
+#[cfg(test)]
 pub fn handle(
     ctx: &Ctx,
     ns: NetnsId,
     rec: &[u8],
     log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    handle_sized(ctx, ns, rec, log_budget, BATCH_FIRST)
+}
+
+/// Answers one record; a `SocketBatch` gets up to `batch` sockets.
+pub fn handle_sized(
+    ctx: &Ctx,
+    ns: NetnsId,
+    rec: &[u8],
+    log_budget: &mut LogBudget,
+    batch: usize,
 ) -> (Reply, Vec<OwnedFd>) {
     let req = match Request::decode(rec) {
         Ok(r) => r,
@@ -417,11 +467,30 @@ pub fn handle(
             );
         }
     };
+    if req.op == Op::Rules {
+        let rules = ctx.state().rules(ns);
+        return match crate::rules_fd::sealed(&rules.to_blob()) {
+            Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
+            Err(e) => {
+                log::warn!("broker for {ns}: cannot hand out the rules: {e}");
+                (
+                    Reply::err(
+                        Op::Rules,
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        Reason::SocketFailed,
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+    }
     let ep = ctx.state().lookup(ns, &req.endpoint);
     let Some(ep) = ep else {
         let errno = match req.op {
             Op::Lookup => libc::ENOENT,
-            Op::Socket | Op::SocketBatch | Op::Attach => libc::EADDRNOTAVAIL,
+            Op::Socket | Op::SocketBatch | Op::SocketDual | Op::Rules | Op::Attach => {
+                libc::EADDRNOTAVAIL
+            }
         };
         log::debug!("broker for {ns}: no endpoint {}", req.endpoint);
         return (Reply::err(req.op, errno, Reason::NoEndpoint), Vec::new());
@@ -433,20 +502,24 @@ pub fn handle(
             Reply::err(Op::Attach, libc::EINVAL, Reason::Malformed),
             Vec::new(),
         ),
+        Op::SocketDual => dual(ctx, ns, &ep, &req, log_budget),
         Op::Lookup => (
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
         ),
-        Op::Socket | Op::SocketBatch => {
-            let want = if req.op == Op::SocketBatch {
-                BATCH_MAX
+        Op::Socket | Op::SocketBatch | Op::Rules => {
+            // An egress socket of a unix endpoint is handed out connected:
+            // a batch would open connections nobody uses yet.
+            let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
+            let want = if req.op == Op::SocketBatch && !unix {
+                batch.clamp(1, BATCH_MAX)
             } else {
                 1
             };
             let mut made: Vec<factory::Made> = Vec::with_capacity(want);
             let mut failed = None;
             for _ in 0..want {
-                match socket_for(ctx, &ep, &req) {
+                match socket_for(ctx, &ep, &req, made.is_empty()) {
                     Ok(m) => {
                         ep.count(true);
                         made.push(m);
@@ -509,6 +582,121 @@ pub fn handle(
     }
 }
 
+/// A `SocketDual` request: one AF_INET6 listener bound to the IPv4
+/// endpoint `ep4` (as `[::ffff:A4]:P4`, taking IPv4 connections natively)
+/// that graft-ebpf's sk_lookup program also hands the IPv6 connections to
+/// the second endpoint. sk_lookup works inside one namespace, the one it is
+/// attached to (graftd's own), so both endpoints must target it. It has to
+/// be listening to go into the steering map: graftd listens (the
+/// application's own listen() then only sets its backlog).
+fn dual(
+    ctx: &Ctx,
+    ns: NetnsId,
+    ep4: &Endpoint,
+    req: &Request,
+    log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    let refuse = |errno: libc::c_int, reason: Reason, why: String, lb: &mut LogBudget| {
+        let level = if lb.take() {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "{ns} endpoint {}: refused a dual-stack listener: {why}",
+            ep4.spec.name
+        );
+        (Reply::err(Op::SocketDual, errno, reason), Vec::new())
+    };
+    let Some(name6) = req.dual() else {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "no IPv6 endpoint".into(),
+            log_budget,
+        );
+    };
+    let Some(ep6) = ctx.state().lookup(ns, &name6) else {
+        return refuse(
+            libc::EADDRNOTAVAIL,
+            Reason::NoEndpoint,
+            format!("no endpoint {name6}"),
+            log_budget,
+        );
+    };
+    let nodual =
+        |why: String, lb: &mut LogBudget| refuse(libc::EOPNOTSUPP, Reason::NoDualStack, why, lb);
+    let (EndpointAddr::Ipv4 { .. }, EndpointAddr::Ipv6 { addr: a6, port: p6 }) =
+        (&ep4.spec.addr, &ep6.spec.addr)
+    else {
+        return nodual(
+            format!(
+                "{} is not type ipv4 or {name6} is not type ipv6",
+                ep4.spec.name
+            ),
+            log_budget,
+        );
+    };
+    if !matches!(ep4.target, Target::Own) || !matches!(ep6.target, Target::Own) {
+        return nodual(
+            "both endpoints must target graftd's own namespace (sk_lookup cannot cross namespaces)"
+                .into(),
+            log_budget,
+        );
+    }
+    if req.family != libc::AF_INET6 || req.sotype != libc::SOCK_STREAM {
+        return refuse(
+            libc::EINVAL,
+            Reason::Malformed,
+            "not an AF_INET6 stream socket".into(),
+            log_budget,
+        );
+    }
+    let made = match socket_for(ctx, ep4, req, true) {
+        Ok(m) => m,
+        Err(r) => {
+            ep4.count(false);
+            return refuse(
+                r.errno,
+                r.reason,
+                format!(
+                    "{}: {}",
+                    r.reason.describe(),
+                    io::Error::from_raw_os_error(r.errno)
+                ),
+                log_budget,
+            );
+        }
+    };
+    if let Err(e) = nix::sys::socket::listen(&made.fd, nix::sys::socket::Backlog::MAXCONN) {
+        return refuse(
+            e as libc::c_int,
+            Reason::SocketFailed,
+            format!("listen(): {e}"),
+            log_budget,
+        );
+    }
+    let port = p6.unwrap_or_else(|| u16::from_be_bytes([made.addr[2], made.addr[3]]));
+    if let Err(e) = ctx
+        .hooks
+        .steer_v6(made.fd.as_fd(), *a6, port, libc::IPPROTO_TCP)
+    {
+        return nodual(
+            format!(
+                "IPv6 steering to [{a6}]:{port} unavailable ({e}; needs graftd's eBPF companion)"
+            ),
+            log_budget,
+        );
+    }
+    ep4.count(true);
+    log::debug!(
+        "{ns} endpoint {}: handed out a dual-stack listener, also answering [{a6}]:{port} for {name6}",
+        ep4.spec.name
+    );
+    (Reply::ok(Op::SocketDual, &made.addr), vec![made.fd])
+}
+
 fn label(level: libc::c_int, name: libc::c_int) -> String {
     sockopt::lookup(level, name)
         .map(|o| format!(", {}", o.label))
@@ -531,8 +719,15 @@ fn describe(req: &Request) -> String {
     format!("{fam} {ty}")
 }
 
-fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, Refusal> {
-    let params = plan(&ep.spec.addr, req)?;
+fn socket_for(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    req: &Request,
+    want_addr: bool,
+) -> Result<factory::Made, Refusal> {
+    let mut params = plan(&ep.spec.addr, req)?;
+    params.want_addr = want_addr;
+    params.port_at_connect = port_at_connect(&params, req.purpose, ctx.hooks.bind_guarded());
     let made = match &ep.target {
         Target::Own => factory::make_here(&params),
         Target::Foreign(w) => w.make(params),
@@ -547,8 +742,27 @@ fn socket_for(ctx: &Ctx, ep: &Endpoint, req: &Request) -> Result<factory::Made, 
     })?;
     ctx.hooks
         .socket_handed_out(made.fd.as_fd(), &ep.hook_ref(), req.purpose)
-        .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EPERM), Reason::Policy))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOBUFS) => Refusal::new(libc::ENOBUFS, Reason::Limit),
+            errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
+        })?;
     Ok(made)
+}
+
+/// Whether a socket's port is left to `connect()`, as on the host: then
+/// TIME_WAIT ports are reused (tcp_tw_reuse) and one port serves many
+/// 4-tuples, where a port taken at bind time is unusable until its TIME_WAIT
+/// ends, so a client churning connections ran out of ports under graft only.
+/// TCP egress sockets of a `dynamic` endpoint, and only while the bind guard
+/// is loaded (the holder could re-bind a socket without a port anywhere).
+/// Without it (`--no-ebpf`) the port is taken at bind, as before.
+pub fn port_at_connect(p: &SocketParams, purpose: Purpose, guarded: bool) -> bool {
+    let dynamic = match &p.bind {
+        BindAddr::V4(a) => a.port() == 0,
+        BindAddr::V6(a) => a.port() == 0,
+        BindAddr::Unix(_) | BindAddr::UnixConnect(_) => false,
+    };
+    guarded && purpose == Purpose::Egress && p.sotype == libc::SOCK_STREAM && dynamic
 }
 
 /// The address an endpoint is configured with, as a raw sockaddr (port 0 for
@@ -577,6 +791,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         return Err(Refusal::new(libc::EINVAL, Reason::Malformed));
     }
     let mismatch = || Refusal::new(libc::EAFNOSUPPORT, Reason::FamilyMismatch);
+    if let (EndpointAddr::Unix { path }, libc::AF_INET | libc::AF_INET6) = (addr, req.family) {
+        return plan_inet_on_unix(path, req);
+    }
     let mapped = matches!(addr, EndpointAddr::Ipv4 { .. }) && req.family == libc::AF_INET6;
     let bind = match (addr, req.family) {
         (EndpointAddr::Ipv4 { addr, port }, libc::AF_INET) => {
@@ -621,9 +838,9 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
             return Err(Refusal::opt(libc::EINVAL, Reason::Malformed, o));
         }
         if (o.level, o.name) == (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT) {
-            // Binding without a port would leave the socket re-bindable by
-            // the application to any host address: the port is always taken
-            // at bind instead, which is only slower for connect-heavy apps.
+            // Binding without a port leaves the socket re-bindable unless the
+            // bind guard is loaded: graftd decides (port_at_connect), never
+            // the request.
             continue;
         }
         if mapped
@@ -640,6 +857,62 @@ pub fn plan(addr: &EndpointAddr, req: &Request) -> Result<SocketParams, Refusal>
         protocol: req.protocol,
         opts,
         bind,
+        port_at_connect: false,
+        want_addr: true,
+    })
+}
+
+/// Socket-level options that mean the same on a unix stream socket; every
+/// other option an INET program sets (TCP_NODELAY, keepalive timers, TOS
+/// ...) has no meaning there and is dropped.
+const UNIX_KEEPS: [libc::c_int; 8] = [
+    libc::SO_REUSEADDR,
+    libc::SO_KEEPALIVE,
+    libc::SO_LINGER,
+    libc::SO_RCVBUF,
+    libc::SO_SNDBUF,
+    libc::SO_RCVLOWAT,
+    libc::SO_RCVTIMEO,
+    libc::SO_SNDTIMEO,
+];
+
+/// An AF_INET/AF_INET6 stream socket grafted onto a `type unix` endpoint:
+/// graftd makes a unix stream socket, bound at the path for ingress (a
+/// listener) or connected to it for egress (the path lives in graftd's
+/// mount namespace, not the container's). Datagram sockets are refused:
+/// a unix datagram socket would not answer the INET addresses the program
+/// sends to and receives from.
+fn plan_inet_on_unix(path: &std::path::Path, req: &Request) -> Result<SocketParams, Refusal> {
+    use graft_core::proto::broker::Purpose;
+    match (req.sotype, req.protocol) {
+        (libc::SOCK_STREAM, 0 | libc::IPPROTO_TCP) => {}
+        (libc::SOCK_DGRAM, _) => {
+            return Err(Refusal::new(libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch))
+        }
+        _ => return Err(Refusal::new(libc::EPROTONOSUPPORT, Reason::FamilyMismatch)),
+    }
+    let mut opts = Vec::new();
+    for o in req.options() {
+        match sockopt::lookup(o.level, o.name) {
+            Some(k) if k.class != Class::Refuse => {}
+            _ => return Err(Refusal::opt(libc::EPERM, Reason::OptionRefused, o)),
+        }
+        if o.level == libc::SOL_SOCKET && UNIX_KEEPS.contains(&o.name) {
+            opts.push(*o);
+        }
+    }
+    let bind = match req.purpose {
+        Purpose::Ingress => BindAddr::Unix(path.to_path_buf()),
+        Purpose::Egress => BindAddr::UnixConnect(path.to_path_buf()),
+    };
+    Ok(SocketParams {
+        family: libc::AF_UNIX,
+        sotype: libc::SOCK_STREAM,
+        protocol: 0,
+        opts,
+        bind,
+        port_at_connect: false,
+        want_addr: true,
     })
 }
 
@@ -710,6 +983,27 @@ mod tests {
     }
 
     #[test]
+    fn port_left_to_connect_only_for_guarded_tcp_egress_of_dynamic_endpoints() {
+        let tcp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        let udp = plan(&v4(), &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        let dynamic = EndpointAddr::Ipv4 {
+            addr: std::net::Ipv4Addr::LOCALHOST,
+            port: None,
+        };
+        let dyn_tcp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_STREAM, 0)).unwrap();
+        assert!(port_at_connect(&dyn_tcp, Purpose::Egress, true));
+        assert!(
+            !port_at_connect(&dyn_tcp, Purpose::Egress, false),
+            "no guard"
+        );
+        assert!(!port_at_connect(&dyn_tcp, Purpose::Ingress, true));
+        assert!(!port_at_connect(&tcp, Purpose::Egress, true), "fixed port");
+        let dyn_udp = plan(&dynamic, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap();
+        assert!(!port_at_connect(&dyn_udp, Purpose::Egress, true));
+        assert!(!port_at_connect(&udp, Purpose::Egress, true));
+    }
+
+    #[test]
     fn families_map_to_the_endpoint() {
         let p = plan(&v4(), &req(libc::AF_INET6, libc::SOCK_STREAM, 0)).unwrap();
         assert_eq!(
@@ -734,11 +1028,35 @@ mod tests {
         let unix = EndpointAddr::Unix {
             path: "/run/x".into(),
         };
+        // An INET stream socket on a unix endpoint: a unix listener at the
+        // path, TCP options dropped, escape options still refused.
+        let mut r = req(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP);
+        assert!(r.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &int(1)));
+        let p = plan(&unix, &r).unwrap();
         assert_eq!(
-            plan(&unix, &req(libc::AF_INET, libc::SOCK_STREAM, 0))
-                .unwrap_err()
-                .errno,
-            libc::EAFNOSUPPORT
+            (p.family, p.sotype, p.protocol, &p.bind),
+            (
+                libc::AF_UNIX,
+                libc::SOCK_STREAM,
+                0,
+                &BindAddr::Unix("/run/x".into())
+            )
+        );
+        assert_eq!(p.opts.len(), 1);
+        assert_eq!(p.opts[0].name, libc::SO_REUSEADDR);
+        let mut r = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        r.purpose = Purpose::Egress;
+        assert_eq!(
+            plan(&unix, &r).unwrap().bind,
+            BindAddr::UnixConnect("/run/x".into())
+        );
+        assert!(r.push_opt(libc::IPPROTO_IP, libc::IP_UNICAST_IF, &int(1)));
+        assert_eq!(plan(&unix, &r).unwrap_err().reason, Reason::OptionRefused);
+        let e = plan(&unix, &req(libc::AF_INET, libc::SOCK_DGRAM, 0)).unwrap_err();
+        assert_eq!(
+            (e.errno, e.reason),
+            (libc::ESOCKTNOSUPPORT, Reason::FamilyMismatch)
         );
         assert!(plan(&unix, &req(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0)).is_ok());
         assert_eq!(
@@ -820,6 +1138,7 @@ mod tests {
             },
             netns: None,
             policy: vec![],
+            limit: None,
         };
         st.check_add(ns, &spec, own).unwrap();
         st.insert(ns, fd, spec, own, Target::Own);
@@ -827,6 +1146,7 @@ mod tests {
             state: std::sync::Mutex::new(st),
             hooks,
             broker_name: "test".into(),
+            store: None,
         };
         (ctx, ns)
     }
@@ -861,6 +1181,41 @@ mod tests {
         );
         let (r, _) = handle(&ctx, ns, &[0u8; 10], &mut lb);
         assert_eq!((r.errno, r.reason), (libc::EINVAL, Reason::Malformed));
+    }
+
+    #[test]
+    fn rules_come_as_a_sealed_blob_of_the_callers_namespace_only() {
+        use std::io::Read;
+        let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
+        let rules = graft_core::nsrules::NsRules {
+            ingress: vec!["0.0.0.0:80=ep".into()],
+            ..Default::default()
+        };
+        ctx.state().set_rules(ns, &rules).unwrap();
+        let mut lb = LogBudget::default();
+        let read = |ns| {
+            let (r, fds) = handle(
+                &ctx,
+                ns,
+                &bytes(&Request::rules()),
+                &mut LogBudget::default(),
+            );
+            assert_eq!((r.op, r.errno, fds.len()), (Op::Rules, 0, 1));
+            let mut b = Vec::new();
+            std::fs::File::from(fds.into_iter().next().unwrap())
+                .read_to_end(&mut b)
+                .unwrap();
+            graft_core::nsrules::NsRules::from_blob(&b).unwrap()
+        };
+        assert_eq!(read(ns), rules);
+        assert!(read(NetnsId { dev: 4, ino: 78 }).is_empty());
+        let mut bad = bytes(&Request::rules());
+        bad[8] = b'x';
+        let (r, fds) = handle(&ctx, ns, &bad, &mut lb);
+        assert_eq!(
+            (r.op, r.errno, r.reason, fds.len()),
+            (Op::Rules, libc::EINVAL, Reason::Malformed, 0)
+        );
     }
 
     #[test]
@@ -901,7 +1256,10 @@ mod tests {
         b.op = Op::SocketBatch;
         b.purpose = Purpose::Egress;
         let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
-        assert_eq!((r.op, r.errno, fds.len()), (Op::SocketBatch, 0, BATCH_MAX));
+        assert_eq!(
+            (r.op, r.errno, fds.len()),
+            (Op::SocketBatch, 0, BATCH_FIRST)
+        );
         let mut ports: Vec<u16> = fds
             .iter()
             .map(|f| {
@@ -913,12 +1271,12 @@ mod tests {
         assert_eq!(&r.addr_bytes()[2..4], &ports[0].to_be_bytes());
         ports.sort();
         ports.dedup();
-        assert_eq!(ports.len(), BATCH_MAX, "each socket has its own port");
+        assert_eq!(ports.len(), BATCH_FIRST, "each socket has its own port");
         let ep = ctx
             .state()
             .lookup(ns, &EndpointName::new("ep").unwrap())
             .unwrap();
-        assert_eq!(ep.stats().sockets, BATCH_MAX as u64);
+        assert_eq!(ep.stats().sockets, BATCH_FIRST as u64);
         // Options or ingress: malformed, nothing made.
         let mut bad = b.clone();
         assert!(bad.push_opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, &int(1)));

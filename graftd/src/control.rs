@@ -110,6 +110,8 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
 struct Conn {
     fd: OwnedFd,
     uid: Option<u32>,
+    /// Last time it sent a request (or was accepted).
+    last: Instant,
 }
 
 /// Serves control requests until SIGTERM or SIGINT arrives on `signals`.
@@ -159,7 +161,11 @@ pub fn serve(
         }
         let mut dead = Vec::new();
         for (i, e) in ev[2..].iter().enumerate() {
-            if !e.is_empty() && !serve_conn(ctx, brokers, &conns[i], &mut buf) {
+            if e.is_empty() {
+                continue;
+            }
+            conns[i].last = Instant::now();
+            if !serve_conn(ctx, brokers, &conns[i], &mut buf) {
                 dead.push(i);
             }
         }
@@ -170,16 +176,24 @@ pub fn serve(
             for _ in 0..MAX_CONTROL_CONNS {
                 match sys::accept(listener.as_fd()) {
                     Ok(fd) => {
+                        // A client holding connections open must not lock
+                        // the others out: the one idle longest makes room.
                         if conns.len() >= MAX_CONTROL_CONNS {
-                            log::warn!(
-                                "{MAX_CONTROL_CONNS} control connections open, refusing another"
-                            );
-                            continue;
+                            if let Some(i) = (0..conns.len()).min_by_key(|&i| conns[i].last) {
+                                log::warn!(
+                                    "{MAX_CONTROL_CONNS} control connections open, closing the one idle longest"
+                                );
+                                conns.swap_remove(i);
+                            }
                         }
                         let uid = nsock::getsockopt(&fd, nsock::sockopt::PeerCredentials)
                             .ok()
                             .map(|c| c.uid());
-                        conns.push(Conn { fd, uid });
+                        conns.push(Conn {
+                            fd,
+                            uid,
+                            last: Instant::now(),
+                        });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -282,6 +296,11 @@ fn handle(
             endpoints: vec![],
         },
         Request::Show {} => show(ctx, caller),
+        Request::SetRules { rules } => set_rules(ctx, caller, &rules),
+        Request::GetRules {} => Reply::Rules {
+            netns: caller,
+            rules: ctx.state().rules(caller),
+        },
         Request::Del { name } => del(ctx, brokers, caller, &name),
         Request::Add {
             endpoint,
@@ -311,6 +330,7 @@ fn show(ctx: &Ctx, ns: NetnsId) -> Reply {
         .iter()
         .map(|ep| {
             let mut s = ep.stats();
+            s.limit = ep.limit.map(u64::from);
             ctx.hooks.merge_stats(&ep.hook_ref(), &mut s);
             ep.info(s)
         })
@@ -318,6 +338,24 @@ fn show(ctx: &Ctx, ns: NetnsId) -> Reply {
     Reply::Ok {
         netns: ns,
         endpoints,
+    }
+}
+
+fn set_rules(ctx: &Ctx, ns: NetnsId, rules: &graft_core::nsrules::NsRules) -> Reply {
+    let r = ctx.state().set_rules(ns, rules);
+    match r {
+        Ok(()) => {
+            ctx.persist();
+            log::info!(
+                "{ns}: rules {}",
+                if rules.is_empty() { "cleared" } else { "set" }
+            );
+            Reply::Ok {
+                netns: ns,
+                endpoints: vec![],
+            }
+        }
+        Err(e) => err(e.errno(), e.to_string()),
     }
 }
 
@@ -330,6 +368,7 @@ fn del(ctx: &Ctx, brokers: &broker::Handle, ns: NetnsId, name: &EndpointName) ->
                 brokers.close(ns);
             }
             ctx.hooks.endpoint_removed(&ep.hook_ref());
+            ctx.persist();
             log::info!(
                 "{ns}: removed endpoint {}{}",
                 ep.spec.name,
@@ -402,6 +441,7 @@ fn add(
     }
     drop(st);
     ctx.hooks.endpoint_added(&ep.hook_ref());
+    ctx.persist();
     log::info!("{ns}: added endpoint {} (target {target_id})", ep.spec);
     Reply::Ok {
         netns: ns,

@@ -14,7 +14,7 @@
 //!   own counters (`sockets`, `refused`) are already set.
 //!
 //! Call sites: `main.rs` (`load`, then `daemon_started`, before any thread
-//! starts serving), `control.rs` (`endpoint_added`, `endpoint_removed`,
+//! starts serving; `endpoints_restored` after the saved tables are loaded), `control.rs` (`endpoint_added`, `endpoint_removed`,
 //! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
 //! of a forgotten namespace), `broker.rs` (`socket_handed_out`, on the broker
 //! thread, after bind and before the reply is sent), `daemon_stopping` from
@@ -39,6 +39,10 @@ pub struct DaemonInfo {
     pub ebpf: bool,
     /// graftd's own network namespace (the default target).
     pub own_netns: NetnsId,
+    /// Where the companion is pinned (`--pin-dir`).
+    pub pin_dir: std::path::PathBuf,
+    /// Its cgroup (`--cgroup`).
+    pub cgroup: String,
 }
 
 /// An endpoint, as the hooks see it.
@@ -54,6 +58,10 @@ pub struct EndpointRef<'a> {
     pub addr: &'a EndpointAddr,
     /// Egress policy clauses (empty: allow all).
     pub policy: &'a [PolicyRule],
+    /// Most live sockets (the endpoint's own limit or graftd's default).
+    pub limit: Option<u32>,
+    /// Whether the endpoint has a `limit` of its own.
+    pub own_limit: bool,
 }
 
 /// The hook points. See the module documentation for the contract.
@@ -62,12 +70,32 @@ pub trait Hooks: Send + Sync {
     /// loading happen) and before the first request is served.
     fn daemon_started(&self, _info: &DaemonInfo) {}
 
+    /// The saved tables were restored at start (after `endpoint_added` for
+    /// each): `live` is every endpoint graftd now has; state kept for others
+    /// (by a pinned companion) goes.
+    fn endpoints_restored(&self, _live: &[(NetnsId, EndpointName)]) {}
+
     /// An endpoint was added.
     fn endpoint_added(&self, _ep: &EndpointRef<'_>) {}
 
     /// An endpoint was removed (by `del`, or because its namespace was
     /// forgotten).
     fn endpoint_removed(&self, _ep: &EndpointRef<'_>) {}
+
+    /// `listener`, made for an IPv4 endpoint as a dual-stack AF_INET6
+    /// socket in graftd's own namespace and already listening, should also
+    /// answer IPv6 connections to `[addr]:port` (the IPv6 endpoint of a
+    /// `[::]` bind). An error refuses the dual-stack request (the library
+    /// then grafts the socket onto the IPv6 endpoint alone).
+    fn steer_v6(
+        &self,
+        _listener: BorrowedFd<'_>,
+        _addr: std::net::Ipv6Addr,
+        _port: u16,
+        _protocol: i32,
+    ) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 
     /// A socket was made and bound for `ep` and is about to be handed out;
     /// `purpose` says whether the application asked for it to listen
@@ -79,6 +107,13 @@ pub trait Hooks: Send + Sync {
         _purpose: Purpose,
     ) -> io::Result<()> {
         Ok(())
+    }
+
+    /// Whether every socket marked in `socket_handed_out` refuses a later
+    /// `bind()` from whoever holds it (graft-ebpf's bind guard). Only then
+    /// may an egress socket leave its port to `connect()`.
+    fn bind_guarded(&self) -> bool {
+        false
     }
 
     /// `show` asks for the counters of `ep`: add the kernel-side ones.
@@ -99,23 +134,32 @@ impl Hooks for NoHooks {}
 /// The hooks graftd runs with: graft-ebpf's companion, or, when it is
 /// turned off or cannot load, [`WithoutEbpf`] after one log line saying why.
 pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
-    let without = "running without in-kernel egress policy, kernel counters and splicing";
+    let without =
+        "running without in-kernel egress policy, kernel counters, live socket limits and splicing";
     if !info.ebpf {
         log::info!("eBPF companion disabled (--no-ebpf): {without}");
         return Box::new(WithoutEbpf);
     }
     let opts = graft_ebpf::Options {
         splice: info.splice,
-        cgroup_name: None,
+        cgroup_name: Some(info.cgroup.clone()),
+        pin_dir: Some(info.pin_dir.clone()),
     };
     match graft_ebpf::Companion::start(&opts) {
         Ok(c) => {
             log::info!(
-                "eBPF companion attached to cgroup {} (egress policy, counters, splicing {})",
+                "eBPF companion attached to cgroup {}, pinned in {} (egress policy, counters, splicing {})",
                 c.cgroup().display(),
+                info.pin_dir.display(),
                 if c.splice() { "on" } else { "off" }
             );
+            if let Some(why) = c.steer_problem() {
+                log::warn!(
+                    "dual-stack listeners unavailable ({why}): a [::] bind answers on its IPv6 endpoint only"
+                );
+            }
             Box::new(Ebpf {
+                guarded: c.bind_guarded(),
                 companion: Mutex::new(Some(c)),
             })
         }
@@ -140,6 +184,12 @@ impl Hooks for WithoutEbpf {
                 ep.name
             );
         }
+        if ep.own_limit {
+            log::warn!(
+                "endpoint {} has a limit but the eBPF companion (which counts closed sockets) is not loaded: its sockets will be refused",
+                ep.name
+            );
+        }
     }
 
     fn socket_handed_out(
@@ -148,16 +198,21 @@ impl Hooks for WithoutEbpf {
         ep: &EndpointRef<'_>,
         _purpose: Purpose,
     ) -> io::Result<()> {
-        if ep.policy.is_empty() {
-            Ok(())
-        } else {
+        if !ep.policy.is_empty() {
             Err(io::Error::from_raw_os_error(libc::EPERM))
+        } else if ep.own_limit {
+            // Closes cannot be counted: fail closed.
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        } else {
+            Ok(())
         }
     }
 }
 
 /// graft-ebpf's companion behind graftd's hooks.
 struct Ebpf {
+    /// The companion's bind guard is attached (fixed at start).
+    guarded: bool,
     /// `None` once stopping.
     companion: Mutex<Option<graft_ebpf::Companion>>,
 }
@@ -182,6 +237,19 @@ fn is_inet(ep: &EndpointRef<'_>) -> bool {
 }
 
 impl Hooks for Ebpf {
+    fn endpoints_restored(&self, live: &[(NetnsId, EndpointName)]) {
+        if let Some(c) = self.lock().as_mut() {
+            let keep: Vec<graft_ebpf::EndpointKey> = live
+                .iter()
+                .map(|(netns, name)| graft_ebpf::EndpointKey {
+                    netns: *netns,
+                    name: *name,
+                })
+                .collect();
+            c.retain_endpoints(&keep);
+        }
+    }
+
     fn endpoint_added(&self, ep: &EndpointRef<'_>) {
         if let Some(c) = self.lock().as_mut() {
             if let Err(e) = c.add_endpoint(key(ep), ep.policy) {
@@ -207,14 +275,46 @@ impl Hooks for Ebpf {
         let Some(c) = g.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         };
-        if let Some(line) = c.splice_problem() {
-            log::warn!("{line}");
+        // One bpf() lookup: only worth it when there is splicing to report.
+        if c.splice() {
+            if let Some(line) = c.splice_problem() {
+                log::warn!("{line}");
+            }
         }
-        c.register_socket_with_policy(sock, &key(ep), ep.policy)
-            .map_err(|e| {
-                log::error!("refusing a socket of endpoint {}: {e}", ep.name);
-                io::Error::from_raw_os_error(libc::EPERM)
+        c.register_socket_with_limit(sock, &key(ep), ep.policy, ep.limit)
+            .map_err(|e| match e {
+                graft_ebpf::Error::LimitReached { .. } => {
+                    log::debug!("refusing a socket: {e}");
+                    io::Error::from_raw_os_error(libc::ENOBUFS)
+                }
+                e => {
+                    log::error!("refusing a socket of endpoint {}: {e}", ep.name);
+                    io::Error::from_raw_os_error(libc::EPERM)
+                }
             })
+    }
+
+    fn bind_guarded(&self) -> bool {
+        // socket_handed_out refuses every socket once the companion is gone,
+        // so a socket bound without its port is never handed out unguarded.
+        self.guarded
+    }
+
+    fn steer_v6(
+        &self,
+        listener: BorrowedFd<'_>,
+        addr: std::net::Ipv6Addr,
+        port: u16,
+        protocol: i32,
+    ) -> io::Result<()> {
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        };
+        c.steer_v6(listener, addr, port, protocol).map_err(|e| {
+            log::warn!("{e}");
+            io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+        })
     }
 
     fn merge_stats(&self, ep: &EndpointRef<'_>, stats: &mut Stats) {
@@ -235,10 +335,13 @@ impl Hooks for Ebpf {
             stats.bytes_sent = Some(n.bytes_sent);
             stats.bytes_received = Some(n.bytes_received);
         }
+        stats.live = c.live(&key(ep));
     }
 
     fn daemon_stopping(&self) {
-        // Detaches the programs, moves graftd back to its cgroup, removes ours.
+        // Closes graftd's handles; the pinned links and maps stay, so the
+        // policy stays armed until the next graftd adopts them (or
+        // `graftd --remove`).
         drop(self.lock().take());
     }
 }

@@ -31,6 +31,9 @@ pub enum BindAddr {
     V4(SocketAddrV4),
     V6(SocketAddrV6),
     Unix(PathBuf),
+    /// Not bound: connected to a unix listener at this path (egress of an
+    /// INET program onto a `type unix` endpoint).
+    UnixConnect(PathBuf),
 }
 
 /// Everything needed to make one socket, already validated.
@@ -42,6 +45,14 @@ pub struct SocketParams {
     /// Options to apply before bind, in request order.
     pub opts: Vec<OptValue>,
     pub bind: BindAddr,
+    /// Leave the port to `connect()`: bind the address with
+    /// IP_BIND_ADDRESS_NO_PORT, or not at all when it is the wildcard of the
+    /// socket's own family (connect picks the address too). Only for sockets
+    /// the eBPF bind guard covers: otherwise the holder could re-bind them.
+    pub port_at_connect: bool,
+    /// Read the bound address back (`Made::addr`); a batch's later sockets
+    /// skip it, only the first one's goes into the reply.
+    pub want_addr: bool,
 }
 
 /// A socket made and bound, with its bound address as raw sockaddr bytes.
@@ -64,6 +75,8 @@ pub enum MakeError {
     },
     #[error("bind(): {0}")]
     Bind(io::Error),
+    #[error("connect() to the endpoint's unix socket: {0}")]
+    Connect(io::Error),
     #[error("getsockname(): {0}")]
     Name(io::Error),
     #[error("the worker of network namespace {0} is gone or did not answer")]
@@ -76,6 +89,7 @@ impl MakeError {
             MakeError::Socket(e)
             | MakeError::Option { err: e, .. }
             | MakeError::Bind(e)
+            | MakeError::Connect(e)
             | MakeError::Name(e) => e.raw_os_error().unwrap_or(libc::EIO),
             MakeError::Worker(_) => libc::EAGAIN,
         }
@@ -90,9 +104,21 @@ impl MakeError {
     }
 }
 
+/// Longest graftd waits for a host unix listener to take a connection (a
+/// full backlog); the broker thread serves everyone, so this stays short.
+const UNIX_CONNECT_TIMEOUT_SECS: i64 = 1;
+
+/// Mode of a unix socket file graftd binds for an endpoint: like a port on
+/// the host's loopback, anyone who can reach the file may connect. Who can
+/// reach it is decided by the directory the administrator puts it in.
+pub const UNIX_SOCKET_MODE: u32 = 0o666;
+
 /// Makes the socket in the calling thread's network namespace.
 pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
     let fd = sys::socket(p.family, p.sotype, p.protocol).map_err(MakeError::Socket)?;
+    if let BindAddr::UnixConnect(path) = &p.bind {
+        connect_unix(fd.as_fd(), path).map_err(MakeError::Connect)?;
+    }
     for o in &p.opts {
         sys::setsockopt(fd.as_fd(), o.level, o.name, o.bytes()).map_err(|err| {
             MakeError::Option {
@@ -103,13 +129,49 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
         })?;
     }
     bind(fd.as_fd(), p).map_err(MakeError::Bind)?;
-    let addr = sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?;
+    let addr = if p.want_addr {
+        sys::getsockname(fd.as_fd()).map_err(MakeError::Name)?
+    } else {
+        Vec::new()
+    };
     Ok(Made { fd, addr })
+}
+
+/// Connects to the unix listener at `path`, waiting at most
+/// [`UNIX_CONNECT_TIMEOUT_SECS`] for room in its backlog; the send timeout used
+/// for that is cleared again (the carried options are applied after).
+fn connect_unix(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    // struct timeval on the 64-bit targets graftd is built for.
+    let tv = |secs: i64| [secs.to_ne_bytes(), 0i64.to_ne_bytes()].concat();
+    sys::setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDTIMEO,
+        &tv(UNIX_CONNECT_TIMEOUT_SECS),
+    )?;
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    nsock::connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv(0))
 }
 
 fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
     let raw = fd.as_raw_fd();
+    if p.port_at_connect {
+        match &p.bind {
+            BindAddr::V4(a) if a.port() == 0 && a.ip().is_unspecified() => return Ok(()),
+            BindAddr::V6(a) if a.port() == 0 && a.ip().is_unspecified() => return Ok(()),
+            _ => {}
+        }
+        let one: libc::c_int = 1;
+        sys::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one.to_ne_bytes(),
+        )?;
+    }
     match &p.bind {
+        BindAddr::UnixConnect(_) => Ok(()),
         BindAddr::V4(a) => nsock::bind(raw, &SockaddrIn::from(*a)).map_err(io::Error::from),
         BindAddr::V6(a) => nsock::bind(raw, &SockaddrIn6::from(*a)).map_err(io::Error::from),
         BindAddr::Unix(path) => {
@@ -118,10 +180,12 @@ fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
                 Err(nix::errno::Errno::EADDRINUSE) if is_stale(path, p.sotype) => {
                     log::info!("removing stale unix socket {}", path.display());
                     std::fs::remove_file(path)?;
-                    nsock::bind(raw, &addr).map_err(io::Error::from)
+                    nsock::bind(raw, &addr).map_err(io::Error::from)?;
                 }
-                r => r.map_err(io::Error::from),
+                r => r.map_err(io::Error::from)?,
             }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
         }
     }
 }
@@ -221,6 +285,8 @@ mod tests {
             protocol: 0,
             opts: vec![],
             bind,
+            port_at_connect: false,
+            want_addr: true,
         }
     }
 
@@ -240,6 +306,29 @@ mod tests {
     }
 
     #[test]
+    fn port_at_connect_binds_the_address_only_and_skips_the_wildcard() {
+        let mut p = params(
+            BindAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)),
+            libc::AF_INET,
+        );
+        p.port_at_connect = true;
+        let m = make_here(&p).unwrap();
+        assert_eq!(&m.addr[2..8], &[0, 0, 127, 0, 0, 1], "address, no port");
+        p.bind = BindAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let m = make_here(&p).unwrap();
+        assert_eq!(&m.addr[2..8], &[0; 6], "not bound");
+        // A v4 wildcard on an AF_INET6 socket is still bound: unbound, the
+        // socket could reach IPv6 destinations.
+        p.family = libc::AF_INET6;
+        p.bind = BindAddr::V6("[::ffff:0.0.0.0]:0".parse().unwrap());
+        let m = make_here(&p).unwrap();
+        assert_eq!(
+            &m.addr[8..24],
+            &Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets()
+        );
+    }
+
+    #[test]
     fn unix_stale_socket_is_replaced_but_live_one_is_not() {
         let dir = std::env::temp_dir().join(format!("graftd-factory-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -255,6 +344,28 @@ mod tests {
         assert!(path.exists());
         let again = make_here(&p).unwrap();
         drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unix_listener_is_world_connectable_and_egress_is_connected() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("graftd-factory-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("u.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = make_here(&params(BindAddr::Unix(path.clone()), libc::AF_UNIX)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, UNIX_SOCKET_MODE);
+        // Not listening yet: the egress connect is refused, and says so.
+        let e = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap_err();
+        assert!(matches!(e, MakeError::Connect(_)), "{e}");
+        assert_eq!(e.errno(), libc::ECONNREFUSED);
+        nsock::listen(&l.fd, nsock::Backlog::new(4).unwrap()).unwrap();
+        let c = make_here(&params(BindAddr::UnixConnect(path.clone()), libc::AF_UNIX)).unwrap();
+        assert_eq!(c.addr.len(), 2, "an unnamed unix socket: family only");
+        let peer = nsock::accept(l.fd.as_raw_fd()).unwrap();
+        nix::unistd::close(peer).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

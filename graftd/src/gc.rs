@@ -43,6 +43,7 @@ pub fn collect(ctx: &Ctx, brokers: &broker::Handle) {
         for ep in entry.endpoints.values() {
             ctx.hooks.endpoint_removed(&ep.hook_ref());
         }
+        ctx.persist();
         log::info!(
             "forgot network namespace {ns}: no process or mount uses it any more (dropped endpoints: {})",
             names.join(", ")

@@ -522,7 +522,8 @@ impl Supervisor {
         }
         let mut rec = [0u8; REQUEST_LEN];
         req.encode(&mut rec);
-        let (reply, mut socks) = broker::handle(&self.ctx, self.ns, &rec, &mut self.budget);
+        let (reply, mut socks) =
+            broker::handle_sized(&self.ctx, self.ns, &rec, &mut self.budget, 1);
         if reply.errno != 0 || reply.reason != Reason::None {
             let (errno, line) = failure(call, sa, ep, ep_v6, app.family, &reply);
             self.tell(pfd, &line);
@@ -774,6 +775,18 @@ fn failure(
                 "{head}: refused by the endpoint's policy ({errstr}): change the endpoint's \
                  allow/deny clauses"
             ),
+        ),
+        Reason::Limit => (
+            libc::ENOBUFS,
+            format!(
+                "{head}: endpoint \"{ep}\" already has as many live sockets as its limit \
+                 allows: close some, or re-add it with a higher \"limit N\""
+            ),
+        ),
+        // Only a dual-stack request gets it; graftd's own requests are not.
+        Reason::NoDualStack => (
+            errno,
+            format!("{head}: graftd refused a dual-stack listener: check graftd's log"),
         ),
         Reason::Malformed => (
             libc::EPROTO,

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use graft_core::endpoint::EndpointError;
+use graft_core::nsrules::{NsRules, NsRulesError};
 use graft_core::proto::control::{self, EndpointInfo, Stats, MAX_ENDPOINTS_PER_NETNS, MAX_MESSAGE};
 use graft_core::{EndpointName, EndpointSpec, NetnsId};
 
@@ -38,15 +39,21 @@ pub enum StateError {
     LabelTooLong,
     #[error("invalid endpoint: {0}")]
     Invalid(#[from] EndpointError),
+    #[error("this network namespace has no endpoints: add them before its rules")]
+    NoEndpoints,
+    #[error("invalid rules: {0}")]
+    Rules(#[from] NsRulesError),
 }
 
 impl StateError {
     pub fn errno(&self) -> i32 {
         match self {
             StateError::Exists(_) => libc::EEXIST,
-            StateError::NotFound(_) => libc::ENOENT,
+            StateError::NotFound(_) | StateError::NoEndpoints => libc::ENOENT,
             StateError::Full(_) | StateError::TooBig => libc::ENOSPC,
-            StateError::LabelTooLong | StateError::Invalid(_) => libc::EINVAL,
+            StateError::LabelTooLong | StateError::Invalid(_) | StateError::Rules(_) => {
+                libc::EINVAL
+            }
         }
     }
 }
@@ -78,6 +85,9 @@ pub struct Endpoint {
     pub target_id: NetnsId,
     pub target: Target,
     pub counters: Counters,
+    /// Most live sockets (its own `limit`, or graftd's default for inet
+    /// endpoints; `None`: unlimited).
+    pub limit: Option<u32>,
 }
 
 impl Endpoint {
@@ -89,6 +99,8 @@ impl Endpoint {
             target: self.target_id,
             addr: &self.spec.addr,
             policy: &self.spec.policy,
+            limit: self.limit,
+            own_limit: self.spec.limit.is_some(),
         }
     }
 
@@ -124,6 +136,10 @@ pub struct NsEntry {
     /// Keeps the namespace alive while graftd serves it.
     _fd: OwnedFd,
     pub endpoints: BTreeMap<EndpointName, Arc<Endpoint>>,
+    /// The namespace's own mapping rules (canonical; empty when none), which
+    /// `graft -- CMD` without flags fetches from the broker. They live and
+    /// die with the namespace's endpoints.
+    pub rules: NsRules,
 }
 
 /// All endpoint tables.
@@ -134,6 +150,7 @@ pub struct State {
     netns: HashMap<NetnsId, NsEntry>,
     workers: HashMap<NetnsId, Weak<TargetWorker>>,
     max_endpoints: usize,
+    default_limit: Option<u32>,
 }
 
 /// Largest encoded size an endpoint can take in a `show` reply (all counters
@@ -151,6 +168,9 @@ fn worst_case_size(spec: &EndpointSpec, target: NetnsId) -> usize {
             passive_established: m,
             bytes_sent: m,
             bytes_received: m,
+            live: m,
+            // A limit never exceeds this (graft-core checks it).
+            limit: Some(u64::from(graft_core::endpoint::MAX_LIMIT)),
         },
     };
     // One comma between array elements.
@@ -168,6 +188,7 @@ impl State {
             netns: HashMap::new(),
             workers: HashMap::new(),
             max_endpoints: MAX_ENDPOINTS_PER_NETNS,
+            default_limit: None,
         }
     }
 
@@ -177,6 +198,11 @@ impl State {
             max_endpoints: max,
             ..State::new(own)
         }
+    }
+
+    /// The limit inet endpoints without their own get (`None`: unlimited).
+    pub fn set_default_limit(&mut self, l: Option<u32>) {
+        self.default_limit = l;
     }
 
     /// graftd's own namespace.
@@ -251,7 +277,12 @@ impl State {
     ) -> Arc<Endpoint> {
         let id = self.next_id;
         self.next_id += 1;
+        let limit = match spec.addr {
+            graft_core::EndpointAddr::Unix { .. } => None,
+            _ => spec.limit.or(self.default_limit),
+        };
         let ep = Arc::new(Endpoint {
+            limit,
             id,
             netns: ns,
             spec,
@@ -262,6 +293,7 @@ impl State {
         let entry = self.netns.entry(ns).or_insert_with(|| NsEntry {
             _fd: ns_fd,
             endpoints: BTreeMap::new(),
+            rules: NsRules::default(),
         });
         entry.endpoints.insert(ep.spec.name, ep.clone());
         ep
@@ -298,9 +330,57 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Replaces the rules of `ns` (which must have an endpoint) with the
+    /// canonical form of `rules`; empty lists clear them.
+    pub fn set_rules(&mut self, ns: NetnsId, rules: &NsRules) -> Result<(), StateError> {
+        let canonical = rules.canonical()?;
+        let entry = self.netns.get_mut(&ns).ok_or(StateError::NoEndpoints)?;
+        entry.rules = canonical;
+        Ok(())
+    }
+
+    /// The rules of `ns` (empty when it has none or is unknown).
+    pub fn rules(&self, ns: NetnsId) -> NsRules {
+        self.netns
+            .get(&ns)
+            .map(|e| e.rules.clone())
+            .unwrap_or_default()
+    }
+
     /// Every namespace with endpoints.
     pub fn known(&self) -> Vec<NetnsId> {
         self.netns.keys().copied().collect()
+    }
+
+    /// Every endpoint as (namespace, name).
+    pub fn all(&self) -> Vec<(NetnsId, EndpointName)> {
+        self.netns
+            .iter()
+            .flat_map(|(id, e)| e.endpoints.keys().map(move |n| (*id, *n)))
+            .collect()
+    }
+
+    /// Every table as saved on disk (namespaces and endpoints in a stable
+    /// order, so an unchanged table is rewritten byte for byte).
+    pub fn records(&self) -> Vec<crate::persist::NsRecord> {
+        let mut v: Vec<crate::persist::NsRecord> = self
+            .netns
+            .iter()
+            .map(|(id, e)| crate::persist::NsRecord {
+                netns: *id,
+                endpoints: e
+                    .endpoints
+                    .values()
+                    .map(|ep| crate::persist::EpRecord {
+                        spec: ep.spec.clone(),
+                        target: ep.target_id,
+                    })
+                    .collect(),
+                rules: e.rules.clone(),
+            })
+            .collect();
+        v.sort_by_key(|r| r.netns);
+        v
     }
 
     /// Drops a namespace and all its endpoints.
@@ -327,6 +407,7 @@ mod tests {
             },
             netns: None,
             policy: vec![],
+            limit: None,
         }
     }
 
@@ -357,6 +438,33 @@ mod tests {
         assert_eq!(st.lookup(A, &name).unwrap().netns, A);
         assert_eq!(st.lookup(B, &name).unwrap().netns, B);
         assert!(st.lookup(NetnsId { dev: 4, ino: 300 }, &name).is_none());
+    }
+
+    #[test]
+    fn rules_live_with_the_namespace_endpoints() {
+        let mut st = State::new(OWN);
+        let r = NsRules {
+            ingress: vec![":::80=a".into()],
+            ..NsRules::default()
+        };
+        assert_eq!(st.set_rules(A, &r), Err(StateError::NoEndpoints));
+        add(&mut st, A, "a").unwrap();
+        st.set_rules(A, &r).unwrap();
+        assert_eq!(st.rules(A).ingress, ["[::]:80=a"], "kept canonical");
+        assert!(st.rules(B).is_empty());
+        let bad = NsRules {
+            egress: vec!["10.0.0.0/8".into()],
+            ..NsRules::default()
+        };
+        assert!(matches!(st.set_rules(A, &bad), Err(StateError::Rules(_))));
+        assert_eq!(
+            st.rules(A).ingress,
+            ["[::]:80=a"],
+            "a refused set changes nothing"
+        );
+        st.remove(A, &EndpointName::new("a").unwrap()).unwrap();
+        add(&mut st, A, "a").unwrap();
+        assert!(st.rules(A).is_empty(), "forgotten with the last endpoint");
     }
 
     #[test]

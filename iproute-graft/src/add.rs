@@ -1,5 +1,5 @@
 //! `ip graft add NAME type { ipv4 | ipv6 } addr ADDR port { PORT | dynamic }
-//! [ netns NS ] [ allow P ]… [ deny P ]…` and `ip graft add NAME type unix path
+//! [ netns NS ] [ allow P ]… [ deny P ]… [ limit N ]` and `ip graft add NAME type unix path
 //! PATH [ netns NS ]`.
 //!
 //! Keywords may come in any order and be abbreviated as iproute2 allows; the
@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use graft_core::endpoint::MAX_POLICY_CLAUSES;
+use graft_core::endpoint::{MAX_LIMIT, MAX_POLICY_CLAUSES};
 use graft_core::proto::control::Request;
 use graft_core::rules::{PolicyAction, PolicyRule};
 use graft_core::{EndpointAddr, EndpointName, EndpointSpec};
@@ -28,6 +28,7 @@ const KEYWORDS: &[(&str, &str)] = &[
     ("netns", "netns { PID | NETNSNAME | PATH }"),
     ("allow", "allow PREFIX/LEN[:PORT[-PORT]]"),
     ("deny", "deny PREFIX/LEN[:PORT[-PORT]]"),
+    ("limit", "limit N"),
 ];
 
 /// How a keyword is written in messages (`address` is documented as `addr`).
@@ -52,6 +53,7 @@ struct Raw<'a> {
     port: Option<&'a str>,
     path: Option<&'a str>,
     netns: Option<&'a str>,
+    limit: Option<&'a str>,
     policy: Vec<PolicyRule>,
 }
 
@@ -82,6 +84,7 @@ pub fn parse(args: &[String]) -> Result<AddCmd, Usage> {
             "port" => &mut raw.port,
             "path" => &mut raw.path,
             "netns" => &mut raw.netns,
+            "limit" => &mut raw.limit,
             _ => {
                 let action = if kw == "allow" {
                     PolicyAction::Allow
@@ -155,6 +158,11 @@ fn build(name: EndpointName, raw: Raw<'_>) -> Result<AddCmd, Usage> {
                     "Error: \"allow\"/\"deny\" are not valid for type unix"
                 ));
             }
+            if raw.limit.is_some() {
+                return Err(usage!(
+                    "Error: \"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)"
+                ));
+            }
             let p = raw.path.ok_or_else(|| {
                 usage!("Error: argument \"path\" is required for type unix: path PATH")
             })?;
@@ -177,12 +185,24 @@ fn build(name: EndpointName, raw: Raw<'_>) -> Result<AddCmd, Usage> {
             raw.policy.len()
         ));
     }
+    let limit = match raw.limit {
+        None => None,
+        Some(l) => Some(
+            l.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n) && l.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    usage!("Error: argument \"{l}\" is wrong: limit must be 1 to {MAX_LIMIT}")
+                })?,
+        ),
+    };
     Ok(AddCmd {
         spec: EndpointSpec {
             name,
             addr,
             netns: raw.netns.map(str::to_owned),
             policy: raw.policy,
+            limit,
         },
     })
 }
@@ -266,6 +286,30 @@ mod tests {
         assert_eq!(
             line("e type ipv4 address 1.2.3.4 port 0"),
             "e type ipv4 addr 1.2.3.4 port dynamic"
+        );
+    }
+
+    #[test]
+    fn limit() {
+        let c = p("e type ipv4 addr 127.0.0.1 port dynamic limit 3").unwrap();
+        assert_eq!(c.spec.limit, Some(3));
+        assert_eq!(
+            line("e type ipv4 addr 127.0.0.1 port 80 limit 10 deny 10.0.0.0/8"),
+            "e type ipv4 addr 127.0.0.1 port 80 deny 10.0.0.0/8 limit 10"
+        );
+        for bad in ["0", "-1", "x", "+3", "1048577"] {
+            assert_eq!(
+                p(&format!("e type ipv4 addr 127.0.0.1 port 80 limit {bad}")).unwrap_err(),
+                format!("Error: argument \"{bad}\" is wrong: limit must be 1 to 1048576")
+            );
+        }
+        assert_eq!(
+            p("e type unix path /run/x limit 3").unwrap_err(),
+            "Error: \"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)"
+        );
+        assert_eq!(
+            p("e type ipv4 addr 127.0.0.1 port 80 limit").unwrap_err(),
+            "Error: \"limit\" needs an argument: limit N"
         );
     }
 

@@ -16,10 +16,12 @@ impl fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 /// Builds a [`Usage`] error from format arguments.
-macro_rules! usage {
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __iproute_graft_usage {
     ($($t:tt)*) => { $crate::args::Usage(format!($($t)*)) };
 }
-pub(crate) use usage;
+pub use crate::__iproute_graft_usage as usage;
 
 /// iproute2's `matches()`: `word` is a non-empty prefix of `full`.
 pub fn matches(word: &str, full: &str) -> bool {
@@ -109,8 +111,9 @@ pub fn parse_global(args: &[String]) -> Result<(GlobalOpts, &[String]), Usage> {
 }
 
 /// Test helper: runs a subcommand's parser on a command line as typed
-/// (split on blanks); the usage text on error.
-#[cfg(test)]
+/// (split on blanks); the usage text on error. Public (and hidden) because
+/// the `ip-graft` binary's unit tests use it through the library.
+#[doc(hidden)]
 pub fn parse_typed<T>(
     parse: impl Fn(&[String]) -> Result<T, Usage>,
     line: &str,

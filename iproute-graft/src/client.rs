@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use graft_core::nsrules::NsRules;
 use graft_core::proto::control::{self, EndpointInfo, Reply, Request, MAX_MESSAGE};
 use graft_core::NetnsId;
 use nix::errno::Errno;
@@ -77,11 +78,11 @@ pub fn control_path() -> PathBuf {
 /// What a successful reply carries.
 #[derive(Debug)]
 pub struct Answer {
-    /// The caller's namespace as graftd identified it (no command prints it
-    /// today; the client tests check it arrives).
-    #[allow(dead_code)]
+    /// The caller's namespace as graftd identified it.
     pub netns: NetnsId,
     pub endpoints: Vec<EndpointInfo>,
+    /// The namespace's rules, in the answer to `GetRules`.
+    pub rules: Option<NsRules>,
 }
 
 /// Sends `req` with `fds` attached (the caller's namespace first) and returns
@@ -100,7 +101,16 @@ fn call_with_timeout(
     send(&sock, req, fds)?;
     let reply = receive(&sock, path, timeout)?;
     match reply {
-        Reply::Ok { netns, endpoints } => Ok(Answer { netns, endpoints }),
+        Reply::Ok { netns, endpoints } => Ok(Answer {
+            netns,
+            endpoints,
+            rules: None,
+        }),
+        Reply::Rules { netns, rules } => Ok(Answer {
+            netns,
+            endpoints: Vec::new(),
+            rules: Some(rules),
+        }),
         Reply::Error(e) => {
             let message = one_line(&e.message);
             Err(ClientError::Graftd {

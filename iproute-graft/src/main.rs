@@ -2,7 +2,9 @@
 //! grammar and output.
 //!
 //! `ip graft add|del|show|help` defines, removes and lists graft endpoints in
-//! the network namespace the command runs in. The command parses and checks
+//! the network namespace the command runs in; `ip graft rules` shows, sets
+//! and flushes the namespace's mapping rules (what `graft -- CMD` without
+//! flags runs with). The command parses and checks
 //! the whole line first (one line on stderr and exit status 2 for any
 //! mistake), then sends one JSON request to graftd over its root-only
 //! `SOCK_SEQPACKET` control socket, passing its own network namespace (and, for
@@ -14,13 +16,12 @@
 //! `graft` object word is accepted and skipped) and the system `ip` otherwise.
 #![forbid(unsafe_code)]
 
-mod add;
-mod args;
-mod client;
 mod del;
 mod help;
-mod netns;
+mod rules;
 mod show;
+
+use iproute_graft::{add, args, client, netns};
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -34,6 +35,7 @@ enum Cmd {
     Add(add::AddCmd),
     Del(EndpointName),
     Show(Option<EndpointName>),
+    Rules(rules::RulesCmd),
     Help,
     Version,
 }
@@ -57,6 +59,8 @@ fn parse(argv: &[String]) -> Result<(GlobalOpts, Cmd), Usage> {
         Cmd::Del(del::parse(tail)?)
     } else if matches(w, "show") || matches(w, "list") || w == "ls" || w == "lst" {
         Cmd::Show(show::parse(tail)?)
+    } else if matches(w, "rules") {
+        Cmd::Rules(rules::parse(tail)?)
     } else if matches(w, "help") {
         Cmd::Help
     } else {
@@ -79,6 +83,7 @@ fn run(argv: &[String]) -> anyhow::Result<()> {
                 Cmd::Add(a) => add::run(a, &control).map(|()| String::new())?,
                 Cmd::Del(n) => del::run(n, &control).map(|()| String::new())?,
                 Cmd::Show(n) => show::run(n, &opts, &control)?,
+                Cmd::Rules(r) => rules::run(r, &opts, &control)?,
                 Cmd::Help | Cmd::Version => String::new(),
             }
         }

@@ -98,6 +98,8 @@ fn stats_lines(out: &mut String, s: &Stats, human: bool) {
         ("passive", s.passive_established.map(count)),
         ("tx_bytes", s.bytes_sent.map(bytes)),
         ("rx_bytes", s.bytes_received.map(bytes)),
+        ("live", s.live.map(count)),
+        ("limit", s.limit.map(count)),
     ];
     cols.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
     let mut head = String::from("   ");
@@ -169,6 +171,8 @@ struct JsonEndpoint<'a> {
     path: Option<String>,
     netns: Option<&'a str>,
     policy: Vec<JsonPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u32>,
     target_netns: NetnsId,
     #[serde(skip_serializing_if = "Option::is_none")]
     stats: Option<&'a Stats>,
@@ -192,6 +196,7 @@ impl<'a> JsonEndpoint<'a> {
             path,
             netns: e.spec.netns.as_deref(),
             policy: e.spec.policy.iter().map(JsonPolicy::from).collect(),
+            limit: e.spec.limit,
             target_netns: e.target_netns,
             stats: (opts.stats > 0).then_some(&e.stats),
         }

@@ -5,14 +5,24 @@
 //! never shares its parent's connection mid-request: it closes its inherited
 //! copy and connects anew) and same inode (the application may have closed
 //! or reused the number; then the number is no longer ours and is left
-//! alone). An atomic try-lock holding the owner's pid guards it; a thread or
+//! alone), and same network namespace (a thread that called setns() talks
+//! to the broker of the namespace it is in now: the cached connection leads
+//! to the one it was made in, so it is closed and made anew). An atomic
+//! try-lock holding the owner's pid guards it; a thread or
 //! signal handler that finds it busy uses a one-off connection instead, so
 //! nothing ever waits for a lock. A lock still held by another pid was held
 //! across fork() and is taken over. Every broker socket has send and receive
 //! timeouts, so no call blocks forever on a stuck graftd.
+//!
+//! graftd restarting (crash, upgrade) is invisible to programs: a broker that
+//! refuses connections (no listener: graftd is down) is retried every 10 ms
+//! for up to `GRAFT_WAIT_MS` (default 1000) before the call fails closed, and
+//! a connection that breaks mid-request (graftd died with it) is replaced
+//! once. The wait is a plain `nanosleep` loop: no allocation, no lock, safe
+//! in a signal handler or a forked child.
 
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, REPLY_LEN, REQUEST_LEN};
 use libc::c_int;
@@ -22,9 +32,22 @@ use crate::sys;
 /// Seconds a broker exchange may take.
 pub const TIMEOUT_SECS: i64 = 5;
 
+/// `GRAFT_WAIT_MS`, set once by the constructor.
+static WAIT_MS: AtomicU32 = AtomicU32::new(graft_core::DEFAULT_WAIT_MS);
+/// Pause between two connection attempts to an absent broker.
+const RETRY_MS: u32 = 10;
+
+/// Sets how long [`connect`] waits for an absent broker.
+pub fn set_wait_ms(ms: u32) {
+    WAIT_MS.store(ms, Ordering::Relaxed);
+}
+
 static CACHE_FD: AtomicI32 = AtomicI32::new(-1);
 static CACHE_PID: AtomicI32 = AtomicI32::new(0);
 static CACHE_INO: AtomicU64 = AtomicU64::new(0);
+/// The network namespace (device, inode) the cached connection was made in.
+static CACHE_NS_DEV: AtomicU64 = AtomicU64::new(0);
+static CACHE_NS_INO: AtomicU64 = AtomicU64::new(0);
 /// pid of the holder, 0 when free.
 static LOCK: AtomicI32 = AtomicI32::new(0);
 
@@ -51,21 +74,31 @@ pub struct Answer {
     pub extra: [Option<OwnedFd>; sys::MAX_FDS - 1],
 }
 
-/// Sends `req` to the broker named `name` and returns its answer.
-pub fn ask(name: &str, req: &Request) -> Result<Answer, Error> {
+/// Sends `req` to the broker named `name` in the calling thread's network
+/// namespace `ns` (from [`sys::sys_netns_id`]; `None`: unknown, so the
+/// cached connection is not used) and returns its answer.
+pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, Error> {
     let mut buf = [0u8; REQUEST_LEN];
     req.encode(&mut buf);
     // A real getpid per request rather than a pid cached by fork handlers:
     // children made by vfork(), posix_spawn() or a raw clone() run no
     // handlers, and must still never share the parent's connection.
     let pid = sys::sys_getpid();
-    if try_lock(pid) {
-        let r = ask_cached(name, &buf, pid);
+    if let Some(ns) = ns.filter(|_| try_lock(pid)) {
+        let r = ask_cached(name, &buf, pid, ns);
         LOCK.store(0, Ordering::Release);
         r
     } else {
         let conn = connect(name)?;
-        exchange(conn.as_raw_fd(), &buf)
+        match exchange(conn.as_raw_fd(), &buf) {
+            // graftd went away with the request: once more, on a new one.
+            Err(Error::Io(_)) => {
+                drop(conn);
+                let conn = connect(name)?;
+                exchange(conn.as_raw_fd(), &buf)
+            }
+            r => r,
+        }
     }
 }
 
@@ -78,10 +111,10 @@ fn try_lock(pid: i32) -> bool {
         .is_ok()
 }
 
-fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
-    let (fd, fresh) = match cached(pid) {
+fn ask_cached(name: &str, buf: &[u8], pid: i32, ns: (u64, u64)) -> Result<Answer, Error> {
+    let (fd, fresh) = match cached(pid, ns) {
         Some(fd) => (fd, false),
-        None => (open_cached(name, pid)?, true),
+        None => (open_cached(name, pid, ns)?, true),
     };
     match exchange(fd, buf) {
         Ok(a) => Ok(a),
@@ -89,7 +122,7 @@ fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
         // graftd: try once more on a fresh one.
         Err(Error::Io(_)) if !fresh => {
             forget(true);
-            let fd = open_cached(name, pid)?;
+            let fd = open_cached(name, pid, ns)?;
             let r = exchange(fd, buf);
             if r.is_err() {
                 forget(true);
@@ -104,8 +137,9 @@ fn ask_cached(name: &str, buf: &[u8], pid: i32) -> Result<Answer, Error> {
     }
 }
 
-/// The cached connection, if it is still ours and still the same socket.
-fn cached(pid: i32) -> Option<RawFd> {
+/// The cached connection, if it is still ours, still the same socket, and
+/// made in namespace `ns`.
+fn cached(pid: i32, ns: (u64, u64)) -> Option<RawFd> {
     let fd = CACHE_FD.load(Ordering::Relaxed);
     if fd < 0 {
         return None;
@@ -129,6 +163,16 @@ fn cached(pid: i32) -> Option<RawFd> {
         forget(true);
         return None;
     }
+    if (
+        CACHE_NS_DEV.load(Ordering::Relaxed),
+        CACHE_NS_INO.load(Ordering::Relaxed),
+    ) != ns
+    {
+        // This thread moved to another namespace (setns): the connection
+        // leads to the old namespace's broker and its endpoints.
+        forget(true);
+        return None;
+    }
     Some(fd)
 }
 
@@ -139,7 +183,7 @@ fn forget(close: bool) {
     }
 }
 
-fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
+fn open_cached(name: &str, pid: i32, ns: (u64, u64)) -> Result<RawFd, Error> {
     let conn = connect(name)?;
     let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high_fd_floor()) {
         Ok(hi) => {
@@ -151,6 +195,8 @@ fn open_cached(name: &str, pid: i32) -> Result<RawFd, Error> {
     let ino = sys::sys_fstat(fd).map(|(i, _)| i).unwrap_or(0);
     CACHE_INO.store(ino, Ordering::Relaxed);
     CACHE_PID.store(pid, Ordering::Relaxed);
+    CACHE_NS_DEV.store(ns.0, Ordering::Relaxed);
+    CACHE_NS_INO.store(ns.1, Ordering::Relaxed);
     CACHE_FD.store(fd, Ordering::Relaxed);
     Ok(fd)
 }
@@ -168,15 +214,24 @@ pub fn connect(name: &str) -> Result<OwnedFd, Error> {
         .map_err(Error::Unreachable)?;
     sys::sys_set_timeouts(s.as_raw_fd(), TIMEOUT_SECS).map_err(Error::Io)?;
     let (addr, len) = abstract_addr(name);
-    for _ in 0..16 {
+    let budget = WAIT_MS.load(Ordering::Relaxed);
+    let mut waited = 0u32;
+    let mut interrupted = 0;
+    loop {
         match sys::sys_connect(s.as_raw_fd(), &addr[..len]) {
             Ok(()) | Err(libc::EISCONN) => return Ok(s),
-            Err(libc::EINTR) => continue,
+            Err(libc::EINTR) if interrupted < 16 => interrupted += 1,
             Err(libc::EAGAIN) | Err(libc::EINPROGRESS) => return Err(Error::Timeout),
+            // No listener: graftd is down or restarting. Counted in sleeps,
+            // not clock time (each attempt itself is immediate).
+            Err(libc::ECONNREFUSED) if waited < budget => {
+                let step = RETRY_MS.min(budget - waited);
+                sys::sys_sleep_ms(step);
+                waited += step;
+            }
             Err(e) => return Err(Error::Unreachable(e)),
         }
     }
-    Err(Error::Unreachable(libc::EINTR))
 }
 
 /// `sockaddr_un` for the abstract name "\0" + `name` (callers bound the
@@ -317,14 +372,14 @@ mod tests {
     fn a_batch_reply_keeps_every_socket() {
         let a = answer(
             encoded(Reply::ok(Op::SocketBatch, &[2, 0, 0, 80, 127, 0, 0, 1])),
-            10,
+            sys::MAX_FDS + 2,
         )
         .unwrap();
         assert!(a.fd.is_some());
         assert_eq!(
             a.extra.iter().filter(|f| f.is_some()).count(),
-            7,
-            "8 kept, 2 closed"
+            sys::MAX_FDS - 1,
+            "a batch kept, 2 closed"
         );
         for f in a.extra.iter().flatten() {
             let flags = sys::sys_fcntl(f.as_raw_fd(), libc::F_GETFD, 0).unwrap();
@@ -360,6 +415,7 @@ mod tests {
 
     #[test]
     fn no_broker_is_unreachable() {
+        set_wait_ms(0);
         assert!(matches!(
             connect("graft-test/nobody-listens-here"),
             Err(Error::Unreachable(libc::ECONNREFUSED))

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use graft_core::rules::{RuleError, RuleSet};
 use graft_core::{
-    DEFAULT_BROKER_NAME, ENV_BROKER, ENV_EGRESS, ENV_EGRESS_EXCLUDE, ENV_GETSOCKNAME, ENV_INGRESS,
-    ENV_POOL, ENV_VERBOSE,
+    DEFAULT_BROKER_NAME, DEFAULT_WAIT_MS, ENV_BROKER, ENV_EGRESS, ENV_EGRESS_EXCLUDE,
+    ENV_GETSOCKNAME, ENV_INGRESS, ENV_POOL, ENV_VERBOSE, ENV_WAIT, MAX_WAIT_MS,
 };
 
 /// Everything the interposed calls consult.
@@ -23,6 +23,8 @@ pub struct Config {
     /// Egress sockets without options come from the per-process pool
     /// (`GRAFT_POOL`, default on; "0" turns it off).
     pub pool: bool,
+    /// How long a request waits for an unreachable broker (`GRAFT_WAIT_MS`).
+    pub wait_ms: u32,
 }
 
 impl Config {
@@ -75,6 +77,21 @@ impl Config {
         }
         let verbose = matches!(get(ENV_VERBOSE).as_deref(), Some(v) if !v.is_empty() && v != "0");
         let pool = get(ENV_POOL).as_deref() != Some("0");
+        let wait_ms = match get(ENV_WAIT).as_deref() {
+            None | Some("") => DEFAULT_WAIT_MS,
+            Some(v) => match v.parse::<u32>() {
+                Ok(ms) if ms <= MAX_WAIT_MS => ms,
+                _ => {
+                    if bad.is_none() {
+                        bad = Some(format!(
+                            "bad {ENV_WAIT}=\"{v}\": expected milliseconds from 0 to {MAX_WAIT_MS}; \
+                             every IPv4/IPv6 bind and connect fails with EINVAL until then"
+                        ));
+                    }
+                    DEFAULT_WAIT_MS
+                }
+            },
+        };
         Config {
             rules,
             bad,
@@ -82,6 +99,7 @@ impl Config {
             getsockname_app,
             broker,
             pool,
+            wait_ms,
         }
     }
 
@@ -100,6 +118,7 @@ pub fn init() {
     let cfg = Config::from_lookup(|k| std::env::var(k).ok());
     let active = cfg.active();
     let app = cfg.getsockname_app;
+    crate::broker::set_wait_ms(cfg.wait_ms);
     // Leaked on purpose: interposed calls may run until the very end of the
     // process (atexit handlers, other destructors), so it must never be freed.
     let p = Box::into_raw(Box::new(cfg));
@@ -175,6 +194,10 @@ mod tests {
                  with EINVAL until then"
             )
         );
+        let c = cfg(&[("GRAFT_WAIT_MS", "soon")]);
+        assert!(c.bad.unwrap().starts_with("bad GRAFT_WAIT_MS=\"soon\""));
+        assert_eq!(cfg(&[("GRAFT_WAIT_MS", "0")]).wait_ms, 0);
+        assert_eq!(cfg(&[]).wait_ms, 1000);
         let c = cfg(&[("GRAFT_GETSOCKNAME", "guest")]);
         assert!(c
             .bad

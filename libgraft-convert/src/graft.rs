@@ -218,6 +218,72 @@ fn ingress_match(
     })
 }
 
+/// The (IPv4, IPv6) endpoints of a dual-stack bind: an AF_INET6 stream
+/// socket bound to `[::]` with IPV6_V6ONLY off, where both a `::` and a
+/// `0.0.0.0` rule match the port and name different endpoints.
+fn dual_match(
+    cfg: &Config,
+    fd: RawFd,
+    k: &Kind,
+    sa: &SocketAddr,
+) -> Option<(EndpointName, EndpointName)> {
+    if k.family != libc::AF_INET6
+        || k.sotype != libc::SOCK_STREAM
+        || sa.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    {
+        return None;
+    }
+    let ep6 = cfg.rules.match_ingress(sa.ip(), sa.port())?;
+    let ep4 = cfg
+        .rules
+        .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())?;
+    if ep4 == ep6 || sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != Some(0) {
+        return None;
+    }
+    Some((ep4, ep6))
+}
+
+/// Grafts an ingress socket onto `ep`; a dual-stack `[::]` bind that also
+/// matches an IPv4 rule asks for one listener answering on both endpoints
+/// first, and falls back to `ep` alone (with one line saying so) when
+/// graftd cannot make one.
+#[allow(clippy::too_many_arguments)]
+fn graft_ingress(
+    cfg: &Config,
+    fd: RawFd,
+    call: Call,
+    sa: &SocketAddr,
+    ep: EndpointName,
+    ep_v6: bool,
+    k: Kind,
+) -> Result<(), c_int> {
+    if let Some((ep4, ep6)) = dual_match(cfg, fd, &k, sa) {
+        match graft(
+            cfg,
+            fd,
+            call,
+            sa,
+            ep4,
+            false,
+            Purpose::Ingress,
+            k,
+            Some(ep6),
+        ) {
+            Err(DUAL_UNAVAILABLE) => say!(
+                "{} {sa}: no dual-stack listener on \"{ep4}\" and \"{ep6}\" (graftd's log says \
+                 why; it needs graftd's eBPF companion): answering on \"{ep}\" only",
+                call.name()
+            ),
+            r => return r,
+        }
+    }
+    graft(cfg, fd, call, sa, ep, ep_v6, Purpose::Ingress, k, None)
+}
+
+/// What [`graft`] returns when graftd cannot make a dual-stack listener
+/// (never an errno).
+const DUAL_UNAVAILABLE: c_int = -1;
+
 fn verbose_left_alone(cfg: &Config, fd: RawFd, call: Call, sa: &SocketAddr, why: &str) {
     if cfg.verbose {
         say!(
@@ -252,7 +318,7 @@ pub fn on_bind(fd: RawFd, sa: SocketAddr) -> Next {
     }
     if sa.port() != 0 {
         return match ingress_match(cfg, fd, &k, &sa) {
-            Some((ep, v6)) => match graft(cfg, fd, Call::Bind, &sa, ep, v6, Purpose::Ingress, k) {
+            Some((ep, v6)) => match graft_ingress(cfg, fd, Call::Bind, &sa, ep, v6, k) {
                 Ok(()) => Next::Done,
                 Err(e) => Next::Fail(e),
             },
@@ -312,7 +378,7 @@ pub fn on_listen(fd: RawFd) -> Next {
         return Next::Real;
     };
     match ingress_match(cfg, fd, &k, &sa) {
-        Some((ep, v6)) => match graft(cfg, fd, Call::Listen, &sa, ep, v6, Purpose::Ingress, k) {
+        Some((ep, v6)) => match graft_ingress(cfg, fd, Call::Listen, &sa, ep, v6, k) {
             Ok(()) => Next::Real,
             Err(e) => Next::Fail(e),
         },
@@ -348,7 +414,11 @@ pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
     match cfg.rules.match_egress(sa.ip()) {
         EgressDecision::Graft(ep) => {
             let v6 = sa.ip().to_canonical().is_ipv6();
-            match graft(cfg, fd, call, &sa, ep, v6, Purpose::Egress, k) {
+            match graft(cfg, fd, call, &sa, ep, v6, Purpose::Egress, k, None) {
+                // graftd already connected the unix socket to the endpoint.
+                Ok(()) if call == Call::Connect && table::state(fd) == table::UNIX_OUT => {
+                    Next::Done
+                }
                 Ok(()) => Next::Real,
                 Err(e) => Next::Fail(e),
             }
@@ -389,9 +459,9 @@ fn push_value(o: &graft_core::sockopt::Opt, a: &[u8], req: &mut Request) {
 
 /// The socket's whole history went through our `setsockopt()`: read only
 /// the options it set (most clients set none), no reference socket.
-fn snapshot_recorded(fd: RawFd, k: &Kind, mask: u64, req: &mut Request) {
+fn snapshot_recorded(fd: RawFd, k: &Kind, mask: u128, req: &mut Request) {
     for (i, o) in SNAPSHOT.iter().enumerate() {
-        if mask & (1u64 << i) == 0 || !o.applies(k.family, k.sotype) {
+        if mask & (1u128 << i) == 0 || !o.applies(k.family, k.sotype) {
             continue;
         }
         let size = o.kind.size();
@@ -505,8 +575,12 @@ fn graft(
     ep_v6: bool,
     purpose: Purpose,
     k: Kind,
+    dual: Option<EndpointName>,
 ) -> Result<(), c_int> {
-    let mut req = Request::new(Op::Socket, ep, k.family, k.sotype, k.protocol, purpose);
+    let mut req = match dual {
+        Some(ep6) => Request::new_dual(ep, ep6, k.family, k.sotype, k.protocol),
+        None => Request::new(Op::Socket, ep, k.family, k.sotype, k.protocol, purpose),
+    };
     let head = Head { call, sa, ep };
     if let Err(e) = snapshot(fd, &k, &mut req) {
         // Grafting without the application's options would change its
@@ -524,10 +598,13 @@ fn graft(
         && cfg.pool
         && req.nopts == 0
         && table::recorded_opts(fd).is_some();
+    // Endpoint names are per namespace: the cached broker connection and
+    // the pool are only used for the namespace they were made in.
+    let ns = sys::sys_netns_id();
     let asked = if poolable {
-        pool::ask(&cfg.broker, &req, pack_kind(k), cfg.verbose)
+        pool::ask(&cfg.broker, &req, pack_kind(k), cfg.verbose, ns)
     } else {
-        broker::ask(&cfg.broker, &req)
+        broker::ask(&cfg.broker, &req, ns)
     };
     let answer = match asked {
         Ok(a) => a,
@@ -570,6 +647,10 @@ fn graft(
         }
     };
     let r = answer.reply;
+    // An older graftd does not know the dual-stack request at all.
+    if dual.is_some() && matches!(r.reason, Reason::NoDualStack | Reason::Malformed) {
+        return Err(DUAL_UNAVAILABLE);
+    }
     if r.errno != 0 || r.reason != Reason::None {
         let errno = if r.errno > 0 { r.errno } else { libc::EIO };
         return Err(match r.reason {
@@ -591,6 +672,13 @@ fn graft(
                 );
                 libc::EPERM
             }
+            Reason::FamilyMismatch if errno == libc::ESOCKTNOSUPPORT => {
+                say!(
+                    "{head}: a type unix endpoint takes stream (TCP) sockets only: map this \
+                     address to a type {fam} endpoint"
+                );
+                libc::ESOCKTNOSUPPORT
+            }
             Reason::FamilyMismatch => {
                 let sock = if k.family == libc::AF_INET6 {
                     "an AF_INET6"
@@ -609,6 +697,17 @@ fn graft(
                      allow/deny clauses",
                     errstr(errno)
                 );
+                errno
+            }
+            Reason::Limit => {
+                say!(
+                    "{head}: endpoint \"{ep}\" already has as many live sockets as its limit \
+                     allows: close some, or re-add it with a higher \"limit N\""
+                );
+                libc::ENOBUFS
+            }
+            Reason::NoDualStack => {
+                say!("{head}: graftd refused a dual-stack listener: check graftd's log");
                 errno
             }
             Reason::Malformed => {
@@ -638,19 +737,34 @@ fn graft(
         );
         return Err(e);
     }
-    let st = match purpose {
-        Purpose::Ingress => table::INGRESS,
-        Purpose::Egress => table::EGRESS,
+    // A `type unix` endpoint answers with a unix socket (its address is
+    // AF_UNIX); the application goes on believing it holds a TCP socket.
+    let unix = r
+        .addr_bytes()
+        .get(..2)
+        .is_some_and(|f| i32::from(u16::from_ne_bytes([f[0], f[1]])) == libc::AF_UNIX);
+    let st = match (purpose, unix) {
+        (Purpose::Ingress, false) => table::INGRESS,
+        (Purpose::Egress, false) => table::EGRESS,
+        (Purpose::Ingress, true) => table::UNIX_LISTEN,
+        (Purpose::Egress, true) => table::UNIX_OUT,
     };
     let (raw, _) = addr::encode(sa);
     table::set_with_addr(fd, st, &raw);
     if cfg.verbose {
         match addr::parse(r.addr_bytes()) {
-            Some(host) => say!(
-                "pid {} fd {fd} {} {sa} -> {ep} (host {host})",
-                sys::sys_getpid(),
-                call.name()
-            ),
+            Some(host) => match dual {
+                Some(ep6) => say!(
+                    "pid {} fd {fd} {} {sa} -> {ep} + {ep6} (host {host}, dual-stack)",
+                    sys::sys_getpid(),
+                    call.name()
+                ),
+                None => say!(
+                    "pid {} fd {fd} {} {sa} -> {ep} (host {host})",
+                    sys::sys_getpid(),
+                    call.name()
+                ),
+            },
             None => say!(
                 "pid {} fd {fd} {} {sa} -> {ep}",
                 sys::sys_getpid(),
@@ -659,6 +773,31 @@ fn graft(
         }
     }
     Ok(())
+}
+
+/// The loopback address of `like`'s family, port 0: the peer a
+/// unix-backed connection reports (its real peer is a local process).
+fn loopback_of(like: &SocketAddr) -> SocketAddr {
+    match like {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+    }
+}
+
+/// The INET address a unix-backed socket (`st`, see [`table::is_unix`])
+/// answers for its local end (`peer` false) or its peer: the application
+/// bound or asked for a TCP address and gets one back. `None`: leave the
+/// kernel's answer.
+pub fn unix_name(fd: RawFd, st: u32, peer: bool) -> Option<([u8; addr::MAX], usize)> {
+    let mine = addr::parse(&table::addr(fd))?;
+    let sa = match (st, peer) {
+        (table::UNIX_LISTEN | table::UNIX_PEER, false) => mine,
+        (table::UNIX_PEER, true) => loopback_of(&mine),
+        (table::UNIX_OUT, false) => loopback_of(&mine),
+        (table::UNIX_OUT, true) => mine,
+        _ => return None,
+    };
+    Some(addr::encode(&sa))
 }
 
 /// `getsockname()` under `GRAFT_GETSOCKNAME=app`: the address the application
@@ -688,8 +827,8 @@ mod tests {
         sys::sys_setsockopt(fd.as_raw_fd(), level, name, &v.to_ne_bytes()).expect("setsockopt");
     }
 
-    fn bit(level: c_int, name: c_int) -> u64 {
-        1u64 << opt_bit(level, name).expect("in SNAPSHOT")
+    fn bit(level: c_int, name: c_int) -> u128 {
+        1u128 << opt_bit(level, name).expect("in SNAPSHOT")
     }
 
     fn opts(req: &Request) -> Vec<(c_int, c_int, Vec<u8>)> {

@@ -163,7 +163,18 @@ pub unsafe extern "C" fn setsockopt(
     // Only sockets our socket() made and not decided yet keep a record
     // (with no rules there are none): everything else, grafted sockets
     // included, pays this one table load.
-    if !matches!(table::state(fd), table::CANDIDATE | table::PORT0) {
+    let st = table::state(fd);
+    if !matches!(st, table::CANDIDATE | table::PORT0) {
+        if table::is_unix(st)
+            && matches!(
+                level,
+                libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6
+            )
+        {
+            // The program thinks it holds a TCP socket; on the unix socket
+            // behind it TCP_NODELAY, keepalive timers, TOS ... mean nothing.
+            return 0;
+        }
         return real();
     }
     let r = real();
@@ -300,6 +311,61 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: 
     unsafe { sys::sendmmsg(fd, v, n, flags) }
 }
 
+/// Writes `b` into the caller's address buffer as the kernel would:
+/// at most `cap` bytes, the full length in `*len`.
+///
+/// # Safety
+/// `a` must have `cap` writable bytes and `len` must be writable (the
+/// caller's contract with the kernel, already checked non-null).
+unsafe fn give_addr(a: *mut sockaddr, len: *mut socklen_t, cap: socklen_t, b: &[u8]) {
+    let copy = b.len().min(cap as usize);
+    // SAFETY: per this function's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), a.cast::<u8>(), copy);
+        *len = b.len() as socklen_t;
+    }
+}
+
+/// A unix-backed socket's INET name (see [`graft::unix_name`]) into the
+/// caller's buffer, after the real call succeeded.
+///
+/// # Safety
+/// As [`give_addr`], `a` and `len` may be null.
+unsafe fn unix_name_out(
+    fd: c_int,
+    st: u32,
+    peer: bool,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) {
+    if a.is_null() || len.is_null() {
+        return;
+    }
+    if let Ok(Some((b, n))) = catch_unwind(|| graft::unix_name(fd, st, peer)) {
+        // SAFETY: the caller's buffer and length, non-null.
+        unsafe { give_addr(a, len, cap, &b[..n]) };
+    }
+}
+
+/// # Safety
+/// getpeername(2).
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sys::getpeername(fd, a, len) };
+    if r == 0 && config::active() {
+        let st = table::state(fd);
+        if table::is_unix(st) {
+            // SAFETY: the caller's buffer, as getpeername(2) takes it.
+            unsafe { unix_name_out(fd, st, true, a, len, cap) };
+        }
+    }
+    r
+}
+
 /// # Safety
 /// getsockname(2).
 #[no_mangle]
@@ -308,6 +374,14 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getsockname(fd, a, len) };
+    if r == 0 && config::active() {
+        let st = table::state(fd);
+        if table::is_unix(st) {
+            // SAFETY: the caller's buffer, as getsockname(2) takes it.
+            unsafe { unix_name_out(fd, st, false, a, len, cap) };
+            return r;
+        }
+    }
     if r != 0 || a.is_null() || len.is_null() || !config::getsockname_app() {
         return r;
     }
@@ -399,11 +473,30 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     r
 }
 
-fn accepted(r: c_int) -> c_int {
+/// After accept on `fd` returned `r`; `a`/`len`/`cap` are the caller's
+/// address buffer.
+///
+/// # Safety
+/// `a` null or with `cap` writable bytes, `len` null or writable.
+unsafe fn accepted(
+    fd: c_int,
+    r: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) -> c_int {
     if r >= 0 && config::active() {
         let saved = errno();
-        // A connection is never grafted again: keep sends on it on the fast path.
-        table::set(r, table::LOCAL);
+        if table::state(fd) == table::UNIX_LISTEN {
+            // The program gets a TCP-looking connection: its local address
+            // is the listener's, its peer a loopback address.
+            table::set_with_addr(r, table::UNIX_PEER, &table::addr(fd));
+            // SAFETY: the caller's buffer, as accept(2) takes it.
+            unsafe { unix_name_out(r, table::UNIX_PEER, true, a, len, cap) };
+        } else {
+            // A connection is never grafted again: keep sends on it on the fast path.
+            table::set(r, table::LOCAL);
+        }
         set_errno(saved);
     }
     r
@@ -413,8 +506,10 @@ fn accepted(r: c_int) -> c_int {
 /// accept(2).
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwarded unchanged.
-    accepted(unsafe { sys::accept(fd, a, len) })
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged; then the caller's own buffer.
+    unsafe { accepted(fd, sys::accept(fd, a, len), a, len, cap) }
 }
 
 /// # Safety
@@ -426,6 +521,96 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: forwarded unchanged.
-    accepted(unsafe { sys::accept4(fd, a, len, flags) })
+    // SAFETY: the caller's len pointer, read before the call as the kernel does.
+    let cap = if len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: forwarded unchanged; then the caller's own buffer.
+    unsafe { accepted(fd, sys::accept4(fd, a, len, flags), a, len, cap) }
+}
+
+/// Whether a receive that failed with EAGAIN must be repeated: the socket is
+/// blocking, the call did not ask not to wait (`MSG_DONTWAIT`) and no receive
+/// timeout is set, so EAGAIN is not an answer the program can expect. The
+/// kernel's sockmap receive path (`tcp_bpf_recvmsg`, which spliced sockets
+/// take: `graftd --splice`) returns it after a wake-up that brought no data,
+/// e.g. when another thread's send on the same socket frees memory (seen on
+/// 6.18). Only sockets the library knows (made by this process's `socket()`,
+/// grafted, or accepted) are looked at; the check costs two system calls,
+/// paid only on that error path.
+#[cold]
+#[inline(never)]
+fn blocking_eagain(fd: c_int, flags: c_int) -> bool {
+    let e = errno();
+    if (e != libc::EAGAIN && e != libc::EWOULDBLOCK)
+        || flags & libc::MSG_DONTWAIT != 0
+        || !config::active()
+        || !matches!(
+            table::state(fd),
+            table::INGRESS | table::EGRESS | table::LOCAL
+        )
+    {
+        return false;
+    }
+    let retry = matches!(sys::sys_fcntl(fd, libc::F_GETFL, 0), Ok(fl) if fl & libc::O_NONBLOCK == 0)
+        && sys::sys_rcvtimeo_unset(fd);
+    set_errno(e);
+    retry
+}
+
+/// # Safety
+/// read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::read(fd, buf, n) };
+        if r >= 0 || !blocking_eagain(fd, 0) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recv(2).
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recv(fd, buf, n, flags) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recvfrom(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recvfrom(fd, buf, n, flags, a, len) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// recvmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::recvmsg(fd, msg, flags) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! # What it does
 //!
 //! It shadows `socket`, `setsockopt`, `bind`, `listen`, `connect`, `sendto`,
-//! `sendmsg`, `sendmmsg`, `getsockname`, `close`, `dup`, `dup2`, `dup3`,
+//! `sendmsg`, `sendmmsg`, `getsockname`, `getpeername`, `close`, `dup`, `dup2`, `dup3`,
 //! `fcntl`/`fcntl64` (`F_DUPFD`, `F_DUPFD_CLOEXEC`), `accept` and `accept4`.
 //! With no rules in the environment every call is one relaxed load away from
 //! the real function.
@@ -15,7 +15,12 @@
 //!   socket graftd creates and binds to the endpoint; `bind()` then returns 0
 //!   without touching the container's stack. A dual-stack `[::]` bind
 //!   (IPV6_V6ONLY off) with no `::` rule takes the `0.0.0.0` rule, since it
-//!   serves IPv4 too (iperf3 binds `[::]` by default). A `bind()` to port 0 is
+//!   serves IPv4 too (iperf3 binds `[::]` by default). One (a stream socket) that
+//!   matches both a `::` and a `0.0.0.0` rule asks graftd for one listener
+//!   answering on both endpoints (`SocketDual`: bound to the IPv4 endpoint
+//!   as `[::ffff:A4]:P4`, IPv6 connections steered to it by graft-ebpf's
+//!   sk_lookup); when graftd cannot, it says so in one line and grafts onto
+//!   the `::` rule's endpoint alone. A `bind()` to port 0 is
 //!   what clients do, so it is done locally and decided later: at `listen()`
 //!   (a server: grafted if a rule for that address covers port 0) or at the
 //!   first send/connect (egress). A `listen()` on an unbound socket counts as
@@ -36,16 +41,20 @@
 //! * **Egress socket pool** ([`pool`]; `GRAFT_POOL=0` turns it off, default
 //!   on): an egress graft of a socket whose whole history the library saw
 //!   and that carries no option is served from a per-process pool of
-//!   sockets graftd made in advance, keyed by (endpoint, family, type,
-//!   protocol); an empty pool asks with one `SocketBatch` request for up to
-//!   8 sockets, uses one and keeps the rest. At most 4 keys of 8 sockets,
+//!   sockets graftd made in advance, keyed by (network namespace,
+//!   endpoint, family, type, protocol); an empty pool asks with one
+//!   `SocketBatch` request, uses one socket and keeps the rest (graftd sends
+//!   8 on a process's first batch, then 16, then 32 per batch). At most 4
+//!   keys of 32 sockets,
 //!   close-on-exec, at high descriptor numbers the application never sees
 //!   (the pooled socket is `dup3`'d over its descriptor like a fresh one);
 //!   a busy pool (another thread, a signal handler) falls back to one
 //!   request, never waits. A fork()ed child closes its inherited copies at
-//!   once. Consequences: each pooled socket holds an ephemeral port on the
-//!   endpoint's address from the moment it is made, and an endpoint removed
-//!   with `ip graft del` can still hand out up to 7 pooled sockets per
+//!   once. Consequences: without graft-ebpf's bind guard (`graftd
+//!   --no-ebpf`) each pooled socket holds an ephemeral port on the
+//!   endpoint's address from the moment it is made (with it, TCP egress
+//!   sockets get their port at connect), and an endpoint removed
+//!   with `ip graft del` can still hand out up to 31 pooled sockets per
 //!   process until they are used (with graft-ebpf, deleting an endpoint
 //!   already makes its sockets refused on connect). Sockets with options,
 //!   ingress sockets and sockets of unknown history always take a request.
@@ -74,6 +83,20 @@
 //!   otherwise graftd's errno. The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
+//! * **`type unix` endpoints**: graftd answers an AF_INET/AF_INET6 stream
+//!   socket mapped onto one with a unix stream socket, bound at the path
+//!   (ingress) or already connected to it (egress: `connect()` then
+//!   returns 0 without running). The program still believes it holds a
+//!   TCP socket: `getsockname` answers the address it bound (or, for a
+//!   client, the loopback address, port 0), `getpeername` and `accept`
+//!   answer the loopback address, port 0, for a connection accepted on
+//!   such a listener (the peer is a local process), and the destination it
+//!   asked for on a client; `setsockopt` at the TCP, IP and IPv6 levels
+//!   (TCP_NODELAY, keepalive timers, ...) succeeds without doing anything,
+//!   on the listener, on accepted connections (tracked) and on clients.
+//!   Datagram sockets are refused (ESOCKTNOSUPPORT). Not covered: a
+//!   `sendto()` with a destination on such a socket (TCP Fast Open) fails
+//!   with EISCONN, and `getsockopt` answers for the unix socket.
 //! * **getsockname**: `GRAFT_GETSOCKNAME=host` (default, as AF_GRAFT) reports
 //!   the host address the socket really has; `app` reports, for sockets
 //!   grafted on ingress, the address the application bound (with the real port
@@ -101,7 +124,9 @@
 //! * errno is saved on entry and restored on success paths; no panic unwinds
 //!   into C (decisions run under `catch_unwind`; a bug fails the call with EIO).
 //! * One cached broker connection per process ([`broker`]): re-made after
-//!   fork, guarded by a try-lock so concurrent threads and signal handlers
+//!   fork and when the calling thread is in another network namespace than
+//!   the one it was made in (setns; one stat of
+//!   `/proc/thread-self/ns/net` per graft tells), guarded by a try-lock so concurrent threads and signal handlers
 //!   never wait (they use a one-off connection), with send/receive timeouts.
 //!   Decision paths use only system calls and stack buffers, so a signal
 //!   handler that connects while its thread is mid-decision is still decided

@@ -4,7 +4,9 @@
 //! trip per connection. An egress socket without options is the same for
 //! every such connection, so one `SocketBatch` request brings up to
 //! [`BATCH_MAX`] of them: one is used at once, the rest wait here for the
-//! next grafts of the same (endpoint, family, type, protocol).
+//! next grafts of the same (network namespace, endpoint, family, type,
+//! protocol): endpoint names are per namespace, and a thread that called
+//! setns() must never get a socket of its old namespace's endpoint.
 //!
 //! Storage is static: [`KEYS`] keys of [`BATCH_MAX`] descriptors each, in
 //! atomics, so the pool never allocates and never grows the descriptor
@@ -37,6 +39,8 @@ static LOCK: AtomicI32 = AtomicI32::new(0);
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// The endpoint name of each key, NUL-padded, as two words.
 static NAME: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
+/// The network namespace (device, inode) of each key.
+static NS: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
 /// The packed kind (see `graft::pack_kind`) of each key; 0: key unused.
 static KIND: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static LEN: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
@@ -46,15 +50,25 @@ static INO: [[AtomicU64; BATCH_MAX]; KEYS] =
     [const { [const { AtomicU64::new(0) }; BATCH_MAX] }; KEYS];
 
 /// Like [`broker::ask`] for an egress `Socket` request without options
-/// (`kind` packed, not 0): served from the pool when it has a socket for
-/// that key, else by a `SocketBatch` whose other sockets are kept. With
-/// `want_addr`, a pooled socket's reply carries its own bound address.
-pub fn ask(name: &str, req: &Request, kind: u32, want_addr: bool) -> Result<Answer, Error> {
+/// (`kind` packed, not 0) from a thread in namespace `ns`: served from the
+/// pool when it has a socket for that key, else by a `SocketBatch` whose
+/// other sockets are kept. With `want_addr`, a pooled socket's reply
+/// carries its own bound address. An unknown namespace gets no pool.
+pub fn ask(
+    name: &str,
+    req: &Request,
+    kind: u32,
+    want_addr: bool,
+    ns: Option<(u64, u64)>,
+) -> Result<Answer, Error> {
     let pid = sys::sys_getpid();
+    let Some(ns) = ns else {
+        return broker::ask(name, req, None);
+    };
     if kind == 0 || req.nopts != 0 || !try_lock(pid) {
-        return broker::ask(name, req);
+        return broker::ask(name, req, Some(ns));
     }
-    let r = locked(name, req, kind, want_addr, pid);
+    let r = locked(name, req, kind, want_addr, pid, ns);
     LOCK.store(0, Ordering::Release);
     r
 }
@@ -75,14 +89,15 @@ fn locked(
     kind: u32,
     want_addr: bool,
     pid: i32,
+    ns: (u64, u64),
 ) -> Result<Answer, Error> {
     if OWNER.load(Ordering::Relaxed) != pid {
         // Inherited without fork handlers: the parent's sockets.
         drain();
         OWNER.store(pid, Ordering::Relaxed);
     }
-    let Some(k) = key(req, kind) else {
-        return broker::ask(name, req);
+    let Some(k) = key(req, kind, ns) else {
+        return broker::ask(name, req, Some(ns));
     };
     if let Some(fd) = pop(k) {
         let addr = if want_addr {
@@ -101,10 +116,12 @@ fn locked(
     }
     let mut batch = req.clone();
     batch.op = Op::SocketBatch;
-    let mut a = broker::ask(name, &batch)?;
+    let mut a = broker::ask(name, &batch, Some(ns))?;
     if a.reply.errno == 0 {
+        // One getrlimit per batch, not per socket.
+        let floor = broker::high_fd_floor();
         for f in a.extra.iter_mut().filter_map(Option::take) {
-            push(k, f);
+            push(k, f, floor);
         }
     }
     Ok(a)
@@ -122,13 +139,16 @@ fn name_words(req: &Request) -> [u64; 2] {
     [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
 
-/// The key slot for the request, claiming a free one if needed.
-fn key(req: &Request, kind: u32) -> Option<usize> {
+/// The key slot for the request from namespace `ns`, claiming a free one
+/// if needed.
+fn key(req: &Request, kind: u32, ns: (u64, u64)) -> Option<usize> {
     let w = name_words(req);
     let same = |k: usize| {
         KIND[k].load(Ordering::Relaxed) == kind
             && NAME[k][0].load(Ordering::Relaxed) == w[0]
             && NAME[k][1].load(Ordering::Relaxed) == w[1]
+            && NS[k][0].load(Ordering::Relaxed) == ns.0
+            && NS[k][1].load(Ordering::Relaxed) == ns.1
     };
     if let Some(k) = (0..KEYS).find(|&k| same(k)) {
         return Some(k);
@@ -136,6 +156,8 @@ fn key(req: &Request, kind: u32) -> Option<usize> {
     let k = (0..KEYS).find(|&k| KIND[k].load(Ordering::Relaxed) == 0)?;
     NAME[k][0].store(w[0], Ordering::Relaxed);
     NAME[k][1].store(w[1], Ordering::Relaxed);
+    NS[k][0].store(ns.0, Ordering::Relaxed);
+    NS[k][1].store(ns.1, Ordering::Relaxed);
     LEN[k].store(0, Ordering::Relaxed);
     KIND[k].store(kind, Ordering::Relaxed);
     Some(k)
@@ -169,16 +191,12 @@ fn pop(k: usize) -> Option<OwnedFd> {
 
 /// Keeps `f` at a high number; closed when the key is full or no high
 /// number is free.
-fn push(k: usize, f: OwnedFd) {
+fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
     let n = LEN[k].load(Ordering::Relaxed) as usize;
     if n >= BATCH_MAX {
         return;
     }
-    let Ok(hi) = sys::sys_fcntl(
-        f.as_raw_fd(),
-        libc::F_DUPFD_CLOEXEC,
-        broker::high_fd_floor(),
-    ) else {
+    let Ok(hi) = sys::sys_fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) else {
         return;
     };
     drop(f);
@@ -242,22 +260,26 @@ mod tests {
     #[test]
     fn keys_slots_inodes_and_draining() {
         drain();
-        let a = key(&req("a"), 0x0201_0006).unwrap();
-        assert_eq!(key(&req("a"), 0x0201_0006), Some(a));
-        let b = key(&req("a"), 0x0a01_0006).unwrap();
+        let ns = (4, 4026531840);
+        let a = key(&req("a"), 0x0201_0006, ns).unwrap();
+        assert_eq!(key(&req("a"), 0x0201_0006, ns), Some(a));
+        let b = key(&req("a"), 0x0a01_0006, ns).unwrap();
         assert_ne!(a, b, "another kind is another key");
-        key(&req("c"), 1).unwrap();
-        key(&req("d"), 1).unwrap();
-        assert_eq!(key(&req("e"), 1), None, "all key slots used");
+        let c = key(&req("a"), 0x0201_0006, (4, 4026531841)).unwrap();
+        assert!(c != a && c != b, "another namespace is another key");
+        key(&req("d"), 1, ns).unwrap();
+        assert_eq!(key(&req("e"), 1, ns), None, "all key slots used");
 
+        let floor = broker::high_fd_floor();
         for _ in 0..BATCH_MAX + 2 {
             push(
                 a,
                 sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap(),
+                floor,
             );
         }
         assert_eq!(held(), BATCH_MAX, "a key holds at most one batch");
-        let floor = broker::high_fd_floor() as RawFd;
+        let floor = floor as RawFd;
         for slot in &FD[a] {
             let fd = slot.load(Ordering::Relaxed);
             assert!(fd >= floor, "fd {fd} below {floor}");
@@ -285,7 +307,7 @@ mod tests {
         for fd in rest {
             assert_eq!(sys::sys_fcntl(fd, libc::F_GETFD, 0), Err(libc::EBADF));
         }
-        assert_eq!(key(&req("e"), 1), Some(0), "keys freed");
+        assert_eq!(key(&req("e"), 1, ns), Some(0), "keys freed");
         drain();
     }
 }

@@ -34,9 +34,14 @@ pub enum Sym {
     Accept,
     Accept4,
     Setsockopt,
+    Getpeername,
+    Read,
+    Recv,
+    Recvfrom,
+    Recvmsg,
 }
 
-const NAMES: [&[u8]; 17] = [
+const NAMES: [&[u8]; 22] = [
     b"socket\0",
     b"bind\0",
     b"listen\0",
@@ -54,10 +59,15 @@ const NAMES: [&[u8]; 17] = [
     b"accept\0",
     b"accept4\0",
     b"setsockopt\0",
+    b"getpeername\0",
+    b"read\0",
+    b"recv\0",
+    b"recvfrom\0",
+    b"recvmsg\0",
 ];
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 17] = [const { AtomicUsize::new(0) }; 17];
+static REAL: [AtomicUsize; 22] = [const { AtomicUsize::new(0) }; 22];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -88,6 +98,11 @@ type Int2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Int3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type SetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
+type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> isize;
+type RecvFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> isize;
+type RecvfromFn =
+    unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> isize;
+type RecvmsgFn = unsafe extern "C" fn(c_int, *mut msghdr, c_int) -> isize;
 
 /// Calls the real function `$sym` with C type `$ty`, or falls back to `$fallback`.
 macro_rules! call_real {
@@ -238,6 +253,14 @@ pub unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_i
 }
 
 /// # Safety
+/// Same contract as getpeername(2).
+pub unsafe fn getpeername(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
+    call_real!(Sym::Getpeername, NameFn, (fd, a, l), unsafe {
+        libc::syscall(libc::SYS_getpeername, fd, a, l) as c_int
+    })
+}
+
+/// # Safety
 /// Same contract as accept4(2).
 pub unsafe fn accept4(fd: c_int, a: *mut sockaddr, l: *mut socklen_t, flags: c_int) -> c_int {
     call_real!(Sym::Accept4, Accept4Fn, (fd, a, l, flags), unsafe {
@@ -268,6 +291,56 @@ pub unsafe fn setsockopt(
         (fd, level, name, val, len),
         unsafe { libc::syscall(libc::SYS_setsockopt, fd, level, name, val, len) as c_int }
     )
+}
+
+/// # Safety
+/// Same contract as read(2).
+pub unsafe fn read(fd: c_int, buf: *mut c_void, n: size_t) -> isize {
+    call_real!(Sym::Read, ReadFn, (fd, buf, n), unsafe {
+        libc::syscall(libc::SYS_read, fd, buf, n) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as recv(2).
+pub unsafe fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> isize {
+    call_real!(Sym::Recv, RecvFn, (fd, buf, n, flags), unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            buf,
+            n,
+            flags,
+            std::ptr::null_mut::<sockaddr>(),
+            std::ptr::null_mut::<socklen_t>(),
+        ) as isize
+    })
+}
+
+/// # Safety
+/// Same contract as recvfrom(2).
+pub unsafe fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    l: *mut socklen_t,
+) -> isize {
+    call_real!(
+        Sym::Recvfrom,
+        RecvfromFn,
+        (fd, buf, n, flags, a, l),
+        unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize }
+    )
+}
+
+/// # Safety
+/// Same contract as recvmsg(2).
+pub unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize {
+    call_real!(Sym::Recvmsg, RecvmsgFn, (fd, m, flags), unsafe {
+        libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize
+    })
 }
 
 pub fn close(fd: c_int) -> c_int {
@@ -389,6 +462,13 @@ pub fn sys_getsockopt(fd: RawFd, level: c_int, name: c_int, buf: &mut [u8]) -> O
     (r == 0).then_some((len as usize).min(buf.len()))
 }
 
+/// Whether `fd` is a socket with no receive timeout (SO_RCVTIMEO zero).
+pub fn sys_rcvtimeo_unset(fd: RawFd) -> bool {
+    let mut tv = [0u8; std::mem::size_of::<libc::timeval>()];
+    matches!(sys_getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &mut tv),
+        Some(n) if tv[..n].iter().all(|b| *b == 0))
+}
+
 pub fn sys_getsockopt_int(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
     let mut b = [0u8; 4];
     match sys_getsockopt(fd, level, name, &mut b)? {
@@ -461,6 +541,27 @@ pub fn sys_connect(fd: RawFd, addr: &[u8]) -> Result<(), c_int> {
     .map(|_| ())
 }
 
+/// Sleeps `ms` milliseconds (nanosleep: async-signal-safe; an interrupted
+/// sleep is resumed).
+pub fn sys_sleep_ms(ms: u32) {
+    let mut req = libc::timespec {
+        tv_sec: libc::time_t::from(ms / 1000),
+        tv_nsec: libc::c_long::from(ms % 1000) * 1_000_000,
+    };
+    let mut rem = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    for _ in 0..64 {
+        // SAFETY: req and rem are valid timespecs for the call's duration.
+        let rc = unsafe { libc::nanosleep(&req, &mut rem) };
+        if rc == 0 || errno() != libc::EINTR {
+            return;
+        }
+        req = rem;
+    }
+}
+
 pub fn sys_getpid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
@@ -473,6 +574,26 @@ pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     // SAFETY: st is a writable stat.
     let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) };
     (r == 0).then_some((st.st_ino, st.st_mode))
+}
+
+/// The network namespace of the calling thread, as (device, inode) of
+/// `/proc/thread-self/ns/net`; `None` when procfs cannot tell (not mounted).
+/// A thread that called setns() answers with its new namespace.
+pub fn sys_netns_id() -> Option<(u64, u64)> {
+    const PATH: &[u8] = b"/proc/thread-self/ns/net\0";
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: PATH is NUL-terminated and st is a writable stat.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_newfstatat,
+            libc::AT_FDCWD,
+            PATH.as_ptr(),
+            &mut st as *mut libc::stat,
+            0,
+        )
+    };
+    (r == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// Writes all of `b` to stderr (best effort, bounded retries).
@@ -530,9 +651,10 @@ pub const MAX_FDS: usize = graft_core::proto::broker::BATCH_MAX;
 /// keeping the first [`MAX_FDS`] and closing the rest. Bounded EINTR retries; the
 /// socket's SO_RCVTIMEO bounds the wait.
 pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
-    // Room for one cmsg with 16 ints (twice a batch, so a longer one is
-    // still received and closed rather than truncated), aligned for cmsghdr.
-    let mut cbuf = [0u64; 12];
+    // Room for one cmsg (a 16-byte header) with 2 * MAX_FDS ints (twice a
+    // batch, so a longer one is still received and closed rather than
+    // truncated), aligned for cmsghdr.
+    let mut cbuf = [0u64; 2 + MAX_FDS];
     for _ in 0..64 {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),

@@ -34,6 +34,22 @@ pub const INGRESS: u32 = 3;
 pub const EGRESS: u32 = 4;
 /// Bound locally to `ADDR:0`: a client's bind, or a server decided at `listen()`.
 pub const PORT0: u32 = 5;
+/// An INET listener replaced by a host unix listener (`type unix`
+/// endpoint); the address is the one the application bound.
+pub const UNIX_LISTEN: u32 = 6;
+/// A connection accepted on a [`UNIX_LISTEN`] socket; the address is the
+/// listener's (what the application sees as its local address).
+pub const UNIX_PEER: u32 = 7;
+/// An INET client socket replaced by a host unix socket connected to a
+/// `type unix` endpoint; the address is the destination it asked for.
+pub const UNIX_OUT: u32 = 8;
+
+/// Whether `st` is one of the unix-backed states, where the application
+/// still believes it holds an AF_INET/AF_INET6 TCP socket.
+#[inline(always)]
+pub fn is_unix(st: u32) -> bool {
+    matches!(st, UNIX_LISTEN | UNIX_PEER | UNIX_OUT)
+}
 
 const PAGE_BITS: u32 = 12;
 const DIR_BITS: u32 = 18;
@@ -53,12 +69,23 @@ pub struct Entry {
     /// The fork generation when our `socket()` made it; 0 when the option
     /// record below is not the socket's whole history.
     hist: AtomicU32,
-    /// Bit i: the application set `SNAPSHOT[i]` (only successful calls).
-    opts: AtomicU64,
+    /// Bit i (word i / 64): the application set `SNAPSHOT[i]` (only
+    /// successful calls).
+    opts: [AtomicU64; 2],
 }
 
 // One bit per option of the snapshot list.
-const _: () = assert!(graft_core::sockopt::SNAPSHOT.len() <= 64);
+const _: () = assert!(graft_core::sockopt::SNAPSHOT.len() <= 128);
+
+fn load_opts(e: &Entry) -> u128 {
+    u128::from(e.opts[0].load(Ordering::Relaxed))
+        | u128::from(e.opts[1].load(Ordering::Relaxed)) << 64
+}
+
+fn store_opts(e: &Entry, v: u128) {
+    e.opts[0].store(v as u64, Ordering::Relaxed);
+    e.opts[1].store((v >> 64) as u64, Ordering::Relaxed);
+}
 
 /// Bumped after every fork() (in parent and child): sockets made before it
 /// may be shared with the other process, which can set options on them
@@ -158,7 +185,7 @@ pub fn reset(fd: c_int) {
         e.state.store(UNKNOWN, Ordering::Relaxed);
         e.kind.store(0, Ordering::Relaxed);
         e.hist.store(0, Ordering::Relaxed);
-        e.opts.store(0, Ordering::Relaxed);
+        store_opts(e, 0);
     }
 }
 
@@ -166,7 +193,7 @@ pub fn reset(fd: c_int) {
 /// known), no option set yet, history complete as of this fork generation.
 pub fn created(fd: c_int, st: u32, kind: u32) {
     if let Some(e) = entry(fd, true) {
-        e.opts.store(0, Ordering::Relaxed);
+        store_opts(e, 0);
         e.kind.store(kind, Ordering::Relaxed);
         e.hist
             .store(FORK_GEN.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -184,17 +211,18 @@ pub fn kind(fd: c_int) -> u32 {
 #[inline]
 pub fn record_opt(fd: c_int, bit: u32) {
     if let Some(e) = entry(fd, false) {
-        e.opts.fetch_or(1u64 << (bit & 63), Ordering::Relaxed);
+        let bit = bit & 127;
+        e.opts[(bit / 64) as usize].fetch_or(1u64 << (bit % 64), Ordering::Relaxed);
     }
 }
 
 /// The options the application set on `fd`, if that record is the
 /// socket's whole history (made by our `socket()` in this fork generation
 /// and never duplicated since).
-pub fn recorded_opts(fd: c_int) -> Option<u64> {
+pub fn recorded_opts(fd: c_int) -> Option<u128> {
     let e = entry(fd, false)?;
     let h = e.hist.load(Ordering::Relaxed);
-    (h != 0 && h == FORK_GEN.load(Ordering::Relaxed)).then(|| e.opts.load(Ordering::Relaxed))
+    (h != 0 && h == FORK_GEN.load(Ordering::Relaxed)).then(|| load_opts(e))
 }
 
 /// The kind and option record of `fd` can no longer be trusted.
@@ -225,14 +253,14 @@ pub fn copy(from: c_int, to: c_int) {
     let st = src.state.load(Ordering::Relaxed);
     let a = addr(from);
     let kind = src.kind.load(Ordering::Relaxed);
-    let opts = src.opts.load(Ordering::Relaxed);
+    let opts = load_opts(src);
     // Options set through one descriptor are recorded on that descriptor
     // only, so from now on neither record is the socket's whole history:
     // a graft of either one compares with a fresh socket instead.
     src.hist.store(0, Ordering::Relaxed);
     if let Some(e) = entry(to, true) {
         e.kind.store(kind, Ordering::Relaxed);
-        e.opts.store(opts, Ordering::Relaxed);
+        store_opts(e, opts);
         e.hist.store(0, Ordering::Relaxed);
     }
     set_with_addr(to, st, &a);
@@ -272,7 +300,12 @@ mod tests {
         assert_eq!(recorded_opts(fd), Some(0));
         record_opt(fd, 5);
         record_opt(fd, 63);
-        assert_eq!(recorded_opts(fd), Some(1 << 5 | 1 << 63));
+        record_opt(fd, 64);
+        record_opt(fd, 127);
+        assert_eq!(
+            recorded_opts(fd),
+            Some(1 << 5 | 1 << 63 | 1 << 64 | 1 << 127)
+        );
         assert_eq!(kind(fd), 0x0201_0006);
         // A duplicate carries state, kind and bits, but neither record is
         // complete any more.

@@ -266,6 +266,8 @@ pub struct Graftd {
     pub control: PathBuf,
     pub broker: String,
     pub log: PathBuf,
+    /// Every argument graftd was started with (a restart reuses them).
+    pub args: Vec<String>,
 }
 
 impl Graftd {
@@ -282,11 +284,26 @@ impl Graftd {
         let log = dir.join("graftd.log");
         let logf = std::fs::File::create(&log).expect("graftd log file");
         let mut cmd = Command::new(bin("graftd"));
-        cmd.arg("--control")
-            .arg(&control)
-            .arg("--broker-name")
-            .arg(&broker)
-            .args(extra)
+        // Its own state directory, bpffs pins and cgroup: private graftds
+        // never share saved tables or eBPF state (Drop removes them).
+        let tag = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut args: Vec<String> = vec![
+            "--control".into(),
+            control.display().to_string(),
+            "--broker-name".into(),
+            broker.clone(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--pin-dir".into(),
+            format!("/sys/fs/bpf/graft-test-{tag}"),
+            "--cgroup".into(),
+            format!("graft-test-{tag}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        cmd.args(&args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
@@ -298,6 +315,7 @@ impl Graftd {
             control,
             broker,
             log,
+            args,
         };
         let start = Instant::now();
         while !d.control.exists() {
@@ -386,6 +404,14 @@ impl Drop for Graftd {
         if std::thread::panicking() {
             eprintln!("---- graftd log ----\n{}", self.log_text());
         }
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        // Its pinned eBPF companion and cgroup go with it.
+        let _ = Command::new(bin("graftd"))
+            .args(&self.args)
+            .arg("--remove")
+            .stdin(Stdio::null())
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -634,6 +660,77 @@ pub fn static_launcher() -> PathBuf {
             dst
         })
         .clone()
+}
+
+/// Restarting a private graftd, as a crash or an upgrade would.
+impl Graftd {
+    /// Kills graftd with SIGKILL (no clean-up at all) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts graftd again with the same arguments (after [`Graftd::kill9`]
+    /// or a stop) and waits until its control socket accepts connections.
+    pub fn restart(&mut self) {
+        self.restart_bin(&bin("graftd"));
+    }
+
+    /// Like [`Graftd::restart`] with another graftd binary (an upgrade).
+    pub fn restart_bin(&mut self, graftd: &Path) {
+        self.start_bin(graftd);
+        self.wait_ready(Duration::from_secs(10));
+    }
+
+    /// Spawns graftd (with the same arguments) without waiting for it.
+    pub fn start_bin(&mut self, graftd: &Path) {
+        if self.alive() {
+            self.kill9();
+        }
+        let logf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("graftd log file");
+        let mut cmd = Command::new(graftd);
+        cmd.args(&self.args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log"))
+            .stderr(logf);
+        self.proc = Proc::spawn(cmd, "graftd");
+    }
+
+    /// Waits until the control socket accepts a connection (a stale socket
+    /// file left by a killed graftd refuses them).
+    pub fn wait_ready(&mut self, limit: Duration) {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let start = Instant::now();
+        loop {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .expect("socket");
+            let addr = UnixAddr::new(&self.control).expect("control path");
+            if connect(s.as_raw_fd(), &addr).is_ok() {
+                return;
+            }
+            assert!(
+                self.alive(),
+                "graftd exited during restart; log:\n{}",
+                self.log_text()
+            );
+            assert!(
+                start.elapsed() < limit,
+                "graftd did not accept control connections within {limit:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// What [`HostHttp`] answers.

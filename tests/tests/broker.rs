@@ -134,6 +134,7 @@ fn spec(name: &str, addr: EndpointAddr) -> EndpointSpec {
         addr,
         netns: None,
         policy: vec![],
+        limit: None,
     }
 }
 
@@ -967,6 +968,9 @@ fn daemon_lifecycle() {
         .arg(&d.control)
         .arg("--broker-name")
         .arg(unique("graft-test/"))
+        .arg("--state-dir")
+        .arg(d.dir.join("state-again"))
+        .arg("--no-ebpf")
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
     let mut p = graft_tests::Proc::spawn(again, "graftd on a stale path");

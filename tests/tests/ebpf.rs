@@ -256,7 +256,7 @@ fn policy_denies_with_eperm_and_counts() {
     assert_eq!(s["policy_denied"], 2, "{s}");
     // Each probe is its own process whose one egress graft takes a batch
     // for its socket pool: all of a batch's sockets count as handed out.
-    let handed = 4 * graft_core::proto::broker::BATCH_MAX;
+    let handed = 4 * graft_core::proto::broker::BATCH_FIRST;
     assert_eq!(s["sockets"], handed, "{s}");
     let cols = stats_columns(&env.d.ip_graft_ok(Some(&env.ns), &["-s", "show"]), "ep-out");
     assert_eq!(
@@ -679,7 +679,7 @@ fn no_ebpf_says_so_once_and_works() {
     );
     let s = env.stats_in(&env.ns, "ep-out");
     // One egress graft: one batch for the process's socket pool.
-    assert_eq!(s["sockets"], graft_core::proto::broker::BATCH_MAX, "{s}");
+    assert_eq!(s["sockets"], graft_core::proto::broker::BATCH_FIRST, "{s}");
     assert!(
         s.get("policy_denied").is_none(),
         "kernel counters without eBPF: {s}"

@@ -112,13 +112,14 @@ fn fifty_sequential_connections_take_seven_batches() {
     let Some((env, srv)) = sequential_run(test, 50, None) else {
         return;
     };
-    let mut ports = peer_ports(&srv);
-    assert_eq!(ports.len(), 50);
-    ports.sort();
-    ports.dedup();
-    assert_eq!(ports.len(), 50, "a pooled socket is never used twice");
-    // 7 batches of 8: the 50 used plus 6 still pooled when python exited.
-    assert_eq!(requests(&env), (0, 7), "{}", env.d.log_text());
+    // Every one of the 50 connections reached the server: a pooled socket
+    // handed out twice would have failed its second connect (EISCONN).
+    // Distinct source ports are not required: the server closes first, so
+    // a port leaves no TIME_WAIT behind and the kernel may give it again.
+    assert_eq!(peer_ports(&srv).len(), 50);
+    // Batches of 8, 16 and 32 (graft_core's BATCH_FIRST, doubling): the 50
+    // used plus 6 still pooled when python exited.
+    assert_eq!(requests(&env), (0, 3), "{}", env.d.log_text());
     assert_eq!(handed_out(&env), 56);
 }
 

@@ -4,7 +4,8 @@
 //! Request (`REQUEST_LEN` bytes exactly):
 //! ```text
 //!  0 u32 magic "GRFT"     4 u16 version       6 u16 op (1 = socket, 2 = lookup,
-//!                                                   3 = socket batch, 4 = attach)
+//!                                                   3 = socket batch, 5 = rules,
+//!                                                   6 = attach)
 //!  8 [u8;16] endpoint name, NUL-padded
 //! 24 i32 family          28 i32 type (no flags) 32 i32 protocol
 //! 36 u16 purpose (0 = ingress, 1 = egress)     38 u16 option count
@@ -18,6 +19,16 @@
 //! 24 u32 address length          28 [u8; 128] sockaddr (bound address)
 //! ```
 //!
+//! `SocketDual` (op 4, ingress only) asks for one dual-stack listener: an
+//! AF_INET6 socket bound to the IPv4 endpoint named in the header (as
+//! `[::ffff:A4]:P4`, so it takes IPv4 connections) that also answers IPv6
+//! connections to a second, IPv6 endpoint, through graft-ebpf's sk_lookup
+//! program; graftd makes it listen before handing it out. The IPv6
+//! endpoint's name travels as the first option record, with level
+//! [`DUAL_LEVEL`] and the NUL-padded name as value; [`Request::options`]
+//! leaves that record out. A graftd that cannot steer answers
+//! [`Reason::NoDualStack`].
+//!
 //! `SocketBatch` asks for up to [`BATCH_MAX`] egress sockets made exactly
 //! as one `Socket` request would make them (a per-process prefetch pool in
 //! the preload library). Its request must have purpose egress and no
@@ -25,6 +36,13 @@
 //! above, the address being the first socket's, and carries between 1 and
 //! [`BATCH_MAX`] sockets in one SCM_RIGHTS message: the receiver counts
 //! them from the control message, and asks each one for its own address.
+//!
+//! `Rules` asks for the namespace's own mapping rules (see
+//! [`crate::nsrules`]). Its request is all zero after the op (no endpoint,
+//! family, type, protocol, purpose or option); its success reply carries no
+//! address and exactly one descriptor: a sealed memfd holding the rules blob
+//! ([`crate::nsrules::NsRules::from_blob`]), with empty lists when the
+//! namespace has no rules.
 //!
 //! `Attach` (seccomp mode, see [`Attach`]) has its own request layout of the
 //! same size and the reply above (no socket): the `graft` launcher hands
@@ -49,7 +67,15 @@ pub const ADDR_MAX: usize = 128;
 /// Size of every reply.
 pub const REPLY_LEN: usize = 28 + ADDR_MAX;
 /// Most sockets one `SocketBatch` reply carries.
-pub const BATCH_MAX: usize = 8;
+pub const BATCH_MAX: usize = 32;
+/// Sockets in graftd's first `SocketBatch` reply on a broker connection;
+/// each further batch on the same connection doubles, up to [`BATCH_MAX`].
+/// A process that makes one connection gets few spare sockets; one that
+/// churns pays a round trip per 32 connections, not per 8.
+pub const BATCH_FIRST: usize = 8;
+/// Level of the option record carrying a `SocketDual` request's IPv6
+/// endpoint name (no socket option has a negative level).
+pub const DUAL_LEVEL: c_int = -0x4752;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +86,12 @@ pub enum Op {
     Lookup = 2,
     /// Up to [`BATCH_MAX`] egress sockets without options, in one reply.
     SocketBatch = 3,
+    /// One dual-stack listener answering on an IPv4 and an IPv6 endpoint.
+    SocketDual = 4,
+    /// The namespace's mapping rules, as a sealed memfd.
+    Rules = 5,
     /// A seccomp listener to serve with these rules ([`Attach`]).
-    Attach = 4,
+    Attach = 6,
 }
 
 /// Which side of the application asked.
@@ -89,6 +119,11 @@ pub enum Reason {
     SocketFailed = 5,
     /// Policy refused the request.
     Policy = 6,
+    /// A `SocketDual` request graftd cannot serve (no eBPF companion or
+    /// sk_lookup, endpoints of other types or target namespaces).
+    NoDualStack = 7,
+    /// The endpoint already has as many live sockets as its limit allows.
+    Limit = 8,
 }
 
 impl Reason {
@@ -101,6 +136,8 @@ impl Reason {
             4 => Reason::FamilyMismatch,
             5 => Reason::SocketFailed,
             6 => Reason::Policy,
+            7 => Reason::NoDualStack,
+            8 => Reason::Limit,
             _ => return None,
         })
     }
@@ -115,6 +152,8 @@ impl Reason {
             Reason::FamilyMismatch => "address family does not fit the endpoint",
             Reason::SocketFailed => "creating or binding the host socket failed",
             Reason::Policy => "refused by policy",
+            Reason::NoDualStack => "a dual-stack listener is not available",
+            Reason::Limit => "the endpoint's live socket limit is reached",
         }
     }
 }
@@ -183,6 +222,10 @@ pub enum DecodeError {
     OptLen(usize, u32),
     #[error("a socket batch must be for egress and carry no options")]
     Batch,
+    #[error("a dual-stack request must be for ingress and name its IPv6 endpoint first")]
+    Dual,
+    #[error("a rules request carries nothing after its op")]
+    Rules,
     #[error("unused bytes are not zero")]
     Padding,
     #[error("unknown failure reason {0}")]
@@ -194,7 +237,7 @@ pub enum DecodeError {
     #[error("rule text of {0} bytes does not fit (at most {ATTACH_TEXT_MAX})")]
     TextLen(usize),
     #[error("rule text is not valid")]
-    Rules,
+    AttachRules,
 }
 
 fn rd_u16(b: &[u8], at: usize) -> u16 {
@@ -229,7 +272,9 @@ fn op_from(v: u16) -> Result<Op, DecodeError> {
         1 => Ok(Op::Socket),
         2 => Ok(Op::Lookup),
         3 => Ok(Op::SocketBatch),
-        4 => Ok(Op::Attach),
+        4 => Ok(Op::SocketDual),
+        5 => Ok(Op::Rules),
+        6 => Ok(Op::Attach),
         _ => Err(DecodeError::Op(v)),
     }
 }
@@ -256,6 +301,14 @@ impl Request {
         }
     }
 
+    /// A `Rules` request. Its record has no endpoint name; the decoded
+    /// request carries the placeholder name `-`, which no lookup uses.
+    pub fn rules() -> Self {
+        // "-" is one byte of the allowed alphabet: from_bytes cannot fail.
+        let placeholder = EndpointName::from_bytes(b"-").expect("valid placeholder name");
+        Request::new(Op::Rules, placeholder, 0, 0, 0, Purpose::Ingress)
+    }
+
     /// Adds an option; false when the request is full or the value too long.
     pub fn push_opt(&mut self, level: c_int, name: c_int, value: &[u8]) -> bool {
         if self.nopts >= MAX_OPTS || value.len() > OPT_VALUE_MAX {
@@ -273,9 +326,44 @@ impl Request {
         true
     }
 
-    /// The options carried.
+    /// A `SocketDual` request for a listener on `v4` (the socket's
+    /// endpoint) that also answers on `v6`.
+    pub fn new_dual(
+        v4: EndpointName,
+        v6: EndpointName,
+        family: c_int,
+        sotype: c_int,
+        protocol: c_int,
+    ) -> Self {
+        let mut r = Request::new(
+            Op::SocketDual,
+            v4,
+            family,
+            sotype,
+            protocol,
+            Purpose::Ingress,
+        );
+        // Always fits: the request is empty and a name is at most 15 bytes.
+        r.push_opt(DUAL_LEVEL, 0, v6.as_bytes());
+        r
+    }
+
+    /// The IPv6 endpoint of a `SocketDual` request.
+    pub fn dual(&self) -> Option<EndpointName> {
+        if self.op != Op::SocketDual || self.nopts == 0 || self.opts[0].level != DUAL_LEVEL {
+            return None;
+        }
+        let o = &self.opts[0];
+        if o.name != 0 {
+            return None;
+        }
+        EndpointName::from_bytes(o.bytes()).ok()
+    }
+
+    /// The socket options carried (without a `SocketDual` name record).
     pub fn options(&self) -> &[OptValue] {
-        &self.opts[..self.nopts]
+        let skip = usize::from(self.op == Op::SocketDual).min(self.nopts);
+        &self.opts[skip..self.nopts]
     }
 
     /// Encodes into `out`.
@@ -284,13 +372,16 @@ impl Request {
         wr(out, 0, &MAGIC.to_le_bytes());
         wr(out, 4, &VERSION.to_le_bytes());
         wr(out, 6, &(self.op as u16).to_le_bytes());
-        wr(out, 8, self.endpoint.as_bytes());
+        if self.op != Op::Rules {
+            wr(out, 8, self.endpoint.as_bytes());
+        }
         wr(out, 24, &self.family.to_le_bytes());
         wr(out, 28, &self.sotype.to_le_bytes());
         wr(out, 32, &self.protocol.to_le_bytes());
         wr(out, 36, &(self.purpose as u16).to_le_bytes());
         wr(out, 38, &(self.nopts as u16).to_le_bytes());
-        for (i, o) in self.options().iter().enumerate() {
+        // Every record, a `SocketDual` request's name record included.
+        for (i, o) in self.opts[..self.nopts].iter().enumerate() {
             let at = HEADER_LEN + i * OPT_LEN;
             wr(out, at, &o.level.to_le_bytes());
             wr(out, at + 4, &o.name.to_le_bytes());
@@ -306,6 +397,13 @@ impl Request {
         let op = op_from(check_head(b, REQUEST_LEN)?)?;
         if op == Op::Attach {
             return Err(DecodeError::Op(op as u16));
+        }
+        if op == Op::Rules {
+            return if b[8..].iter().all(|&c| c == 0) {
+                Ok(Request::rules())
+            } else {
+                Err(DecodeError::Rules)
+            };
         }
         let raw_name = &b[8..8 + 16];
         let n = raw_name.iter().position(|&c| c == 0).unwrap_or(16);
@@ -359,6 +457,9 @@ impl Request {
             req.opts[i] = v;
         }
         req.nopts = nopts as usize;
+        if op == Op::SocketDual && (purpose != Purpose::Ingress || req.dual().is_none()) {
+            return Err(DecodeError::Dual);
+        }
         Ok(req)
     }
 }
@@ -454,7 +555,7 @@ pub const ATTACH_VERBOSE: u32 = 1;
 /// process can only hand over its own descriptors). Layout, `REQUEST_LEN`
 /// bytes, little-endian:
 /// ```text
-///  0 u32 magic   4 u16 version   6 u16 op = 4
+///  0 u32 magic   4 u16 version   6 u16 op = 6
 ///  8 i32 listener descriptor number in the sender
 /// 12 u32 flags (ATTACH_VERBOSE)
 /// 16 u16 ingress text length  18 u16 egress text length
@@ -525,9 +626,9 @@ impl Attach {
         let mut at = ATTACH_HEADER_LEN;
         let mut texts = [String::new(), String::new(), String::new()];
         for (t, n) in texts.iter_mut().zip(lens) {
-            let s = std::str::from_utf8(&b[at..at + n]).map_err(|_| DecodeError::Rules)?;
+            let s = std::str::from_utf8(&b[at..at + n]).map_err(|_| DecodeError::AttachRules)?;
             if s.contains('\0') {
-                return Err(DecodeError::Rules);
+                return Err(DecodeError::AttachRules);
             }
             *t = s.to_owned();
             at += n;
@@ -551,7 +652,46 @@ impl Attach {
             Some(&self.egress),
             Some(&self.exclude),
         )
-        .map_err(|_| DecodeError::Rules)
+        .map_err(|_| DecodeError::AttachRules)
+    }
+}
+
+#[cfg(test)]
+mod dual_tests {
+    use super::*;
+
+    #[test]
+    fn dual_request_round_trips_and_hides_its_name_record() {
+        let v4 = EndpointName::new("ep-in4").unwrap();
+        let v6 = EndpointName::new("ep-in6").unwrap();
+        let mut r = Request::new_dual(v4, v6, libc::AF_INET6, libc::SOCK_STREAM, 6);
+        assert!(r.push_opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_ne_bytes()));
+        let mut b = [0u8; REQUEST_LEN];
+        r.encode(&mut b);
+        let d = Request::decode(&b).unwrap();
+        assert_eq!((d.op, d.endpoint, d.dual()), (Op::SocketDual, v4, Some(v6)));
+        assert_eq!(d.options().len(), 1);
+        assert_eq!(d.options()[0].name, libc::SO_REUSEADDR);
+        // Egress, or no name record: refused.
+        let mut e = r.clone();
+        e.purpose = Purpose::Egress;
+        e.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        let n = Request::new(
+            Op::SocketDual,
+            v4,
+            libc::AF_INET6,
+            libc::SOCK_STREAM,
+            6,
+            Purpose::Ingress,
+        );
+        n.encode(&mut b);
+        assert_eq!(Request::decode(&b).unwrap_err(), DecodeError::Dual);
+        // A plain request never has a dual endpoint.
+        assert_eq!(
+            Request::new(Op::Socket, v4, 10, 1, 6, Purpose::Ingress).dual(),
+            None
+        );
     }
 }
 
@@ -572,7 +712,7 @@ mod tests {
         a.encode(&mut buf).unwrap();
         assert_eq!(Attach::decode(&buf).unwrap(), a);
         assert_eq!(a.rules().unwrap().egress.len(), 3);
-        assert_eq!(Request::decode(&buf), Err(DecodeError::Op(4)));
+        assert_eq!(Request::decode(&buf), Err(DecodeError::Op(6)));
         let mut b = buf;
         b[12] = 2;
         assert_eq!(Attach::decode(&b), Err(DecodeError::Flags(2)));
@@ -581,7 +721,7 @@ mod tests {
         assert_eq!(Attach::decode(&b), Err(DecodeError::Padding));
         let mut b = buf;
         b[24] = b'x';
-        assert_eq!(Attach::decode(&b), Err(DecodeError::Rules));
+        assert_eq!(Attach::decode(&b), Err(DecodeError::AttachRules));
         let mut b = buf;
         b[16] = 0xff;
         b[17] = 0xff;
@@ -681,10 +821,29 @@ mod tests {
         r.encode(&mut buf);
         assert_eq!(Request::decode(&buf), Err(DecodeError::Batch), "options");
         let mut b = buf;
-        b[6] = 4;
-        assert_eq!(Request::decode(&b), Err(DecodeError::Op(4)));
+        b[6] = 9;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Op(9)));
 
         let rep = Reply::ok(Op::SocketBatch, &[2, 0, 0x1f, 0x90, 127, 0, 0, 1]);
+        let mut out = [0u8; REPLY_LEN];
+        rep.encode(&mut out);
+        assert_eq!(Reply::decode(&out).unwrap(), rep);
+    }
+
+    #[test]
+    fn rules_request_is_bare() {
+        let r = Request::rules();
+        let mut buf = [0u8; REQUEST_LEN];
+        r.encode(&mut buf);
+        assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 5);
+        assert!(buf[8..].iter().all(|&c| c == 0));
+        assert_eq!(Request::decode(&buf).unwrap(), r);
+        for at in [8, 24, 36, 38, REQUEST_LEN - 1] {
+            let mut b = buf;
+            b[at] = 1;
+            assert_eq!(Request::decode(&b), Err(DecodeError::Rules), "byte {at}");
+        }
+        let rep = Reply::ok(Op::Rules, &[]);
         let mut out = [0u8; REPLY_LEN];
         rep.encode(&mut out);
         assert_eq!(Reply::decode(&out).unwrap(), rep);

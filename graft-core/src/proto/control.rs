@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::nsrules::NsRules;
 use crate::{EndpointName, EndpointSpec, NetnsId};
 
 /// Largest record either side sends or accepts.
@@ -31,6 +32,13 @@ pub enum Request {
     Del { name: EndpointName },
     /// List the caller's namespace's endpoints (with counters).
     Show {},
+    /// Replace the caller's namespace's mapping rules (all lists empty:
+    /// clear them). The namespace must have an endpoint; its rules are
+    /// forgotten with its last endpoint.
+    SetRules { rules: NsRules },
+    /// The caller's namespace's mapping rules (answered with
+    /// [`Reply::Rules`]).
+    GetRules {},
 }
 
 /// Per-endpoint counters. The first two are graftd's own; the rest come from
@@ -55,6 +63,13 @@ pub struct Stats {
     pub bytes_sent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
+    /// Sockets handed out and not yet closed (counted by graft-ebpf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<u64>,
+    /// The endpoint's limit on `live` (its own, or graftd's default; absent:
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 /// One endpoint as `show` reports it.
@@ -86,6 +101,12 @@ pub enum Reply {
         endpoints: Vec<EndpointInfo>,
     },
     Error(ErrorReply),
+    /// The answer to [`Request::GetRules`]: the rules in canonical form
+    /// (empty lists when none are set).
+    Rules {
+        netns: NetnsId,
+        rules: NsRules,
+    },
 }
 
 /// Why a record is not a valid message.
@@ -136,6 +157,7 @@ mod tests {
                 },
                 netns: Some("1".into()),
                 policy: vec![],
+                limit: None,
             },
             target_fd: true,
         };
@@ -153,5 +175,26 @@ mod tests {
         assert!(decode_request(br#"{"op":"nope"}"#).is_err());
         assert!(decode_request(b"{").is_err());
         assert!(decode_request(&vec![b' '; MAX_MESSAGE + 1]).is_err());
+        assert!(decode_request(br#"{"op":"setrules","rules":{"ingres":[]}}"#).is_err());
+        assert!(decode_request(br#"{"op":"getrules","rules":{}}"#).is_err());
+    }
+
+    #[test]
+    fn rules_requests() {
+        let r = decode_request(
+            br#"{"op":"setrules","rules":{"ingress":["0.0.0.0:80=ep"],"exclude":["10.0.0.0/8"]}}"#,
+        )
+        .unwrap();
+        let Request::SetRules { rules } = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(rules.ingress, vec!["0.0.0.0:80=ep"]);
+        assert!(rules.egress.is_empty());
+        assert_eq!(decode_request(&encode(&r)).unwrap(), r);
+        let rep = Reply::Rules {
+            netns: NetnsId { dev: 1, ino: 2 },
+            rules: rules.clone(),
+        };
+        assert_eq!(decode_reply(&encode(&rep)).unwrap(), rep);
     }
 }

@@ -13,11 +13,15 @@
  *    insertion of established grafted sockets into graft_socks.
  *  - sk_msg (attached to graft_socks): redirects each send into the peer's
  *    receive queue when the peer is a grafted socket of this host too.
+ *  - cgroup/sock_release: counts closed handed-out sockets, so graftd knows
+ *    each endpoint's live sockets (its limit) without watching them.
  *  - cgroup/setsockopt: refuses, on grafted sockets, the options graftd
- *    refuses in broker requests (they would move the socket off the host
+ *    refuses in broker requests (graft_core::sockopt's Class::Refuse list) (they would move the socket off the host
  *    addresses its endpoint grants). The kernel runs this hook by the
  *    socket's cgroup, not the caller's, so it sees the container processes
  *    that hold grafted sockets.
+ *  - sk_lookup (attached to graftd's network namespace, not the cgroup):
+ *    IPv6 connections for a dual-stack listener's IPv6 endpoint.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -108,6 +112,22 @@ struct {
 	__type(key, __u32);
 	__type(value, struct graft_global);
 } graft_global_map SEC(".maps");
+
+/* Read and written by graftd only (pinned: they carry endpoint ids across
+ * graftd restarts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct graft_ep_key);
+	__type(value, struct graft_ep_val);
+} graft_ep_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} graft_next_id SEC(".maps");
 
 static __always_inline struct graft_counters *counters(__u32 endpoint)
 {
@@ -239,15 +259,63 @@ int graft_connect6(struct bpf_sock_addr *ctx)
 	return verdict6(ctx);
 }
 
+/* A datagram's source address comes from the socket, unless an
+ * IP_PKTINFO/IPV6_PKTINFO control message names another one: the kernel
+ * accepts any address of the host there. The hook sees that address
+ * (msg_src_ip4/6) and refuses one that is neither unset nor the socket's
+ * own (a wildcard endpoint grants them all); the interface index of the
+ * same message is not shown to it. */
+static __always_inline int own_source4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 src = ctx->msg_src_ip4;
+
+	if (src == 0 || !sk)
+		return 1;
+	/* A wildcard endpoint already grants every address of the host. */
+	return sk->src_ip4 == 0 || src == sk->src_ip4;
+}
+
+static __always_inline int own_source6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 s0 = ctx->msg_src_ip6[0], s1 = ctx->msg_src_ip6[1];
+	__u32 s2 = ctx->msg_src_ip6[2], s3 = ctx->msg_src_ip6[3];
+
+	if ((s0 | s1 | s2 | s3) == 0 || !sk)
+		return 1;
+	if ((sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3]) == 0)
+		return 1;
+	return s0 == sk->src_ip6[0] && s1 == sk->src_ip6[1] &&
+	       s2 == sk->src_ip6[2] && s3 == sk->src_ip6[3];
+}
+
+static __always_inline int foreign_source_refused(struct bpf_sock_addr *ctx)
+{
+	struct graft_sk *gs = bpf_sk_storage_get(&graft_sk_map, ctx->sk, 0, 0);
+	struct graft_counters *c;
+
+	if (!gs)
+		return 0;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->policy_denied, 1);
+	return 1;
+}
+
 SEC("cgroup/sendmsg4")
 int graft_sendmsg4(struct bpf_sock_addr *ctx)
 {
+	if (!own_source4(ctx) && foreign_source_refused(ctx))
+		return 0;
 	return verdict4(ctx);
 }
 
 SEC("cgroup/sendmsg6")
 int graft_sendmsg6(struct bpf_sock_addr *ctx)
 {
+	if (!own_source6(ctx) && foreign_source_refused(ctx))
+		return 0;
 	return verdict6(ctx);
 }
 
@@ -472,9 +540,13 @@ static __always_inline int escape_option(__s32 level, __s32 optname)
 		       optname == GRAFT_SO_BINDTOIFINDEX ||
 		       optname == GRAFT_SO_MARK;
 	case SOL_IP:
-		return optname == IP_TRANSPARENT || optname == IP_FREEBIND;
+		return optname == IP_TRANSPARENT || optname == IP_FREEBIND ||
+		       optname == IP_UNICAST_IF || optname == IP_MULTICAST_IF ||
+		       optname == IP_OPTIONS;
 	case SOL_IPV6:
-		return optname == IPV6_TRANSPARENT || optname == IPV6_FREEBIND;
+		return optname == IPV6_TRANSPARENT || optname == IPV6_FREEBIND ||
+		       optname == IPV6_UNICAST_IF || optname == IPV6_MULTICAST_IF ||
+		       optname == IPV6_PKTINFO || optname == IPV6_RTHDR;
 	}
 	return 0;
 }
@@ -501,4 +573,114 @@ int graft_setsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optlen > GRAFT_SOCKOPT_MAX)
 		ctx->optlen = 0;
 	return 1;
+}
+
+/* ---------------------------------------------------------- sock_release */
+
+SEC("cgroup/sock_release")
+int graft_sock_release(struct bpf_sock *sk)
+{
+	struct graft_counters *c;
+	struct graft_sk *gs;
+
+	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, 0);
+	if (!gs || !(gs->flags & GRAFT_SK_HANDED))
+		return 1;
+	/* An accepted child carries a copy of its listener's record. */
+	if (bpf_get_socket_cookie(sk) != gs->cookie)
+		return 1;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->released, 1);
+	return 1;
+}
+
+/* ------------------------------------------------------------------ bind */
+
+/* The process that loaded these programs (graftd; a test playing graftd),
+ * by its tgid as the kernel sees it. Its binds are never refused: graftd binds
+ * each socket before marking it anyway, and nothing else it does binds a
+ * marked socket; the exemption lets a loader bind after marking. */
+const volatile __u32 binder_tgid = 0;
+
+/* A bind that reaches a marked socket comes from the program holding it.
+ * Refusing it is what lets graftd bind egress sockets with
+ * IP_BIND_ADDRESS_NO_PORT (or not at all for a wildcard endpoint) and leave
+ * the port to connect(), as the host does: without this, such a socket could
+ * be re-bound to any host address. Like setsockopt, the kernel runs this hook
+ * by the socket's cgroup, whoever calls bind(). connect()'s own port choice
+ * does not pass through here. */
+static __always_inline int bind_guard(struct bpf_sock_addr *ctx)
+{
+	struct graft_sk *gs = bpf_sk_storage_get(&graft_sk_map, ctx->sk, 0, 0);
+	struct graft_counters *c;
+
+	if (!gs || (bpf_get_current_pid_tgid() >> 32) == binder_tgid)
+		return 1;
+	c = counters(gs->endpoint);
+	if (c)
+		__sync_fetch_and_add(&c->policy_denied, 1);
+	return 0; /* EPERM */
+}
+
+SEC("cgroup/bind4")
+int graft_bind4(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx);
+}
+
+SEC("cgroup/bind6")
+int graft_bind6(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx);
+}
+
+/* ------------------------------------------------------------- sk_lookup */
+
+/* A dual-stack listener: graftd binds an AF_INET6 socket to an IPv4
+ * endpoint's address as [::ffff:A4]:P4 (not v6-only), which takes IPv4
+ * connections natively, and puts it here under the IPv6 endpoint's address
+ * and port. Attached to the target namespace (sk_lookup cannot cross
+ * namespaces), the program hands IPv6 connections for [A6]:P6 to it, so one
+ * listener answers on both endpoints with each client's real address. (The
+ * other way round does not work: a socket bound to a specific IPv6 address
+ * is v6-only, and assigning it to an IPv4 lookup fails.) */
+struct graft_steer_key {
+	__u32 ip6[4]; /* network order; all zero: any local address */
+	__u32 port;   /* host order */
+	__u32 protocol;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 4096);
+	__type(key, struct graft_steer_key);
+	__type(value, __u32);
+} graft_steer SEC(".maps");
+
+SEC("sk_lookup")
+int graft_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct graft_steer_key k = {};
+	struct bpf_sock *sk;
+
+	if (ctx->family != AF_INET6)
+		return SK_PASS;
+	k.ip6[0] = ctx->local_ip6[0];
+	k.ip6[1] = ctx->local_ip6[1];
+	k.ip6[2] = ctx->local_ip6[2];
+	k.ip6[3] = ctx->local_ip6[3];
+	k.port = ctx->local_port;
+	k.protocol = ctx->protocol;
+	sk = bpf_map_lookup_elem(&graft_steer, &k);
+	if (!sk) {
+		k.ip6[0] = k.ip6[1] = k.ip6[2] = k.ip6[3] = 0;
+		sk = bpf_map_lookup_elem(&graft_steer, &k);
+		if (!sk)
+			return SK_PASS;
+	}
+	/* A failure (the listener is closing) leaves the ordinary lookup. */
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
 }

@@ -23,6 +23,10 @@
 struct graft_sk {
 	__u32 endpoint; /* graftd's endpoint id (never 0) */
 	__u32 flags;
+	/* Socket cookie of the socket graftd handed out (GRAFT_SK_HANDED):
+	 * accepted children inherit this record but not the cookie, so only
+	 * the handed-out socket itself frees a slot of its endpoint's limit. */
+	__u64 cookie;
 };
 
 /* graft_sk.flags */
@@ -37,6 +41,9 @@ struct graft_sk {
 #define GRAFT_SK_ACTIVE 4u
 #define GRAFT_SK_FIN_SENT 8u
 #define GRAFT_SK_FIN_RCVD 16u
+/* graftd handed this socket out and counts it against its endpoint's limit
+ * (graft_ep_val.handed); its release is counted in graft_counters.released. */
+#define GRAFT_SK_HANDED 32u
 
 /* One clause: destination inside addr/mask (network order words; IPv4 uses
  * word 0 only) with a port in [port_lo, port_hi]. */
@@ -69,6 +76,23 @@ struct graft_counters {
 	__u64 spliced_msgs;
 	__u64 spliced_bytes;
 	__u64 splice_refused; /* sockhash insertion failed (EBUSY: another owner) */
+	__u64 released; /* handed-out sockets closed (cgroup/sock_release) */
+};
+
+/* graft_ep_ids: graftd's endpoint ids, pinned so that a restarted graftd
+ * gives every endpoint the id its open sockets carry. Only user space reads
+ * and writes it. */
+struct graft_ep_key {
+	__u64 netns_dev;
+	__u64 netns_ino;
+	__u8 name[16]; /* NUL-padded */
+};
+
+struct graft_ep_val {
+	__u32 id;
+	__u32 pad;
+	/* Sockets handed out (user space counts); live = handed - released. */
+	__u64 handed;
 };
 
 /* Key of the splice socket hash: one established TCP socket, seen from its
