@@ -209,12 +209,10 @@ pub fn serve(
 /// Serves what one control connection sent; false when it must be closed.
 fn serve_conn(ctx: &Ctx, brokers: &broker::Handle, c: &Conn, buf: &mut [u8]) -> bool {
     for _ in 0..8 {
-        let rx = match sys::recv_record(c.fd.as_fd(), buf) {
-            Ok(Some(rx)) => rx,
-            Ok(None) => return false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+        let rx = match sys::next_record(c.fd.as_fd(), buf) {
+            sys::Next::Record(rx) => rx,
+            sys::Next::Idle => return true,
+            sys::Next::Gone => return false,
         };
         let len = rx.len.min(buf.len());
         let reply = handle(ctx, brokers, c.uid, &buf[..len], rx);

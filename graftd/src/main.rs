@@ -13,7 +13,8 @@
 //!
 //! Modules: [`persist`] (saved tables), [`notify`] (systemd readiness),
 //! [`control`] (control socket), [`broker`] (broker sockets and
-//! request checks), [`factory`] (socket creation), [`state`] (tables),
+//! requests), [`plan`] (how to make the socket a request asks for),
+//! [`factory`] (socket creation), [`state`] (tables),
 //! [`netns`] (namespace descriptors and threads), [`seccomp`] (serving the
 //! seccomp listeners of `graft --mode seccomp`), [`gc`] (forgetting unused
 //! namespaces), [`ebpf_hooks`] (where graft-ebpf plugs in), [`sys`] (the few
@@ -27,6 +28,7 @@ mod gc;
 mod netns;
 mod notify;
 mod persist;
+mod plan;
 mod rules_fd;
 mod seccomp;
 mod state;

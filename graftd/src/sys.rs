@@ -155,6 +155,30 @@ pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Rece
     }))
 }
 
+/// What reading a connection's next record gave, for a loop serving it.
+pub enum Next {
+    /// A record arrived.
+    Record(Received),
+    /// Nothing to read now: serve the others.
+    Idle,
+    /// The peer closed or the connection failed: drop it.
+    Gone,
+}
+
+/// Receives a connection's next record without blocking; an interrupted
+/// call is retried.
+pub fn next_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Next {
+    loop {
+        return match recv_record(fd, buf) {
+            Ok(Some(rx)) => Next::Record(rx),
+            Ok(None) => Next::Gone,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => Next::Gone,
+        };
+    }
+}
+
 /// Sends one record (and optionally one descriptor) without blocking; a peer
 /// that does not read its replies gets `EAGAIN` here, never a stalled daemon.
 pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], pass: &[BorrowedFd<'_>]) -> io::Result<()> {
