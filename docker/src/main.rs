@@ -104,16 +104,6 @@ fn run(container: &str, prog: &OsString, args: &[OsString]) -> ExitCode {
         return fail(1, e);
     }
     drop(ns);
-    let err = Command::new(prog).args(args).exec();
-    let code = if err.kind() == std::io::ErrorKind::PermissionDenied {
-        126
-    } else {
-        127
-    };
-    let text = err.to_string();
-    let text = text.split(" (os error").next().unwrap_or(&text);
-    fail(
-        code,
-        format!("cannot run {}: {text}", prog.to_string_lossy()),
-    )
+    let (code, msg) = graft_core::exec::failure(prog, &Command::new(prog).args(args).exec());
+    fail(code, msg)
 }

@@ -15,6 +15,7 @@
 //! * [`sockopt`]: which socket options a grafted socket carries over from the
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
+//! * [`exec`]: the exit status and line of a launcher whose command cannot run.
 //! * [`proto`]: the two wire protocols: `control` (JSON over graftd's root-only
 //!   filesystem socket) and `broker` (fixed-size binary records over the
 //!   per-namespace abstract socket, parseable without allocation).
@@ -22,6 +23,7 @@
 //! Nothing here performs I/O policy; the crate only defines and validates.
 
 pub mod endpoint;
+pub mod exec;
 pub mod name;
 pub mod netns;
 pub mod nsrules;

@@ -1,12 +1,14 @@
 //! The command line of `graft`, and the environment it turns into.
 //!
-//! Options are read getopt-style up to the first non-option word (or `--`), so
-//! `graft iperf3 -s` leaves `-s` to iperf3. Short options may be clustered
-//! (`-vn`) and take their value attached or as the next word (`-iADDR`,
-//! `-i ADDR`); long forms take `--opt=VALUE` or `--opt VALUE`.
+//! Options (clap) are read getopt-style up to the first non-option word (or
+//! `--`), so `graft iperf3 -s` leaves `-s` to iperf3. Short options may be
+//! clustered (`-vn`) and take their value attached or as the next word
+//! (`-iADDR`, `-i ADDR`); long forms take `--opt=VALUE` or `--opt VALUE`.
+//! Every usage error is one line of graft's own words (exit 2).
 
 use std::ffi::OsString;
 
+use clap::Parser;
 use graft_core::rules::{EgressRule, IngressRule, RuleError, RuleSet};
 
 /// One line, printed with usage errors and by `-h`.
@@ -91,6 +93,8 @@ pub enum ArgsError {
     BadWait(String),
     #[error("no command given")]
     NoCommand,
+    #[error("{0}")]
+    Usage(String),
     #[error("{var} (from the environment): {err}")]
     Inherited { var: &'static str, err: RuleError },
 }
@@ -103,177 +107,142 @@ impl ArgsError {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Valued {
-    Ingress,
-    Egress,
-    Exclude,
-    Getsockname,
-    Mode,
-    Wait,
-}
-
-impl Valued {
-    fn from_short(c: char) -> Option<Self> {
-        Some(match c {
-            'i' => Valued::Ingress,
-            'e' => Valued::Egress,
-            'x' => Valued::Exclude,
-            'g' => Valued::Getsockname,
-            _ => return None,
-        })
-    }
-
-    fn from_long(s: &str) -> Option<Self> {
-        Some(match s {
-            "ingress" => Valued::Ingress,
-            "egress" => Valued::Egress,
-            "exclude" => Valued::Exclude,
-            "getsockname" => Valued::Getsockname,
-            "mode" => Valued::Mode,
-            "wait" => Valued::Wait,
-            _ => return None,
-        })
-    }
-}
-
-struct Builder {
-    args: Args,
+/// The command line as clap reads it. Options are read up to the first
+/// command word (or `--`); every value is taken as given, even one starting
+/// with `-`, as getopt does. `-h` and `--version` are handled here, so
+/// they print graft's own usage line and version.
+#[derive(Debug, Parser)]
+#[command(
+    name = "graft",
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true,
+    args_override_self = true
+)]
+struct Cli {
+    #[arg(short, long)]
+    verbose: bool,
+    #[arg(short = 'n', long = "no-check")]
+    no_check: bool,
+    #[arg(short, long, allow_hyphen_values = true, value_parser = ingress_rule)]
+    ingress: Vec<IngressRule>,
+    #[arg(short, long, allow_hyphen_values = true, value_parser = egress_rule)]
+    egress: Vec<EgressRule>,
+    #[arg(short = 'x', long, allow_hyphen_values = true, value_parser = exclusion)]
+    exclude: Vec<EgressRule>,
+    #[arg(short, long, allow_hyphen_values = true, value_parser = policy)]
+    getsockname: Option<GetsocknamePolicy>,
+    #[arg(long, allow_hyphen_values = true, value_parser = mode)]
+    mode: Option<Mode>,
+    #[arg(long, allow_hyphen_values = true, value_parser = wait)]
+    wait: Option<u32>,
+    #[arg(short, long)]
     help: bool,
+    #[arg(long)]
     version: bool,
+    /// Everything from the first word that is not an option on.
+    #[arg(trailing_var_arg = true, value_parser = clap::value_parser!(OsString))]
+    command: Vec<OsString>,
 }
 
-impl Builder {
-    fn take(&mut self, opt: Valued, v: &str) -> Result<(), ArgsError> {
-        match opt {
-            Valued::Ingress => self.args.ingress.push(v.parse()?),
-            Valued::Egress => self.args.egress.push(v.parse()?),
-            Valued::Exclude => self.args.exclude.push(EgressRule::parse_exclude(v)?),
-            Valued::Getsockname => {
-                self.args.getsockname = Some(match v {
-                    "host" => GetsocknamePolicy::Host,
-                    "app" => GetsocknamePolicy::App,
-                    _ => return Err(ArgsError::BadPolicy(v.to_owned())),
-                })
-            }
-            Valued::Mode => {
-                self.args.mode = match v {
-                    "auto" => Mode::Auto,
-                    "preload" => Mode::Preload,
-                    "seccomp" => Mode::Seccomp,
-                    _ => return Err(ArgsError::BadMode(v.to_owned())),
-                }
-            }
-            Valued::Wait => {
-                self.args.wait_secs = v
-                    .parse()
-                    .ok()
-                    .filter(|&s| s <= 3600)
-                    .ok_or_else(|| ArgsError::BadWait(v.to_owned()))?
-            }
-        }
-        Ok(())
-    }
+fn ingress_rule(v: &str) -> Result<IngressRule, ArgsError> {
+    Ok(v.parse()?)
+}
 
-    /// A flag without value; `shown` is how the user spelled it.
-    fn flag(&mut self, name: &str, shown: &str) -> Result<(), ArgsError> {
-        match name {
-            "v" | "verbose" => self.args.verbose = true,
-            "n" | "no-check" => self.args.check = false,
-            "h" | "help" => self.help = true,
-            "version" => self.version = true,
-            _ => return Err(ArgsError::Unknown(shown.to_owned())),
-        }
-        Ok(())
+fn egress_rule(v: &str) -> Result<EgressRule, ArgsError> {
+    Ok(v.parse()?)
+}
+
+fn exclusion(v: &str) -> Result<EgressRule, ArgsError> {
+    Ok(EgressRule::parse_exclude(v)?)
+}
+
+fn policy(v: &str) -> Result<GetsocknamePolicy, ArgsError> {
+    match v {
+        "host" => Ok(GetsocknamePolicy::Host),
+        "app" => Ok(GetsocknamePolicy::App),
+        _ => Err(ArgsError::BadPolicy(v.to_owned())),
     }
 }
 
-fn value_of(shown: &str, next: Option<OsString>) -> Result<String, ArgsError> {
-    let v = next.ok_or_else(|| ArgsError::MissingValue(shown.to_owned()))?;
-    v.into_string()
-        .map_err(|_| ArgsError::NotUtf8(shown.to_owned()))
+fn mode(v: &str) -> Result<Mode, ArgsError> {
+    match v {
+        "auto" => Ok(Mode::Auto),
+        "preload" => Ok(Mode::Preload),
+        "seccomp" => Ok(Mode::Seccomp),
+        _ => Err(ArgsError::BadMode(v.to_owned())),
+    }
+}
+
+fn wait(v: &str) -> Result<u32, ArgsError> {
+    v.parse()
+        .ok()
+        .filter(|&s| s <= 3600)
+        .ok_or_else(|| ArgsError::BadWait(v.to_owned()))
+}
+
+/// clap's error in graft's words. A value parser's own error is kept as it
+/// is; the option clap names is the one the user spelled, except for a
+/// missing value, where only the last word can be the option lacking it.
+fn from_clap(e: &clap::Error, argv: &[OsString]) -> ArgsError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    if let Some(own) = e.source().and_then(|s| s.downcast_ref::<ArgsError>()) {
+        return own.clone();
+    }
+    let named = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split([' ', '=']).next().unwrap_or(s).to_owned(),
+        _ => String::new(),
+    };
+    match e.kind() {
+        ErrorKind::UnknownArgument => ArgsError::Unknown(named),
+        ErrorKind::TooManyValues => ArgsError::UnexpectedValue(named),
+        ErrorKind::InvalidUtf8 => ArgsError::NotUtf8(named),
+        ErrorKind::InvalidValue if named.starts_with('-') => {
+            let last = argv.last().map(|w| w.to_string_lossy()).unwrap_or_default();
+            let shown = match last.strip_prefix("--") {
+                Some(_) => last.to_string(),
+                None => last
+                    .chars()
+                    .last()
+                    .map(|c| format!("-{c}"))
+                    .unwrap_or(named),
+            };
+            ArgsError::MissingValue(shown)
+        }
+        // Not reached with graft's options; still one line.
+        _ => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            ArgsError::Usage(first.trim_start_matches("error: ").to_owned())
+        }
+    }
 }
 
 /// Parses the arguments after the program name.
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, ArgsError> {
-    let mut b = Builder {
-        args: Args {
-            verbose: false,
-            check: true,
-            ingress: Vec::new(),
-            egress: Vec::new(),
-            exclude: Vec::new(),
-            getsockname: None,
-            mode: Mode::Auto,
-            wait_secs: 0,
-            command: Vec::new(),
-        },
-        help: false,
-        version: false,
-    };
-    let mut it = argv.into_iter();
-    while let Some(arg) = it.next() {
-        // A word that is not text cannot be one of our options: it starts the command.
-        let Some(s) = arg.to_str() else {
-            b.args.command.push(arg);
-            break;
-        };
-        if s == "--" {
-            break;
-        }
-        if let Some(long) = s.strip_prefix("--") {
-            let (name, inline) = match long.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_owned())),
-                None => (long, None),
-            };
-            match Valued::from_long(name) {
-                Some(opt) => {
-                    let v = match inline {
-                        Some(v) => v,
-                        None => value_of(s, it.next())?,
-                    };
-                    b.take(opt, &v)?;
-                }
-                None if inline.is_some()
-                    && matches!(name, "verbose" | "no-check" | "help" | "version") =>
-                {
-                    return Err(ArgsError::UnexpectedValue(format!("--{name}")));
-                }
-                None if name.len() == 1 => return Err(ArgsError::Unknown(s.to_owned())),
-                None => b.flag(name, s)?,
-            }
-        } else if s.len() > 1 && s.starts_with('-') {
-            let cluster = &s[1..];
-            for (at, c) in cluster.char_indices() {
-                if let Some(opt) = Valued::from_short(c) {
-                    let rest = &cluster[at + c.len_utf8()..];
-                    let v = if rest.is_empty() {
-                        value_of(&format!("-{c}"), it.next())?
-                    } else {
-                        rest.to_owned()
-                    };
-                    b.take(opt, &v)?;
-                    break;
-                }
-                let name = c.to_string();
-                b.flag(&name, &format!("-{c}"))?;
-            }
-        } else {
-            b.args.command.push(arg);
-            break;
-        }
-    }
-    if b.help {
+    let argv: Vec<OsString> = argv.into_iter().collect();
+    let cli = Cli::try_parse_from(&argv).map_err(|e| from_clap(&e, &argv))?;
+    if cli.help {
         return Ok(Parsed::Help);
     }
-    if b.version {
+    if cli.version {
         return Ok(Parsed::Version);
     }
-    b.args.command.extend(it);
-    if b.args.command.is_empty() {
+    if cli.command.is_empty() {
         return Err(ArgsError::NoCommand);
     }
-    Ok(Parsed::Run(b.args))
+    Ok(Parsed::Run(Args {
+        verbose: cli.verbose,
+        check: !cli.no_check,
+        ingress: cli.ingress,
+        egress: cli.egress,
+        exclude: cli.exclude,
+        getsockname: cli.getsockname,
+        mode: cli.mode.unwrap_or(Mode::Auto),
+        wait_secs: cli.wait.unwrap_or(0),
+        command: cli.command,
+    }))
 }
 
 /// The rule variables the program runs with, and every rule they hold.
@@ -443,6 +412,34 @@ mod tests {
         assert_eq!(p(&["-h"]), Ok(Parsed::Help));
         assert_eq!(p(&["--help", "cmd"]), Ok(Parsed::Help));
         assert_eq!(p(&["--version"]), Ok(Parsed::Version));
+    }
+
+    #[test]
+    fn values_are_taken_as_given_and_options_repeat() {
+        assert_eq!(
+            p(&["--wait", "-1", "x"]),
+            Err(ArgsError::BadWait("-1".into()))
+        );
+        assert_eq!(
+            p(&["-g", "-v", "x"]),
+            Err(ArgsError::BadPolicy("-v".into()))
+        );
+        assert_eq!(p(&["-vi"]), Err(ArgsError::MissingValue("-i".into())));
+        let a = run(&["--mode", "seccomp", "--mode=preload", "-v", "-v", "x"]);
+        assert_eq!(a.mode, Mode::Preload, "the last --mode wins");
+        let a = run(&["-i", "0.0.0.0:80=a", "--ingress", "0.0.0.0:81=b", "x"]);
+        assert_eq!(a.ingress.len(), 2);
+        let a = run(&["-n", "ldconfig", "--version", "-h"]);
+        assert_eq!(
+            a.command,
+            ["ldconfig", "--version", "-h"].map(OsString::from)
+        );
+        use std::os::unix::ffi::OsStringExt;
+        let odd = OsString::from_vec(vec![0xff, b'x']);
+        match parse([odd.clone(), "-v".into()]) {
+            Ok(Parsed::Run(a)) => assert_eq!(a.command, vec![odd, "-v".into()]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

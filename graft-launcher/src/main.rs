@@ -224,16 +224,6 @@ fn run(args: Args) -> ExitCode {
         }
     }
     // exec only returns on failure.
-    let err = cmd.exec();
-    let code = if err.kind() == std::io::ErrorKind::PermissionDenied {
-        126
-    } else {
-        127
-    };
-    let text = err.to_string();
-    let text = text.split(" (os error").next().unwrap_or(&text);
-    fail(
-        code,
-        format!("cannot run {}: {text}", cmd_word.to_string_lossy()),
-    )
+    let (code, msg) = graft_core::exec::failure(cmd_word, &cmd.exec());
+    fail(code, msg)
 }
