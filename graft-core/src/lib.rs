@@ -16,6 +16,7 @@
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
 //! * [`exec`]: the exit status and line of a launcher whose command cannot run.
+//! * [`mountinfo`]: reading `/proc/self/mountinfo` fields.
 //! * [`proto`]: the two wire protocols: `control` (JSON over graftd's root-only
 //!   filesystem socket) and `broker` (fixed-size binary records over the
 //!   per-namespace abstract socket, parseable without allocation).
@@ -24,6 +25,7 @@
 
 pub mod endpoint;
 pub mod exec;
+pub mod mountinfo;
 pub mod name;
 pub mod netns;
 pub mod nsrules;

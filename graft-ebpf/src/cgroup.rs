@@ -10,34 +10,13 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use graft_core::mountinfo::unescape;
+
 use crate::Error;
 
 fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let op = op.into();
     move |source| Error::Io { op, source }
-}
-
-/// Undoes the `\NNN` octal escapes of /proc/self/mountinfo fields.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b.get(i + 1..i + 4);
-        if b[i] == b'\\' {
-            if let Some(o) = oct.filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c))) {
-                let v = o.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-                if let Ok(v) = u8::try_from(v) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Every cgroup2 mount as (mount point, root inside the hierarchy).

@@ -70,6 +70,16 @@ pub struct Broker {
     name: String,
 }
 
+/// A new socket of the kind graftd's broker accepts.
+pub fn seqpacket() -> nix::Result<OwnedFd> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
 /// The broker name clients use: `$GRAFT_BROKER`, else graft's default.
 pub fn broker_name(env: Option<String>) -> String {
     env.filter(|s| !s.is_empty())
@@ -147,13 +157,7 @@ impl Broker {
             op,
             err,
         };
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| io("socket", e))?;
+        let fd = seqpacket().map_err(|e| io("socket", e))?;
         let start = std::time::Instant::now();
         loop {
             match socket::connect(fd.as_raw_fd(), &addr) {

@@ -15,9 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use graft_core::nsrules::{NsRules, NsRulesError, MAX_BLOB};
 use graft_core::proto::broker::{self, Op, Reason, Reply, Request, REPLY_LEN, REQUEST_LEN};
 use nix::errno::Errno;
-use nix::sys::socket::{
-    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use crate::args::Args;
@@ -132,13 +130,7 @@ pub fn fetch(name: &str) -> Result<Fetched, RulesError> {
         // without rules there is nothing to ask.
         return Ok(Fetched::NoBroker);
     };
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| io("socket", e))?;
+    let fd = crate::check::seqpacket().map_err(|e| io("socket", e))?;
     match socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
         // No graftd serves this namespace: the launcher's behaviour without rules.

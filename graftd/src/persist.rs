@@ -274,7 +274,10 @@ pub fn find_namespaces(want: &[NetnsId]) -> HashMap<NetnsId, OwnedFd> {
                 continue;
             };
             if root.starts_with("net:[") {
-                try_path(&PathBuf::from(unescape(mnt)), &mut found);
+                try_path(
+                    &PathBuf::from(graft_core::mountinfo::unescape(mnt)),
+                    &mut found,
+                );
             }
         }
     }
@@ -401,31 +404,6 @@ pub fn restore(ctx: &crate::Ctx, brokers: &crate::broker::Handle, records: Vec<N
     restored
 }
 
-/// Undoes mountinfo's `\NNN` octal escapes (spaces in mount points).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +491,5 @@ mod tests {
         let f = find_namespaces(&[own, gone]);
         assert!(f.contains_key(&own));
         assert!(!f.contains_key(&gone));
-        assert_eq!(unescape("/run/netns/a\\040b"), "/run/netns/a b");
     }
 }

@@ -41,6 +41,15 @@ impl Default for LogBudget {
 impl LogBudget {
     const PER_SECOND: u32 = 20;
 
+    /// The level for the next refusal line.
+    fn level(&mut self) -> log::Level {
+        if self.take() {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        }
+    }
+
     fn take(&mut self) -> bool {
         if self.window.elapsed() >= Duration::from_secs(1) {
             if self.demoted > 0 {
@@ -181,13 +190,8 @@ pub fn handle_sized(
                 .opt
                 .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
                 .unwrap_or_default();
-            let level = if log_budget.take() {
-                log::Level::Info
-            } else {
-                log::Level::Debug
-            };
             log::log!(
-                level,
+                log_budget.level(),
                 "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
                 ep.spec.name,
                 describe(&req),
@@ -214,13 +218,8 @@ fn dual(
     log_budget: &mut LogBudget,
 ) -> (Reply, Vec<OwnedFd>) {
     let refuse = |errno: libc::c_int, reason: Reason, why: String, lb: &mut LogBudget| {
-        let level = if lb.take() {
-            log::Level::Info
-        } else {
-            log::Level::Debug
-        };
         log::log!(
-            level,
+            lb.level(),
             "{ns} endpoint {}: refused a dual-stack listener: {why}",
             ep4.spec.name
         );
