@@ -94,21 +94,7 @@ pub fn handle_sized(
         return (decode::malformed(rec), Vec::new());
     };
     if req.op == Op::Rules {
-        let rules = ctx.state().rules(ns);
-        return match crate::rules_fd::sealed(&rules.to_blob()) {
-            Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
-            Err(e) => {
-                log::warn!("broker for {ns}: cannot hand out the rules: {e}");
-                (
-                    Reply::err(
-                        Op::Rules,
-                        e.raw_os_error().unwrap_or(libc::EIO),
-                        Reason::SocketFailed,
-                    ),
-                    Vec::new(),
-                )
-            }
-        };
+        return rules(ctx, ns);
     }
     let ep = ctx.state().lookup(ns, &req.endpoint);
     let Some(ep) = ep else {
@@ -133,74 +119,127 @@ pub fn handle_sized(
             Reply::ok(Op::Lookup, &configured_sockaddr(&ep.spec.addr)),
             Vec::new(),
         ),
-        Op::Socket | Op::SocketBatch | Op::Rules => {
-            // An egress socket of a unix endpoint is handed out connected:
-            // a batch would open connections nobody uses yet.
-            let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
-            let want = if req.op == Op::SocketBatch && !unix {
-                batch.clamp(1, BATCH_MAX)
-            } else {
-                1
-            };
-            let mut made: Vec<factory::Made> = Vec::with_capacity(want);
-            let mut failed = None;
-            for _ in 0..want {
-                match socket_for(ctx, &ep, &req, made.is_empty()) {
-                    Ok(m) => {
-                        ep.count(true);
-                        made.push(m);
-                    }
-                    Err(r) => {
-                        failed = Some(r);
-                        break;
-                    }
-                }
-            }
-            if let Some(first) = made.first() {
-                if req.op == Op::SocketBatch {
-                    // Tests count these lines to tell batches from single requests.
-                    log::debug!(
-                        "{ns} endpoint {}: handed out {} {} sockets (SocketBatch){}",
-                        ep.spec.name,
-                        made.len(),
-                        describe(&req),
-                        failed
-                            .map(|r| format!(", then: {}", io::Error::from_raw_os_error(r.errno)))
-                            .unwrap_or_default()
-                    );
-                } else {
-                    log::debug!(
-                        "{ns} endpoint {}: handed out a {} socket",
-                        ep.spec.name,
-                        describe(&req)
-                    );
-                }
-                let reply = Reply::ok(req.op, &first.addr);
-                return (reply, made.into_iter().map(|m| m.fd).collect());
-            }
-            // Nothing made: the first attempt's refusal, as for one socket.
-            let Some(r) = failed else {
-                return (
-                    Reply::err(req.op, libc::EIO, Reason::SocketFailed),
-                    Vec::new(),
-                );
-            };
-            ep.count(false);
-            let opt = r
-                .opt
-                .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
-                .unwrap_or_default();
-            log::log!(
-                log_budget.level(),
-                "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
-                ep.spec.name,
-                describe(&req),
-                r.reason.describe(),
-                io::Error::from_raw_os_error(r.errno)
-            );
-            (r.reply(req.op), Vec::new())
+        Op::Socket | Op::SocketBatch | Op::Rules => sockets(ctx, ns, &ep, &req, batch, log_budget),
+    }
+}
+
+/// The caller's namespace rules, as a sealed memfd.
+fn rules(ctx: &Ctx, ns: NetnsId) -> (Reply, Vec<OwnedFd>) {
+    let rules = ctx.state().rules(ns);
+    match crate::rules_fd::sealed(&rules.to_blob()) {
+        Ok(fd) => (Reply::ok(Op::Rules, &[]), vec![fd]),
+        Err(e) => {
+            log::warn!("broker for {ns}: cannot hand out the rules: {e}");
+            (
+                Reply::err(
+                    Op::Rules,
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    Reason::SocketFailed,
+                ),
+                Vec::new(),
+            )
         }
     }
+}
+
+/// One socket, or for `SocketBatch` up to `batch` of them, each counted;
+/// when none can be made, the first refusal.
+fn sockets(
+    ctx: &Ctx,
+    ns: NetnsId,
+    ep: &Endpoint,
+    req: &Request,
+    batch: usize,
+    log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    // An egress socket of a unix endpoint is handed out connected:
+    // a batch would open connections nobody uses yet.
+    let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
+    let want = if req.op == Op::SocketBatch && !unix {
+        batch.clamp(1, BATCH_MAX)
+    } else {
+        1
+    };
+    let mut made: Vec<factory::Made> = Vec::with_capacity(want);
+    let mut failed = None;
+    for _ in 0..want {
+        match socket_for(ctx, ep, req, made.is_empty()) {
+            Ok(m) => {
+                ep.count(true);
+                made.push(m);
+            }
+            Err(r) => {
+                failed = Some(r);
+                break;
+            }
+        }
+    }
+    if let Some(first) = made.first() {
+        log_handed_out(ns, ep, req, made.len(), failed);
+        let reply = Reply::ok(req.op, &first.addr);
+        return (reply, made.into_iter().map(|m| m.fd).collect());
+    }
+    // Nothing made: the first attempt's refusal, as for one socket.
+    let Some(r) = failed else {
+        return (
+            Reply::err(req.op, libc::EIO, Reason::SocketFailed),
+            Vec::new(),
+        );
+    };
+    refused(ns, ep, req, r, log_budget)
+}
+
+/// The debug line for sockets handed out (`failed`: why a batch stopped
+/// short).
+fn log_handed_out(
+    ns: NetnsId,
+    ep: &Endpoint,
+    req: &Request,
+    count: usize,
+    failed: Option<Refusal>,
+) {
+    if req.op == Op::SocketBatch {
+        // Tests count these lines to tell batches from single requests.
+        log::debug!(
+            "{ns} endpoint {}: handed out {} {} sockets (SocketBatch){}",
+            ep.spec.name,
+            count,
+            describe(req),
+            failed
+                .map(|r| format!(", then: {}", io::Error::from_raw_os_error(r.errno)))
+                .unwrap_or_default()
+        );
+    } else {
+        log::debug!(
+            "{ns} endpoint {}: handed out a {} socket",
+            ep.spec.name,
+            describe(req)
+        );
+    }
+}
+
+/// A socket request refused: counted, logged on the budget, answered.
+fn refused(
+    ns: NetnsId,
+    ep: &Endpoint,
+    req: &Request,
+    r: Refusal,
+    log_budget: &mut LogBudget,
+) -> (Reply, Vec<OwnedFd>) {
+    ep.count(false);
+    let opt = r
+        .opt
+        .map(|(l, n)| format!(" (option level {l} name {n}{})", label(l, n)))
+        .unwrap_or_default();
+    log::log!(
+        log_budget.level(),
+        "{ns} endpoint {}: refused a {} socket: {}{opt}: {}",
+        ep.spec.name,
+        describe(req),
+        r.reason.describe(),
+        io::Error::from_raw_os_error(r.errno)
+    );
+    (r.reply(req.op), Vec::new())
 }
 
 /// A `SocketDual` request: one AF_INET6 listener bound to the IPv4
