@@ -16,7 +16,7 @@
 //! Call sites: `main.rs` (`load`, then `daemon_started`, before any thread
 //! starts serving; `endpoints_restored` after the saved tables are loaded), `control.rs` (`endpoint_added`, `endpoint_removed`,
 //! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
-//! of a forgotten namespace), `broker.rs` (`socket_handed_out`, on the broker
+//! of a forgotten namespace), `broker/handle.rs` (`socket_handed_out`, on the broker
 //! thread, after bind and before the reply is sent), `daemon_stopping` from
 //! `main.rs` on the way out.
 
