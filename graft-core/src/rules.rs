@@ -418,6 +418,25 @@ impl RuleSet {
         None
     }
 
+    /// The (IPv4, IPv6) endpoints of a dual-stack bind: a `[::]` socket
+    /// (IPV6_V6ONLY off; `dual_stack` is asked only when both rules match)
+    /// where a `::` rule and a `0.0.0.0` rule both take `port` and name
+    /// different endpoints. graftd then makes one listener answering on
+    /// both (`Op::SocketDual`).
+    pub fn match_dual(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        dual_stack: impl FnOnce() -> bool,
+    ) -> Option<(EndpointName, EndpointName)> {
+        if addr != IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+            return None;
+        }
+        let ep6 = self.match_ingress(addr, port)?;
+        let ep4 = self.match_ingress(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)?;
+        (ep4 != ep6 && dual_stack()).then_some((ep4, ep6))
+    }
+
     /// Whether some ingress rule names `addr` with a range that holds port 0,
     /// i.e. a `listen()` on a socket bound to `addr:0` is a server to graft.
     pub fn ingress_covers_port_zero(&self, addr: IpAddr) -> Option<EndpointName> {
@@ -496,6 +515,30 @@ mod tests {
             true
         });
         assert!(!asked, "the socket is only asked for a [::] bind");
+    }
+
+    #[test]
+    fn dual_stack_pairs_both_wildcard_rules() {
+        let rules = RuleSet::from_env_values(
+            Some("0.0.0.0:0-8999=ep-in4 :::0-8999=ep-in6 0.0.0.0:9000=ep-both :::9000=ep-both"),
+            None,
+            None,
+        )
+        .unwrap();
+        let any6: IpAddr = "::".parse().unwrap();
+        let got = |a: IpAddr, p, dual: bool| {
+            rules
+                .match_dual(a, p, || dual)
+                .map(|(e4, e6)| (e4.to_string(), e6.to_string()))
+        };
+        assert_eq!(
+            got(any6, 3000, true),
+            Some(("ep-in4".to_owned(), "ep-in6".to_owned()))
+        );
+        assert_eq!(got(any6, 3000, false), None, "v6only");
+        assert_eq!(got(any6, 9000, true), None, "both rules name one endpoint");
+        assert_eq!(got("::1".parse().unwrap(), 3000, true), None);
+        assert_eq!(got("0.0.0.0".parse().unwrap(), 3000, true), None);
     }
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -183,6 +183,18 @@ struct AppSocket {
     inode: u64,
 }
 
+/// What graftd is asked to make for one trapped call: the endpoint (and,
+/// for a dual-stack `[::]` listener, the IPv6 endpoint it also answers on).
+struct Want {
+    call: Call,
+    fd: i32,
+    sa: SocketAddr,
+    ep: EndpointName,
+    ep_v6: bool,
+    purpose: Purpose,
+    dual: Option<EndpointName>,
+}
+
 struct Supervisor {
     ctx: Arc<Ctx>,
     ns: NetnsId,
@@ -335,6 +347,11 @@ impl Supervisor {
                         .ok()
                             == Some(0)
                 };
+                if app.sotype == libc::SOCK_STREAM {
+                    if let Some(pair) = self.rules.match_dual(sa.ip(), sa.port(), dual) {
+                        return self.graft_dual(n, pfd.as_fd(), &app, (call, fd, sa), pair);
+                    }
+                }
                 match self.rules.match_bind(sa.ip(), sa.port(), dual) {
                     Some((ep, v6)) => (ep, v6, Purpose::Ingress),
                     None => return Verdict::Continue,
@@ -366,7 +383,55 @@ impl Supervisor {
                 }
             }
         };
-        self.graft(n, pfd.as_fd(), call, fd, &sa, ep, ep_v6, purpose, &app)
+        let want = Want {
+            call,
+            fd,
+            sa,
+            ep,
+            ep_v6,
+            purpose,
+            dual: None,
+        };
+        self.graft(n, pfd.as_fd(), &app, &want)
+            .unwrap_or(Verdict::Fail(libc::EPROTO))
+    }
+
+    /// A dual-stack `[::]` listener matching an IPv4 and an IPv6 rule: one
+    /// listener answering on both endpoints, as in preload mode; when
+    /// graftd cannot make one, the IPv6 endpoint alone, with one line.
+    fn graft_dual(
+        &mut self,
+        n: &notify::Notif,
+        pfd: BorrowedFd<'_>,
+        app: &AppSocket,
+        (call, fd, sa): (Call, i32, SocketAddr),
+        (ep4, ep6): (EndpointName, EndpointName),
+    ) -> Verdict {
+        let mut want = Want {
+            call,
+            fd,
+            sa,
+            ep: ep4,
+            ep_v6: false,
+            purpose: Purpose::Ingress,
+            dual: Some(ep6),
+        };
+        if let Some(v) = self.graft(n, pfd, app, &want) {
+            return v;
+        }
+        self.tell(
+            pfd,
+            &format!(
+                "{} {sa}: no dual-stack listener on \"{ep4}\" and \"{ep6}\" (graftd's log says \
+                 why; it needs graftd's eBPF companion): answering on \"{ep6}\" only",
+                call.name()
+            ),
+        );
+        want.ep = ep6;
+        want.ep_v6 = true;
+        want.dual = None;
+        self.graft(n, pfd, app, &want)
+            .unwrap_or(Verdict::Fail(libc::EPROTO))
     }
 
     /// `listen()` on a socket without a port of the program's choosing
@@ -411,21 +476,31 @@ impl Supervisor {
                     .ok()
                     == Some(0)
         };
+        let v6only_off = || {
+            app.family == libc::AF_INET6
+                && pidfd::getsockopt_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                    .ok()
+                    == Some(0)
+        };
+        if let Some(pair) = self.rules.match_dual(ip, 0, v6only_off) {
+            self.port0.retain(|&i| i != app.inode);
+            return self.graft_dual(n, pfd.as_fd(), &app, (Call::Listen, fd, sa), pair);
+        }
         let Some((ep, v6)) = self.rules.match_bind(ip, 0, dual) else {
             return Verdict::Continue;
         };
         self.port0.retain(|&i| i != app.inode);
-        self.graft(
-            n,
-            pfd.as_fd(),
-            Call::Listen,
+        let want = Want {
+            call: Call::Listen,
             fd,
-            &sa,
+            sa,
             ep,
-            v6,
-            Purpose::Ingress,
-            &app,
-        )
+            ep_v6: v6,
+            purpose: Purpose::Ingress,
+            dual: None,
+        };
+        self.graft(n, pfd.as_fd(), &app, &want)
+            .unwrap_or(Verdict::Fail(libc::EPROTO))
     }
 
     fn remember_port0(&mut self, inode: u64) {
@@ -480,28 +555,37 @@ impl Supervisor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Makes the host socket `want` asks for and installs it over the
+    /// caller's descriptor; `None` only when a dual-stack listener was asked
+    /// for and graftd cannot make one (the caller falls back).
     fn graft(
         &mut self,
         n: &notify::Notif,
         pfd: BorrowedFd<'_>,
-        call: Call,
-        fd: i32,
-        sa: &SocketAddr,
-        ep: EndpointName,
-        ep_v6: bool,
-        purpose: Purpose,
         app: &AppSocket,
-    ) -> Verdict {
-        let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
-        let mut req = Request::new(
-            Op::Socket,
+        want: &Want,
+    ) -> Option<Verdict> {
+        let Want {
+            call,
+            fd,
             ep,
-            app.family,
-            app.sotype,
-            app.protocol,
+            ep_v6,
             purpose,
-        );
+            ..
+        } = *want;
+        let sa = &want.sa;
+        let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
+        let mut req = match want.dual {
+            Some(ep6) => Request::new_dual(ep, ep6, app.family, app.sotype, app.protocol),
+            None => Request::new(
+                Op::Socket,
+                ep,
+                app.family,
+                app.sotype,
+                app.protocol,
+                purpose,
+            ),
+        };
         let kind = (app.family, app.sotype, app.protocol);
         if !self.fresh.iter().any(|(k, _)| *k == kind) {
             match defaults(app.family, app.sotype, app.protocol) {
@@ -513,7 +597,7 @@ impl Supervisor {
                             "{head}: cannot read the socket's options to carry them over ({e})"
                         ),
                     );
-                    return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+                    return Some(Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO)));
                 }
             }
         }
@@ -524,27 +608,30 @@ impl Supervisor {
         req.encode(&mut rec);
         let (reply, mut socks) =
             broker::handle_sized(&self.ctx, self.ns, &rec, &mut self.budget, 1);
+        if want.dual.is_some() && reply.reason == Reason::NoDualStack {
+            return None;
+        }
         if reply.errno != 0 || reply.reason != Reason::None {
             let (errno, line) = failure(call, sa, ep, ep_v6, app.family, &reply);
             self.tell(pfd, &line);
-            return Verdict::Fail(errno);
+            return Some(Verdict::Fail(errno));
         }
         let Some(new) = socks.pop() else {
             self.tell(
                 pfd,
                 &format!("{head}: graftd made no socket: check graftd's log"),
             );
-            return Verdict::Fail(libc::EPROTO);
+            return Some(Verdict::Fail(libc::EPROTO));
         };
         if let Err(e) = self.install(n, pfd, fd, &app.sock, &new) {
             if !notify::id_valid(self.listener.as_fd(), n.id) {
-                return Verdict::Gone;
+                return Some(Verdict::Gone);
             }
             self.tell(
                 pfd,
                 &format!("{head}: could not install the host socket on fd {fd} ({e})"),
             );
-            return Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO));
+            return Some(Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO)));
         }
         if self.verbose {
             let host = sys::getsockname(new.as_fd())
@@ -561,10 +648,10 @@ impl Supervisor {
                 ),
             );
         }
-        match call {
+        Some(match call {
             Call::Bind => Verdict::Done,
             _ => Verdict::Continue,
-        }
+        })
     }
 
     /// Puts `new` over the caller's `fd`, with the old socket's O_NONBLOCK

@@ -2,6 +2,7 @@
 // under `graft`. Standard library only.
 //
 //	tcp-serve ADDR         accept one connection, write "peer=REMOTE\n"
+//	tcp-serve-n ADDR N     the same for N connections, one after another
 //	tcp-get ADDR MSG       connect, send MSG, print what comes back
 //	udp-serve ADDR         answer one datagram with "peer=REMOTE data=DATA"
 //	udp-ask ADDR MSG       connected UDP: send MSG, print the answer
@@ -34,23 +35,31 @@ func main() {
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	switch mode {
-	case "tcp-serve":
+	case "tcp-serve", "tcp-serve-n":
+		n := 1
+		if mode == "tcp-serve-n" {
+			if _, err := fmt.Sscan(msg, &n); err != nil {
+				die(err)
+			}
+		}
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
 			die(err)
 		}
 		fmt.Printf("listening %s\n", l.Addr())
-		c, err := l.Accept()
-		if err != nil {
-			die(err)
+		for i := 0; i < n; i++ {
+			c, err := l.Accept()
+			if err != nil {
+				die(err)
+			}
+			fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+			// Half-close, then drain what the client sent: closing with
+			// unread data would reset the connection under the client's read.
+			c.(*net.TCPConn).CloseWrite()
+			c.SetDeadline(deadline)
+			io.Copy(io.Discard, c)
+			c.Close()
 		}
-		fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
-		// Half-close, then drain what the client sent: closing with unread
-		// data would reset the connection under the client's read.
-		c.(*net.TCPConn).CloseWrite()
-		c.SetDeadline(deadline)
-		io.Copy(io.Discard, c)
-		c.Close()
 	case "tcp-get":
 		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 		if err != nil {

@@ -1054,3 +1054,58 @@ fn go_listen_on_port_zero_is_grafted_at_listen() {
         "{err}"
     );
 }
+
+/// Go's `net.Listen("tcp", ":PORT")` binds `[::]` dual-stack, like node and
+/// Java: under an IPv4 and an IPv6 rule it answers on both endpoints in
+/// seccomp mode too, each client seen with its own address.
+#[test]
+fn go_dual_stack_listener_answers_on_both_endpoints() {
+    let test = "go_dual_stack_listener_answers_on_both_endpoints";
+    let Some(env) = Env::new(test, &[]) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let Some(go) = go_probe(test) else {
+        return;
+    };
+    let (p4, p6) = endpoints(&env);
+    let mut srv = serve(
+        &env,
+        &[
+            "-v",
+            "-i",
+            "0.0.0.0:0-65535=ep-in4",
+            "-i",
+            ":::0-65535=ep-in6",
+        ],
+        &go,
+        &["tcp-serve-n", ":8080", "2"],
+    );
+    let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
+    assert_eq!(said, format!("peer={me}\n"), "IPv4 client on ep-in4");
+    let (said, me) = ask_tcp(format!("[::1]:{p6}").parse().unwrap());
+    assert_eq!(said, format!("peer={me}\n"), "IPv6 client on ep-in6");
+    assert!(srv.wait_timeout(LIMIT).success());
+    let mut err = String::new();
+    let _ = srv
+        .child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err);
+    assert!(
+        graft_lines(&err)
+            .iter()
+            .any(|l| l.contains("bind [::]:8080 -> ep-in4") && l.ends_with("(seccomp)")),
+        "{err}"
+    );
+    assert!(
+        env.d.log_text().contains(&format!(
+            "handed out a dual-stack listener, also answering [::1]:{p6} for ep-in6"
+        )),
+        "{}",
+        env.d.log_text()
+    );
+}
