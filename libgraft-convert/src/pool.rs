@@ -41,7 +41,7 @@ static OWNER: AtomicI32 = AtomicI32::new(0);
 static NAME: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
 /// The network namespace (device, inode) of each key.
 static NS: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
-/// The packed kind (see `graft::pack_kind`) of each key; 0: key unused.
+/// The packed kind (see `decide::pack_kind`) of each key; 0: key unused.
 static KIND: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static LEN: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static FD: [[AtomicI32; BATCH_MAX]; KEYS] =
