@@ -519,22 +519,19 @@ mod tests {
         for (i, o) in SNAPSHOT.iter().enumerate() {
             assert_eq!(opt_bit(o.level, o.name), Some(i as u32), "{}", o.label);
         }
-        assert_eq!(
-            opt_bit(libc::SOL_SOCKET, 33),
-            opt_bit(libc::SOL_SOCKET, libc::SO_RCVBUF)
-        );
-        assert_eq!(
-            opt_bit(libc::SOL_SOCKET, 32),
-            opt_bit(libc::SOL_SOCKET, libc::SO_SNDBUF)
-        );
-        assert_eq!(
-            opt_bit(libc::SOL_SOCKET, 66),
-            opt_bit(libc::SOL_SOCKET, libc::SO_RCVTIMEO)
-        );
-        assert_eq!(
-            opt_bit(libc::SOL_SOCKET, 63),
-            opt_bit(libc::SOL_SOCKET, libc::SO_TIMESTAMP)
-        );
+        // SO_RCVBUFFORCE, SO_SNDBUFFORCE, SO_RCVTIMEO_NEW, SO_TIMESTAMP_NEW.
+        for (alias, name) in [
+            (33, libc::SO_RCVBUF),
+            (32, libc::SO_SNDBUF),
+            (66, libc::SO_RCVTIMEO),
+            (63, libc::SO_TIMESTAMP),
+        ] {
+            assert_eq!(
+                opt_bit(libc::SOL_SOCKET, alias),
+                opt_bit(libc::SOL_SOCKET, name),
+                "{alias}"
+            );
+        }
         assert_eq!(opt_bit(libc::SOL_SOCKET, libc::SO_ATTACH_FILTER), None);
         // Same number at another level is another option.
         assert_eq!(opt_bit(libc::IPPROTO_TCP, 33), None);

@@ -264,6 +264,14 @@ mod tests {
             .collect()
     }
 
+    fn inet(sotype: c_int, protocol: c_int) -> Kind {
+        Kind {
+            family: libc::AF_INET,
+            sotype,
+            protocol,
+        }
+    }
+
     fn request(k: &Kind) -> Request {
         Request::new(
             Op::Socket,
@@ -277,11 +285,7 @@ mod tests {
 
     #[test]
     fn recorded_snapshot_reads_only_set_options_and_matches_the_comparison() {
-        let k = Kind {
-            family: libc::AF_INET,
-            sotype: libc::SOCK_STREAM,
-            protocol: libc::IPPROTO_TCP,
-        };
+        let k = inet(libc::SOCK_STREAM, libc::IPPROTO_TCP);
         let fd = sock(k.family, k.sotype, k.protocol);
         set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 50000);
         set_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
@@ -345,11 +349,7 @@ mod tests {
 
     #[test]
     fn recorded_escape_options_are_sent_unless_switched_off() {
-        let k = Kind {
-            family: libc::AF_INET,
-            sotype: libc::SOCK_DGRAM,
-            protocol: libc::IPPROTO_UDP,
-        };
+        let k = inet(libc::SOCK_DGRAM, libc::IPPROTO_UDP);
         let fd = sock(k.family, k.sotype, k.protocol);
         let mark = bit(libc::SOL_SOCKET, libc::SO_MARK);
         if sys::sys_setsockopt(

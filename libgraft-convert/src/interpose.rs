@@ -348,6 +348,30 @@ unsafe fn unix_name_out(
     }
 }
 
+/// After a successful real getsockname/getpeername: [`unix_name_out`] when
+/// `fd` is unix-backed. Whether it is (then the answer is complete).
+///
+/// # Safety
+/// As [`give_addr`], `a` and `len` may be null.
+unsafe fn unix_name_answer(
+    fd: c_int,
+    peer: bool,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) -> bool {
+    if !config::active() {
+        return false;
+    }
+    let st = table::state(fd);
+    if !table::is_unix(st) {
+        return false;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { unix_name_out(fd, st, peer, a, len, cap) };
+    true
+}
+
 /// # Safety
 /// getpeername(2).
 #[no_mangle]
@@ -356,12 +380,9 @@ pub unsafe extern "C" fn getpeername(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getpeername(fd, a, len) };
-    if r == 0 && config::active() {
-        let st = table::state(fd);
-        if table::is_unix(st) {
-            // SAFETY: the caller's buffer, as getpeername(2) takes it.
-            unsafe { unix_name_out(fd, st, true, a, len, cap) };
-        }
+    if r == 0 {
+        // SAFETY: the caller's buffer, as getpeername(2) takes it.
+        unsafe { unix_name_answer(fd, true, a, len, cap) };
     }
     r
 }
@@ -374,13 +395,9 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getsockname(fd, a, len) };
-    if r == 0 && config::active() {
-        let st = table::state(fd);
-        if table::is_unix(st) {
-            // SAFETY: the caller's buffer, as getsockname(2) takes it.
-            unsafe { unix_name_out(fd, st, false, a, len, cap) };
-            return r;
-        }
+    // SAFETY: the caller's buffer, as getsockname(2) takes it.
+    if r == 0 && unsafe { unix_name_answer(fd, false, a, len, cap) } {
+        return r;
     }
     if r != 0 || a.is_null() || len.is_null() || !config::getsockname_app() {
         return r;
