@@ -214,3 +214,97 @@ fn say_refused(g: &Graft<'_>, r: &Refusal, fam: &str) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(reason: Reason, errno: c_int) -> Failure {
+        Failure::Refused(Refusal {
+            reason,
+            errno,
+            opt_level: 0,
+            opt_name: 0,
+        })
+    }
+
+    #[test]
+    fn errno_table() {
+        use broker::Error;
+        let (bind, connect) = (Call::Bind, Call::Connect);
+        let rows = [
+            (
+                bind,
+                Failure::Broker(Error::Unreachable(libc::ECONNREFUSED)),
+                libc::EADDRNOTAVAIL,
+            ),
+            (
+                Call::Listen,
+                Failure::Broker(Error::Io(libc::EPIPE)),
+                libc::EADDRNOTAVAIL,
+            ),
+            (
+                connect,
+                Failure::Broker(Error::Unreachable(libc::ENOENT)),
+                libc::ENETUNREACH,
+            ),
+            (
+                Call::Sendmmsg,
+                Failure::Broker(Error::Io(libc::EPIPE)),
+                libc::ENETUNREACH,
+            ),
+            (
+                bind,
+                refused(Reason::NoEndpoint, libc::ENOENT),
+                libc::EADDRNOTAVAIL,
+            ),
+            (
+                Call::Sendto,
+                refused(Reason::NoEndpoint, libc::ENOENT),
+                libc::ENETUNREACH,
+            ),
+            (
+                connect,
+                refused(Reason::OptionRefused, libc::EINVAL),
+                libc::EPERM,
+            ),
+            (connect, refused(Reason::Policy, libc::EPERM), libc::EPERM),
+            (connect, refused(Reason::Policy, libc::EACCES), libc::EACCES),
+            (connect, Failure::Broker(Error::Timeout), libc::ETIMEDOUT),
+            (
+                connect,
+                Failure::Broker(Error::Protocol("short")),
+                libc::EPROTO,
+            ),
+            (
+                connect,
+                refused(Reason::Malformed, libc::EINVAL),
+                libc::EPROTO,
+            ),
+            (connect, Failure::NoSocket, libc::EPROTO),
+            (connect, refused(Reason::Limit, libc::EAGAIN), libc::ENOBUFS),
+            (connect, Failure::Broker(Error::NoRoom), libc::EMFILE),
+            (
+                bind,
+                refused(Reason::FamilyMismatch, libc::ESOCKTNOSUPPORT),
+                libc::ESOCKTNOSUPPORT,
+            ),
+            (
+                bind,
+                refused(Reason::FamilyMismatch, libc::EINVAL),
+                libc::EAFNOSUPPORT,
+            ),
+            (
+                bind,
+                refused(Reason::SocketFailed, libc::EADDRINUSE),
+                libc::EADDRINUSE,
+            ),
+            (bind, refused(Reason::SocketFailed, 0), libc::EIO),
+            (bind, Failure::Options(libc::EMFILE), libc::EMFILE),
+            (bind, Failure::Install(libc::EBADF), libc::EBADF),
+        ];
+        for (i, (call, f, want)) in rows.iter().enumerate() {
+            assert_eq!(errno(*call, f), *want, "row {i}");
+        }
+    }
+}

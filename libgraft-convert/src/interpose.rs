@@ -1,7 +1,7 @@
 //! The exported C functions that shadow libc's, and the constructor.
 //!
 //! Each one is a thin shell: a relaxed load or two decides whether there is
-//! anything to do at all; if so the decision runs in [`crate::graft`] (safe
+//! anything to do at all; if so the decision runs in [`crate::decide`] (safe
 //! code) under `catch_unwind`, with errno saved on entry and restored on every
 //! success path.
 

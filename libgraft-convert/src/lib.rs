@@ -80,7 +80,8 @@
 //!   a family mismatch, ETIMEDOUT when graftd does not answer within 5 s,
 //!   EMFILE when the host socket (or the fresh socket used to tell which
 //!   options an inherited socket has) does not fit under the descriptor limit,
-//!   otherwise graftd's errno. The socket is never left on the container's
+//!   otherwise graftd's errno (the whole table, and every line's text:
+//!   [`fail`]). The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
 //! * **`type unix` endpoints**: graftd answers an AF_INET/AF_INET6 stream
