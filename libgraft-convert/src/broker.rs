@@ -48,8 +48,35 @@ static CACHE_INO: AtomicU64 = AtomicU64::new(0);
 /// The network namespace (device, inode) the cached connection was made in.
 static CACHE_NS_DEV: AtomicU64 = AtomicU64::new(0);
 static CACHE_NS_INO: AtomicU64 = AtomicU64::new(0);
-/// pid of the holder, 0 when free.
-static LOCK: AtomicI32 = AtomicI32::new(0);
+static LOCK: PidLock = PidLock::new();
+
+/// A try-lock that records its holder's pid (0 when free): never waits, so
+/// a signal handler or another thread takes another path instead, and a
+/// child of fork() can take over a lock its parent held.
+pub struct PidLock(AtomicI32);
+
+impl PidLock {
+    pub const fn new() -> Self {
+        PidLock(AtomicI32::new(0))
+    }
+
+    /// Takes the lock for `pid`; false when this process holds it already
+    /// (a signal handler interrupting the holder) or another one does.
+    pub fn try_lock(&self, pid: i32) -> bool {
+        let cur = self.0.load(Ordering::Acquire);
+        if cur == pid {
+            return false;
+        }
+        // A lock still held by another pid was held across fork(): taken over.
+        self.0
+            .compare_exchange(cur, pid, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    pub fn unlock(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
 
 /// Why an exchange failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +111,9 @@ pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, 
     // children made by vfork(), posix_spawn() or a raw clone() run no
     // handlers, and must still never share the parent's connection.
     let pid = sys::sys_getpid();
-    if let Some(ns) = ns.filter(|_| try_lock(pid)) {
+    if let Some(ns) = ns.filter(|_| LOCK.try_lock(pid)) {
         let r = ask_cached(name, &buf, pid, ns);
-        LOCK.store(0, Ordering::Release);
+        LOCK.unlock();
         r
     } else {
         let conn = connect(name)?;
@@ -100,15 +127,6 @@ pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, 
             r => r,
         }
     }
-}
-
-fn try_lock(pid: i32) -> bool {
-    let cur = LOCK.load(Ordering::Acquire);
-    if cur == pid {
-        return false;
-    }
-    LOCK.compare_exchange(cur, pid, Ordering::Acquire, Ordering::Relaxed)
-        .is_ok()
 }
 
 fn ask_cached(name: &str, buf: &[u8], pid: i32, ns: (u64, u64)) -> Result<Answer, Error> {

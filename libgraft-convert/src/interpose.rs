@@ -1,7 +1,7 @@
 //! The exported C functions that shadow libc's, and the constructor.
 //!
 //! Each one is a thin shell: a relaxed load or two decides whether there is
-//! anything to do at all; if so the decision runs in [`crate::graft`] (safe
+//! anything to do at all; if so the decision runs in [`crate::decide`] (safe
 //! code) under `catch_unwind`, with errno saved on entry and restored on every
 //! success path.
 
@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use libc::{c_int, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
-use crate::graft::{self, Call, Next};
+use crate::decide::{self, Call, Next};
 use crate::sys::{self, errno, set_errno};
 use crate::{addr, config, table};
 
@@ -125,7 +125,7 @@ fn send_decision(call: Call, fd: c_int, sa: SocketAddr) -> Option<c_int> {
         return None;
     }
     let saved = errno();
-    match decide(|| graft::on_connect(call, fd, sa)) {
+    match decide(|| decide::on_connect(call, fd, sa)) {
         Next::Fail(e) => Some(e),
         _ => {
             set_errno(saved);
@@ -142,7 +142,7 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
     let fd = unsafe { sys::socket(domain, ty, proto) };
     if fd >= 0 && config::active() {
         let saved = errno();
-        graft::socket_made(fd, domain, ty, proto);
+        decide::socket_made(fd, domain, ty, proto);
         set_errno(saved);
     }
     fd
@@ -181,7 +181,7 @@ pub unsafe extern "C" fn setsockopt(
     if r == 0 {
         // Recorded only once the kernel took it, so a refused option is
         // not read back; no system call here, so errno is untouched.
-        graft::option_set(fd, level, name);
+        decide::option_set(fd, level, name);
     }
     r
 }
@@ -200,7 +200,7 @@ pub unsafe extern "C" fn bind(fd: c_int, a: *const sockaddr, len: socklen_t) -> 
         return real();
     };
     let saved = errno();
-    let next = decide(|| graft::on_bind(fd, sa));
+    let next = decide(|| decide::on_bind(fd, sa));
     finish(fd, next, saved, real)
 }
 
@@ -218,7 +218,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         return sys::listen(fd, backlog);
     }
     let saved = errno();
-    let next = decide(|| graft::on_listen(fd));
+    let next = decide(|| decide::on_listen(fd));
     finish(fd, next, saved, || sys::listen(fd, backlog))
 }
 
@@ -236,7 +236,7 @@ pub unsafe extern "C" fn connect(fd: c_int, a: *const sockaddr, len: socklen_t) 
         return real();
     };
     let saved = errno();
-    let next = decide(|| graft::on_connect(Call::Connect, fd, sa));
+    let next = decide(|| decide::on_connect(Call::Connect, fd, sa));
     finish(fd, next, saved, real)
 }
 
@@ -326,7 +326,7 @@ unsafe fn give_addr(a: *mut sockaddr, len: *mut socklen_t, cap: socklen_t, b: &[
     }
 }
 
-/// A unix-backed socket's INET name (see [`graft::unix_name`]) into the
+/// A unix-backed socket's INET name (see [`decide::unix_name`]) into the
 /// caller's buffer, after the real call succeeded.
 ///
 /// # Safety
@@ -342,10 +342,34 @@ unsafe fn unix_name_out(
     if a.is_null() || len.is_null() {
         return;
     }
-    if let Ok(Some((b, n))) = catch_unwind(|| graft::unix_name(fd, st, peer)) {
+    if let Ok(Some((b, n))) = catch_unwind(|| decide::unix_name(fd, st, peer)) {
         // SAFETY: the caller's buffer and length, non-null.
         unsafe { give_addr(a, len, cap, &b[..n]) };
     }
+}
+
+/// After a successful real getsockname/getpeername: [`unix_name_out`] when
+/// `fd` is unix-backed. Whether it is (then the answer is complete).
+///
+/// # Safety
+/// As [`give_addr`], `a` and `len` may be null.
+unsafe fn unix_name_answer(
+    fd: c_int,
+    peer: bool,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    cap: socklen_t,
+) -> bool {
+    if !config::active() {
+        return false;
+    }
+    let st = table::state(fd);
+    if !table::is_unix(st) {
+        return false;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { unix_name_out(fd, st, peer, a, len, cap) };
+    true
 }
 
 /// # Safety
@@ -356,12 +380,9 @@ pub unsafe extern "C" fn getpeername(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getpeername(fd, a, len) };
-    if r == 0 && config::active() {
-        let st = table::state(fd);
-        if table::is_unix(st) {
-            // SAFETY: the caller's buffer, as getpeername(2) takes it.
-            unsafe { unix_name_out(fd, st, true, a, len, cap) };
-        }
+    if r == 0 {
+        // SAFETY: the caller's buffer, as getpeername(2) takes it.
+        unsafe { unix_name_answer(fd, true, a, len, cap) };
     }
     r
 }
@@ -374,13 +395,9 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     let cap = if len.is_null() { 0 } else { unsafe { *len } };
     // SAFETY: forwarded unchanged.
     let r = unsafe { sys::getsockname(fd, a, len) };
-    if r == 0 && config::active() {
-        let st = table::state(fd);
-        if table::is_unix(st) {
-            // SAFETY: the caller's buffer, as getsockname(2) takes it.
-            unsafe { unix_name_out(fd, st, false, a, len, cap) };
-            return r;
-        }
+    // SAFETY: the caller's buffer, as getsockname(2) takes it.
+    if r == 0 && unsafe { unix_name_answer(fd, false, a, len, cap) } {
+        return r;
     }
     if r != 0 || a.is_null() || len.is_null() || !config::getsockname_app() {
         return r;
@@ -391,7 +408,7 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     let saved = errno();
     let app = catch_unwind(|| {
         let (b, n) = sys::sys_sockname(fd, false).ok()?;
-        graft::app_sockname(fd, &b[..n])
+        decide::app_sockname(fd, &b[..n])
     })
     .ok()
     .flatten();

@@ -80,7 +80,8 @@
 //!   a family mismatch, ETIMEDOUT when graftd does not answer within 5 s,
 //!   EMFILE when the host socket (or the fresh socket used to tell which
 //!   options an inherited socket has) does not fit under the descriptor limit,
-//!   otherwise graftd's errno. The socket is never left on the container's
+//!   otherwise graftd's errno (the whole table, and every line's text:
+//!   [`fail`]). The socket is never left on the container's
 //!   stack. A malformed environment makes every AF_INET/AF_INET6 `bind()` and
 //!   `connect()` fail with EINVAL and prints one line per process.
 //! * **`type unix` endpoints**: graftd answers an AF_INET/AF_INET6 stream
@@ -137,6 +138,15 @@
 //! Statically linked programs (and Go programs making raw system calls)
 //! cannot be intercepted by any preload library; the `graft` launcher warns.
 //!
+//! # Where things are
+//!
+//! [`interpose`] holds the exported functions (thin: errno saved and
+//! restored in one place), [`decide`] the decisions, [`install`] the graft
+//! (request, reply, `dup3`), [`fail`] the errno and the one line of every
+//! failure, [`sys`] the real functions (one table line per hook) and the
+//! raw system calls, [`table`] the per-descriptor state, [`broker`] and
+//! [`pool`] the exchange with graftd.
+//!
 //! Unsafe code lives in [`sys`] (the C boundary), [`table`] (mmap'd pages),
 //! the configuration pointer in `config`, taking a pooled descriptor back in
 //! [`pool`], and the exported functions.
@@ -148,7 +158,9 @@
 mod addr;
 mod broker;
 mod config;
-mod graft;
+mod decide;
+mod fail;
+mod install;
 #[cfg(not(test))]
 mod interpose;
 mod log;

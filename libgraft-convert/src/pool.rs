@@ -27,21 +27,20 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX};
 
-use crate::broker::{self, Answer, Error};
+use crate::broker::{self, Answer, Error, PidLock};
 use crate::sys;
 
 /// Most (endpoint, kind) keys with a pool.
 pub const KEYS: usize = 4;
 
-/// pid of the holder, 0 when free.
-static LOCK: AtomicI32 = AtomicI32::new(0);
+static LOCK: PidLock = PidLock::new();
 /// pid of the process whose sockets the slots hold.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// The endpoint name of each key, NUL-padded, as two words.
 static NAME: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
 /// The network namespace (device, inode) of each key.
 static NS: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
-/// The packed kind (see `graft::pack_kind`) of each key; 0: key unused.
+/// The packed kind (see `decide::pack_kind`) of each key; 0: key unused.
 static KIND: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static LEN: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static FD: [[AtomicI32; BATCH_MAX]; KEYS] =
@@ -65,22 +64,12 @@ pub fn ask(
     let Some(ns) = ns else {
         return broker::ask(name, req, None);
     };
-    if kind == 0 || req.nopts != 0 || !try_lock(pid) {
+    if kind == 0 || req.nopts != 0 || !LOCK.try_lock(pid) {
         return broker::ask(name, req, Some(ns));
     }
     let r = locked(name, req, kind, want_addr, pid, ns);
-    LOCK.store(0, Ordering::Release);
+    LOCK.unlock();
     r
-}
-
-fn try_lock(pid: i32) -> bool {
-    let cur = LOCK.load(Ordering::Acquire);
-    if cur == pid {
-        return false;
-    }
-    // A lock still held by another pid was held across fork(): taken over.
-    LOCK.compare_exchange(cur, pid, Ordering::Acquire, Ordering::Relaxed)
-        .is_ok()
 }
 
 fn locked(
@@ -229,7 +218,7 @@ fn drain() {
 pub fn forked_child() {
     drain();
     OWNER.store(sys::sys_getpid(), Ordering::Relaxed);
-    LOCK.store(0, Ordering::Release);
+    LOCK.unlock();
 }
 
 /// How many sockets the pool holds (tests).

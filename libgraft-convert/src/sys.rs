@@ -13,61 +13,174 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use libc::{c_int, c_long, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t};
 
-/// The interposed functions, in the order of [`NAMES`].
-#[derive(Clone, Copy)]
-#[repr(usize)]
-pub enum Sym {
-    Socket,
-    Bind,
-    Listen,
-    Connect,
-    Sendto,
-    Sendmsg,
-    Sendmmsg,
-    Getsockname,
-    Close,
-    Dup,
-    Dup2,
-    Dup3,
-    Fcntl,
-    Fcntl64,
-    Accept,
-    Accept4,
-    Setsockopt,
-    Getpeername,
-    Read,
-    Recv,
-    Recvfrom,
-    Recvmsg,
+/// The real functions behind our exports, one line each: the C signature,
+/// the system call that stands in for it before the constructor resolved it
+/// (or when the lookup failed), and, for the calls graft's seccomp filter
+/// traps, `trap SYS_nr` (made from the trampoline page when it is mapped,
+/// see [`via_trampoline`]; `if COND`: only when COND holds). Generates the
+/// symbol list ([`NAMES`], resolved once by [`resolve_all`]) and one
+/// pass-through function per line. `unsafe` ones forward the caller's raw
+/// pointers unchanged (the kernel validates them: EFAULT); `safe` ones take
+/// none.
+macro_rules! hooks {
+    (
+        symbols only: $($only:ident),*;
+        $(
+            $(#[$doc:meta])*
+            $safety:ident fn $name:ident($($a:ident: $t:ty),*) -> $ret:ty
+            $(, trap $nr:ident $(if $cond:expr)?)?
+            => $fallback:expr;
+        )*
+    ) => {
+        /// The resolved symbols, in the order of [`NAMES`].
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy)]
+        #[repr(usize)]
+        enum Sym {
+            $($name,)*
+            $($only,)*
+        }
+
+        /// NUL-terminated names for dlsym.
+        const NAMES: &[&str] = &[
+            $(concat!(stringify!($name), "\0"),)*
+            $(concat!(stringify!($only), "\0"),)*
+        ];
+
+        $(
+            hooks!(@fn $safety $(#[$doc])* $name($($a: $t),*) -> $ret {
+                let _args = [$($a as i64),*];
+                $(
+                    if true $(&& $cond)? {
+                        // SAFETY: the caller upholds this system call's
+                        // contract (the function's own).
+                        if let Some(r) = unsafe { via_trampoline(libc::$nr, args6(_args)) } {
+                            return r as $ret;
+                        }
+                    }
+                )?
+                let f = real(Sym::$name);
+                if f == 0 {
+                    return $fallback;
+                }
+                // SAFETY: `f` is what dlsym returned for this very name,
+                // whose C signature is this one; the caller's arguments are
+                // passed on unchanged under its contract.
+                unsafe {
+                    let f = std::mem::transmute::<usize, unsafe extern "C" fn($($t),*) -> $ret>(f);
+                    f($($a),*)
+                }
+            });
+        )*
+    };
+    (@fn unsafe $(#[$doc:meta])* $name:ident($($a:ident: $t:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        pub unsafe fn $name($($a: $t),*) -> $ret $body
+    };
+    (@fn safe $(#[$doc:meta])* $name:ident($($a:ident: $t:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($a: $t),*) -> $ret $body
+    };
 }
 
-const NAMES: [&[u8]; 22] = [
-    b"socket\0",
-    b"bind\0",
-    b"listen\0",
-    b"connect\0",
-    b"sendto\0",
-    b"sendmsg\0",
-    b"sendmmsg\0",
-    b"getsockname\0",
-    b"close\0",
-    b"dup\0",
-    b"dup2\0",
-    b"dup3\0",
-    b"fcntl\0",
-    b"fcntl64\0",
-    b"accept\0",
-    b"accept4\0",
-    b"setsockopt\0",
-    b"getpeername\0",
-    b"read\0",
-    b"recv\0",
-    b"recvfrom\0",
-    b"recvmsg\0",
-];
+hooks! {
+    // Variadic: the pass-through is [`fcntl`] below.
+    symbols only: fcntl, fcntl64;
+    /// # Safety
+    /// Same contract as socket(2).
+    unsafe fn socket(d: c_int, t: c_int, p: c_int) -> c_int
+        // SAFETY: socket(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_socket, d, t, p) as c_int };
+    /// # Safety
+    /// Same contract as bind(2).
+    unsafe fn bind(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int, trap SYS_bind
+        // SAFETY: the caller's contract is bind(2)'s.
+        => unsafe { libc::syscall(libc::SYS_bind, fd, a, l) as c_int };
+    safe fn listen(fd: c_int, backlog: c_int) -> c_int, trap SYS_listen
+        // SAFETY: listen(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_listen, fd, backlog) as c_int };
+    /// # Safety
+    /// Same contract as connect(2).
+    unsafe fn connect(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int, trap SYS_connect
+        // SAFETY: the caller's contract is connect(2)'s.
+        => unsafe { libc::syscall(libc::SYS_connect, fd, a, l) as c_int };
+    /// # Safety
+    /// Same contract as sendto(2).
+    unsafe fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, a: *const sockaddr, l: socklen_t) -> isize, trap SYS_sendto if !a.is_null()
+        // SAFETY: the caller's contract is sendto(2)'s.
+        => unsafe { libc::syscall(libc::SYS_sendto, fd, buf, n, flags, a, l) as isize };
+    /// # Safety
+    /// Same contract as sendmsg(2).
+    unsafe fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> isize, trap SYS_sendmsg
+        // SAFETY: the caller's contract is sendmsg(2)'s.
+        => unsafe { libc::syscall(libc::SYS_sendmsg, fd, m, flags) as isize };
+    /// # Safety
+    /// Same contract as sendmmsg(2).
+    unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int, trap SYS_sendmmsg
+        // SAFETY: the caller's contract is sendmmsg(2)'s.
+        => unsafe { libc::syscall(libc::SYS_sendmmsg, fd, v, n, flags) as c_int };
+    /// # Safety
+    /// Same contract as getsockname(2).
+    unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int
+        // SAFETY: the caller's contract is getsockname(2)'s.
+        => unsafe { libc::syscall(libc::SYS_getsockname, fd, a, l) as c_int };
+    safe fn close(fd: c_int) -> c_int
+        // SAFETY: close(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_close, fd) as c_int };
+    safe fn dup(fd: c_int) -> c_int
+        // SAFETY: dup(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_dup, fd) as c_int };
+    // dup2(fd, fd) is "is fd valid?", where dup3 would say EINVAL.
+    safe fn dup2(old: c_int, new: c_int) -> c_int
+        // SAFETY: dup3(2) takes no pointers.
+        => if old == new { sys_fcntl(old, libc::F_GETFD, 0).map_or(-1, |_| old) } else { unsafe { libc::syscall(libc::SYS_dup3, old, new, 0) as c_int } };
+    safe fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int
+        // SAFETY: dup3(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_dup3, old, new, flags) as c_int };
+    /// # Safety
+    /// Same contract as accept(2).
+    unsafe fn accept(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int
+        // SAFETY: the caller's contract is accept(2)'s, which is accept4(2)'s with no flags.
+        => unsafe { libc::syscall(libc::SYS_accept4, fd, a, l, 0) as c_int };
+    /// # Safety
+    /// Same contract as accept4(2).
+    unsafe fn accept4(fd: c_int, a: *mut sockaddr, l: *mut socklen_t, flags: c_int) -> c_int
+        // SAFETY: the caller's contract is accept4(2)'s.
+        => unsafe { libc::syscall(libc::SYS_accept4, fd, a, l, flags) as c_int };
+    /// # Safety
+    /// Same contract as setsockopt(2).
+    unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int
+        // SAFETY: the caller's contract is setsockopt(2)'s.
+        => unsafe { libc::syscall(libc::SYS_setsockopt, fd, level, name, val, len) as c_int };
+    /// # Safety
+    /// Same contract as getpeername(2).
+    unsafe fn getpeername(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int
+        // SAFETY: the caller's contract is getpeername(2)'s.
+        => unsafe { libc::syscall(libc::SYS_getpeername, fd, a, l) as c_int };
+    /// # Safety
+    /// Same contract as read(2).
+    unsafe fn read(fd: c_int, buf: *mut c_void, n: size_t) -> isize
+        // SAFETY: the caller's contract is read(2)'s.
+        => unsafe { libc::syscall(libc::SYS_read, fd, buf, n) as isize };
+    /// # Safety
+    /// Same contract as recv(2).
+    unsafe fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> isize
+        // SAFETY: the caller's contract is recv(2)'s, which is recvfrom(2)'s with no address.
+        => unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, std::ptr::null_mut::<sockaddr>(), std::ptr::null_mut::<socklen_t>()) as isize };
+    /// # Safety
+    /// Same contract as recvfrom(2).
+    unsafe fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize
+        // SAFETY: the caller's contract is recvfrom(2)'s.
+        => unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize };
+    /// # Safety
+    /// Same contract as recvmsg(2).
+    unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize
+        // SAFETY: the caller's contract is recvmsg(2)'s.
+        => unsafe { libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize };
+}
 
 /// Addresses of the real functions (0: not resolved, use the system call).
-static REAL: [AtomicUsize; 22] = [const { AtomicUsize::new(0) }; 22];
+static REAL: [AtomicUsize; NAMES.len()] = [const { AtomicUsize::new(0) }; NAMES.len()];
 
 /// Looks every real function up once. Called from the constructor only.
 pub fn resolve_all() {
@@ -84,39 +197,13 @@ fn real(s: Sym) -> usize {
     REAL[s as usize].load(Ordering::Relaxed)
 }
 
-type SocketFn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
-type AddrFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
-type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
-type SendtoFn =
-    unsafe extern "C" fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> isize;
-type SendmsgFn = unsafe extern "C" fn(c_int, *const msghdr, c_int) -> isize;
-type SendmmsgFn = unsafe extern "C" fn(c_int, *mut mmsghdr, c_uint, c_int) -> c_int;
-type NameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
-type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
-type IntFn = unsafe extern "C" fn(c_int) -> c_int;
-type Int2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
-type Int3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
-type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
-type SetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
-type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> isize;
-type RecvFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int) -> isize;
-type RecvfromFn =
-    unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> isize;
-type RecvmsgFn = unsafe extern "C" fn(c_int, *mut msghdr, c_int) -> isize;
-
-/// Calls the real function `$sym` with C type `$ty`, or falls back to `$fallback`.
-macro_rules! call_real {
-    ($sym:expr, $ty:ty, ($($arg:expr),*), $fallback:expr) => {{
-        let f = real($sym);
-        if f == 0 {
-            $fallback
-        } else {
-            // SAFETY: `f` is what dlsym returned for this symbol's name, whose C
-            // signature is `$ty`; the caller passes the arguments it received.
-            let f: $ty = unsafe { std::mem::transmute::<usize, $ty>(f) };
-            unsafe { f($($arg),*) }
-        }
-    }};
+/// A trapped call's arguments, padded to the six the kernel takes.
+#[inline(always)]
+fn args6<const N: usize>(a: [i64; N]) -> [i64; 6] {
+    const { assert!(N <= 6) };
+    let mut out = [0; 6];
+    out[..N].copy_from_slice(&a);
+    out
 }
 
 /// The calls graft's seccomp filter traps, made from the library's
@@ -138,247 +225,6 @@ unsafe fn via_trampoline(nr: c_long, a: [i64; 6]) -> Option<i64> {
     }
 }
 
-// The pass-through calls. They are `unsafe` because they forward the caller's
-// raw pointers unchanged; the kernel validates them (EFAULT).
-
-/// # Safety
-/// Same contract as socket(2).
-pub unsafe fn socket(d: c_int, t: c_int, p: c_int) -> c_int {
-    call_real!(Sym::Socket, SocketFn, (d, t, p), unsafe {
-        libc::syscall(libc::SYS_socket, d, t, p) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as bind(2).
-pub unsafe fn bind(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
-    if let Some(r) =
-        unsafe { via_trampoline(libc::SYS_bind, [fd as i64, a as i64, l as i64, 0, 0, 0]) }
-    {
-        return r as c_int;
-    }
-    call_real!(Sym::Bind, AddrFn, (fd, a, l), unsafe {
-        libc::syscall(libc::SYS_bind, fd, a, l) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as connect(2).
-pub unsafe fn connect(fd: c_int, a: *const sockaddr, l: socklen_t) -> c_int {
-    if let Some(r) =
-        unsafe { via_trampoline(libc::SYS_connect, [fd as i64, a as i64, l as i64, 0, 0, 0]) }
-    {
-        return r as c_int;
-    }
-    call_real!(Sym::Connect, AddrFn, (fd, a, l), unsafe {
-        libc::syscall(libc::SYS_connect, fd, a, l) as c_int
-    })
-}
-
-pub fn listen(fd: c_int, backlog: c_int) -> c_int {
-    // SAFETY: listen(2) takes no pointers.
-    if let Some(r) =
-        unsafe { via_trampoline(libc::SYS_listen, [fd as i64, backlog as i64, 0, 0, 0, 0]) }
-    {
-        return r as c_int;
-    }
-    call_real!(Sym::Listen, ListenFn, (fd, backlog), unsafe {
-        // SAFETY: listen(2) takes no pointers.
-        libc::syscall(libc::SYS_listen, fd, backlog) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as sendto(2).
-pub unsafe fn sendto(
-    fd: c_int,
-    buf: *const c_void,
-    n: size_t,
-    flags: c_int,
-    a: *const sockaddr,
-    l: socklen_t,
-) -> isize {
-    if !a.is_null() {
-        let args = [
-            fd as i64,
-            buf as i64,
-            n as i64,
-            flags as i64,
-            a as i64,
-            l as i64,
-        ];
-        if let Some(r) = unsafe { via_trampoline(libc::SYS_sendto, args) } {
-            return r as isize;
-        }
-    }
-    call_real!(Sym::Sendto, SendtoFn, (fd, buf, n, flags, a, l), unsafe {
-        libc::syscall(libc::SYS_sendto, fd, buf, n, flags, a, l) as isize
-    })
-}
-
-/// # Safety
-/// Same contract as sendmsg(2).
-pub unsafe fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> isize {
-    if let Some(r) = unsafe {
-        via_trampoline(
-            libc::SYS_sendmsg,
-            [fd as i64, m as i64, flags as i64, 0, 0, 0],
-        )
-    } {
-        return r as isize;
-    }
-    call_real!(Sym::Sendmsg, SendmsgFn, (fd, m, flags), unsafe {
-        libc::syscall(libc::SYS_sendmsg, fd, m, flags) as isize
-    })
-}
-
-/// # Safety
-/// Same contract as sendmmsg(2).
-pub unsafe fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
-    let args = [fd as i64, v as i64, n as i64, flags as i64, 0, 0];
-    if let Some(r) = unsafe { via_trampoline(libc::SYS_sendmmsg, args) } {
-        return r as c_int;
-    }
-    call_real!(Sym::Sendmmsg, SendmmsgFn, (fd, v, n, flags), unsafe {
-        libc::syscall(libc::SYS_sendmmsg, fd, v, n, flags) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as getsockname(2).
-pub unsafe fn getsockname(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
-    call_real!(Sym::Getsockname, NameFn, (fd, a, l), unsafe {
-        libc::syscall(libc::SYS_getsockname, fd, a, l) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as getpeername(2).
-pub unsafe fn getpeername(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
-    call_real!(Sym::Getpeername, NameFn, (fd, a, l), unsafe {
-        libc::syscall(libc::SYS_getpeername, fd, a, l) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as accept4(2).
-pub unsafe fn accept4(fd: c_int, a: *mut sockaddr, l: *mut socklen_t, flags: c_int) -> c_int {
-    call_real!(Sym::Accept4, Accept4Fn, (fd, a, l, flags), unsafe {
-        libc::syscall(libc::SYS_accept4, fd, a, l, flags) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as accept(2).
-pub unsafe fn accept(fd: c_int, a: *mut sockaddr, l: *mut socklen_t) -> c_int {
-    call_real!(Sym::Accept, NameFn, (fd, a, l), unsafe {
-        libc::syscall(libc::SYS_accept4, fd, a, l, 0) as c_int
-    })
-}
-
-/// # Safety
-/// Same contract as setsockopt(2).
-pub unsafe fn setsockopt(
-    fd: c_int,
-    level: c_int,
-    name: c_int,
-    val: *const c_void,
-    len: socklen_t,
-) -> c_int {
-    call_real!(
-        Sym::Setsockopt,
-        SetsockoptFn,
-        (fd, level, name, val, len),
-        unsafe { libc::syscall(libc::SYS_setsockopt, fd, level, name, val, len) as c_int }
-    )
-}
-
-/// # Safety
-/// Same contract as read(2).
-pub unsafe fn read(fd: c_int, buf: *mut c_void, n: size_t) -> isize {
-    call_real!(Sym::Read, ReadFn, (fd, buf, n), unsafe {
-        libc::syscall(libc::SYS_read, fd, buf, n) as isize
-    })
-}
-
-/// # Safety
-/// Same contract as recv(2).
-pub unsafe fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> isize {
-    call_real!(Sym::Recv, RecvFn, (fd, buf, n, flags), unsafe {
-        libc::syscall(
-            libc::SYS_recvfrom,
-            fd,
-            buf,
-            n,
-            flags,
-            std::ptr::null_mut::<sockaddr>(),
-            std::ptr::null_mut::<socklen_t>(),
-        ) as isize
-    })
-}
-
-/// # Safety
-/// Same contract as recvfrom(2).
-pub unsafe fn recvfrom(
-    fd: c_int,
-    buf: *mut c_void,
-    n: size_t,
-    flags: c_int,
-    a: *mut sockaddr,
-    l: *mut socklen_t,
-) -> isize {
-    call_real!(
-        Sym::Recvfrom,
-        RecvfromFn,
-        (fd, buf, n, flags, a, l),
-        unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize }
-    )
-}
-
-/// # Safety
-/// Same contract as recvmsg(2).
-pub unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize {
-    call_real!(Sym::Recvmsg, RecvmsgFn, (fd, m, flags), unsafe {
-        libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize
-    })
-}
-
-pub fn close(fd: c_int) -> c_int {
-    call_real!(Sym::Close, IntFn, (fd), unsafe {
-        // SAFETY: close(2) takes no pointers.
-        libc::syscall(libc::SYS_close, fd) as c_int
-    })
-}
-
-pub fn dup(fd: c_int) -> c_int {
-    call_real!(Sym::Dup, IntFn, (fd), unsafe {
-        // SAFETY: dup(2) takes no pointers.
-        libc::syscall(libc::SYS_dup, fd) as c_int
-    })
-}
-
-pub fn dup2(old: c_int, new: c_int) -> c_int {
-    call_real!(Sym::Dup2, Int2Fn, (old, new), {
-        if old == new {
-            // dup2(fd, fd) is "is fd valid?"; dup3 would say EINVAL.
-            match sys_fcntl(old, libc::F_GETFD, 0) {
-                Ok(_) => old,
-                Err(_) => -1,
-            }
-        } else {
-            // SAFETY: dup3(2) takes no pointers.
-            unsafe { libc::syscall(libc::SYS_dup3, old, new, 0) as c_int }
-        }
-    })
-}
-
-pub fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    call_real!(Sym::Dup3, Int3Fn, (old, new, flags), unsafe {
-        // SAFETY: dup3(2) takes no pointers.
-        libc::syscall(libc::SYS_dup3, old, new, flags) as c_int
-    })
-}
-
 /// The real fcntl (`wide`: the `fcntl64` symbol). The third argument is passed
 /// as an unsigned long, which carries any int or pointer in the x86_64 and
 /// aarch64 calling conventions.
@@ -386,14 +232,18 @@ pub fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 /// # Safety
 /// Same contract as fcntl(2) for `cmd` (the argument may be a pointer).
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong, wide: bool) -> c_int {
-    let sym = if wide && real(Sym::Fcntl64) != 0 {
-        Sym::Fcntl64
-    } else {
-        Sym::Fcntl
+    type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+    let f = match real(Sym::fcntl64) {
+        f64 if wide && f64 != 0 => f64,
+        _ => real(Sym::fcntl),
     };
-    call_real!(sym, FcntlFn, (fd, cmd, arg), unsafe {
-        libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as c_int
-    })
+    if f == 0 {
+        // SAFETY: the caller's contract is fcntl(2)'s.
+        return unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as c_int };
+    }
+    // SAFETY: `f` is what dlsym returned for fcntl or fcntl64, both with
+    // this C signature; the caller's arguments are passed on unchanged.
+    unsafe { std::mem::transmute::<usize, FcntlFn>(f)(fd, cmd, arg) }
 }
 
 // ---- errno -----------------------------------------------------------------

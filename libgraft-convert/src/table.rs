@@ -64,7 +64,7 @@ pub const ADDR_WORDS: usize = 7;
 pub struct Entry {
     state: AtomicU32,
     addr: [AtomicU32; ADDR_WORDS],
-    /// Family, type and protocol packed by `graft::pack_kind` (0: not known).
+    /// Family, type and protocol packed by `decide::pack_kind` (0: not known).
     kind: AtomicU32,
     /// The fork generation when our `socket()` made it; 0 when the option
     /// record below is not the socket's whole history.
