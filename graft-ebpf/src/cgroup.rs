@@ -118,22 +118,7 @@ impl PrivateMount {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
         }
-        let c = |s: &str| std::ffi::CString::new(s).map_err(|_| Error::NoCgroup2);
-        let (src, fstype) = (c("cgroup2")?, c("cgroup2")?);
-        let target = c(&path.to_string_lossy())?;
-        // SAFETY: all three are valid NUL-terminated strings that outlive the
-        // call; a NULL data argument is allowed.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = crate::pin::mount_fs("cgroup2", &path) {
             let _ = fs::remove_dir(&path);
             return Err(Error::Io {
                 op: format!(

@@ -303,14 +303,18 @@ mod tests {
                 format!("Error: argument \"{bad}\" is wrong: limit must be 1 to 1048576")
             );
         }
-        assert_eq!(
-            p("e type unix path /run/x limit 3").unwrap_err(),
-            "Error: \"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)"
-        );
-        assert_eq!(
-            p("e type ipv4 addr 127.0.0.1 port 80 limit").unwrap_err(),
-            "Error: \"limit\" needs an argument: limit N"
-        );
+        for (line, want) in [
+            (
+                "e type unix path /run/x limit 3",
+                "Error: \"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)",
+            ),
+            (
+                "e type ipv4 addr 127.0.0.1 port 80 limit",
+                "Error: \"limit\" needs an argument: limit N",
+            ),
+        ] {
+            assert_eq!(p(line).unwrap_err(), want, "{line}");
+        }
     }
 
     #[test]

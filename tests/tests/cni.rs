@@ -54,26 +54,14 @@ fn graft_cni(c: &Call, conf: &Value) -> Output {
 
 /// Success with JSON output.
 fn ok_json(o: &Output, what: &str) -> Value {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {} {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    graft_tests::assert_success(o, what);
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {}", text(&o.stdout)))
 }
 
 /// Success with nothing on stdout.
 fn ok_empty(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {} {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    graft_tests::assert_success(o, what);
     assert_eq!(text(&o.stdout).trim(), "", "{what} prints nothing");
 }
 

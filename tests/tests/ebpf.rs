@@ -13,7 +13,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_tests::{text, Env, Netns, Proc};
+use graft_tests::{out_segs, text, Env, Netns, Proc};
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(90);
@@ -136,12 +136,7 @@ elif mode == "sockopt":
     print("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
     s.sendall(b"still flowing")
     s.shutdown(socket.SHUT_WR)
-    back = b""
-    while True:
-        b = s.recv(64)
-        if not b:
-            break
-        back += b
+    back = b"".join(iter(lambda: s.recv(64), b""))
     print("echo", back.decode(), flush=True)
 "#;
 
@@ -326,19 +321,6 @@ fn transfer_line(out: &str, tag: &str) -> (u64, String, u64, String) {
         f[5].parse().unwrap(),
         f[6].to_owned(),
     )
-}
-
-/// TCP segments sent in namespace `ns` (nstat, absolute counter).
-fn out_segs(ns: &Netns) -> u64 {
-    let o = graft_tests::run_ok(
-        "ip",
-        ["netns", "exec", &ns.name, "nstat", "-a", "-z", "TcpOutSegs"],
-    );
-    o.lines()
-        .find_map(|l| l.strip_prefix("TcpOutSegs"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no TcpOutSegs in {o}"))
 }
 
 /// A grafted server in `srv_ns` and a grafted client in `cli_ns`, both on

@@ -1040,13 +1040,7 @@ fn go_listen_on_port_zero_is_grafted_at_listen() {
     let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
     assert_eq!(said, format!("peer={me}\n"));
     assert!(srv.wait_timeout(LIMIT).success());
-    let mut err = String::new();
-    let _ = srv
-        .child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut err);
+    let (_, err) = take_output(&mut srv);
     assert!(
         graft_lines(&err)
             .iter()
@@ -1088,13 +1082,7 @@ fn go_dual_stack_listener_answers_on_both_endpoints() {
     let (said, me) = ask_tcp(format!("[::1]:{p6}").parse().unwrap());
     assert_eq!(said, format!("peer={me}\n"), "IPv6 client on ep-in6");
     assert!(srv.wait_timeout(LIMIT).success());
-    let mut err = String::new();
-    let _ = srv
-        .child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut err);
+    let (_, err) = take_output(&mut srv);
     assert!(
         graft_lines(&err)
             .iter()
