@@ -960,27 +960,25 @@ pub fn remove_pinned(pin_dir: &Path, cgroup_name: &str) -> Result<Vec<String>, E
         }
         let _ = std::fs::remove_dir(&d);
     }
-    match std::fs::remove_dir(pin_dir) {
-        Ok(()) => done.push(format!("removed {}", pin_dir.display())),
+    remove_dir_if_there(pin_dir, "", &mut done)?;
+    if let Some(cg) = cg {
+        remove_dir_if_there(&cg, "cgroup ", &mut done)?;
+    }
+    Ok(done)
+}
+
+/// Removes the (empty) directory `what dir`, saying so in `done`; one
+/// already gone is no error.
+fn remove_dir_if_there(dir: &Path, what: &str, done: &mut Vec<String>) -> Result<(), Error> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => done.push(format!("removed {what}{}", dir.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => {
             return Err(Error::Io {
-                op: format!("remove {}", pin_dir.display()),
+                op: format!("remove {what}{}", dir.display()),
                 source,
             })
         }
     }
-    if let Some(cg) = cg {
-        match std::fs::remove_dir(&cg) {
-            Ok(()) => done.push(format!("removed cgroup {}", cg.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    op: format!("remove cgroup {}", cg.display()),
-                    source,
-                })
-            }
-        }
-    }
-    Ok(done)
+    Ok(())
 }

@@ -642,11 +642,7 @@ pub fn static_launcher() -> PathBuf {
                 .stdin(Stdio::null())
                 .output()
                 .expect("run cargo rustc for the static launcher");
-            assert!(
-                out.status.success(),
-                "building the static launcher failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, "building the static launcher");
             let dst = bin_dir().join("graft-static");
             let tmp = bin_dir().join(unique(".graft-static-"));
             std::fs::copy(static_dir.join("debug/graft"), &tmp).expect("copy static launcher");
@@ -923,4 +919,11 @@ pub fn take_output(p: &mut Proc) -> (String, String) {
         let _ = s.read_to_string(&mut err);
     }
     (out, err)
+}
+
+/// Asserts that one of `lines` (see [`graft_lines`]) passes `has`; the
+/// failure shows them all.
+#[track_caller]
+pub fn assert_line(lines: &[String], has: impl Fn(&str) -> bool) {
+    assert!(lines.iter().any(|l| has(l)), "{lines:?}");
 }

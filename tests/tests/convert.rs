@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_tests::{
-    free_port, graft_lines, grafted_nginx, have_or_skip, preload_lib, text, unique, wait_tcp,
-    wait_until, Env, HostHttp, Proc, HOST_BODY as BODY,
+    assert_line, free_port, graft_lines, grafted_nginx, have_or_skip, preload_lib, text, unique,
+    wait_tcp, wait_until, Env, HostHttp, Proc, HOST_BODY as BODY,
 };
 
 const PY: &str = "/usr/bin/python3";
@@ -404,17 +404,12 @@ fn unmatched_sockets_stay_on_the_container_stack() {
         let (out, err) = output_ok(env.graft(&args), "local talk");
         assert_eq!(out, "tcp-local 127.0.0.1\nudp-local\n", "stderr: {err}");
         let lines = graft_lines(&err);
-        assert!(
-            lines.iter().any(|l| l.contains("connect 127.0.0.1:")
-                && l.ends_with(&format!("-> not grafted ({why})"))),
-            "{lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("listen 127.0.0.1:0 -> not grafted (no rule)")),
-            "{lines:?}"
-        );
+        assert_line(&lines, |l| {
+            l.contains("connect 127.0.0.1:") && l.ends_with(&format!("-> not grafted ({why})"))
+        });
+        assert_line(&lines, |l| {
+            l.contains("listen 127.0.0.1:0 -> not grafted (no rule)")
+        });
         assert!(
             !lines.iter().any(|l| l.contains("-> ep-")),
             "nothing may be grafted: {lines:?}"

@@ -233,20 +233,12 @@ fn go_static_tcp_ingress_egress_v4_v6() {
             SocketAddr::V4(a) => format!("(host {}:", a.ip()),
             SocketAddr::V6(a) => format!("(host [{}]:", a.ip()),
         };
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!("connect {dst} -> ep-out"))
-                    && l.contains(&host_ip)
-                    && l.ends_with("(seccomp)")),
-            "{lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("seccomp mode (statically linked)")),
-            "{lines:?}"
-        );
+        assert_line(&lines, |l| {
+            l.contains(&format!("connect {dst} -> ep-out"))
+                && l.contains(&host_ip)
+                && l.ends_with("(seccomp)")
+        });
+        assert_line(&lines, |l| l.contains("seccomp mode (statically linked)"));
     }
 
     // Unmatched: a server on the namespace's own loopback (no ingress rule)
