@@ -163,6 +163,16 @@ fn ebpf_env_netns<const N: usize>(
     Some((env, names.map(Netns::new)))
 }
 
+/// Adds endpoint `spec` in `ns`, its sockets made in `target`'s namespace.
+fn add_into(env: &Env, ns: &Netns, spec: &str, target: &Netns) {
+    env.add_in(ns, &format!("{spec} netns {}", target.name));
+}
+
+/// [`ebpf_env_netns`] with a graftd that splices grafted pairs.
+fn splice_env(test: &str, names: [&str; 3]) -> Option<(Env, [Netns; 3])> {
+    ebpf_env_netns(test, &["--splice"], names)
+}
+
 /// `graft RULES -- python3 app.py ARGS` inside `ns`.
 fn app(env: &Env, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
     let mut c = env.graft_in(ns, rules);
@@ -410,9 +420,8 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
 /// namespace carries only control segments, and the counters match.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
-    let Some((env, [host, c1, c2])) = ebpf_env_netns(
+    let Some((env, [host, c1, c2])) = splice_env(
         "splice_grafted_pairs_v4_v6_byte_exact",
-        &["--splice"],
         ["sph", "sp1", "sp2"],
     ) else {
         return;
@@ -422,16 +431,17 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
         let port = 15000;
         let ps = port.to_string();
         let (ein, eout) = (format!("in-{ty}"), format!("out-{ty}"));
-        env.add_in(
+        add_into(
+            &env,
             &c1,
-            &format!("{ein} type {ty} addr {ip} port {ps} netns {}", host.name),
+            &format!("{ein} type {ty} addr {ip} port {ps}"),
+            &host,
         );
-        env.add_in(
+        add_into(
+            &env,
             &c2,
-            &format!(
-                "{eout} type {ty} addr {any} port dynamic netns {}",
-                host.name
-            ),
+            &format!("{eout} type {ty} addr {any} port dynamic"),
+            &host,
         );
         let rule_in = format!("{ip}:{port}={ein}");
         let rule_out = if ty == "ipv4" {
@@ -484,17 +494,8 @@ fn counters_without_splice_count_payload_bytes() {
         return;
     };
     const N: usize = 3 << 20;
-    env.add_in(
-        &c1,
-        &format!("in type ipv4 addr 127.0.0.1 port 15100 netns {}", host.name),
-    );
-    env.add_in(
-        &c2,
-        &format!(
-            "out type ipv4 addr 0.0.0.0 port dynamic netns {}",
-            host.name
-        ),
-    );
+    add_into(&env, &c1, "in type ipv4 addr 127.0.0.1 port 15100", &host);
+    add_into(&env, &c2, "out type ipv4 addr 0.0.0.0 port dynamic", &host);
     let segs = out_segs(&host);
     let (srv, cli) = run_pair(
         &env,
@@ -547,9 +548,8 @@ fn counters_without_splice_count_payload_bytes() {
 /// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
 #[test]
 fn splice_same_four_tuple_in_two_namespaces() {
-    let Some((env, [h1, h2, c])) = ebpf_env_netns(
+    let Some((env, [h1, h2, c])) = splice_env(
         "splice_same_four_tuple_in_two_namespaces",
-        &["--splice"],
         ["st1", "st2", "stc"],
     ) else {
         return;
@@ -557,20 +557,18 @@ fn splice_same_four_tuple_in_two_namespaces() {
     const N: usize = 4 << 20;
     for h in [&h1, &h2] {
         let tag = &h.name[h.name.len() - 3..];
-        env.add_in(
+        add_into(
+            &env,
             &c,
-            &format!(
-                "i{tag} type ipv4 addr 127.0.0.1 port 15500 netns {}",
-                h.name
-            ),
+            &format!("i{tag} type ipv4 addr 127.0.0.1 port 15500"),
+            h,
         );
         // A fixed client port: both connections are 127.0.0.1:15501 -> 127.0.0.1:15500.
-        env.add_in(
+        add_into(
+            &env,
             &c,
-            &format!(
-                "o{tag} type ipv4 addr 127.0.0.1 port 15501 netns {}",
-                h.name
-            ),
+            &format!("o{tag} type ipv4 addr 127.0.0.1 port 15501"),
+            h,
         );
     }
     let tags: Vec<String> = [&h1, &h2]
