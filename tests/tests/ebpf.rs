@@ -168,11 +168,6 @@ fn add_into(env: &Env, ns: &Netns, spec: &str, target: &Netns) {
     env.add_in(ns, &format!("{spec} netns {}", target.name));
 }
 
-/// [`ebpf_env_netns`] with a graftd that splices grafted pairs.
-fn splice_env(test: &str, names: [&str; 3]) -> Option<(Env, [Netns; 3])> {
-    ebpf_env_netns(test, &["--splice"], names)
-}
-
 /// `graft RULES -- python3 app.py ARGS` inside `ns`.
 fn app(env: &Env, ns: &Netns, rules: &[&str], args: &[&str]) -> Command {
     let mut c = env.graft_in(ns, rules);
@@ -420,8 +415,9 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
 /// namespace carries only control segments, and the counters match.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
-    let Some((env, [host, c1, c2])) = splice_env(
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(
         "splice_grafted_pairs_v4_v6_byte_exact",
+        &["--splice"],
         ["sph", "sp1", "sp2"],
     ) else {
         return;
@@ -548,8 +544,9 @@ fn counters_without_splice_count_payload_bytes() {
 /// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
 #[test]
 fn splice_same_four_tuple_in_two_namespaces() {
-    let Some((env, [h1, h2, c])) = splice_env(
+    let Some((env, [h1, h2, c])) = ebpf_env_netns(
         "splice_same_four_tuple_in_two_namespaces",
+        &["--splice"],
         ["st1", "st2", "stc"],
     ) else {
         return;
