@@ -185,6 +185,12 @@ class BridgePath(Path):
         self.procs = start_servers(h, self, nsx(self.b.cns), "0.0.0.0", self.name)
         return self.b
 
+    def wait_servers(self, addr):
+        """Until the container's iperf3, ping-pong and nginx answer on
+        `addr` from the host namespace."""
+        for s in ("iperf", "pp", "nginx"):
+            wait_port(nsx(self.b.hns), addr, self.port(s), self.label)
+
     def client(self):
         return nsx(self.b.hns)
 
@@ -200,8 +206,7 @@ class VethPath(BridgePath):
         b = self.start_bridge_servers(h)
         self.procs["churn"] = spawn(nsx(b.hns) + [h.bench, "server", "--once", "--listen", f"0.0.0.0:{self.port('churn')}"],
                                     f"{self.name}-churn")
-        for s in ("iperf", "pp", "nginx"):
-            wait_port(nsx(b.hns), b.cip, self.port(s), self.label)
+        self.wait_servers(b.cip)
 
     def target(self, svc):
         if svc == "churn":
@@ -218,9 +223,8 @@ class DnatPath(BridgePath):
     base = 21300
 
     def setup(self, h):
-        b = self.start_bridge_servers(h)
-        for s in ("iperf", "pp", "nginx"):
-            wait_port(nsx(b.hns), "127.0.0.1", self.port(s), self.label)
+        self.start_bridge_servers(h)
+        self.wait_servers("127.0.0.1")
 
     def dnat(self):
         return [("tcp", self.port(s)) for s in ("iperf", "pp", "nginx")] + [("udp", self.port("iperf"))]
@@ -244,8 +248,7 @@ class ProxyPath(BridgePath):
             self.relays.append(r)
             if s == "pp":
                 self.pp_procs.append(r)
-        for s in ("iperf", "pp", "nginx"):
-            wait_port(nsx(b.hns), "127.0.0.1", self.port(s), self.label)
+        self.wait_servers("127.0.0.1")
 
 
 class SocatPath(ProxyPath):

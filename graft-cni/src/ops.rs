@@ -24,15 +24,27 @@ fn need<'a>(v: &'a Option<String>, var: &str, cmd: &str) -> Result<&'a str, CniE
         .ok_or_else(|| CniError::new(code::INVALID_ENV, format!("{var} is required for {cmd}")))
 }
 
+/// What ADD and CHECK start from: the container id, the interface, the
+/// pod's namespace (each required, checked in this order), the plan and
+/// the record store.
+struct Attachment<'a>(&'a str, &'a str, &'a str, Plan, Store);
+
+impl<'a> Attachment<'a> {
+    fn open(conf: &NetConf, env: &'a CniEnv, cmd: &str) -> Result<Self, CniError> {
+        let cid = need(&env.container_id, "CNI_CONTAINERID", cmd)?;
+        let ifname = need(&env.ifname, "CNI_IFNAME", cmd)?;
+        let ns_path = need(&env.netns, "CNI_NETNS", cmd)?;
+        record::check_key(cid, ifname)?;
+        let plan = conf.plan()?;
+        let store = Store::new(&conf.data_dir(), &conf.name)?;
+        Ok(Attachment(cid, ifname, ns_path, plan, store))
+    }
+}
+
 /// ADD: the config's endpoints and port mappings in the pod's namespace,
 /// then its rules, then the record. A failure undoes what was added.
 pub fn add(conf: &NetConf, env: &CniEnv) -> Result<Value, CniError> {
-    let cid = need(&env.container_id, "CNI_CONTAINERID", "ADD")?;
-    let ifname = need(&env.ifname, "CNI_IFNAME", "ADD")?;
-    let ns_path = need(&env.netns, "CNI_NETNS", "ADD")?;
-    record::check_key(cid, ifname)?;
-    let plan = conf.plan()?;
-    let store = Store::new(&conf.data_dir(), &conf.name)?;
+    let Attachment(cid, ifname, ns_path, plan, store) = Attachment::open(conf, env, "ADD")?;
     let pod = graftd::open_ns(ns_path)?;
     let control = conf.control();
     let mut added = Vec::new();
@@ -134,12 +146,7 @@ fn differs(msg: String) -> CniError {
 /// CHECK: the record, the namespace, every endpoint and the rules are as
 /// the config says.
 pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
-    let cid = need(&env.container_id, "CNI_CONTAINERID", "CHECK")?;
-    let ifname = need(&env.ifname, "CNI_IFNAME", "CHECK")?;
-    let ns_path = need(&env.netns, "CNI_NETNS", "CHECK")?;
-    record::check_key(cid, ifname)?;
-    let plan = conf.plan()?;
-    let store = Store::new(&conf.data_dir(), &conf.name)?;
+    let Attachment(cid, ifname, ns_path, plan, store) = Attachment::open(conf, env, "CHECK")?;
     let rec = store
         .load(cid, ifname)?
         .ok_or_else(|| differs(format!("no attachment {cid}/{ifname}: ADD was not run")))?;

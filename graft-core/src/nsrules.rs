@@ -49,6 +49,17 @@ pub struct NsRules {
     pub exclude: Vec<String>,
 }
 
+/// Parses each rule of one list; the first bad one is the error.
+fn parse_list<T>(
+    list: &'static str,
+    v: &[String],
+    f: impl Fn(&str) -> Result<T, RuleError>,
+) -> Result<Vec<T>, NsRulesError> {
+    v.iter()
+        .map(|r| f(r).map_err(|err| NsRulesError::Rule { list, err }))
+        .collect()
+}
+
 impl NsRules {
     /// Whether no list holds a rule (setting such rules clears them).
     pub fn is_empty(&self) -> bool {
@@ -66,52 +77,30 @@ impl NsRules {
                 return Err(NsRulesError::TooMany { list, n: v.len() });
             }
         }
-        let mut set = RuleSet::default();
-        for r in &self.ingress {
-            let rule: IngressRule = r.parse().map_err(|err| NsRulesError::Rule {
-                list: "ingress",
-                err,
-            })?;
-            set.ingress.push(rule);
-        }
-        for r in &self.egress {
-            let rule: EgressRule = r.parse().map_err(|err| NsRulesError::Rule {
-                list: "egress",
-                err,
-            })?;
-            set.egress.push(rule);
-        }
-        for r in &self.exclude {
-            let rule = EgressRule::parse_exclude(r).map_err(|err| NsRulesError::Rule {
-                list: "exclude",
-                err,
-            })?;
-            set.egress.push(rule);
-        }
-        Ok(set)
+        let ingress = parse_list("ingress", &self.ingress, str::parse::<IngressRule>)?;
+        let mut egress = parse_list("egress", &self.egress, str::parse::<EgressRule>)?;
+        egress.extend(parse_list(
+            "exclude",
+            &self.exclude,
+            EgressRule::parse_exclude,
+        )?);
+        Ok(RuleSet { ingress, egress })
     }
 
     /// The same rules as the rules module prints them (`:::80=ep` becomes
     /// `[::]:80=ep`), after checking each.
     pub fn canonical(&self) -> Result<NsRules, NsRulesError> {
         let set = self.parse()?;
-        let text = |it: &mut dyn Iterator<Item = String>| it.collect::<Vec<_>>();
+        let egress = |exclusions: bool| {
+            let it = set.egress.iter();
+            it.filter(|r| r.endpoint.is_none() == exclusions)
+                .map(|r| r.to_string())
+                .collect()
+        };
         Ok(NsRules {
-            ingress: text(&mut set.ingress.iter().map(|r| r.to_string())),
-            egress: text(
-                &mut set
-                    .egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_some())
-                    .map(|r| r.to_string()),
-            ),
-            exclude: text(
-                &mut set
-                    .egress
-                    .iter()
-                    .filter(|r| r.endpoint.is_none())
-                    .map(|r| r.to_string()),
-            ),
+            ingress: set.ingress.iter().map(|r| r.to_string()).collect(),
+            egress: egress(false),
+            exclude: egress(true),
         })
     }
 

@@ -158,6 +158,18 @@ fn broker_reply_decoder_survives_mutations() {
     }
 }
 
+/// Mutations of `seeds` that still decode as control requests encode and
+/// decode again to the same request.
+fn control_requests_round_trip(seeds: &[&[u8]], mut rng: Rng) {
+    for i in 0..100_000 {
+        let m = mutate(&mut rng, seeds[i % seeds.len()]);
+        if let Ok(r) = control::decode_request(&m) {
+            let again = control::encode(&r);
+            assert_eq!(control::decode_request(&again).expect("re-decodes"), r);
+        }
+    }
+}
+
 #[test]
 fn control_request_decoder_survives_mutations() {
     let seeds: [&[u8]; 4] = [
@@ -166,14 +178,7 @@ fn control_request_decoder_survives_mutations() {
         br#"{"op":"show"}"#,
         br#"{"op":"add","endpoint":{"name":"u","addr":{"type":"unix","path":"/run/x.sock"},"netns":null},"target_fd":false}"#,
     ];
-    let mut rng = Rng(7);
-    for i in 0..100_000 {
-        let m = mutate(&mut rng, seeds[i % seeds.len()]);
-        if let Ok(r) = control::decode_request(&m) {
-            let again = control::encode(&r);
-            assert_eq!(control::decode_request(&again).expect("re-decodes"), r);
-        }
-    }
+    control_requests_round_trip(&seeds, Rng(7));
 }
 
 #[test]
@@ -216,12 +221,5 @@ fn control_rules_request_decoder_survives_mutations() {
         br#"{"op":"setrules","rules":{"ingress":["0.0.0.0:80=ep-in4"],"egress":["::/0=ep-out6"],"exclude":["10.0.0.0/8"]}}"#,
         br#"{"op":"getrules"}"#,
     ];
-    let mut rng = Rng(11);
-    for i in 0..100_000 {
-        let m = mutate(&mut rng, seeds[i % seeds.len()]);
-        if let Ok(r) = control::decode_request(&m) {
-            let again = control::encode(&r);
-            assert_eq!(control::decode_request(&again).expect("re-decodes"), r);
-        }
-    }
+    control_requests_round_trip(&seeds, Rng(11));
 }

@@ -97,22 +97,7 @@ impl PrivateMount {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
         }
-        let c = |s: &str| std::ffi::CString::new(s).map_err(|_| Error::NoCgroup2);
-        let (src, fstype) = (c("cgroup2")?, c("cgroup2")?);
-        let target = c(&path.to_string_lossy())?;
-        // SAFETY: all three are valid NUL-terminated strings that outlive the
-        // call; a NULL data argument is allowed.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = crate::pin::mount_fs("cgroup2", &path) {
             let _ = fs::remove_dir(&path);
             return Err(Error::Io {
                 op: format!(
@@ -274,39 +259,42 @@ mod tests {
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
 
+    /// `mountinfo` yields the one cgroup2 `mount` (point, root), and each
+    /// cgroup path in `dirs` maps to its directory (or to none).
+    fn check(mountinfo: &str, mount: (&str, &str), dirs: &[(&str, Option<&str>)]) {
+        let m = cgroup2_mounts(mountinfo);
+        assert_eq!(m, vec![(PathBuf::from(mount.0), mount.1.to_owned())]);
+        for (path, dir) in dirs {
+            assert_eq!(cgroup_dir(&m, path), dir.map(PathBuf::from), "{path}");
+        }
+    }
+
     #[test]
     fn finds_hybrid_mount() {
-        let m = cgroup2_mounts(HYBRID);
-        assert_eq!(
-            m,
-            vec![(PathBuf::from("/sys/fs/cgroup/unified"), "/".to_owned())]
-        );
-        assert_eq!(
-            cgroup_dir(&m, "/"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            cgroup_dir(&m, "/system.slice/graftd.service"),
-            Some(PathBuf::from(
-                "/sys/fs/cgroup/unified/system.slice/graftd.service"
-            ))
+        check(
+            HYBRID,
+            ("/sys/fs/cgroup/unified", "/"),
+            &[
+                ("/", Some("/sys/fs/cgroup/unified")),
+                (
+                    "/system.slice/graftd.service",
+                    Some("/sys/fs/cgroup/unified/system.slice/graftd.service"),
+                ),
+            ],
         );
     }
 
     #[test]
     fn non_root_mount_and_escapes() {
-        let mi = "50 1 0:40 /kubepods/pod\\0401 /mnt/cg\\040x rw - cgroup2 cgroup2 rw\n";
-        let m = cgroup2_mounts(mi);
-        assert_eq!(
-            m,
-            vec![(PathBuf::from("/mnt/cg x"), "/kubepods/pod 1".to_owned())]
+        check(
+            "50 1 0:40 /kubepods/pod\\0401 /mnt/cg\\040x rw - cgroup2 cgroup2 rw\n",
+            ("/mnt/cg x", "/kubepods/pod 1"),
+            &[
+                ("/kubepods/pod 1/c", Some("/mnt/cg x/c")),
+                ("/kubepods/pod 10", None),
+                ("/other", None),
+            ],
         );
-        assert_eq!(
-            cgroup_dir(&m, "/kubepods/pod 1/c"),
-            Some(PathBuf::from("/mnt/cg x/c"))
-        );
-        assert_eq!(cgroup_dir(&m, "/kubepods/pod 10"), None);
-        assert_eq!(cgroup_dir(&m, "/other"), None);
     }
 
     #[test]

@@ -771,44 +771,38 @@ where
     p.try_into().map_err(bpf_err(format!("program {name}")))
 }
 
+/// A `SOL_SOCKET` option of the socket, `None` if it cannot be read.
+/// `T` must be the plain integer type the kernel writes for `name`.
+fn sol_socket_opt<T: Copy + Default>(fd: BorrowedFd<'_>, name: libc::c_int) -> Option<T> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: fd is a valid borrowed descriptor; v/len point to a T and its
+    // size, and T is the integer type the option writes (see callers).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut T).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
 /// The socket's cookie (what `bpf_get_socket_cookie` returns for it); 0 if
 /// it cannot be read (the socket then never counts as released).
 fn socket_cookie(fd: BorrowedFd<'_>) -> u64 {
-    let mut c: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: fd is a valid borrowed descriptor; c/len point to a u64 and
-    // its size, which is what SO_COOKIE writes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut c as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        c
-    } else {
-        0
-    }
+    // SO_COOKIE writes a u64.
+    sol_socket_opt::<u64>(fd, libc::SO_COOKIE).unwrap_or(0)
 }
 
 fn is_inet(fd: BorrowedFd<'_>) -> bool {
-    let mut dom: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: fd is a valid borrowed descriptor; dom/len point to an int
-    // and its size, which is what SO_DOMAIN writes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut dom as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
+    // SO_DOMAIN writes an int.
+    matches!(
+        sol_socket_opt::<libc::c_int>(fd, libc::SO_DOMAIN),
+        Some(libc::AF_INET | libc::AF_INET6)
+    )
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str, kind: Kind) -> Result<(), Error> {
@@ -966,27 +960,25 @@ pub fn remove_pinned(pin_dir: &Path, cgroup_name: &str) -> Result<Vec<String>, E
         }
         let _ = std::fs::remove_dir(&d);
     }
-    match std::fs::remove_dir(pin_dir) {
-        Ok(()) => done.push(format!("removed {}", pin_dir.display())),
+    remove_dir_if_there(pin_dir, "", &mut done)?;
+    if let Some(cg) = cg {
+        remove_dir_if_there(&cg, "cgroup ", &mut done)?;
+    }
+    Ok(done)
+}
+
+/// Removes the (empty) directory `what dir`, saying so in `done`; one
+/// already gone is no error.
+fn remove_dir_if_there(dir: &Path, what: &str, done: &mut Vec<String>) -> Result<(), Error> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => done.push(format!("removed {what}{}", dir.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => {
             return Err(Error::Io {
-                op: format!("remove {}", pin_dir.display()),
+                op: format!("remove {what}{}", dir.display()),
                 source,
             })
         }
     }
-    if let Some(cg) = cg {
-        match std::fs::remove_dir(&cg) {
-            Ok(()) => done.push(format!("removed cgroup {}", cg.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    op: format!("remove cgroup {}", cg.display()),
-                    source,
-                })
-            }
-        }
-    }
-    Ok(done)
+    Ok(())
 }

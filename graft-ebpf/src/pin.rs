@@ -125,8 +125,14 @@ pub fn on_bpffs(path: &Path) -> bool {
 /// Mounts bpffs on `dir` (what systemd does at boot on /sys/fs/bpf; some
 /// container hosts skip it).
 pub fn mount_bpffs(dir: &Path) -> io::Result<()> {
+    mount_fs("bpf", dir)
+}
+
+/// Mounts a fresh `fstype` (a pseudo filesystem: bpf, cgroup2) on `dir`,
+/// without setuid, devices or exec.
+pub(crate) fn mount_fs(fstype: &str, dir: &Path) -> io::Result<()> {
     let c = |s: &str| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
-    let (src, fstype) = (c("bpf")?, c("bpf")?);
+    let (src, fstype) = (c(fstype)?, c(fstype)?);
     let target = c_path(dir)?;
     // SAFETY: valid NUL-terminated strings outliving the call; NULL data.
     let rc = unsafe {

@@ -668,18 +668,10 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let socks: aya::maps::SockHash<aya::maps::MapData, [u8; 56]> =
         aya::maps::SockHash::try_from(foreign.take_map("graft_socks").unwrap()).unwrap();
     {
-        let msg: &mut aya::programs::SkMsg = foreign
-            .program_mut("graft_sk_msg")
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let msg: &mut aya::programs::SkMsg = program(&mut foreign, "graft_sk_msg");
         msg.load().unwrap();
         msg.attach(socks.fd()).unwrap();
-        let so: &mut aya::programs::SockOps = foreign
-            .program_mut("graft_sockops")
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let so: &mut aya::programs::SockOps = program(&mut foreign, "graft_sockops");
         so.load().unwrap();
         so.attach(&cg, aya::programs::CgroupAttachMode::Single)
             .unwrap();
@@ -998,4 +990,13 @@ fn setsockopt_guard_refuses_escape_options_on_grafted_sockets() {
     assert!(child.wait().unwrap().success());
 
     assert_eq!(c.counters(&ep).unwrap().policy_denied, refused);
+}
+
+/// The program `name` of `ebpf`, as its type `P`.
+fn program<'a, P>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut P
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    <&'a mut P as TryFrom<&'a mut aya::programs::Program>>::Error: std::fmt::Debug,
+{
+    ebpf.program_mut(name).unwrap().try_into().unwrap()
 }

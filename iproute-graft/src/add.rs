@@ -146,22 +146,27 @@ fn build(name: EndpointName, raw: Raw<'_>) -> Result<AddCmd, Usage> {
             }
         }
         "unix" => {
-            for (kw, given) in [("addr", raw.addr.is_some()), ("port", raw.port.is_some())] {
+            for (given, why) in [
+                (
+                    raw.addr.is_some(),
+                    "\"addr\" is not valid for type unix (use path)",
+                ),
+                (
+                    raw.port.is_some(),
+                    "\"port\" is not valid for type unix (use path)",
+                ),
+                (
+                    !raw.policy.is_empty(),
+                    "\"allow\"/\"deny\" are not valid for type unix",
+                ),
+                (
+                    raw.limit.is_some(),
+                    "\"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)",
+                ),
+            ] {
                 if given {
-                    return Err(usage!(
-                        "Error: \"{kw}\" is not valid for type unix (use path)"
-                    ));
+                    return Err(usage!("Error: {why}"));
                 }
-            }
-            if !raw.policy.is_empty() {
-                return Err(usage!(
-                    "Error: \"allow\"/\"deny\" are not valid for type unix"
-                ));
-            }
-            if raw.limit.is_some() {
-                return Err(usage!(
-                    "Error: \"limit\" is not valid for type unix (live sockets are counted for ipv4/ipv6)"
-                ));
             }
             let p = raw.path.ok_or_else(|| {
                 usage!("Error: argument \"path\" is required for type unix: path PATH")

@@ -139,26 +139,30 @@ mod tests {
         assert_eq!(r.ingress, ["0.0.0.0:80=ep", ":::80=ep"]);
         assert_eq!(r.egress, ["0.0.0.0/0=out"]);
         assert_eq!(r.exclude, ["10.0.0.0/8"]);
-        assert_eq!(
-            p("set ingress 0.0.0.0=ep").unwrap_err(),
-            "Error: ingress rule \"0.0.0.0=ep\": expected ADDR:PORT[-PORT]=ENDPOINT"
-        );
-        assert_eq!(
-            p("set egress").unwrap_err(),
-            "Error: \"egress\" needs an argument: egress PREFIX/LEN=NAME"
-        );
-        assert_eq!(
-            p("set").unwrap_err(),
-            "Error: \"set\" needs at least one rule (\"ip graft rules flush\" clears them)"
-        );
-        assert_eq!(
-            p("frob").unwrap_err(),
-            "Error: \"frob\" is unknown: ip graft rules { show | set ... | flush }"
-        );
-        assert_eq!(
-            p("flush x").unwrap_err(),
-            "Error: invalid argument \"x\"; try \"ip graft help\"."
-        );
+        for (line, want) in [
+            (
+                "set ingress 0.0.0.0=ep",
+                "Error: ingress rule \"0.0.0.0=ep\": expected ADDR:PORT[-PORT]=ENDPOINT",
+            ),
+            (
+                "set egress",
+                "Error: \"egress\" needs an argument: egress PREFIX/LEN=NAME",
+            ),
+            (
+                "set",
+                "Error: \"set\" needs at least one rule (\"ip graft rules flush\" clears them)",
+            ),
+            (
+                "frob",
+                "Error: \"frob\" is unknown: ip graft rules { show | set ... | flush }",
+            ),
+            (
+                "flush x",
+                "Error: invalid argument \"x\"; try \"ip graft help\".",
+            ),
+        ] {
+            assert_eq!(p(line).unwrap_err(), want, "{line}");
+        }
     }
 
     #[test]

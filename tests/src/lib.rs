@@ -516,13 +516,7 @@ pub fn output_within(
 /// [`output_within`], asserting success; returns (stdout, stderr).
 pub fn output_ok_within(cmd: Command, what: &str, limit: Duration) -> (String, String) {
     let o = output_within(cmd, what, limit, None);
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    assert_success(&o, what);
     (text(&o.stdout), text(&o.stderr))
 }
 
@@ -648,11 +642,7 @@ pub fn static_launcher() -> PathBuf {
                 .stdin(Stdio::null())
                 .output()
                 .expect("run cargo rustc for the static launcher");
-            assert!(
-                out.status.success(),
-                "building the static launcher failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, "building the static launcher");
             let dst = bin_dir().join("graft-static");
             let tmp = bin_dir().join(unique(".graft-static-"));
             std::fs::copy(static_dir.join("debug/graft"), &tmp).expect("copy static launcher");
@@ -868,4 +858,72 @@ pub fn graftd_and_netns<const N: usize>(
     }
     let d = Graftd::start();
     Some((d, names.map(Netns::new)))
+}
+
+/// TCP segments sent in namespace `ns` (nstat, absolute counter).
+pub fn out_segs(ns: &Netns) -> u64 {
+    let o = run_ok(
+        "ip",
+        ["netns", "exec", &ns.name, "nstat", "-a", "-z", "TcpOutSegs"],
+    );
+    o.lines()
+        .find_map(|l| l.strip_prefix("TcpOutSegs"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpOutSegs in {o}"))
+}
+
+/// nginx (a master and two workers, in the foreground) under `graft
+/// RULES --`, serving `page` as /index.html from `env.dir/www`, its logs
+/// and pid in `env.dir`; `http` ends its http block (the server lines).
+pub fn grafted_nginx(env: &Env, rules: &[&str], page: &str, http: &str) -> Proc {
+    let d = env.dir.display().to_string();
+    std::fs::create_dir_all(env.dir.join("www")).expect("www");
+    std::fs::write(env.dir.join("www/index.html"), page).expect("index");
+    std::fs::write(
+        env.dir.join("nginx.conf"),
+        format!(
+            "user root;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n{http}}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    let (conf, log) = (format!("{d}/nginx.conf"), format!("{d}/error.log"));
+    let mut args = rules.to_vec();
+    args.extend(["--", "nginx", "-p", &d, "-c", &conf, "-e", &log]);
+    args.extend(["-g", "daemon off;"]);
+    Proc::spawn(env.graft(&args), "nginx")
+}
+
+/// Asserts that a finished command succeeded, showing its output if not.
+pub fn assert_success(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+/// What a process piped to its stdout and stderr (read to the end: stop
+/// it first), as (stdout, stderr); an unpiped stream reads as "".
+pub fn take_output(p: &mut Proc) -> (String, String) {
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = p.child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = p.child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    (out, err)
+}
+
+/// Asserts that one of `lines` (see [`graft_lines`]) passes `has`; the
+/// failure shows them all.
+#[track_caller]
+pub fn assert_line(lines: &[String], has: impl Fn(&str) -> bool) {
+    assert!(lines.iter().any(|l| has(l)), "{lines:?}");
 }

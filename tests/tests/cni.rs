@@ -24,6 +24,18 @@ struct Call<'a> {
     ifname: &'a str,
 }
 
+impl<'a> Call<'a> {
+    /// A command for the attachment (`container`, `ifname`) in `netns`.
+    fn in_ns(cmd: &'a str, container: &'a str, netns: &'a Path, ifname: &'a str) -> Self {
+        Call {
+            cmd,
+            container,
+            netns: Some(netns),
+            ifname,
+        }
+    }
+}
+
 /// Runs `plugin` (a path) for one CNI command with `conf` on stdin.
 fn cni_run(plugin: &Path, c: &Call, conf: &Value) -> Output {
     let mut cmd = Command::new(plugin);
@@ -54,26 +66,14 @@ fn graft_cni(c: &Call, conf: &Value) -> Output {
 
 /// Success with JSON output.
 fn ok_json(o: &Output, what: &str) -> Value {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {} {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    graft_tests::assert_success(o, what);
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {}", text(&o.stdout)))
 }
 
 /// Success with nothing on stdout.
 fn ok_empty(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {} {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    graft_tests::assert_success(o, what);
     assert_eq!(text(&o.stdout).trim(), "", "{what} prints nothing");
 }
 
@@ -120,12 +120,7 @@ fn port_mapping_end_to_end_alone_with_check_and_del_twice() {
         {"hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}
     ]});
     let path = env.ns.path();
-    let call = |cmd| Call {
-        cmd,
-        container: "c0ffee01",
-        netns: Some(&path),
-        ifname: "eth0",
-    };
+    let call = |cmd| Call::in_ns(cmd, "c0ffee01", &path, "eth0");
 
     let r = ok_json(&graft_cni(&call("ADD"), &conf), "ADD");
     assert_eq!(
@@ -259,12 +254,7 @@ fn chained_after_loopback_and_bridge_prev_result_passes_through() {
     let _guard = LinkGuard(bridge.clone());
     let ipam_dir = env.dir.join("host-local");
     let path = env.ns.path();
-    let call = |cmd, ifname| Call {
-        cmd,
-        container: "chained01",
-        netns: Some(&path),
-        ifname,
-    };
+    let call = |cmd, ifname| Call::in_ns(cmd, "chained01", &path, ifname);
     let lo_conf = json!({"cniVersion": "1.0.0", "name": name, "type": "loopback"});
     let br_conf = json!({
         "cniVersion": "1.0.0", "name": name, "type": "bridge",
@@ -659,12 +649,7 @@ fn spec_0_4_0_alone_add_check_del() {
         json!([{"name": "ep-in6", "type": "ipv6", "addr": "::1", "port": free_port()}]);
     conf["ingress"] = json!([":::8080=ep-in6"]);
     let path = env.ns.path();
-    let call = |cmd| Call {
-        cmd,
-        container: "old-runtime",
-        netns: Some(&path),
-        ifname: "eth1",
-    };
+    let call = |cmd| Call::in_ns(cmd, "old-runtime", &path, "eth1");
     let r = ok_json(&graft_cni(&call("ADD"), &conf), "ADD 0.4.0");
     assert_eq!(r, json!({"cniVersion": "0.4.0", "dns": {}}));
     assert_eq!(env.ip_graft("rules"), "ingress [::]:8080=ep-in6\n");
@@ -694,12 +679,7 @@ fn del_leaves_a_namespace_that_reuses_the_path_alone() {
         json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
     let first = Netns::new("reuse");
     let (name, path) = (first.name.clone(), first.path());
-    let call = |cmd| Call {
-        cmd,
-        container: "reused",
-        netns: Some(&path),
-        ifname: "eth0",
-    };
+    let call = |cmd| Call::in_ns(cmd, "reused", &path, "eth0");
     ok_json(&graft_cni(&call("ADD"), &conf), "ADD");
     drop(first);
     run_ok("ip", ["netns", "add", &name]);

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_tests::{
-    free_port, graft_lines, have_or_skip, preload_lib, text, unique, wait_tcp, wait_until, Env,
-    HostHttp, Proc, HOST_BODY as BODY,
+    assert_line, free_port, graft_lines, grafted_nginx, have_or_skip, preload_lib, text, unique,
+    wait_tcp, wait_until, Env, HostHttp, Proc, HOST_BODY as BODY,
 };
 
 const PY: &str = "/usr/bin/python3";
@@ -162,35 +162,12 @@ fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
     env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
     env.add(&format!("ep-in6 type ipv6 addr ::1 port {p6}"));
     let d = env.dir.display().to_string();
-    std::fs::create_dir_all(env.dir.join("www")).expect("www");
-    std::fs::write(env.dir.join("www/index.html"), "graft-nginx-page\n").expect("index");
-    std::fs::write(
-        env.dir.join("nginx.conf"),
-        format!(
-            "user root;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n\
-             server {{ listen 80; listen [::]:80; root {d}/www; }}\n}}\n"
-        ),
-    )
-    .expect("nginx.conf");
-    let cmd = env.graft(&[
-        "-i",
-        "0.0.0.0:0-65535=ep-in4",
-        "-i",
-        ":::0-65535=ep-in6",
-        "--",
-        "nginx",
-        "-p",
-        &d,
-        "-c",
-        &format!("{d}/nginx.conf"),
-        "-e",
-        &format!("{d}/error.log"),
-        "-g",
-        "daemon off;",
-    ]);
-    let _nginx = Proc::spawn(cmd, "nginx");
+    let _nginx = grafted_nginx(
+        &env,
+        &["-i", "0.0.0.0:0-65535=ep-in4", "-i", ":::0-65535=ep-in6"],
+        "graft-nginx-page\n",
+        &format!(" server {{ listen 80; listen [::]:80; root {d}/www; }}\n"),
+    );
     let a4: SocketAddr = format!("127.0.0.1:{p4}").parse().expect("addr");
     let a6: SocketAddr = format!("[::1]:{p6}").parse().expect("addr");
     wait_tcp(a4, LIMIT);
@@ -427,17 +404,12 @@ fn unmatched_sockets_stay_on_the_container_stack() {
         let (out, err) = output_ok(env.graft(&args), "local talk");
         assert_eq!(out, "tcp-local 127.0.0.1\nudp-local\n", "stderr: {err}");
         let lines = graft_lines(&err);
-        assert!(
-            lines.iter().any(|l| l.contains("connect 127.0.0.1:")
-                && l.ends_with(&format!("-> not grafted ({why})"))),
-            "{lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("listen 127.0.0.1:0 -> not grafted (no rule)")),
-            "{lines:?}"
-        );
+        assert_line(&lines, |l| {
+            l.contains("connect 127.0.0.1:") && l.ends_with(&format!("-> not grafted ({why})"))
+        });
+        assert_line(&lines, |l| {
+            l.contains("listen 127.0.0.1:0 -> not grafted (no rule)")
+        });
         assert!(
             !lines.iter().any(|l| l.contains("-> ep-")),
             "nothing may be grafted: {lines:?}"

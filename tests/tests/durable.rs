@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,12 +82,34 @@ for line in sys.stdin:
 
 /// Sends one step to the client and returns the line it printed.
 fn step(p: &mut Proc, out: &mut impl BufRead) -> String {
+    say(p, out, "go")
+}
+
+/// Writes `what` as one line to the client's stdin and returns the line
+/// it printed back.
+fn say(p: &mut Proc, out: &mut impl BufRead, what: &str) -> String {
     let stdin = p.child.stdin.as_mut().expect("stdin piped");
-    stdin.write_all(b"go\n").expect("write step");
+    stdin
+        .write_all(format!("{what}\n").as_bytes())
+        .expect("write step");
     stdin.flush().expect("flush");
     let mut line = String::new();
     out.read_line(&mut line).expect("read client line");
     line.trim().to_owned()
+}
+
+/// Spawns a client driven line by line through its stdin (see [`say`]);
+/// with `ready`, first waits for its "ready" line.
+fn driven(mut c: Command, what: &str, ready: bool) -> (Proc, BufReader<ChildStdout>) {
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, what);
+    let mut out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
+    if ready {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        assert_eq!(line.trim(), "ready", "{what}");
+    }
+    (p, out)
 }
 
 #[test]
@@ -298,14 +320,8 @@ for line in sys.stdin:
         &[("OK", allowed.to_string()), ("DENIED", denied.to_string())],
     );
     let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
-    c.env("GRAFT_POOL", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut p = Proc::spawn(c, "udp python client");
-    let mut out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("ready line");
-    assert_eq!(line.trim(), "ready");
+    c.env("GRAFT_POOL", "0");
+    let (mut p, mut out) = driven(c, "udp python client", true);
     let mut buf = [0u8; 64];
     let mut recv = || {
         let (n, from) = sink.recv_from(&mut buf).expect("datagram at the host sink");
@@ -313,14 +329,7 @@ for line in sys.stdin:
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(recv(), "first");
-    let mut say = |what: &str| {
-        let stdin = p.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut l = String::new();
-        out.read_line(&mut l).expect("client line");
-        l.trim().to_owned()
-    };
+    let mut say = |what: &str| say(&mut p, &mut out, what);
     let eperm = format!("errno {}", libc::EPERM);
     assert_eq!(say("old"), eperm, "denied before the crash");
     env.d.kill9();
@@ -482,19 +491,9 @@ for line in sys.stdin:
         "python3",
         &script,
     ]);
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut p = Proc::spawn(c, "limit python client");
-    let mut out = BufReader::new(p.child.stdout.take().expect("stdout"));
-    let mut say = |what: &str| {
-        let stdin = p.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut l = String::new();
-        out.read_line(&mut l).expect("client line");
-        l.trim().to_owned()
-    };
+    c.stderr(Stdio::piped());
+    let (mut p, mut out) = driven(c, "limit python client", false);
+    let mut say = |what: &str| say(&mut p, &mut out, what);
     assert_eq!(say("open"), "ok 1");
     assert_eq!(say("open"), "ok 2");
     assert_eq!(say("open"), "ok 3");
@@ -628,24 +627,12 @@ for line in sys.stdin:
             ("DENIED", denied.to_string()),
         ],
     );
-    let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut p = Proc::spawn(c, "upgrade python client");
-    let mut out = BufReader::new(p.child.stdout.take().expect("stdout"));
-    let mut l = String::new();
-    out.read_line(&mut l).unwrap();
-    assert_eq!(l.trim(), "ready");
+    let c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script]);
+    let (mut p, mut out) = driven(c, "upgrade python client", true);
     let mut b = [0u8; 16];
     let (n, _) = sink.recv_from(&mut b).expect("first datagram");
     assert_eq!(&b[..n], b"first");
-    let mut say = |what: &str| {
-        let stdin = p.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(format!("{what}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut l = String::new();
-        out.read_line(&mut l).expect("client line");
-        l.trim().to_owned()
-    };
+    let mut say = |what: &str| say(&mut p, &mut out, what);
     let eperm = format!("errno {}", libc::EPERM);
     assert_eq!(say("echo"), "echo ping");
     assert_eq!(say("denied"), eperm);
@@ -745,15 +732,7 @@ sys.stdin.read()
         .read_line(&mut l)
         .unwrap();
     assert_eq!(l.trim(), "held 1180");
-    let once = env.script(
-        "once.py",
-        r#"
-import socket
-s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
-print(s.recv(16).decode().strip())
-"#,
-        &[("PORT", host.addr.port().to_string())],
-    );
+    let once = once_script(&env, &host);
     for ns in [&env.ns, &other] {
         let mut c = ns.cmd(bin("graft"));
         c.args(["-e", "127.0.0.1/32=ep-out4", "--", "python3", &once])
@@ -780,15 +759,7 @@ fn a_program_started_while_graftd_is_down_waits_for_it() {
     };
     let host = host_server();
     env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
-    let once = env.script(
-        "once.py",
-        r#"
-import socket
-s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
-print(s.recv(16).decode().strip())
-"#,
-        &[("PORT", host.addr.port().to_string())],
-    );
+    let once = once_script(&env, &host);
     env.d.kill9();
     let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &once]);
     // Generous: the restart below must land inside the wait even on a
@@ -802,23 +773,24 @@ print(s.recv(16).decode().strip())
     assert!(matches!(p.child.try_wait(), Ok(None)), "gave up at once");
     env.d.restart();
     let st = p.wait_timeout(LIMIT);
-    let mut out = String::new();
-    p.child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    p.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (out, err) = graft_tests::take_output(&mut p);
     assert!(st.success(), "{st}: {err}");
     assert_eq!(out.trim(), "hi", "{err}");
     assert_eq!(host.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A python client that connects once to the host server and prints what
+/// it said.
+fn once_script(env: &Env, host: &HostTcp) -> String {
+    env.script(
+        "once.py",
+        r#"
+import socket
+s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+print(s.recv(16).decode().strip())
+"#,
+        &[("PORT", host.addr.port().to_string())],
+    )
 }
 
 /// Connects to `addr`, returns what the server sent before closing.

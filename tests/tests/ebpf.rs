@@ -13,7 +13,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_tests::{text, Env, Netns, Proc};
+use graft_tests::{out_segs, text, Env, Netns, Proc};
 
 const PY: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(90);
@@ -136,12 +136,7 @@ elif mode == "sockopt":
     print("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
     s.sendall(b"still flowing")
     s.shutdown(socket.SHUT_WR)
-    back = b""
-    while True:
-        b = s.recv(64)
-        if not b:
-            break
-        back += b
+    back = b"".join(iter(lambda: s.recv(64), b""))
     print("echo", back.decode(), flush=True)
 "#;
 
@@ -166,6 +161,11 @@ fn ebpf_env_netns<const N: usize>(
 ) -> Option<(Env, [Netns; N])> {
     let env = ebpf_env(test, graftd_args)?;
     Some((env, names.map(Netns::new)))
+}
+
+/// Adds endpoint `spec` in `ns`, its sockets made in `target`'s namespace.
+fn add_into(env: &Env, ns: &Netns, spec: &str, target: &Netns) {
+    env.add_in(ns, &format!("{spec} netns {}", target.name));
 }
 
 /// `graft RULES -- python3 app.py ARGS` inside `ns`.
@@ -328,19 +328,6 @@ fn transfer_line(out: &str, tag: &str) -> (u64, String, u64, String) {
     )
 }
 
-/// TCP segments sent in namespace `ns` (nstat, absolute counter).
-fn out_segs(ns: &Netns) -> u64 {
-    let o = graft_tests::run_ok(
-        "ip",
-        ["netns", "exec", &ns.name, "nstat", "-a", "-z", "TcpOutSegs"],
-    );
-    o.lines()
-        .find_map(|l| l.strip_prefix("TcpOutSegs"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no TcpOutSegs in {o}"))
-}
-
 /// A grafted server in `srv_ns` and a grafted client in `cli_ns`, both on
 /// endpoints whose sockets live in the endpoints' target namespace.
 struct Pair<'a> {
@@ -440,16 +427,17 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
         let port = 15000;
         let ps = port.to_string();
         let (ein, eout) = (format!("in-{ty}"), format!("out-{ty}"));
-        env.add_in(
+        add_into(
+            &env,
             &c1,
-            &format!("{ein} type {ty} addr {ip} port {ps} netns {}", host.name),
+            &format!("{ein} type {ty} addr {ip} port {ps}"),
+            &host,
         );
-        env.add_in(
+        add_into(
+            &env,
             &c2,
-            &format!(
-                "{eout} type {ty} addr {any} port dynamic netns {}",
-                host.name
-            ),
+            &format!("{eout} type {ty} addr {any} port dynamic"),
+            &host,
         );
         let rule_in = format!("{ip}:{port}={ein}");
         let rule_out = if ty == "ipv4" {
@@ -502,17 +490,8 @@ fn counters_without_splice_count_payload_bytes() {
         return;
     };
     const N: usize = 3 << 20;
-    env.add_in(
-        &c1,
-        &format!("in type ipv4 addr 127.0.0.1 port 15100 netns {}", host.name),
-    );
-    env.add_in(
-        &c2,
-        &format!(
-            "out type ipv4 addr 0.0.0.0 port dynamic netns {}",
-            host.name
-        ),
-    );
+    add_into(&env, &c1, "in type ipv4 addr 127.0.0.1 port 15100", &host);
+    add_into(&env, &c2, "out type ipv4 addr 0.0.0.0 port dynamic", &host);
     let segs = out_segs(&host);
     let (srv, cli) = run_pair(
         &env,
@@ -575,20 +554,18 @@ fn splice_same_four_tuple_in_two_namespaces() {
     const N: usize = 4 << 20;
     for h in [&h1, &h2] {
         let tag = &h.name[h.name.len() - 3..];
-        env.add_in(
+        add_into(
+            &env,
             &c,
-            &format!(
-                "i{tag} type ipv4 addr 127.0.0.1 port 15500 netns {}",
-                h.name
-            ),
+            &format!("i{tag} type ipv4 addr 127.0.0.1 port 15500"),
+            h,
         );
         // A fixed client port: both connections are 127.0.0.1:15501 -> 127.0.0.1:15500.
-        env.add_in(
+        add_into(
+            &env,
             &c,
-            &format!(
-                "o{tag} type ipv4 addr 127.0.0.1 port 15501 netns {}",
-                h.name
-            ),
+            &format!("o{tag} type ipv4 addr 127.0.0.1 port 15501"),
+            h,
         );
     }
     let tags: Vec<String> = [&h1, &h2]

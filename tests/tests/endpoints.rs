@@ -185,13 +185,7 @@ fn run_opts(env: &Env) -> (String, Vec<(String, SocketAddr)>) {
         in4.to_string(),
     ]);
     let o = output_within(c, "opts.py", LIMIT, None);
-    assert!(
-        o.status.success(),
-        "opts.py failed ({}):\n{}\n{}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    graft_tests::assert_success(&o, "opts.py");
     e4.join().expect("echo v4");
     e6.join().expect("echo v6");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -412,20 +406,7 @@ fn python_http_server_on_a_unix_endpoint() {
         assert_eq!(mode_owner(&sock), (0o666, 0), "round {round}");
         let _ = srv.child.kill();
         let _ = srv.child.wait();
-        let mut out = String::new();
-        let mut err = String::new();
-        let _ = srv
-            .child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out);
-        let _ = srv
-            .child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut err);
+        let (out, err) = graft_tests::take_output(&mut srv);
         // getsockname answers the address the program bound.
         assert!(
             out.contains(&format!("Serving HTTP on 127.0.0.1 port {port}")),
@@ -455,35 +436,16 @@ fn nginx_on_a_unix_endpoint() {
     let sock = env.dir.join("nginx.sock").display().to_string();
     env.add(&format!("ep-u type unix path {sock}"));
     let d = env.dir.display().to_string();
-    std::fs::create_dir_all(env.dir.join("www")).expect("www");
-    std::fs::write(env.dir.join("www/index.html"), "graft-nginx-unix\n").expect("index");
     let port = graft_tests::free_port();
-    std::fs::write(
-        env.dir.join("nginx.conf"),
-        format!(
-            "user root;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n\
-             tcp_nodelay on;\n keepalive_timeout 5;\n\
-             server {{ listen 127.0.0.1:{port} so_keepalive=30s:5s:3; root {d}/www; }}\n}}\n"
+    let _nginx = graft_tests::grafted_nginx(
+        &env,
+        &["-i", &format!("127.0.0.1:{port}=ep-u")],
+        "graft-nginx-unix\n",
+        &format!(
+            " tcp_nodelay on;\n keepalive_timeout 5;\n\
+             server {{ listen 127.0.0.1:{port} so_keepalive=30s:5s:3; root {d}/www; }}\n"
         ),
-    )
-    .expect("nginx.conf");
-    let cmd = env.graft(&[
-        "-i",
-        &format!("127.0.0.1:{port}=ep-u"),
-        "--",
-        "nginx",
-        "-p",
-        &d,
-        "-c",
-        &format!("{d}/nginx.conf"),
-        "-e",
-        &format!("{d}/error.log"),
-        "-g",
-        "daemon off;",
-    ]);
-    let _nginx = graft_tests::Proc::spawn(cmd, "nginx");
+    );
     // Two requests on one keep-alive connection, then a second connection.
     let mut c = Command::new("curl");
     let url = "http://localhost/index.html";
@@ -526,12 +488,7 @@ s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
 print("peer", s.getpeername(), "local", s.getsockname(), flush=True)
 s.sendall(b"hello over unix\n")
 s.shutdown(socket.SHUT_WR)
-back = b""
-while True:
-    b = s.recv(256)
-    if not b:
-        break
-    back += b
+back = b"".join(iter(lambda: s.recv(256), b""))
 print("back", repr(back.decode()), flush=True)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 try:

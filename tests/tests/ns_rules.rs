@@ -16,6 +16,16 @@ fn ip_graft_fails(env: &Env, args: &[&str]) -> (i32, String) {
     (o.status.code().unwrap_or(-1), text(&o.stderr))
 }
 
+/// Without flags and with nothing to graft, the probe binds in the
+/// namespace and graft stays silent; under -v its first line is `why`.
+fn nothing_grafted(env: &Env, what: &str, why: &str) {
+    let (out, err) = output_ok_within(env.graft(&["--", "python3", "-c", PROBE]), what, LIMIT);
+    assert_eq!(out.trim(), "('0.0.0.0', 5000)", "{what}");
+    assert_eq!(graft_lines(&err), Vec::<String>::new(), "{what}");
+    let (_, err) = output_ok_within(env.graft(&["-v", "--", "true"]), what, LIMIT);
+    assert_eq!(graft_lines(&err)[0], why, "{what}");
+}
+
 #[test]
 fn rules_set_show_flush_and_the_launcher_takes_them() {
     let Some(env) = Env::new("ns_rules", &["python3"]) else {
@@ -24,20 +34,13 @@ fn rules_set_show_flush_and_the_launcher_takes_them() {
     let port = free_port();
     // No endpoint, so no broker here yet: as before rules existed, with a
     // line under -v.
-    let (out, err) = output_ok_within(
-        env.graft(&["--", "python3", "-c", PROBE]),
+    nothing_grafted(
+        &env,
         "no broker",
-        LIMIT,
-    );
-    assert_eq!(out.trim(), "('0.0.0.0', 5000)");
-    assert_eq!(graft_lines(&err), Vec::<String>::new());
-    let (_, err) = output_ok_within(env.graft(&["-v", "--", "true"]), "no broker -v", LIMIT);
-    assert_eq!(
-        graft_lines(&err)[0],
-        format!(
+        &format!(
             "graft: no -i/-e/-x given and graftd's broker \"{}\" does not answer in this network namespace: nothing will be grafted",
             env.d.broker
-        )
+        ),
     );
     let (code, err) = ip_graft_fails(&env, &["rules", "set", "ingress", "0.0.0.0:5000=ep-in4"]);
     assert_eq!(code, 2);
@@ -77,18 +80,11 @@ fn rules_set_show_flush_and_the_launcher_takes_them() {
 
     env.ip_graft("rules flush");
     assert_eq!(env.ip_graft("rules"), "");
-    let (out, err) = output_ok_within(
-        env.graft(&["--", "python3", "-c", PROBE]),
-        "probe after flush",
-        LIMIT,
-    );
-    assert_eq!(out.trim(), "('0.0.0.0', 5000)");
-    assert_eq!(graft_lines(&err), Vec::<String>::new());
-    let (_, err) = output_ok_within(env.graft(&["-v", "--", "true"]), "no rules -v", LIMIT);
-    assert_eq!(
-        graft_lines(&err)[0],
+    nothing_grafted(
+        &env,
+        "no rules",
         "graft: no -i/-e/-x given and graftd keeps no rules for this network namespace \
-         (ip graft rules set ...): nothing will be grafted"
+         (ip graft rules set ...): nothing will be grafted",
     );
 
     // The rules go with the namespace's last endpoint.

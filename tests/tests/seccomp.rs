@@ -83,6 +83,17 @@ fn musl_probe(test: &str) -> Option<PathBuf> {
     Some(r.clone().unwrap_or_else(|e| panic!("musl-gcc failed: {e}")))
 }
 
+/// The test's [`Env`] (needing `tools`), then its probe program; `None`
+/// (after the probe's or the harness's SKIP line) when either is missing.
+fn env_and(
+    test: &str,
+    tools: &[&str],
+    probe: fn(&str) -> Option<PathBuf>,
+) -> Option<(Env, PathBuf)> {
+    let env = Env::new(test, tools)?;
+    Some((env, probe(test)?))
+}
+
 /// `graft ARGS -- PROG PARGS` in the test's namespace, output piped.
 fn graft_cmd(env: &Env, rules: &[&str], prog: &Path, pargs: &[&str]) -> Command {
     let mut a: Vec<&str> = rules.to_vec();
@@ -123,6 +134,13 @@ fn ask_tcp(addr: SocketAddr) -> (String, SocketAddr) {
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     (out, me)
+}
+
+/// Connects from the host to a grafted server's endpoint `addr` and
+/// checks that the server saw our own address.
+fn assert_sees_us(addr: &str) {
+    let (said, me) = ask_tcp(addr.parse().unwrap());
+    assert_eq!(said, format!("peer={me}\n"), "{addr}");
 }
 
 /// A host-side TCP server for one connection: returns what it received and
@@ -170,10 +188,7 @@ fn endpoints(env: &Env) -> (u16, u16) {
 #[test]
 fn go_static_tcp_ingress_egress_v4_v6() {
     let test = "go_static_tcp_ingress_egress_v4_v6";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(go) = go_probe(test) else {
+    let Some((env, go)) = env_and(test, &[], go_probe) else {
         return;
     };
     let (p4, p6) = endpoints(&env);
@@ -186,16 +201,14 @@ fn go_static_tcp_ingress_egress_v4_v6() {
         &go,
         &["tcp-serve", ":8080"],
     );
-    let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
-    assert_eq!(said, format!("peer={me}\n"));
+    assert_sees_us(&format!("127.0.0.1:{p4}"));
     let _srv6 = serve(
         &env,
         &["-i", ":::8081=ep-in6"],
         &go,
         &["tcp-serve", "[::]:8081"],
     );
-    let (said, me) = ask_tcp(format!("[::1]:{p6}").parse().unwrap());
-    assert_eq!(said, format!("peer={me}\n"));
+    assert_sees_us(&format!("[::1]:{p6}"));
 
     // Egress: nothing listens on the namespace's loopback, the host does.
     for (host, rule) in [("127.0.0.1", "0.0.0.0/0=ep-out4"), ("::1", "::/0=ep-out6")] {
@@ -220,20 +233,12 @@ fn go_static_tcp_ingress_egress_v4_v6() {
             SocketAddr::V4(a) => format!("(host {}:", a.ip()),
             SocketAddr::V6(a) => format!("(host [{}]:", a.ip()),
         };
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!("connect {dst} -> ep-out"))
-                    && l.contains(&host_ip)
-                    && l.ends_with("(seccomp)")),
-            "{lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("seccomp mode (statically linked)")),
-            "{lines:?}"
-        );
+        assert_line(&lines, |l| {
+            l.contains(&format!("connect {dst} -> ep-out"))
+                && l.contains(&host_ip)
+                && l.ends_with("(seccomp)")
+        });
+        assert_line(&lines, |l| l.contains("seccomp mode (statically linked)"));
     }
 
     // Unmatched: a server on the namespace's own loopback (no ingress rule)
@@ -261,10 +266,7 @@ fn go_static_tcp_ingress_egress_v4_v6() {
 #[test]
 fn go_static_udp_ingress_egress_v4_v6() {
     let test = "go_static_udp_ingress_egress_v4_v6";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(go) = go_probe(test) else {
+    let Some((env, go)) = env_and(test, &[], go_probe) else {
         return;
     };
     let (p4, p6) = endpoints(&env);
@@ -305,10 +307,7 @@ fn go_static_udp_ingress_egress_v4_v6() {
 #[test]
 fn musl_static_tcp_and_udp_sendto_sendmsg() {
     let test = "musl_static_tcp_and_udp_sendto_sendmsg";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(c) = musl_probe(test) else {
+    let Some((env, c)) = env_and(test, &[], musl_probe) else {
         return;
     };
     let (p4, _) = endpoints(&env);
@@ -318,8 +317,7 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
         &c,
         &["tcp-serve", "0.0.0.0", "80"],
     );
-    let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
-    assert_eq!(said, format!("peer={me}\n"));
+    assert_sees_us(&format!("127.0.0.1:{p4}"));
 
     let l = TcpListener::bind("[::1]:0").expect("host listener");
     let dst = l.local_addr().unwrap();
@@ -419,10 +417,7 @@ fn busybox_httpd_and_wget() {
 #[test]
 fn fail_closed_without_graftd_or_endpoint() {
     let test = "fail_closed_without_graftd_or_endpoint";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(c) = musl_probe(test) else {
+    let Some((env, c)) = env_and(test, &[], musl_probe) else {
         return;
     };
     // No broker at all (a name nobody serves): the launcher refuses to run
@@ -492,10 +487,7 @@ fn fail_closed_without_graftd_or_endpoint() {
 #[test]
 fn bound_udp_socket_in_epoll_is_refused_clearly() {
     let test = "bound_udp_socket_in_epoll_is_refused_clearly";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(go) = go_probe(test) else {
+    let Some((env, go)) = env_and(test, &[], go_probe) else {
         return;
     };
     endpoints(&env);
@@ -531,10 +523,7 @@ fn bound_udp_socket_in_epoll_is_refused_clearly() {
 #[test]
 fn in_kernel_policy_holds_in_seccomp_mode() {
     let test = "in_kernel_policy_holds_in_seccomp_mode";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(go) = go_probe(test) else {
+    let Some((env, go)) = env_and(test, &[], go_probe) else {
         return;
     };
     let start = std::time::Instant::now();
@@ -951,10 +940,7 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
 #[test]
 fn options_are_carried_or_refused_in_seccomp_mode() {
     let test = "options_are_carried_or_refused_in_seccomp_mode";
-    let Some(env) = Env::new(test, &["ss"]) else {
-        return;
-    };
-    let Some(c) = musl_probe(test) else {
+    let Some((env, c)) = env_and(test, &["ss"], musl_probe) else {
         return;
     };
     endpoints(&env);
@@ -1015,10 +1001,7 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
 #[test]
 fn go_listen_on_port_zero_is_grafted_at_listen() {
     let test = "go_listen_on_port_zero_is_grafted_at_listen";
-    let Some(env) = Env::new(test, &[]) else {
-        return;
-    };
-    let Some(go) = go_probe(test) else {
+    let Some((env, go)) = env_and(test, &[], go_probe) else {
         return;
     };
     let (p4, _) = endpoints(&env);
@@ -1037,16 +1020,9 @@ fn go_listen_on_port_zero_is_grafted_at_listen() {
         format!("listening 127.0.0.1:{p4}"),
         "the listener is the endpoint"
     );
-    let (said, me) = ask_tcp(format!("127.0.0.1:{p4}").parse().unwrap());
-    assert_eq!(said, format!("peer={me}\n"));
+    assert_sees_us(&format!("127.0.0.1:{p4}"));
     assert!(srv.wait_timeout(LIMIT).success());
-    let mut err = String::new();
-    let _ = srv
-        .child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut err);
+    let (_, err) = take_output(&mut srv);
     assert!(
         graft_lines(&err)
             .iter()
@@ -1088,13 +1064,7 @@ fn go_dual_stack_listener_answers_on_both_endpoints() {
     let (said, me) = ask_tcp(format!("[::1]:{p6}").parse().unwrap());
     assert_eq!(said, format!("peer={me}\n"), "IPv6 client on ep-in6");
     assert!(srv.wait_timeout(LIMIT).success());
-    let mut err = String::new();
-    let _ = srv
-        .child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut err);
+    let (_, err) = take_output(&mut srv);
     assert!(
         graft_lines(&err)
             .iter()

@@ -16,7 +16,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use graft_tests::{output_ok_within, run_ok, Env, Netns, Proc};
+use graft_tests::{out_segs, output_ok_within, Env, Netns, Proc};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// Bytes per run, and runs.
@@ -76,18 +76,6 @@ else:
         s.close()
         print(f"client got {got.decode(errors='replace')} eagain {eagain}", flush=True)
 "#;
-
-fn out_segs(ns: &Netns) -> u64 {
-    let o = run_ok(
-        "ip",
-        ["netns", "exec", &ns.name, "nstat", "-a", "-z", "TcpOutSegs"],
-    );
-    o.lines()
-        .find_map(|l| l.strip_prefix("TcpOutSegs"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no TcpOutSegs in {o}"))
-}
 
 #[test]
 fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
