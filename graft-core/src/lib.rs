@@ -5,6 +5,7 @@
 //! command, the preload library `libgraft-convert` and the `graft` launcher — and
 //! this crate is the vocabulary they agree on:
 //!
+//! * [`call`]: the socket calls graft intercepts, their numbers and names.
 //! * [`name`]: endpoint names (at most 15 bytes, as in AF_GRAFT).
 //! * [`endpoint`]: what an endpoint is (an IPv4/IPv6 address and port, or a unix
 //!   path) and how `ip graft` spells it.
@@ -23,6 +24,7 @@
 //!
 //! Nothing here performs I/O policy; the crate only defines and validates.
 
+pub mod call;
 pub mod endpoint;
 pub mod exec;
 pub mod mountinfo;

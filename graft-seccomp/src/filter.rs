@@ -11,6 +11,8 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 
+use graft_core::call::Call;
+
 const SECCOMP_SET_MODE_FILTER: libc::c_uint = 1;
 /// The filter returns a listener fd.
 pub const FLAG_NEW_LISTENER: libc::c_ulong = 1 << 3;
@@ -47,16 +49,6 @@ const OFF_IP: u32 = 8;
 const fn off_arg_lo(i: u32) -> u32 {
     16 + 8 * i
 }
-
-/// The system calls the filter traps (also what graftd dispatches on).
-pub const SYS_BIND: i64 = libc::SYS_bind;
-pub const SYS_CONNECT: i64 = libc::SYS_connect;
-pub const SYS_SENDTO: i64 = libc::SYS_sendto;
-pub const SYS_SENDMSG: i64 = libc::SYS_sendmsg;
-pub const SYS_SENDMMSG: i64 = libc::SYS_sendmmsg;
-/// Rare, and the only moment a server that bound port 0 (or nothing) is
-/// known to be one.
-pub const SYS_LISTEN: i64 = libc::SYS_listen;
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -98,10 +90,15 @@ pub fn program(allow_page: Option<u64>) -> Vec<libc::sock_filter> {
     // The rest, with symbolic jump targets resolved below.
     let mut tail: Vec<(libc::sock_filter, Label, Label)> = Vec::new();
     let mut j = |code, k, jt, jf| tail.push((jump(code, k, 0, 0), jt, jf));
-    for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG, SYS_LISTEN] {
-        j(BPF_JEQ_K, nr as u32, Label::Notif, Label::Next);
+    for c in Call::ALL.into_iter().filter(|&c| c != Call::Sendto) {
+        j(BPF_JEQ_K, c.nr() as u32, Label::Notif, Label::Next);
     }
-    j(BPF_JEQ_K, SYS_SENDTO as u32, Label::Next, Label::Allow);
+    j(
+        BPF_JEQ_K,
+        Call::Sendto.nr() as u32,
+        Label::Next,
+        Label::Allow,
+    );
     tail.push((stmt(BPF_LD_W_ABS, off_arg_lo(4)), Label::Next, Label::Next));
     let mut j = |code, k, jt, jf| tail.push((jump(code, k, 0, 0), jt, jf));
     j(BPF_JEQ_K, 0, Label::Next, Label::Notif);
@@ -251,40 +248,50 @@ mod tests {
         let page = 0x4772_6166_0000u64;
         let p = program(Some(page));
         for ip in [page, page + 0x22, page + 0xfff] {
-            assert_eq!(run(&p, &data_at(SYS_CONNECT, 0, ip)), RET_ALLOW, "{ip:#x}");
-            assert_eq!(run(&p, &data_at(SYS_SENDTO, 8, ip)), RET_ALLOW);
+            assert_eq!(
+                run(&p, &data_at(Call::Connect.nr(), 0, ip)),
+                RET_ALLOW,
+                "{ip:#x}"
+            );
+            assert_eq!(run(&p, &data_at(Call::Sendto.nr(), 8, ip)), RET_ALLOW);
         }
         for ip in [page - 1, page + 0x1000, page + (1 << 32), 0x7f00_0000_0000] {
             assert_eq!(
-                run(&p, &data_at(SYS_CONNECT, 0, ip)),
+                run(&p, &data_at(Call::Connect.nr(), 0, ip)),
                 RET_USER_NOTIF,
                 "{ip:#x}"
             );
-            assert_eq!(run(&p, &data_at(SYS_SENDTO, 8, ip)), RET_USER_NOTIF);
+            assert_eq!(run(&p, &data_at(Call::Sendto.nr(), 8, ip)), RET_USER_NOTIF);
         }
-        assert_eq!(run(&p, &data_at(SYS_SENDTO, 0, 1)), RET_ALLOW);
+        assert_eq!(run(&p, &data_at(Call::Sendto.nr(), 0, 1)), RET_ALLOW);
         assert_eq!(run(&p, &data_at(libc::SYS_read, 0, 1)), RET_ALLOW);
     }
 
     #[test]
     fn verdicts() {
         let p = program(None);
-        for nr in [SYS_BIND, SYS_CONNECT, SYS_SENDMSG, SYS_SENDMMSG, SYS_LISTEN] {
-            assert_eq!(run(&p, &data(nr, 0)), RET_USER_NOTIF, "nr {nr}");
+        for c in Call::ALL.into_iter().filter(|&c| c != Call::Sendto) {
+            assert_eq!(run(&p, &data(c.nr(), 0)), RET_USER_NOTIF, "{}", c.name());
         }
-        assert_eq!(run(&p, &data(SYS_SENDTO, 0)), RET_ALLOW, "send()");
-        assert_eq!(run(&p, &data(SYS_SENDTO, 0x7fff_0000_1000)), RET_USER_NOTIF);
-        assert_eq!(run(&p, &data(SYS_SENDTO, 0x1_0000_0000)), RET_USER_NOTIF);
-        assert_eq!(run(&p, &data(SYS_SENDTO, 8)), RET_USER_NOTIF);
+        assert_eq!(run(&p, &data(Call::Sendto.nr(), 0)), RET_ALLOW, "send()");
+        assert_eq!(
+            run(&p, &data(Call::Sendto.nr(), 0x7fff_0000_1000)),
+            RET_USER_NOTIF
+        );
+        assert_eq!(
+            run(&p, &data(Call::Sendto.nr(), 0x1_0000_0000)),
+            RET_USER_NOTIF
+        );
+        assert_eq!(run(&p, &data(Call::Sendto.nr(), 8)), RET_USER_NOTIF);
         for nr in [libc::SYS_socket, libc::SYS_read, libc::SYS_accept4] {
             assert_eq!(run(&p, &data(nr, 1)), RET_ALLOW, "nr {nr}");
         }
-        let mut other = data(SYS_CONNECT, 0);
+        let mut other = data(Call::Connect.nr(), 0);
         other[4..8].copy_from_slice(&0x4000_0003u32.to_le_bytes());
         assert_eq!(run(&p, &other), RET_ERRNO | libc::ENOSYS as u32, "i386");
         #[cfg(target_arch = "x86_64")]
         {
-            let x32 = data(SYS_CONNECT | i64::from(X32_SYSCALL_BIT), 0);
+            let x32 = data(Call::Connect.nr() | i64::from(X32_SYSCALL_BIT), 0);
             assert_eq!(run(&p, &x32), RET_ERRNO | libc::ENOSYS as u32, "x32");
         }
     }

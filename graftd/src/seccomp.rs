@@ -28,15 +28,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use graft_core::call::Call;
 use graft_core::proto::broker::{
     Attach, Op, Purpose, Reason, Reply, Request, ATTACH_VERBOSE, REQUEST_LEN,
 };
 use graft_core::rules::{EgressDecision, RuleSet};
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::{EndpointName, NetnsId};
-use graft_seccomp::filter::{
-    SYS_BIND, SYS_CONNECT, SYS_LISTEN, SYS_SENDMMSG, SYS_SENDMSG, SYS_SENDTO,
-};
 use graft_seccomp::{notify, pidfd};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
@@ -118,49 +116,6 @@ fn take_listener(conn: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(l)
-}
-
-/// The trapped call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Bind,
-    Listen,
-    Connect,
-    Sendto,
-    Sendmsg,
-    Sendmmsg,
-}
-
-impl Call {
-    fn of(nr: i32) -> Option<Self> {
-        Some(match i64::from(nr) {
-            SYS_BIND => Call::Bind,
-            SYS_LISTEN => Call::Listen,
-            SYS_CONNECT => Call::Connect,
-            SYS_SENDTO => Call::Sendto,
-            SYS_SENDMSG => Call::Sendmsg,
-            SYS_SENDMMSG => Call::Sendmmsg,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Call::Bind => "bind",
-            Call::Listen => "listen",
-            Call::Connect => "connect",
-            Call::Sendto => "sendto",
-            Call::Sendmsg => "sendmsg",
-            Call::Sendmmsg => "sendmmsg",
-        }
-    }
-
-    fn unreachable_errno(self) -> libc::c_int {
-        match self {
-            Call::Bind | Call::Listen => libc::EADDRNOTAVAIL,
-            _ => libc::ENETUNREACH,
-        }
-    }
 }
 
 /// What to answer a trapped call with.
@@ -252,7 +207,7 @@ impl Supervisor {
     }
 
     fn decide(&mut self, n: &notify::Notif) -> Verdict {
-        let Some(call) = Call::of(n.data.nr) else {
+        let Some(call) = Call::of_nr(i64::from(n.data.nr)) else {
             return Verdict::Continue;
         };
         let pid = n.pid as libc::pid_t;

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 
+pub use graft_core::call::Call;
 use graft_core::proto::broker::Purpose;
 use graft_core::rules::EgressDecision;
 use graft_core::sockopt::SNAPSHOT;
@@ -16,30 +17,6 @@ use crate::config::{self, Config};
 use crate::install::{self, Graft};
 use crate::log::say;
 use crate::{addr, sys, table};
-
-/// The intercepted call a decision is made for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Call {
-    Bind,
-    Listen,
-    Connect,
-    Sendto,
-    Sendmsg,
-    Sendmmsg,
-}
-
-impl Call {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Call::Bind => "bind",
-            Call::Listen => "listen",
-            Call::Connect => "connect",
-            Call::Sendto => "sendto",
-            Call::Sendmsg => "sendmsg",
-            Call::Sendmmsg => "sendmmsg",
-        }
-    }
-}
 
 /// What the interposed function does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

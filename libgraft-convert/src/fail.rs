@@ -68,12 +68,7 @@ pub fn fail(g: &Graft<'_>, f: &Failure) -> c_int {
 
 /// The errno table above.
 pub fn errno(call: Call, f: &Failure) -> c_int {
-    // The endpoint cannot be had at all: a server cannot get its address,
-    // a client cannot reach its destination.
-    let unreachable = match call {
-        Call::Bind | Call::Listen => libc::EADDRNOTAVAIL,
-        Call::Connect | Call::Sendto | Call::Sendmsg | Call::Sendmmsg => libc::ENETUNREACH,
-    };
+    let unreachable = call.unreachable_errno();
     match f {
         Failure::Options(e) | Failure::Install(e) => *e,
         Failure::Broker(broker::Error::Unreachable(_) | broker::Error::Io(_)) => unreachable,
