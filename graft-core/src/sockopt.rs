@@ -193,6 +193,31 @@ impl Opt {
     }
 }
 
+/// `SOL_SOCKET` options that set the same socket field as another one, by
+/// their asm-generic numbers (x86_64 and aarch64, the targets graft is built
+/// for; the libc crate does not export them for glibc): the force variants
+/// of the buffer sizes and the y2038 (`_NEW`) variants of the time options.
+const ALIASES: [(c_int, c_int); 6] = [
+    (32, libc::SO_SNDBUF),
+    (33, libc::SO_RCVBUF),
+    (63, libc::SO_TIMESTAMP),
+    (64, libc::SO_TIMESTAMPNS),
+    (66, libc::SO_RCVTIMEO),
+    (67, libc::SO_SNDTIMEO),
+];
+
+/// The name of the option `name` at `level` sets under its [`SNAPSHOT`]
+/// name: an option set under an alias must be carried over as the original.
+pub fn canonical(level: c_int, name: c_int) -> c_int {
+    if level != libc::SOL_SOCKET {
+        return name;
+    }
+    ALIASES
+        .iter()
+        .find(|&&(alias, _)| alias == name)
+        .map_or(name, |&(_, original)| original)
+}
+
 /// Looks an option up by level and name.
 pub fn lookup(level: c_int, name: c_int) -> Option<&'static Opt> {
     SNAPSHOT.iter().find(|o| o.level == level && o.name == name)
@@ -204,26 +229,50 @@ mod tests {
 
     #[test]
     fn escapes_are_refused() {
-        for (l, n) in [
-            (libc::SOL_SOCKET, libc::SO_BINDTODEVICE),
-            (libc::SOL_SOCKET, libc::SO_MARK),
-            (libc::IPPROTO_IP, libc::IP_TRANSPARENT),
-            (libc::IPPROTO_IP, libc::IP_FREEBIND),
-            (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT),
-            (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
-            (libc::IPPROTO_IP, libc::IP_UNICAST_IF),
-            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_IF),
-            (libc::IPPROTO_IP, libc::IP_MULTICAST_IF),
-            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF),
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO),
-            (libc::SOL_SOCKET, libc::SO_BINDTOIFINDEX),
-        ] {
-            assert_eq!(lookup(l, n).unwrap().class, Class::Refuse);
+        let escapes = [
+            (
+                libc::SOL_SOCKET,
+                &[libc::SO_BINDTODEVICE, libc::SO_MARK, libc::SO_BINDTOIFINDEX][..],
+            ),
+            (
+                libc::IPPROTO_IP,
+                &[
+                    libc::IP_TRANSPARENT,
+                    libc::IP_FREEBIND,
+                    libc::IP_UNICAST_IF,
+                    libc::IP_MULTICAST_IF,
+                ],
+            ),
+            (
+                libc::IPPROTO_IPV6,
+                &[
+                    libc::IPV6_TRANSPARENT,
+                    libc::IPV6_FREEBIND,
+                    libc::IPV6_UNICAST_IF,
+                    libc::IPV6_MULTICAST_IF,
+                    libc::IPV6_PKTINFO,
+                ],
+            ),
+        ];
+        for (l, names) in escapes {
+            for &n in names {
+                assert_eq!(lookup(l, n).unwrap().class, Class::Refuse, "{l} {n}");
+            }
         }
         // SOL_IP escapes count on AF_INET6 sockets too.
         for o in SNAPSHOT.iter().filter(|o| o.class == Class::Refuse) {
             assert!(o.applies(libc::AF_INET6, libc::SOCK_STREAM), "{}", o.label);
         }
+    }
+
+    #[test]
+    fn aliases_name_the_original() {
+        assert_eq!(canonical(libc::SOL_SOCKET, 33), libc::SO_RCVBUF);
+        assert_eq!(
+            canonical(libc::SOL_SOCKET, libc::SO_RCVBUF),
+            libc::SO_RCVBUF
+        );
+        assert_eq!(canonical(libc::IPPROTO_IP, 33), 33);
     }
 
     #[test]

@@ -328,12 +328,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn unix_stale_socket_is_replaced_but_live_one_is_not() {
-        let dir = std::env::temp_dir().join(format!("graftd-factory-{}", std::process::id()));
+    /// A fresh directory for this test process and the (absent) socket
+    /// path in it.
+    fn sock_dir(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
         let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
+    #[test]
+    fn unix_stale_socket_is_replaced_but_live_one_is_not() {
+        let (dir, path) = sock_dir("graftd-factory");
         let p = params(BindAddr::Unix(path.clone()), libc::AF_UNIX);
         let live = make_here(&p).unwrap();
         nsock::listen(&live.fd, nsock::Backlog::new(4).unwrap()).unwrap();
@@ -350,10 +357,7 @@ mod tests {
     #[test]
     fn unix_listener_is_world_connectable_and_egress_is_connected() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("graftd-factory-u-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("u.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = sock_dir("graftd-factory-u");
         let l = make_here(&params(BindAddr::Unix(path.clone()), libc::AF_UNIX)).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, UNIX_SOCKET_MODE);

@@ -122,6 +122,18 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Per
     }
 }
 
+/// Opens (creating, 0600, close-on-exec) a file only root may read: the
+/// lock, or the next state file, emptied when `truncate`.
+fn open_private(path: &Path, truncate: bool) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(truncate)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
 impl Store {
     /// Creates the directory (0700) if missing and takes its lock; fails when
     /// another graftd holds it.
@@ -134,14 +146,7 @@ impl Store {
                 .map_err(io_err("create", dir))?;
         }
         let lp = dir.join(LOCK);
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&lp)
-            .map_err(io_err("open", &lp))?;
+        let f = open_private(&lp, false).map_err(io_err("open", &lp))?;
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| {
                 if e == nix::errno::Errno::EWOULDBLOCK {
@@ -192,14 +197,7 @@ impl Store {
             }
         })?;
         body.push(b'\n');
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let mut f = open_private(&tmp, true).map_err(io_err("create", &tmp))?;
         f.write_all(&body).map_err(io_err("write", &tmp))?;
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         drop(f);

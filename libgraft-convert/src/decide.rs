@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 pub use graft_core::call::Call;
 use graft_core::proto::broker::Purpose;
 use graft_core::rules::EgressDecision;
-use graft_core::sockopt::SNAPSHOT;
+use graft_core::sockopt::{self, SNAPSHOT};
 use graft_core::EndpointName;
 use libc::c_int;
 
@@ -96,27 +96,7 @@ pub fn socket_made(fd: RawFd, domain: c_int, ty: c_int, proto: c_int) {
 /// socket field under another name count as that option; without them an
 /// option set under the alias would not be carried over.
 pub(crate) fn opt_bit(level: c_int, name: c_int) -> Option<u32> {
-    // asm-generic numbers (x86_64 and aarch64, the targets this library
-    // is built for); the libc crate does not export them for glibc.
-    const SO_SNDBUFFORCE: c_int = 32;
-    const SO_RCVBUFFORCE: c_int = 33;
-    const SO_TIMESTAMP_NEW: c_int = 63;
-    const SO_TIMESTAMPNS_NEW: c_int = 64;
-    const SO_RCVTIMEO_NEW: c_int = 66;
-    const SO_SNDTIMEO_NEW: c_int = 67;
-    let name = if level == libc::SOL_SOCKET {
-        match name {
-            SO_SNDBUFFORCE => libc::SO_SNDBUF,
-            SO_RCVBUFFORCE => libc::SO_RCVBUF,
-            SO_TIMESTAMP_NEW => libc::SO_TIMESTAMP,
-            SO_TIMESTAMPNS_NEW => libc::SO_TIMESTAMPNS,
-            SO_RCVTIMEO_NEW => libc::SO_RCVTIMEO,
-            SO_SNDTIMEO_NEW => libc::SO_SNDTIMEO,
-            n => n,
-        }
-    } else {
-        name
-    };
+    let name = sockopt::canonical(level, name);
     SNAPSHOT
         .iter()
         .position(|o| o.level == level && o.name == name)
