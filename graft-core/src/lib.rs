@@ -17,6 +17,7 @@
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
 //! * [`exec`]: the exit status and line of a launcher whose command cannot run.
+//! * [`le`]: little-endian fields of binary records.
 //! * [`mountinfo`]: reading `/proc/self/mountinfo` fields.
 //! * [`proto`]: the two wire protocols: `control` (JSON over graftd's root-only
 //!   filesystem socket) and `broker` (fixed-size binary records over the
@@ -27,6 +28,7 @@
 pub mod call;
 pub mod endpoint;
 pub mod exec;
+pub mod le;
 pub mod mountinfo;
 pub mod name;
 pub mod netns;

@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use graft_core::le::{u16_at, u32_at, u64_at};
+
 const EHDR_LEN: usize = 64;
 const PHDR_LEN: usize = 56;
 const PT_INTERP: u32 = 3;
@@ -28,20 +30,6 @@ pub enum Linkage {
     Script(PathBuf, Box<Linkage>),
     /// Not something we parse (32-bit, big-endian, truncated, not ELF).
     Unknown,
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 /// Where the program header table is, from an ELF header: `(offset, count)`,

@@ -50,6 +50,7 @@
 
 use libc::c_int;
 
+use crate::le::{u16_at, u32_at};
 use crate::name::{EndpointName, MAX_NAME_LEN};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"GRFT");
@@ -240,14 +241,8 @@ pub enum DecodeError {
     AttachRules,
 }
 
-fn rd_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn rd_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 fn rd_i32(b: &[u8], at: usize) -> i32 {
-    rd_u32(b, at) as i32
+    u32_at(b, at) as i32
 }
 fn wr(b: &mut [u8], at: usize, v: &[u8]) {
     b[at..at + v.len()].copy_from_slice(v);
@@ -257,14 +252,14 @@ fn check_head(b: &[u8], want_len: usize) -> Result<u16, DecodeError> {
     if b.len() != want_len {
         return Err(DecodeError::Size(b.len(), want_len));
     }
-    if rd_u32(b, 0) != MAGIC {
+    if u32_at(b, 0) != MAGIC {
         return Err(DecodeError::Magic);
     }
-    let v = rd_u16(b, 4);
+    let v = u16_at(b, 4);
     if v != VERSION {
         return Err(DecodeError::Version(v));
     }
-    Ok(rd_u16(b, 6))
+    Ok(u16_at(b, 6))
 }
 
 fn op_from(v: u16) -> Result<Op, DecodeError> {
@@ -411,12 +406,12 @@ impl Request {
             return Err(DecodeError::Name);
         }
         let endpoint = EndpointName::from_bytes(&raw_name[..n]).map_err(|_| DecodeError::Name)?;
-        let purpose = match rd_u16(b, 36) {
+        let purpose = match u16_at(b, 36) {
             0 => Purpose::Ingress,
             1 => Purpose::Egress,
             v => return Err(DecodeError::Purpose(v)),
         };
-        let nopts = rd_u16(b, 38);
+        let nopts = u16_at(b, 38);
         if nopts as usize > MAX_OPTS {
             return Err(DecodeError::OptCount(nopts));
         }
@@ -440,7 +435,7 @@ impl Request {
                 }
                 continue;
             }
-            let len = rd_u32(b, at + 8);
+            let len = u32_at(b, at + 8);
             if len as usize > OPT_VALUE_MAX {
                 return Err(DecodeError::OptLen(i, len));
             }
@@ -522,8 +517,8 @@ impl Reply {
 
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let op = op_from(check_head(b, REPLY_LEN)?)?;
-        let reason = Reason::from_u32(rd_u32(b, 12)).ok_or(DecodeError::Reason(rd_u32(b, 12)))?;
-        let addr_len = rd_u32(b, 24);
+        let reason = Reason::from_u32(u32_at(b, 12)).ok_or(DecodeError::Reason(u32_at(b, 12)))?;
+        let addr_len = u32_at(b, 24);
         if addr_len as usize > ADDR_MAX {
             return Err(DecodeError::AddrLen(addr_len));
         }
@@ -608,14 +603,14 @@ impl Attach {
         if listener_fd < 0 {
             return Err(DecodeError::Padding);
         }
-        let flags = rd_u32(b, 12);
+        let flags = u32_at(b, 12);
         if flags & !ATTACH_VERBOSE != 0 {
             return Err(DecodeError::Flags(flags));
         }
-        if rd_u16(b, 22) != 0 {
+        if u16_at(b, 22) != 0 {
             return Err(DecodeError::Padding);
         }
-        let lens = [rd_u16(b, 16), rd_u16(b, 18), rd_u16(b, 20)].map(usize::from);
+        let lens = [u16_at(b, 16), u16_at(b, 18), u16_at(b, 20)].map(usize::from);
         let total: usize = lens.iter().sum();
         if total > ATTACH_TEXT_MAX {
             return Err(DecodeError::TextLen(total));
