@@ -15,6 +15,7 @@ use std::time::Duration;
 use graft_core::rules::{policy_allows, PolicyRule};
 use graft_core::{EndpointName, NetnsId};
 use graft_ebpf::{Companion, EndpointKey, Options};
+use graft_seccomp::sockopt;
 use graft_tests::{root_or_skip, Netns};
 
 /// One companion at a time: `Companion::start` moves this test process into
@@ -722,39 +723,12 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
 
 const SO_BINDTOIFINDEX: i32 = 62;
 
-fn setopt(fd: &impl AsRawFd, level: i32, name: i32, val: &[u8]) -> std::io::Result<()> {
-    // SAFETY: val is a live buffer of val.len() bytes for the whole call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            val.as_ptr().cast(),
-            val.len() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn setopt(fd: &impl AsFd, level: i32, name: i32, val: &[u8]) -> std::io::Result<()> {
+    sockopt::set(fd.as_fd(), level, name, val)
 }
 
-fn getopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: v/len are an int and its size, what an int option writes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
-    v
+fn getopt_int(fd: &impl AsFd, level: i32, name: i32) -> i32 {
+    sockopt::get_int(fd.as_fd(), level, name).expect("getsockopt")
 }
 
 fn one() -> [u8; 4] {

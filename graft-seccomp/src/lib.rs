@@ -7,8 +7,11 @@
 //!   installation with `SECCOMP_FILTER_FLAG_NEW_LISTENER`;
 //! - [`notify`]: the listener's ioctls (receive, answer, check, add an fd);
 //! - [`pidfd`]: `pidfd_open`, `pidfd_getfd`, and reading the trapped
-//!   process's memory with `process_vm_readv`.
+//!   process's memory with `process_vm_readv`;
+//! - [`sockopt`]: socket options by number with opaque values (graftd's
+//!   socket factory applies them with it too).
 
 pub mod filter;
 pub mod notify;
 pub mod pidfd;
+pub mod sockopt;

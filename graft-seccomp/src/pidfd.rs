@@ -119,41 +119,6 @@ pub fn socket_netns(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     owned(rc as libc::c_long)
 }
 
-/// `getsockopt` into `buf`; returns the length the kernel wrote.
-pub fn getsockopt(
-    sock: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: buf is writable for len bytes; the kernel writes at most len.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((len as usize).min(buf.len()))
-}
-
-/// An int socket option.
-pub fn getsockopt_int(
-    sock: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<libc::c_int> {
-    let mut b = [0u8; 4];
-    getsockopt(sock, level, name, &mut b)?;
-    Ok(libc::c_int::from_ne_bytes(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

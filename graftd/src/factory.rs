@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use graft_core::proto::broker::OptValue;
 use graft_core::NetnsId;
+use graft_seccomp::sockopt;
 use nix::sched::CloneFlags;
 use nix::sys::socket::{self as nsock, SockaddrIn, SockaddrIn6, UnixAddr};
 
@@ -120,12 +121,10 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
         connect_unix(fd.as_fd(), path).map_err(MakeError::Connect)?;
     }
     for o in &p.opts {
-        sys::setsockopt(fd.as_fd(), o.level, o.name, o.bytes()).map_err(|err| {
-            MakeError::Option {
-                level: o.level,
-                name: o.name,
-                err,
-            }
+        sockopt::set(fd.as_fd(), o.level, o.name, o.bytes()).map_err(|err| MakeError::Option {
+            level: o.level,
+            name: o.name,
+            err,
         })?;
     }
     bind(fd.as_fd(), p).map_err(MakeError::Bind)?;
@@ -143,7 +142,7 @@ pub fn make_here(p: &SocketParams) -> Result<Made, MakeError> {
 fn connect_unix(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
     // struct timeval on the 64-bit targets graftd is built for.
     let tv = |secs: i64| [secs.to_ne_bytes(), 0i64.to_ne_bytes()].concat();
-    sys::setsockopt(
+    sockopt::set(
         fd,
         libc::SOL_SOCKET,
         libc::SO_SNDTIMEO,
@@ -151,7 +150,7 @@ fn connect_unix(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
     )?;
     let addr = UnixAddr::new(path).map_err(io::Error::from)?;
     nsock::connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
-    sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv(0))
+    sockopt::set(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv(0))
 }
 
 fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
@@ -163,7 +162,7 @@ fn bind(fd: BorrowedFd<'_>, p: &SocketParams) -> io::Result<()> {
             _ => {}
         }
         let one: libc::c_int = 1;
-        sys::setsockopt(
+        sockopt::set(
             fd,
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,

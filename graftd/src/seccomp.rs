@@ -35,7 +35,7 @@ use graft_core::proto::broker::{
 use graft_core::rules::{EgressDecision, RuleSet};
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::{EndpointName, NetnsId};
-use graft_seccomp::{notify, pidfd};
+use graft_seccomp::{notify, pidfd, sockopt};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::broker::{self, LogBudget};
@@ -294,12 +294,8 @@ impl Supervisor {
                 }
                 let dual = || {
                     app.family == libc::AF_INET6
-                        && pidfd::getsockopt_int(
-                            app.sock.as_fd(),
-                            libc::IPPROTO_IPV6,
-                            libc::IPV6_V6ONLY,
-                        )
-                        .ok()
+                        && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                            .ok()
                             == Some(0)
                 };
                 if app.sotype == libc::SOCK_STREAM {
@@ -427,14 +423,12 @@ impl Supervisor {
         let sa = SocketAddr::new(ip, 0);
         let dual = || {
             app.family == libc::AF_INET6
-                && pidfd::getsockopt_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
-                    .ok()
+                && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok()
                     == Some(0)
         };
         let v6only_off = || {
             app.family == libc::AF_INET6
-                && pidfd::getsockopt_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
-                    .ok()
+                && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok()
                     == Some(0)
         };
         if let Some(pair) = self.rules.match_dual(ip, 0, v6only_off) {
@@ -475,7 +469,7 @@ impl Supervisor {
         sa: Option<&SocketAddr>,
     ) -> Option<AppSocket> {
         let sock = pidfd::getfd(pfd, fd).ok()?;
-        let int = |name| pidfd::getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
+        let int = |name| sockopt::get_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
         let family = int(libc::SO_DOMAIN)?;
         let sotype = int(libc::SO_TYPE)?;
         let protocol = int(libc::SO_PROTOCOL)?;
@@ -728,8 +722,7 @@ fn defaults(
                 return None;
             }
             let mut p = [0u8; 20];
-            let n =
-                pidfd::getsockopt(probe.as_fd(), o.level, o.name, &mut p[..o.kind.size()]).ok()?;
+            let n = sockopt::get(probe.as_fd(), o.level, o.name, &mut p[..o.kind.size()]).ok()?;
             Some((p, n))
         })
         .collect())
@@ -744,7 +737,7 @@ fn snapshot(app: &AppSocket, fresh: &Defaults, req: &mut Request) {
             continue;
         };
         let mut a = [0u8; 20];
-        let Ok(na) = pidfd::getsockopt(app.sock.as_fd(), o.level, o.name, &mut a[..o.kind.size()])
+        let Ok(na) = sockopt::get(app.sock.as_fd(), o.level, o.name, &mut a[..o.kind.size()])
         else {
             continue;
         };

@@ -1,6 +1,7 @@
 //! The few system calls nix does not wrap the way graftd needs them: raw
-//! `socket`/`setsockopt` with caller-given numbers (they come off the wire
-//! after validation), sockaddrs as bytes, and the nsfs type query.
+//! `socket` with caller-given numbers (they come off the wire after
+//! validation; socket options by number are `graft_seccomp::sockopt`),
+//! sockaddrs as bytes, and the nsfs type query.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -37,31 +38,6 @@ pub fn socket(
     }
     // SAFETY: socket() returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `setsockopt(fd, level, name, value)` with an opaque value.
-pub fn setsockopt(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: &[u8],
-) -> io::Result<()> {
-    // SAFETY: value points to value.len() readable bytes for the whole call;
-    // the kernel copies at most optlen bytes from it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            value.as_ptr().cast(),
-            value.len() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// The raw bytes of a socket address, as the broker reply carries them.
