@@ -13,6 +13,7 @@
 //!   (`-e PREFIX/LEN=EP`, `-x PREFIX/LEN`) mapping rules, their parser and matcher.
 //! * [`nsrules`]: a namespace's own rules as graftd keeps them and hands them
 //!   to `graft -- CMD` (run without `-i/-e/-x`).
+//! * [`sockaddr`]: raw AF_INET/AF_INET6 socket addresses.
 //! * [`sockopt`]: which socket options a grafted socket carries over from the
 //!   application's socket, and which ones graftd refuses because they would let a
 //!   container escape the endpoint it was given.
@@ -35,6 +36,7 @@ pub mod netns;
 pub mod nsrules;
 pub mod proto;
 pub mod rules;
+pub mod sockaddr;
 pub mod sockopt;
 
 pub use endpoint::{EndpointAddr, EndpointSpec};

@@ -8,12 +8,12 @@
 //! namespace, so reaching it proves we talk to the graftd that serves *this*
 //! namespace. Each endpoint is asked about with one `Op::Lookup` record.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use graft_core::proto::broker::{DecodeError, Op, Purpose, Reason, Reply, Request};
 use graft_core::proto::broker::{REPLY_LEN, REQUEST_LEN};
 use graft_core::rules::RuleSet;
+use graft_core::sockaddr;
 use graft_core::EndpointName;
 use nix::errno::Errno;
 use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
@@ -114,27 +114,17 @@ fn family_of(rules: &RuleSet, ep: EndpointName) -> libc::c_int {
 
 /// A raw `sockaddr` from a reply, as text (for `-v`).
 pub fn describe_addr(raw: &[u8]) -> String {
-    if raw.len() < 2 {
-        return "no address".to_owned();
+    if let Some(sa) = sockaddr::parse(raw) {
+        return sa.to_string();
     }
-    let family = libc::c_int::from(u16::from_ne_bytes([raw[0], raw[1]]));
-    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
-    match family {
-        libc::AF_INET if raw.len() >= 8 => {
-            let ip = Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7]);
-            SocketAddr::V4(SocketAddrV4::new(ip, port(raw))).to_string()
-        }
-        libc::AF_INET6 if raw.len() >= 24 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&raw[8..24]);
-            SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(a), port(raw), 0, 0)).to_string()
-        }
-        libc::AF_UNIX => {
+    match sockaddr::family(raw) {
+        None => "no address".to_owned(),
+        Some(libc::AF_UNIX) => {
             let path = &raw[2..];
             let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
             format!("unix {}", String::from_utf8_lossy(&path[..end]))
         }
-        f => format!("address family {f}"),
+        Some(f) => format!("address family {f}"),
     }
 }
 
@@ -306,16 +296,10 @@ mod tests {
 
     #[test]
     fn addresses_from_replies() {
-        let mut v4 = [0u8; 16];
-        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
-        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
-        assert_eq!(describe_addr(&v4), "127.0.0.1:8080");
-        let mut v6 = [0u8; 28];
-        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
-        v6[2..4].copy_from_slice(&80u16.to_be_bytes());
-        v6[23] = 1;
-        assert_eq!(describe_addr(&v6), "[::1]:80");
+        let (v4, n) = sockaddr::encode(&"127.0.0.1:8080".parse().unwrap());
+        assert_eq!(describe_addr(&v4[..n]), "127.0.0.1:8080");
+        let (v6, n) = sockaddr::encode(&"[::1]:80".parse().unwrap());
+        assert_eq!(describe_addr(&v6[..n]), "[::1]:80");
         assert_eq!(describe_addr(&v6[..10]), "address family 10");
         assert_eq!(describe_addr(&[]), "no address");
     }

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use graft_core::proto::broker::{
     Attach, Op, Purpose, Reason, Reply, Request, ATTACH_VERBOSE, REQUEST_LEN,
 };
 use graft_core::rules::{EgressDecision, RuleSet};
+use graft_core::sockaddr;
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::{EndpointName, NetnsId};
 use graft_seccomp::{notify, pidfd, sockopt};
@@ -255,7 +256,7 @@ impl Supervisor {
         if !notify::id_valid(self.listener.as_fd(), n.id) {
             return Verdict::Gone;
         }
-        let Some(sa) = parse_sockaddr(&raw[..got]) else {
+        let Some(sa) = sockaddr::parse(&raw[..got]) else {
             return Verdict::Continue;
         };
         let pfd = match pidfd::open_thread(pid) {
@@ -412,7 +413,7 @@ impl Supervisor {
         .is_ok();
         let bound = sys::getsockname(app.sock.as_fd())
             .ok()
-            .and_then(|b| parse_sockaddr(&b));
+            .and_then(|b| sockaddr::parse(&b));
         let ip = match bound {
             _ if connected => return Verdict::Continue,
             Some(b) if b.port() == 0 => b.ip(),
@@ -585,7 +586,7 @@ impl Supervisor {
         if self.verbose {
             let host = sys::getsockname(new.as_fd())
                 .ok()
-                .and_then(|b| parse_sockaddr(&b))
+                .and_then(|b| sockaddr::parse(&b))
                 .map(|h| format!(" (host {h})"))
                 .unwrap_or_default();
             self.tell(
@@ -677,30 +678,7 @@ fn epoll_refusal(pid: libc::pid_t, fd: i32, inode: u64) -> Option<String> {
 /// The port a socket is bound to, if any.
 fn bound_port(sock: BorrowedFd<'_>) -> Option<u16> {
     let b = sys::getsockname(sock).ok()?;
-    parse_sockaddr(&b).map(|a| a.port()).filter(|&p| p != 0)
-}
-
-/// An AF_INET/AF_INET6 sockaddr, as the kernel would read it.
-fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
-    if b.len() < 2 {
-        return None;
-    }
-    let family = libc::c_int::from(u16::from_ne_bytes([b[0], b[1]]));
-    match family {
-        libc::AF_INET if b.len() >= 16 => Some(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7])),
-            u16::from_be_bytes([b[2], b[3]]),
-        )),
-        libc::AF_INET6 if b.len() >= 24 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&b[8..24]);
-            Some(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(a)),
-                u16::from_be_bytes([b[2], b[3]]),
-            ))
-        }
-        _ => None,
-    }
+    sockaddr::parse(&b).map(|a| a.port()).filter(|&p| p != 0)
 }
 
 /// What a fresh socket of one kind reports for each option of
@@ -831,28 +809,5 @@ fn failure(
             errno,
             format!("{head}: graftd could not make the host socket ({errstr}): check graftd's log"),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sockaddrs_as_the_kernel_reads_them() {
-        let mut v4 = [0u8; 16];
-        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        v4[2..4].copy_from_slice(&53u16.to_be_bytes());
-        v4[4..8].copy_from_slice(&[10, 1, 2, 3]);
-        assert_eq!(parse_sockaddr(&v4), Some("10.1.2.3:53".parse().unwrap()));
-        assert_eq!(parse_sockaddr(&v4[..15]), None, "short AF_INET");
-        let mut v6 = [0u8; 28];
-        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
-        v6[2..4].copy_from_slice(&80u16.to_be_bytes());
-        v6[23] = 1;
-        assert_eq!(parse_sockaddr(&v6[..24]), Some("[::1]:80".parse().unwrap()));
-        let mut unix = [0u8; 16];
-        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
-        assert_eq!(parse_sockaddr(&unix), None);
     }
 }

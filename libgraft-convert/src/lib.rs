@@ -155,7 +155,7 @@
 // interpose on itself), which leaves the code they call unused there.
 #![cfg_attr(test, allow(dead_code))]
 
-mod addr;
+use graft_core::sockaddr as addr;
 mod broker;
 mod config;
 mod decide;

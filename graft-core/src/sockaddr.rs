@@ -1,11 +1,14 @@
-//! Raw `sockaddr` bytes ↔ `SocketAddr`, without allocation.
+//! Raw `sockaddr` bytes ↔ `SocketAddr`, without allocation: the preload
+//! library reads and writes the application's addresses with it, graftd's
+//! supervisor reads the trapped call's, the launcher the broker's replies.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Bytes of a `sockaddr_in6`, the largest address we deal with.
 pub const MAX: usize = 28;
 
-fn family(b: &[u8]) -> Option<i32> {
+/// The address family the bytes start with.
+pub fn family(b: &[u8]) -> Option<i32> {
     (b.len() >= 2).then(|| i32::from(u16::from_ne_bytes([b[0], b[1]])))
 }
 
@@ -77,6 +80,8 @@ mod tests {
             let (b, n) = encode(&sa);
             assert_eq!(parse(&b[..n]), Some(sa));
         }
+        let (b, _) = encode(&"10.1.2.3:53".parse().unwrap());
+        assert_eq!(parse(&b[..15]), None, "short IPv4");
         let (b, _) = encode(&"[::1]:80".parse().unwrap());
         assert_eq!(parse(&b[..24]), Some("[::1]:80".parse().unwrap()));
         assert_eq!(parse(&b[..20]), None, "short IPv6");
