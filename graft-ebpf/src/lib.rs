@@ -133,6 +133,7 @@ use aya::programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, 
 use aya::{Ebpf, EbpfLoader};
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
+use graft_seccomp::sockopt;
 
 pub use cgroup::Placement;
 pub use maps::{GraftCounters, GraftGlobal, GraftSk};
@@ -771,37 +772,21 @@ where
     p.try_into().map_err(bpf_err(format!("program {name}")))
 }
 
-/// A `SOL_SOCKET` option of the socket, `None` if it cannot be read.
-/// `T` must be the plain integer type the kernel writes for `name`.
-fn sol_socket_opt<T: Copy + Default>(fd: BorrowedFd<'_>, name: libc::c_int) -> Option<T> {
-    let mut v = T::default();
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: fd is a valid borrowed descriptor; v/len point to a T and its
-    // size, and T is the integer type the option writes (see callers).
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            (&mut v as *mut T).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(v)
-}
-
 /// The socket's cookie (what `bpf_get_socket_cookie` returns for it); 0 if
 /// it cannot be read (the socket then never counts as released).
 fn socket_cookie(fd: BorrowedFd<'_>) -> u64 {
     // SO_COOKIE writes a u64.
-    sol_socket_opt::<u64>(fd, libc::SO_COOKIE).unwrap_or(0)
+    let mut b = [0u8; 8];
+    match sockopt::get(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut b) {
+        Ok(_) => u64::from_ne_bytes(b),
+        Err(_) => 0,
+    }
 }
 
 fn is_inet(fd: BorrowedFd<'_>) -> bool {
-    // SO_DOMAIN writes an int.
     matches!(
-        sol_socket_opt::<libc::c_int>(fd, libc::SO_DOMAIN),
-        Some(libc::AF_INET | libc::AF_INET6)
+        sockopt::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN),
+        Ok(libc::AF_INET | libc::AF_INET6)
     )
 }
 

@@ -9,7 +9,7 @@
 //! - [`pidfd`]: `pidfd_open`, `pidfd_getfd`, and reading the trapped
 //!   process's memory with `process_vm_readv`;
 //! - [`sockopt`]: socket options by number with opaque values (graftd's
-//!   socket factory applies them with it too).
+//!   socket factory and graft-ebpf's socket registry use it too).
 
 pub mod filter;
 pub mod notify;

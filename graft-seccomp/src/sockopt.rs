@@ -1,8 +1,9 @@
 //! Socket options by number (levels and names come off the wire, after
 //! validation, or from [`graft_core::sockopt::SNAPSHOT`]), with opaque
 //! values. graftd's supervisor reads the trapped program's options with
-//! these, its socket factory applies them, and graft-ebpf's tests set the
-//! options its hooks refuse.
+//! these, its socket factory applies them, graft-ebpf reads a registered
+//! socket's cookie and family, and graft-ebpf's tests set the options its
+//! hooks refuse.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
