@@ -100,6 +100,17 @@ fn env_and(
     Some((env, probe(test)?))
 }
 
+/// [`env_and`], with the usual [`endpoints`] added: their ports too.
+fn probe_env(
+    test: &str,
+    tools: &[&str],
+    probe: fn(&str) -> Option<PathBuf>,
+) -> Option<(Env, PathBuf, (u16, u16))> {
+    let (env, prog) = env_and(test, tools, probe)?;
+    let ports = endpoints(&env);
+    Some((env, prog, ports))
+}
+
 /// `graft ARGS -- PROG PARGS` in the test's namespace, output piped.
 fn graft_cmd(env: &Env, rules: &[&str], prog: &Path, pargs: &[&str]) -> Command {
     let mut a: Vec<&str> = rules.to_vec();
@@ -166,6 +177,21 @@ fn host_tcp_once(
     })
 }
 
+/// [`host_tcp_once`] on a new listener at `at`, and its address.
+fn host_tcp_at(at: impl std::net::ToSocketAddrs, reply: &'static [u8]) -> (SocketAddr, Host) {
+    let l = TcpListener::bind(at).expect("host listener");
+    (l.local_addr().unwrap(), host_tcp_once(l, reply))
+}
+
+/// [`host_udp_once`] on a new socket at `at`, and its address.
+fn host_udp_at(at: impl std::net::ToSocketAddrs, reply: &'static [u8]) -> (SocketAddr, Host) {
+    let s = UdpSocket::bind(at).expect("host udp");
+    (s.local_addr().unwrap(), host_udp_once(s, reply))
+}
+
+/// A host-side thread's result: what it received, and from whom.
+type Host = std::thread::JoinHandle<(Vec<u8>, SocketAddr)>;
+
 /// A host-side UDP responder for one datagram.
 fn host_udp_once(
     s: UdpSocket,
@@ -220,33 +246,24 @@ fn endpoints(env: &Env) -> (u16, u16) {
 #[test]
 fn go_static_tcp_ingress_egress_v4_v6() {
     let test = "go_static_tcp_ingress_egress_v4_v6";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, p6))) = probe_env(test, &[], go_probe) else {
         return;
     };
-    let (p4, p6) = endpoints(&env);
 
     // Ingress: the Go server binds 8080 in the namespace; the host reaches
     // it on the endpoint, and the server sees our real address.
-    let _srv = serve(
-        &env,
-        &["-i", "0.0.0.0:8080=ep-in4"],
-        &go,
-        &["tcp-serve", ":8080"],
-    );
-    assert_sees_us(&format!("127.0.0.1:{p4}"));
-    let _srv6 = serve(
-        &env,
-        &["-i", ":::8081=ep-in6"],
-        &go,
-        &["tcp-serve", "[::]:8081"],
-    );
-    assert_sees_us(&format!("[::1]:{p6}"));
+    let mut servers = Vec::new();
+    for (rule, bind, ep) in [
+        ("0.0.0.0:8080=ep-in4", ":8080", format!("127.0.0.1:{p4}")),
+        (":::8081=ep-in6", "[::]:8081", format!("[::1]:{p6}")),
+    ] {
+        servers.push(serve(&env, &["-i", rule], &go, &["tcp-serve", bind]));
+        assert_sees_us(&ep);
+    }
 
     // Egress: nothing listens on the namespace's loopback, the host does.
     for (host, rule) in [("127.0.0.1", "0.0.0.0/0=ep-out4"), ("::1", "::/0=ep-out6")] {
-        let l = TcpListener::bind((host, 0)).expect("host listener");
-        let dst = l.local_addr().unwrap();
-        let h = host_tcp_once(l, b"ack from host");
+        let (dst, h) = host_tcp_at((host, 0), b"ack from host");
         let (ok, out, err) = client(
             &env,
             &["-v", "-e", rule],
@@ -292,11 +309,10 @@ fn go_static_tcp_ingress_egress_v4_v6() {
 
 #[test]
 fn go_static_udp_ingress_egress_v4_v6() {
-    let test = "go_static_udp_ingress_egress_v4_v6";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, p6))) = probe_env("go_static_udp_ingress_egress_v4_v6", &[], go_probe)
+    else {
         return;
     };
-    let (p4, p6) = endpoints(&env);
     for (rule, bind, dst) in [
         ("0.0.0.0:5353=ep-in4", ":5353", format!("127.0.0.1:{p4}")),
         (":::5354=ep-in6", "[::]:5354", format!("[::1]:{p6}")),
@@ -315,9 +331,7 @@ fn go_static_udp_ingress_egress_v4_v6() {
         );
     }
     for (host, rule) in [("127.0.0.1", "0.0.0.0/0=ep-out4"), ("::1", "::/0=ep-out6")] {
-        let s = UdpSocket::bind((host, 0)).expect("host udp");
-        let dst = s.local_addr().unwrap();
-        let h = host_udp_once(s, b"pong");
+        let (dst, h) = host_udp_at((host, 0), b"pong");
         let (ok, out, err) = client(
             &env,
             &["-e", rule],
@@ -334,10 +348,9 @@ fn go_static_udp_ingress_egress_v4_v6() {
 #[test]
 fn musl_static_tcp_and_udp_sendto_sendmsg() {
     let test = "musl_static_tcp_and_udp_sendto_sendmsg";
-    let Some((env, c)) = env_and(test, &[], musl_probe) else {
+    let Some((env, c, (p4, _))) = probe_env(test, &[], musl_probe) else {
         return;
     };
-    let (p4, _) = endpoints(&env);
     let _srv = serve(
         &env,
         &["-i", "0.0.0.0:80=ep-in4"],
@@ -346,9 +359,7 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     );
     assert_sees_us(&format!("127.0.0.1:{p4}"));
 
-    let l = TcpListener::bind("[::1]:0").expect("host listener");
-    let dst = l.local_addr().unwrap();
-    let h = host_tcp_once(l, b"ack6");
+    let (dst, h) = host_tcp_at("[::1]:0", b"ack6");
     let port = dst.port().to_string();
     let (ok, out, err) = client(
         &env,
@@ -362,9 +373,7 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     assert_eq!((got.as_slice(), peer.ip()), (&b"hi musl"[..], dst.ip()));
 
     for mode in ["udp-sendto", "udp-sendmsg"] {
-        let s = UdpSocket::bind("127.0.0.1:0").expect("host udp");
-        let dst = s.local_addr().unwrap();
-        let h = host_udp_once(s, b"pong");
+        let (dst, h) = host_udp_at("127.0.0.1:0", b"pong");
         let port = dst.port().to_string();
         let (ok, out, err) = client(&env, OUT4, &c, &[mode, "127.0.0.1", &port, mode]);
         assert!(ok, "{mode}: {out} {err}");
@@ -493,10 +502,9 @@ fn fail_closed_without_graftd_or_endpoint() {
 #[test]
 fn bound_udp_socket_in_epoll_is_refused_clearly() {
     let test = "bound_udp_socket_in_epoll_is_refused_clearly";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, _)) = probe_env(test, &[], go_probe) else {
         return;
     };
-    endpoints(&env);
     let s = UdpSocket::bind("127.0.0.1:0").expect("host udp");
     s.set_nonblocking(true).unwrap();
     let dst = s.local_addr().unwrap();
@@ -885,9 +893,7 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
         (&musl, "seccomp mode (not linked with glibc)"),
         (&glibc, ""),
     ] {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let dst = l.local_addr().unwrap();
-        let h = host_tcp_once(l, b"");
+        let (dst, h) = host_tcp_at("127.0.0.1:0", b"");
         let port = dst.port().to_string();
         let (ok, out, err) = client(
             &env,
@@ -924,10 +930,9 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
 #[test]
 fn options_are_carried_or_refused_in_seccomp_mode() {
     let test = "options_are_carried_or_refused_in_seccomp_mode";
-    let Some((env, c)) = env_and(test, &["ss"], musl_probe) else {
+    let Some((env, c, _)) = probe_env(test, &["ss"], musl_probe) else {
         return;
     };
-    endpoints(&env);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let dst = l.local_addr().unwrap();
     let h = std::thread::spawn(move || {
@@ -977,10 +982,9 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
 #[test]
 fn go_listen_on_port_zero_is_grafted_at_listen() {
     let test = "go_listen_on_port_zero_is_grafted_at_listen";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, _))) = probe_env(test, &[], go_probe) else {
         return;
     };
-    let (p4, _) = endpoints(&env);
     let mut c = graft_cmd(
         &env,
         &["-v", "-i", "0.0.0.0:0-65535=ep-in4"],
