@@ -115,8 +115,7 @@ fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str, limit: Duratio
 
 #[test]
 fn iperf3_tcp_and_udp_server_reached_from_host() {
-    let test = "iperf3_tcp_and_udp_server_reached_from_host";
-    let Some(env) = py_env(test, &["iperf3"]) else {
+    let Some(env) = py_env("iperf3_tcp_and_udp_server_reached_from_host", &["iperf3"]) else {
         return;
     };
     let port = add_in4(&env);
