@@ -237,25 +237,15 @@ fn int(v: i32) -> [u8; 4] {
 }
 
 fn netns_cookie(fd: BorrowedFd<'_>) -> u64 {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: v and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "SO_NETNS_COOKIE: {}",
-        std::io::Error::last_os_error()
-    );
-    v
+    // The kernel writes the cookie as 8 native-endian bytes.
+    let mut raw = [0u8; 8];
+    let mut len = raw.len() as libc::socklen_t;
+    let (level, opt, buf) = (libc::SOL_SOCKET, SO_NETNS_COOKIE, raw.as_mut_ptr());
+    // SAFETY: buf points to len writable bytes.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, buf.cast(), &mut len) };
+    let err = std::io::Error::last_os_error();
+    assert_eq!(rc, 0, "SO_NETNS_COOKIE: {err}");
+    u64::from_ne_bytes(raw)
 }
 
 fn cookie_of_new_socket() -> u64 {

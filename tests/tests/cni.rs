@@ -89,6 +89,24 @@ fn cni_err(o: &Output, what: &str) -> (u64, String) {
     )
 }
 
+/// How a CNI error message must read.
+enum Msg<'a> {
+    Is(&'a str),
+    Starts(&'a str),
+    Has(&'a str),
+}
+
+/// graft-cni failed with CNI error `code` and a message as `msg` says.
+fn fails(o: &Output, what: &str, code: u64, msg: Msg<'_>) {
+    let (got, text) = cni_err(o, what);
+    assert_eq!(got, code, "{what}: {text}");
+    match msg {
+        Msg::Is(m) => assert_eq!(text, m, "{what}"),
+        Msg::Starts(m) => assert!(text.starts_with(m), "{what}: {text}"),
+        Msg::Has(m) => assert!(text.contains(m), "{what}: {text}"),
+    }
+}
+
 fn base(version: &str, d: &Graftd, data: &Path) -> Value {
     json!({
         "cniVersion": version,
@@ -337,14 +355,9 @@ fn status_gc_version_and_errors() {
     ok_empty(&graft_cni(&call("STATUS", "x", None), &conf), "STATUS");
 
     // GC: two attachments, one of them valid.
-    ok_json(
-        &graft_cni(&call("ADD", "keep1", Some(&p1)), &conf),
-        "ADD keep1",
-    );
-    ok_json(
-        &graft_cni(&call("ADD", "gone2", Some(&p2)), &conf),
-        "ADD gone2",
-    );
+    let run = |cmd, id, netns| graft_cni(&call(cmd, id, netns), &conf);
+    ok_json(&run("ADD", "keep1", Some(&p1)), "ADD keep1");
+    ok_json(&run("ADD", "gone2", Some(&p2)), "ADD gone2");
     assert!(d.ip_graft_ok(Some(&ns2), &["show"]).contains("ep-out4"));
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep1", "ifname": "eth0"}]);
@@ -365,84 +378,38 @@ fn status_gc_version_and_errors() {
     assert_eq!(left, ["keep1-eth0.json"]);
 
     // Bad input: every error is CNI error JSON with its code.
-    let (code, msg) = cni_err(
-        &graft_cni(
-            &call("ADD", "b", Some(&p1)),
-            &json!({"cniVersion": "1.0.0"}),
-        ),
-        "no name",
-    );
-    assert_eq!(code, 4);
-    assert!(
-        msg.starts_with("invalid network configuration: missing field `name`"),
-        "{msg}"
-    );
+    let no_name = json!({"cniVersion": "1.0.0"});
     let mut old = conf.clone();
     old["cniVersion"] = json!("0.3.1");
-    let (code, msg) = cni_err(
-        &graft_cni(&call("ADD", "b", Some(&p1)), &old),
-        "old version",
-    );
-    assert_eq!(code, 1);
-    assert_eq!(
-        msg,
-        "CNI version \"0.3.1\" is not supported (graft-cni speaks 0.4.0, 1.0.0, 1.1.0)"
-    );
-    let (code, msg) = cni_err(&graft_cni(&call("ADD", "b", None), &conf), "no netns");
-    assert_eq!((code, msg.as_str()), (7, "CNI_NETNS is required for ADD"));
     let mut lim = conf.clone();
     lim["endpoints"][0]["limit"] = json!(10);
-    let (code, msg) = cni_err(&graft_cni(&call("ADD", "b", Some(&p1)), &lim), "limit");
-    assert_eq!(code, 4);
-    assert!(msg.contains("\"limit\" is not supported"), "{msg}");
     let mut bad_rule = conf.clone();
     bad_rule["ingress"] = json!(["0.0.0.0=ep-out4"]);
-    let (code, msg) = cni_err(
-        &graft_cni(&call("ADD", "b", Some(&p1)), &bad_rule),
-        "bad rule",
-    );
-    assert_eq!(code, 4);
-    assert_eq!(
-        msg,
-        "invalid rules: ingress rule \"0.0.0.0=ep-out4\": expected ADDR:PORT[-PORT]=ENDPOINT"
-    );
+    let in1 = Some(p1.as_path());
+    let bad: [(&str, &Value, Option<&Path>, u64, Msg); 5] = [
+        ("no name", &no_name, in1, 4, Msg::Starts("invalid network configuration: missing field `name`")),
+        ("old version", &old, in1, 1, Msg::Is("CNI version \"0.3.1\" is not supported (graft-cni speaks 0.4.0, 1.0.0, 1.1.0)")),
+        ("no netns", &conf, None, 7, Msg::Is("CNI_NETNS is required for ADD")),
+        ("limit", &lim, in1, 4, Msg::Has("\"limit\" is not supported")),
+        ("bad rule", &bad_rule, in1, 4, Msg::Is("invalid rules: ingress rule \"0.0.0.0=ep-out4\": expected ADDR:PORT[-PORT]=ENDPOINT")),
+    ];
+    for (what, c, netns, code, msg) in bad {
+        fails(&graft_cni(&call("ADD", "b", netns), c), what, code, msg);
+    }
     // The endpoint exists already: graftd's refusal, nothing left behind.
-    let (code, msg) = cni_err(
-        &graft_cni(&call("ADD", "dup1", Some(&p1)), &conf),
-        "duplicate",
-    );
-    assert_eq!(code, 100);
-    assert!(
-        msg.starts_with("adding endpoint ep-out4: graftd: "),
-        "{msg}"
-    );
+    let refused = Msg::Starts("adding endpoint ep-out4: graftd: ");
+    fails(&run("ADD", "dup1", in1), "duplicate", 100, refused);
     assert_eq!(records(&data, &conf).len(), 1);
 
     // graftd stopped: STATUS says 50, ADD says try again later, DEL succeeds.
     d.proc.term();
     let _ = d.proc.wait_timeout(LIMIT);
-    let (code, msg) = cni_err(
-        &graft_cni(&call("STATUS", "x", None), &conf),
-        "STATUS stopped",
-    );
-    assert_eq!(code, 50);
-    assert!(
-        msg.starts_with("graftd does not answer: graftd is not running"),
-        "{msg}"
-    );
-    let (code, _) = cni_err(
-        &graft_cni(&call("ADD", "late", Some(&p2)), &conf),
-        "ADD stopped",
-    );
+    let stopped = Msg::Starts("graftd does not answer: graftd is not running");
+    fails(&run("STATUS", "x", None), "STATUS stopped", 50, stopped);
+    let (code, _) = cni_err(&run("ADD", "late", Some(&p2)), "ADD stopped");
     assert_eq!(code, 11);
-    ok_empty(
-        &graft_cni(&call("DEL", "keep1", Some(&p1)), &conf),
-        "DEL, graftd gone",
-    );
-    ok_empty(
-        &graft_cni(&call("DEL", "keep1", Some(&p1)), &conf),
-        "DEL again",
-    );
+    ok_empty(&run("DEL", "keep1", in1), "DEL, graftd gone");
+    ok_empty(&run("DEL", "keep1", in1), "DEL again");
     assert!(records(&data, &conf).is_empty());
     // And with the namespace gone too.
     drop(ns2);
@@ -674,9 +641,9 @@ fn del_leaves_a_namespace_that_reuses_the_path_alone() {
     let Some(env) = Env::new("cni_path_reuse", &[]) else {
         return;
     };
+    let ep = json!({"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"});
     let mut conf = base("1.0.0", &env.d, &env.dir);
-    conf["endpoints"] =
-        json!([{"name": "ep-out4", "type": "ipv4", "addr": "127.0.0.1", "port": "dynamic"}]);
+    conf["endpoints"] = json!([ep]);
     let first = Netns::new("reuse");
     let (name, path) = (first.name.clone(), first.path());
     let call = |cmd| Call::in_ns(cmd, "reused", &path, "eth0");

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_tests::{
-    assert_line, free_port, graft_lines, grafted_nginx, have_or_skip, preload_lib, text, unique,
-    wait_tcp, wait_until, Env, HostHttp, Proc, HOST_BODY as BODY,
+    assert_line, free_port, graft_lines, grafted_nginx, preload_lib, text, unique, wait_tcp,
+    wait_until, Env, HostHttp, Proc, HOST_BODY as BODY,
 };
 
 const PY: &str = "/usr/bin/python3";
@@ -24,19 +24,45 @@ fn output(cmd: Command, what: &str, limit: Duration) -> Output {
     graft_tests::output_within(cmd, what, limit, None)
 }
 
-/// The usual ingress world: ep-in4 on a free port of the host's loopback.
-fn ingress_world(test: &str) -> Option<(Env, u16)> {
-    let env = Env::new(test, &["python3"])?;
+/// The test's [`Env`], needing python3 and the programs `needs`.
+fn py_env(test: &str, needs: &[&str]) -> Option<Env> {
+    let mut all = vec!["python3"];
+    all.extend(needs);
+    Env::new(test, &all)
+}
+
+/// Adds ep-in4 on a free port of the host's loopback; that port.
+fn add_in4(env: &Env) -> u16 {
     let port = free_port();
     env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
+    port
+}
+
+/// Adds ep-out4 and starts a host server for it to reach.
+fn add_out4(env: &Env) -> HostHttp {
+    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    HostHttp::start("127.0.0.1:0")
+}
+
+/// The usual ingress world: ep-in4 on a free port of the host's loopback.
+fn ingress_world(test: &str) -> Option<(Env, u16)> {
+    let env = py_env(test, &[])?;
+    let port = add_in4(&env);
     Some((env, port))
 }
 
 /// The usual egress world: ep-out4 added, a host server running.
-fn egress_world(test: &str) -> Option<(Env, HostHttp)> {
-    let env = Env::new(test, &["python3"])?;
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    Some((env, HostHttp::start("127.0.0.1:0")))
+fn egress_world(test: &str, needs: &[&str]) -> Option<(Env, HostHttp)> {
+    let env = py_env(test, needs)?;
+    let srv = add_out4(&env);
+    Some((env, srv))
+}
+
+/// `graft RULES -- curl -sS -g --max-time 10 URL`.
+fn curl(env: &Env, rules: &[&str], url: &str) -> Command {
+    let mut c = env.graft(rules);
+    c.args(["--", "curl", "-sS", "-g", "--max-time", "10", url]);
+    c
 }
 
 /// Writes the python script `name` (`@K@` filled from `vars`) and runs
@@ -89,14 +115,10 @@ fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str, limit: Duratio
 
 #[test]
 fn iperf3_tcp_and_udp_server_reached_from_host() {
-    let Some(env) = Env::new("iperf3_tcp_and_udp_server_reached_from_host", &["python3"]) else {
+    let Some(env) = py_env("iperf3_tcp_and_udp_server_reached_from_host", &["iperf3"]) else {
         return;
     };
-    if !have_or_skip("iperf3", "iperf3") {
-        return;
-    }
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
+    let port = add_in4(&env);
     for udp in [false, true] {
         let mut cmd = env.graft(&[
             "-v",
@@ -148,15 +170,10 @@ fn iperf3_tcp_and_udp_server_reached_from_host() {
 
 #[test]
 fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
-    let Some(env) = Env::new(
-        "nginx_master_and_workers_on_ipv4_and_ipv6_endpoints",
-        &["python3"],
-    ) else {
+    let test = "nginx_master_and_workers_on_ipv4_and_ipv6_endpoints";
+    let Some(env) = py_env(test, &["nginx", "curl"]) else {
         return;
     };
-    if !have_or_skip("nginx", "nginx") || !have_or_skip("nginx", "curl") {
-        return;
-    }
     let p4 = free_port();
     let p6 = free_port();
     env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
@@ -200,14 +217,10 @@ fn nginx_master_and_workers_on_ipv4_and_ipv6_endpoints() {
 
 #[test]
 fn egress_curl_python_socat_reach_host_server() {
-    let Some(env) = Env::new("egress_curl_python_socat_reach_host_server", &["python3"]) else {
+    let test = "egress_curl_python_socat_reach_host_server";
+    let Some((env, srv)) = egress_world(test, &["curl", "socat"]) else {
         return;
     };
-    if !have_or_skip("egress", "curl") || !have_or_skip("egress", "socat") {
-        return;
-    }
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     let url = format!("http://127.0.0.1:{}/", srv.addr.port());
 
     // Without graft the namespace cannot reach the host server at all.
@@ -220,20 +233,8 @@ fn egress_curl_python_socat_reach_host_server() {
     );
     assert!(srv.peers.lock().expect("peers").is_empty());
 
-    let (out, err) = output_ok(
-        env.graft(&[
-            "-v",
-            "-e",
-            "0.0.0.0/0=ep-out4",
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            &url,
-        ]),
-        "graft curl",
-    );
+    let v_out4 = ["-v", "-e", "0.0.0.0/0=ep-out4"];
+    let (out, err) = output_ok(curl(&env, &v_out4, &url), "graft curl");
     assert_eq!(out, BODY);
     let want = format!(
         "connect 127.0.0.1:{} -> ep-out4 (host 0.0.0.0:",
@@ -251,11 +252,7 @@ fn egress_curl_python_socat_reach_host_server() {
         "import socket\n\
          s = socket.create_connection(('127.0.0.1', @PORT@), timeout=10)\n\
          s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-         data = b''\n\
-         while True:\n\
-         \x20   b = s.recv(4096)\n\
-         \x20   if not b: break\n\
-         \x20   data += b\n\
+         data = s.makefile('rb').read()\n\
          print(data.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n",
         &[("PORT", srv.addr.port().to_string())],
     );
@@ -278,7 +275,7 @@ fn egress_curl_python_socat_reach_host_server() {
 
 #[test]
 fn egress_udp_sendto_sendmsg_and_v4_mapped() {
-    let Some(env) = Env::new("egress_udp_sendto_sendmsg_and_v4_mapped", &["python3"]) else {
+    let Some(env) = py_env("egress_udp_sendto_sendmsg_and_v4_mapped", &[]) else {
         return;
     };
     env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
@@ -359,16 +356,10 @@ fn egress_udp_sendto_sendmsg_and_v4_mapped() {
 
 #[test]
 fn unmatched_sockets_stay_on_the_container_stack() {
-    let Some(env) = Env::new(
-        "unmatched_sockets_stay_on_the_container_stack",
-        &["python3"],
-    ) else {
+    let Some(env) = py_env("unmatched_sockets_stay_on_the_container_stack", &[]) else {
         return;
     };
-    env.add(&format!(
-        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
-        free_port()
-    ));
+    add_in4(&env);
     env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     let py = env.script(
         "local.py",
@@ -485,17 +476,11 @@ fn missing_line(call: &str, addr: &str, ep: &str, _broker: &str) -> String {
 /// `case` says: every call fails with its errno and exactly one line, nothing
 /// reaches the host server, nothing lands on the container's own stack.
 fn fails_closed(case: &FailCase) {
-    let Some(mut env) = Env::new(case.test, &["python3"]) else {
+    let Some(mut env) = py_env(case.test, &["curl"]) else {
         return;
     };
-    if !have_or_skip(case.test, "curl") {
-        return;
-    }
     if case.stop_graftd {
-        env.add(&format!(
-            "ep-in4 type ipv4 addr 127.0.0.1 port {}",
-            free_port()
-        ));
+        add_in4(&env);
         env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
     } else {
         env.add("ep-other type ipv4 addr 127.0.0.1 port dynamic");
@@ -509,19 +494,11 @@ fn fails_closed(case: &FailCase) {
     let line = |call: &str, addr: String, ep: &str| (case.line)(call, &addr, ep, &broker);
 
     let url = format!("http://127.0.0.1:{}/", srv.addr.port());
-    let curl = [
-        "-n",
-        "-e",
-        "0.0.0.0/0=ep-out4",
-        "--",
+    let o = output(
+        curl(&env, &["-n", "-e", "0.0.0.0/0=ep-out4"], &url),
         "curl",
-        "-sS",
-        "--max-time",
-        "10",
-    ];
-    let mut c = env.graft(&curl);
-    c.arg(&url);
-    let o = output(c, "curl", LIMIT);
+        LIMIT,
+    );
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert_eq!(
@@ -581,10 +558,7 @@ fn missing_endpoint_fails_closed_with_one_line() {
 
 #[test]
 fn bad_mapping_is_refused_by_graft_and_by_the_library() {
-    let Some(env) = Env::new(
-        "bad_mapping_is_refused_by_graft_and_by_the_library",
-        &["python3"],
-    ) else {
+    let Some(env) = py_env("bad_mapping_is_refused_by_graft_and_by_the_library", &[]) else {
         return;
     };
     // The launcher refuses before exec.
@@ -645,13 +619,10 @@ fn bad_mapping_is_refused_by_graft_and_by_the_library() {
 
 #[test]
 fn refused_option_fails_the_bind() {
-    let Some(env) = Env::new("refused_option_fails_the_bind", &["python3"]) else {
+    let Some(env) = py_env("refused_option_fails_the_bind", &[]) else {
         return;
     };
-    env.add(&format!(
-        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
-        free_port()
-    ));
+    add_in4(&env);
     let py = env.script(
         "mark.py",
         "import socket\n\
@@ -682,16 +653,11 @@ fn refused_option_fails_the_bind() {
 
 #[test]
 fn fork_after_grafting_child_accepts_and_grafts_anew() {
-    let Some(env) = Env::new(
-        "fork_after_grafting_child_accepts_and_grafts_anew",
-        &["python3"],
-    ) else {
+    let Some((env, port)) = ingress_world("fork_after_grafting_child_accepts_and_grafts_anew")
+    else {
         return;
     };
-    let port = free_port();
-    env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {port}"));
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
+    let srv = add_out4(&env);
     let py = env.script(
         "fork.py",
         "import socket, os\n\
@@ -770,8 +736,7 @@ fn exec_and_child_processes_are_grafted() {
     let Some((env, port)) = ingress_world("exec_and_child_processes_are_grafted") else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
+    let srv = add_out4(&env);
     let child = env.script(
         "child.py",
         "import socket\n\
@@ -818,7 +783,7 @@ fn exec_and_child_processes_are_grafted() {
 
 #[test]
 fn thousand_concurrent_grafted_connections() {
-    let Some((env, srv)) = egress_world("thousand_concurrent_grafted_connections") else {
+    let Some((env, srv)) = egress_world("thousand_concurrent_grafted_connections", &[]) else {
         return;
     };
     let py = env.script(
@@ -1031,7 +996,7 @@ const FETCH_PY: &str = "import socket, os\n\
 
 #[test]
 fn egress_options_set_before_connect_carry_over() {
-    let Some((env, srv)) = egress_world("egress_options_set_before_connect_carry_over") else {
+    let Some((env, srv)) = egress_world("egress_options_set_before_connect_carry_over", &[]) else {
         return;
     };
     // Three ways an option reaches the socket before the graft: set on the
@@ -1085,21 +1050,22 @@ fn egress_options_set_before_connect_carry_over() {
 
 #[test]
 fn egress_refused_option_fails_the_connect() {
-    let Some((env, srv)) = egress_world("egress_refused_option_fails_the_connect") else {
+    let Some((env, srv)) = egress_world("egress_refused_option_fails_the_connect", &[]) else {
         return;
     };
     // SO_MARK set and then switched off again is what a fresh socket has:
     // grafted. Left on: refused by graftd, the connect fails.
-    let body = format!(
-        "{FETCH_PY}\
-         z = socket.socket(); z.setsockopt(S, socket.SO_MARK, 7); z.setsockopt(S, socket.SO_MARK, 0)\n\
+    let body = [
+        FETCH_PY,
+        "z = socket.socket(); z.setsockopt(S, socket.SO_MARK, 7); z.setsockopt(S, socket.SO_MARK, 0)\n\
          z.connect(DST); print('off', fetch(z))\n\
          m = socket.socket(); m.setsockopt(S, socket.SO_MARK, 7)\n\
          try:\n\
          \x20   m.connect(DST); print('connected')\n\
          except OSError as e:\n\
-         \x20   print('connect', e.errno, e.strerror)\n"
-    );
+         \x20   print('connect', e.errno, e.strerror)\n",
+    ]
+    .concat();
     let py = env.script(
         "mark_egress.py",
         &body,
@@ -1130,14 +1096,10 @@ fn egress_refused_option_fails_the_connect() {
 
 #[test]
 fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
-    let Some(env) = Env::new(
-        "nonblocking_connect_keeps_einprogress_and_fd_flags",
-        &["python3"],
-    ) else {
+    let test = "nonblocking_connect_keeps_einprogress_and_fd_flags";
+    let Some((env, srv)) = egress_world(test, &[]) else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     let (out, err) = python_ok(
         &env,
         &["-e", "0.0.0.0/0=ep-out4"],
@@ -1166,36 +1128,14 @@ fn nonblocking_connect_keeps_einprogress_and_fd_flags() {
 
 #[test]
 fn egress_ipv6_and_client_bind_port_zero() {
-    let Some(env) = Env::new("egress_ipv6_and_client_bind_port_zero", &["python3"]) else {
+    let Some((env, srv4)) = egress_world("egress_ipv6_and_client_bind_port_zero", &["curl"]) else {
         return;
     };
-    if !have_or_skip("egress_ipv6", "curl") {
-        return;
-    }
-    env.add(&format!(
-        "ep-in4 type ipv4 addr 127.0.0.1 port {}",
-        free_port()
-    ));
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
+    add_in4(&env);
     env.add("ep-out6 type ipv6 addr :: port dynamic");
     let srv6 = HostHttp::start("[::1]:0");
-    let srv4 = HostHttp::start("127.0.0.1:0");
     let url = format!("http://[::1]:{}/", srv6.addr.port());
-    let (out, err) = output_ok(
-        env.graft(&[
-            "-v",
-            "-e",
-            "::/0=ep-out6",
-            "--",
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "10",
-            &url,
-        ]),
-        "curl -6",
-    );
+    let (out, err) = output_ok(curl(&env, &["-v", "-e", "::/0=ep-out6"], &url), "curl -6");
     assert_eq!(out, BODY, "{err}");
     assert_eq!(srv6.peers.lock().expect("peers")[0].ip().to_string(), "::1");
 
@@ -1232,14 +1172,10 @@ fn egress_ipv6_and_client_bind_port_zero() {
 
 #[test]
 fn socket_inherited_across_exec_is_classified_and_grafted() {
-    let Some(env) = Env::new(
-        "socket_inherited_across_exec_is_classified_and_grafted",
-        &["python3"],
-    ) else {
+    let test = "socket_inherited_across_exec_is_classified_and_grafted";
+    let Some((env, srv)) = egress_world(test, &[]) else {
         return;
     };
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     // The first image makes the socket; the exec'd one has never seen it and
     // must classify it (unbound, unconnected AF_INET stream) on connect.
     // The options set by the first image were never seen by the second
@@ -1357,14 +1293,9 @@ int main(int argc, char **argv) {
 
 #[test]
 fn c_program_errno_dup_and_signal_handlers() {
-    let Some(env) = Env::new("c_program_errno_dup_and_signal_handlers", &["python3"]) else {
+    let Some((env, srv)) = egress_world("c_program_errno_dup_and_signal_handlers", &["cc"]) else {
         return;
     };
-    if !have_or_skip("c_program", "cc") {
-        return;
-    }
-    env.add("ep-out4 type ipv4 addr 0.0.0.0 port dynamic");
-    let srv = HostHttp::start("127.0.0.1:0");
     let src = env.dir.join("signals.c");
     let exe = env.dir.join("signals");
     std::fs::write(&src, SIGNALS_C).expect("write C");
@@ -1393,7 +1324,7 @@ fn c_program_errno_dup_and_signal_handlers() {
 
 #[test]
 fn stuck_or_garbled_broker_fails_closed() {
-    let Some(env) = Env::new("stuck_or_garbled_broker_fails_closed", &["python3"]) else {
+    let Some(env) = py_env("stuck_or_garbled_broker_fails_closed", &[]) else {
         return;
     };
     // A stand-in broker inside the namespace that never answers, or answers

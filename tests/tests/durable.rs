@@ -114,12 +114,10 @@ fn driven(mut c: Command, what: &str, ready: bool) -> (Proc, BufReader<ChildStdo
 
 #[test]
 fn kill9_restart_keeps_every_table_and_running_programs_graft_again() {
-    let Some(mut env) = Env::new("kill9_restart", &["python3"]) else {
+    let Some((mut env, host)) = out_env("kill9_restart") else {
         return;
     };
-    let host = host_server();
     let p1 = free_port();
-    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
     env.add(&format!(
         "ep-in4 type ipv4 addr 127.0.0.1 port {p1} deny 10.0.0.0/8 allow 0.0.0.0/0"
     ));
@@ -280,6 +278,33 @@ fn a_second_graftd_on_the_same_state_dir_refuses() {
 }
 
 /// A UDP socket on the host's loopback, counting datagrams.
+/// A python3 env whose `ep-out4` reaches the host, and a host server there.
+fn out_env(test: &str) -> Option<(Env, HostTcp)> {
+    let env = Env::new(test, &["python3"])?;
+    let host = host_server();
+    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
+    Some((env, host))
+}
+
+/// A python3 env whose `ep-out4` denies the second of two UDP sinks.
+fn policy_env(test: &str) -> Option<(Env, [(std::net::UdpSocket, u16); 2])> {
+    let env = Env::new(test, &["python3"])?;
+    let sinks = [udp_sink(), udp_sink()];
+    let denied = sinks[1].1;
+    env.add(&format!(
+        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{denied}"
+    ));
+    Some((env, sinks))
+}
+
+/// The first line `p` prints.
+fn first_line(p: &mut Proc) -> String {
+    let mut l = String::new();
+    let out = p.child.stdout.take().expect("piped stdout");
+    BufReader::new(out).read_line(&mut l).expect("a line");
+    l
+}
+
 fn udp_sink() -> (std::net::UdpSocket, u16) {
     let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
     u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -289,14 +314,10 @@ fn udp_sink() -> (std::net::UdpSocket, u16) {
 
 #[test]
 fn policy_stays_armed_while_graftd_is_down_and_after() {
-    let Some(mut env) = Env::new("policy_down", &["python3"]) else {
+    let Some((mut env, [(sink, allowed), (_denied_sink, denied)])) = policy_env("policy_down")
+    else {
         return;
     };
-    let (sink, allowed) = udp_sink();
-    let (_denied_sink, denied) = udp_sink();
-    env.add(&format!(
-        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{denied}"
-    ));
     let script = env.script(
         "udp.py",
         r#"
@@ -348,11 +369,9 @@ for line in sys.stdin:
 
 #[test]
 fn connections_every_10ms_survive_kill9_and_restart() {
-    let Some(mut env) = Env::new("loop_restart", &["python3"]) else {
+    let Some((mut env, host)) = out_env("loop_restart") else {
         return;
     };
-    let host = host_server();
-    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
     const N: usize = 300;
     let script = env.script(
         "loop.py",
@@ -574,11 +593,9 @@ fn systemd_ready_is_sent_once_the_restored_tables_are_served() {
 
 #[test]
 fn upgrade_keeps_live_connections_and_the_policy() {
-    let Some(mut env) = Env::new("upgrade", &["python3"]) else {
+    let Some((mut env, [(sink, allowed), (_denied_sink, denied)])) = policy_env("upgrade") else {
         return;
     };
-    let (sink, allowed) = udp_sink();
-    let (_denied_sink, denied) = udp_sink();
     let echo = TcpListener::bind("127.0.0.1:0").expect("bind echo");
     let eport = echo.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -594,9 +611,6 @@ fn upgrade_keeps_live_connections_and_the_policy() {
             });
         }
     });
-    env.add(&format!(
-        "ep-out4 type ipv4 addr 127.0.0.1 port dynamic deny 127.0.0.1/32:{denied}"
-    ));
     let script = env.script(
         "up.py",
         r#"
@@ -694,11 +708,9 @@ fn bpftool_cgroup_progs(env: &Env) -> Option<String> {
 
 #[test]
 fn peers_holding_connections_open_starve_nobody() {
-    let Some(env) = Env::new("hogs", &["python3"]) else {
+    let Some((env, host)) = out_env("hogs") else {
         return;
     };
-    let host = host_server();
-    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
     let other = Netns::new("hogs2");
     env.add_in(&other, "ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
     // More broker connections than graftd keeps for one namespace, and more
@@ -727,11 +739,7 @@ sys.stdin.read()
     c.arg(&hog).stdin(Stdio::piped()).stdout(Stdio::piped());
     env.d.apply(&mut c);
     let mut h = Proc::spawn(c, "connection hog");
-    let mut l = String::new();
-    BufReader::new(h.child.stdout.take().unwrap())
-        .read_line(&mut l)
-        .unwrap();
-    assert_eq!(l.trim(), "held 1180");
+    assert_eq!(first_line(&mut h).trim(), "held 1180");
     let once = once_script(&env, &host);
     for ns in [&env.ns, &other] {
         let mut c = ns.cmd(bin("graft"));
@@ -754,11 +762,9 @@ sys.stdin.read()
 
 #[test]
 fn a_program_started_while_graftd_is_down_waits_for_it() {
-    let Some(mut env) = Env::new("start_while_down", &["python3"]) else {
+    let Some((mut env, host)) = out_env("start_while_down") else {
         return;
     };
-    let host = host_server();
-    env.add("ep-out4 type ipv4 addr 127.0.0.1 port dynamic");
     let once = once_script(&env, &host);
     env.d.kill9();
     let mut c = env.graft(&["-e", "127.0.0.1/32=ep-out4", "--", "python3", &once]);
@@ -838,11 +844,7 @@ while True:
     ]);
     c.stdout(Stdio::piped());
     let mut p = Proc::spawn(c, "dual-stack python server");
-    let mut l = String::new();
-    BufReader::new(p.child.stdout.take().unwrap())
-        .read_line(&mut l)
-        .unwrap();
-    assert_eq!(l.trim(), "listening");
+    assert_eq!(first_line(&mut p).trim(), "listening");
     if !env
         .d
         .log_text()

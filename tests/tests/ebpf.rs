@@ -410,16 +410,43 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
     }
 }
 
+/// Runs `srv_ns`'s server and `cli_ns`'s client with the ping-pong, `n`
+/// bytes each way, and checks what arrived.
+fn pingpong_pair(
+    env: &Env,
+    (srv_ns, cli_ns): (&Netns, &Netns),
+    ip: &str,
+    port: u16,
+    rules: (&str, &str),
+    n: usize,
+) {
+    let (srv, cli) = run_pair(
+        env,
+        Pair {
+            srv_ns,
+            cli_ns,
+            ip,
+            port,
+            rules,
+            n,
+            pingpong: true,
+        },
+    );
+    check_pair(&srv, &cli, n as u64, true);
+}
+
+/// An [`ebpf_env_netns`] whose graftd splices.
+fn splice_env_netns<const N: usize>(test: &str, names: [&str; N]) -> Option<(Env, [Netns; N])> {
+    ebpf_env_netns(test, &["--splice"], names)
+}
+
 /// grafted↔grafted with --splice, IPv4 and IPv6: the bytes arrive exactly
 /// (sha256 both ways, ping-pong, half-close, close), TCP in the sockets'
 /// namespace carries only control segments, and the counters match.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
-    let Some((env, [host, c1, c2])) = ebpf_env_netns(
-        "splice_grafted_pairs_v4_v6_byte_exact",
-        &["--splice"],
-        ["sph", "sp1", "sp2"],
-    ) else {
+    let test = "splice_grafted_pairs_v4_v6_byte_exact";
+    let Some((env, [host, c1, c2])) = splice_env_netns(test, ["sph", "sp1", "sp2"]) else {
         return;
     };
     const N: usize = 8 << 20;
@@ -446,19 +473,7 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
             format!("{ip}/128={eout}")
         };
         let segs = out_segs(&host);
-        let (srv, cli) = run_pair(
-            &env,
-            Pair {
-                srv_ns: &c1,
-                cli_ns: &c2,
-                ip,
-                port,
-                rules: (&rule_in, &rule_out),
-                n: N,
-                pingpong: true,
-            },
-        );
-        check_pair(&srv, &cli, N as u64, true);
+        pingpong_pair(&env, (&c1, &c2), ip, port, (&rule_in, &rule_out), N);
         let segs = out_segs(&host) - segs;
         // 2 × 8 MiB through TCP on loopback takes hundreds of segments;
         // spliced, only handshakes, FINs and their ACKs remain.
@@ -493,19 +508,8 @@ fn counters_without_splice_count_payload_bytes() {
     add_into(&env, &c1, "in type ipv4 addr 127.0.0.1 port 15100", &host);
     add_into(&env, &c2, "out type ipv4 addr 0.0.0.0 port dynamic", &host);
     let segs = out_segs(&host);
-    let (srv, cli) = run_pair(
-        &env,
-        Pair {
-            srv_ns: &c1,
-            cli_ns: &c2,
-            ip: "127.0.0.1",
-            port: 15100,
-            rules: ("127.0.0.1:15100=in", "127.0.0.1/32=out"),
-            n: N,
-            pingpong: true,
-        },
-    );
-    check_pair(&srv, &cli, N as u64, true);
+    let rules = ("127.0.0.1:15100=in", "127.0.0.1/32=out");
+    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N);
     assert!(out_segs(&host) - segs > 300, "TCP carried the bytes");
     let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
     let want = N as u64 + pp;
@@ -544,14 +548,10 @@ fn counters_without_splice_count_payload_bytes() {
 /// The same 4-tuple in two namespaces at once: each pair gets its own bytes.
 #[test]
 fn splice_same_four_tuple_in_two_namespaces() {
-    let Some((env, [h1, h2, c])) = ebpf_env_netns(
-        "splice_same_four_tuple_in_two_namespaces",
-        &["--splice"],
-        ["st1", "st2", "stc"],
-    ) else {
+    let test = "splice_same_four_tuple_in_two_namespaces";
+    let Some((env, [h1, h2, c])) = splice_env_netns(test, ["st1", "st2", "stc"]) else {
         return;
     };
-    const N: usize = 4 << 20;
     for h in [&h1, &h2] {
         let tag = &h.name[h.name.len() - 3..];
         add_into(
@@ -568,6 +568,7 @@ fn splice_same_four_tuple_in_two_namespaces() {
             h,
         );
     }
+    const N: usize = 4 << 20;
     let tags: Vec<String> = [&h1, &h2]
         .iter()
         .map(|h| h.name[h.name.len() - 3..].to_owned())
@@ -624,26 +625,19 @@ fn no_ebpf_says_so_once_and_works() {
         &env.ns,
         "ep-pol type ipv4 addr 0.0.0.0 port dynamic allow 127.0.0.1/32",
     );
-    let out = ok(
+    let probe = |ep: &str| {
+        let rule = format!("127.0.0.1/32={ep}");
         app(
             &env,
             &env.ns,
-            &["-e", "127.0.0.1/32=ep-out"],
+            &["-e", &rule],
             &["probe", "tcp", "127.0.0.1", &tp],
-        ),
-        "probe",
-    );
+        )
+    };
+    let out = ok(probe("ep-out"), "probe");
     assert_eq!(out.trim(), format!("tcp {tp} ok"));
     wait_for_sinks(&sink, (1, 0));
-    let o = run_bounded(
-        app(
-            &env,
-            &env.ns,
-            &["-e", "127.0.0.1/32=ep-pol"],
-            &["probe", "tcp", "127.0.0.1", &tp],
-        ),
-        "probe",
-    );
+    let o = run_bounded(probe("ep-pol"), "probe");
     assert!(
         !text(&o.stdout).contains(" ok"),
         "a policy endpoint worked without eBPF: {}",

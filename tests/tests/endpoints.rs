@@ -37,6 +37,29 @@ fn ebpf_or_skip(env: &Env, test: &str) -> bool {
     }
 }
 
+/// An [`Env`] for `test` whose graftd has the eBPF companion attached.
+fn ebpf_env(test: &str, needs: &[&str]) -> Option<Env> {
+    let env = Env::new(test, needs)?;
+    ebpf_or_skip(&env, test).then_some(env)
+}
+
+/// An [`Env`] with endpoint `ep-u` on the unix socket `file` in its
+/// directory, and that socket's path.
+fn unix_env(test: &str, needs: &[&str], file: &str) -> Option<(Env, String)> {
+    let env = Env::new(test, needs)?;
+    let sock = env.dir.join(file).display().to_string();
+    env.add(&format!("ep-u type unix path {sock}"));
+    Some((env, sock))
+}
+
+/// Compiles `file` (in the env's directory) with javac, into it.
+fn javac(env: &Env, file: &str) {
+    let mut c = Command::new("javac");
+    c.arg("-d").arg(&env.dir).arg(env.dir.join(file));
+    let o = output_within(c, "javac", LIMIT, None);
+    assert!(o.status.success(), "javac: {}", text(&o.stderr));
+}
+
 /// A host echo server on `addr` answering up to `n` connections (each:
 /// read to EOF, send it back), for at most [`LIMIT`].
 fn host_echo(addr: &str, n: usize) -> (u16, std::thread::JoinHandle<()>) {
@@ -208,13 +231,12 @@ const BEFORE: &str = "before connect IP_UNICAST_IF EPERM\n\
 /// socket's own goes out from it.
 #[test]
 fn interface_and_source_options_refused_before_and_after_graft() {
-    let test = "interface_and_source_options_refused_before_and_after_graft";
-    let Some(env) = Env::new(test, &["python3"]) else {
+    let Some(env) = ebpf_env(
+        "interface_and_source_options_refused_before_and_after_graft",
+        &["python3"],
+    ) else {
         return;
     };
-    if !ebpf_or_skip(&env, test) {
-        return;
-    }
     let (out, got) = run_opts(&env);
     assert_eq!(
         out,
@@ -383,11 +405,9 @@ fn mode_owner(path: &str) -> (u32, u32) {
 #[test]
 fn python_http_server_on_a_unix_endpoint() {
     let test = "python_http_server_on_a_unix_endpoint";
-    let Some(env) = Env::new(test, &["python3", "curl"]) else {
+    let Some((env, sock)) = unix_env(test, &["python3", "curl"], "web.sock") else {
         return;
     };
-    let sock = env.dir.join("web.sock").display().to_string();
-    env.add(&format!("ep-u type unix path {sock}"));
     let www = env.dir.join("www");
     std::fs::create_dir_all(&www).expect("www");
     std::fs::write(www.join("index.html"), "graft-unix-page\n").expect("index");
@@ -430,11 +450,9 @@ fn python_http_server_on_a_unix_endpoint() {
 #[test]
 fn nginx_on_a_unix_endpoint() {
     let test = "nginx_on_a_unix_endpoint";
-    let Some(env) = Env::new(test, &["nginx", "curl"]) else {
+    let Some((env, sock)) = unix_env(test, &["nginx", "curl"], "nginx.sock") else {
         return;
     };
-    let sock = env.dir.join("nginx.sock").display().to_string();
-    env.add(&format!("ep-u type unix path {sock}"));
     let d = env.dir.display().to_string();
     let port = graft_tests::free_port();
     let _nginx = graft_tests::grafted_nginx(
@@ -625,13 +643,12 @@ const DUAL_RULES: [&str; 4] = ["-i", "0.0.0.0:0-65535=ep-in4", "-i", ":::0-65535
 /// `::ffff:127.0.0.1`, an IPv6 one as `::1`.
 #[test]
 fn node_dual_stack_answers_on_both_endpoints() {
-    let test = "node_dual_stack_answers_on_both_endpoints";
-    let Some(env) = Env::new(test, &["node", "curl"]) else {
+    let Some(env) = ebpf_env(
+        "node_dual_stack_answers_on_both_endpoints",
+        &["node", "curl"],
+    ) else {
         return;
     };
-    if !ebpf_or_skip(&env, test) {
-        return;
-    }
     let (p4, p6) = dual_env(&env);
     let js = env.script("server.js", NODE, &[]);
     let mut args: Vec<&str> = DUAL_RULES.to_vec();
@@ -659,19 +676,15 @@ fn node_dual_stack_answers_on_both_endpoints() {
 /// endpoints, and Java reports each client's address.
 #[test]
 fn java_dual_stack_answers_on_both_endpoints() {
-    let test = "java_dual_stack_answers_on_both_endpoints";
-    let Some(env) = Env::new(test, &["java", "javac", "curl"]) else {
+    let Some(env) = ebpf_env(
+        "java_dual_stack_answers_on_both_endpoints",
+        &["java", "javac", "curl"],
+    ) else {
         return;
     };
-    if !ebpf_or_skip(&env, test) {
-        return;
-    }
     let (p4, p6) = dual_env(&env);
     env.script("Peer.java", JAVA, &[]);
-    let mut c = Command::new("javac");
-    c.arg("-d").arg(&env.dir).arg(env.dir.join("Peer.java"));
-    let o = output_within(c, "javac", LIMIT, None);
-    assert!(o.status.success(), "javac: {}", text(&o.stderr));
+    javac(&env, "Peer.java");
     let cp = env.dir.display().to_string();
     let mut args: Vec<&str> = DUAL_RULES.to_vec();
     args.extend(["--", "java", "-cp", &cp, "Peer", "8080", "2"]);
@@ -727,6 +740,12 @@ fn dual_stack_without_ebpf_answers_on_ipv6_only_and_says_so() {
 
 // ------------------------------------------------------------- /sbin/ip graft
 
+/// Whether `docker ARGS` runs and succeeds.
+fn docker_says_yes(args: &[&str]) -> bool {
+    let o = Command::new("docker").args(args).output();
+    o.is_ok_and(|o| o.status.success())
+}
+
 /// Removes a container on drop.
 struct Container(String);
 
@@ -748,12 +767,7 @@ fn sbin_ip_graft_after_the_debian_divert() {
         return;
     }
     let image = "graft-base:bookworm";
-    let have = Command::new("docker")
-        .args(["image", "inspect", image])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !have {
+    if !docker_says_yes(&["image", "inspect", image]) {
         println!("SKIP: {test}: no Docker engine or no {image} image (the docker tests build it)");
         return;
     }
@@ -802,6 +816,15 @@ impl Drop for Containers {
     }
 }
 
+impl Containers {
+    /// A unique container name starting with `prefix`, removed on drop.
+    fn name(&mut self, prefix: &str) -> String {
+        let n = graft_tests::unique(prefix);
+        self.0.push(n.clone());
+        n
+    }
+}
+
 fn docker_ok(args: &[&str]) -> String {
     let o = output_within(
         {
@@ -828,12 +851,7 @@ fn docker_dual_stack_socat_over_ipv4_and_ipv6() {
     if !graft_tests::root_or_skip(test) || !graft_tests::have_or_skip(test, "socat") {
         return;
     }
-    let up = Command::new("docker")
-        .arg("info")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !up {
+    if !docker_says_yes(&["info"]) {
         println!("SKIP: {test}: no Docker engine answers");
         return;
     }
@@ -849,8 +867,7 @@ fn docker_dual_stack_socat_over_ipv4_and_ipv6() {
         return;
     }
     let mut c = Containers(Vec::new());
-    let net1 = graft_tests::unique("graft-ds-net1-");
-    c.0.push(net1.clone());
+    let net1 = c.name("graft-ds-net1-");
     docker_ok(&[
         "run",
         "-d",
@@ -882,8 +899,7 @@ fn docker_dual_stack_socat_over_ipv4_and_ipv6() {
             text(&o.stderr)
         );
     }
-    let web = graft_tests::unique("graft-ds-web-");
-    c.0.push(web.clone());
+    let web = c.name("graft-ds-web-");
     docker_ok(&[
         "run",
         "-d",
@@ -965,16 +981,11 @@ public class Web {
 #[test]
 fn java_http_server_on_a_unix_endpoint() {
     let test = "java_http_server_on_a_unix_endpoint";
-    let Some(env) = Env::new(test, &["java", "javac", "curl"]) else {
+    let Some((env, sock)) = unix_env(test, &["java", "javac", "curl"], "java.sock") else {
         return;
     };
-    let sock = env.dir.join("java.sock").display().to_string();
-    env.add(&format!("ep-u type unix path {sock}"));
     env.script("Web.java", JAVA_HTTP, &[]);
-    let mut c = Command::new("javac");
-    c.arg("-d").arg(&env.dir).arg(env.dir.join("Web.java"));
-    let o = output_within(c, "javac", LIMIT, None);
-    assert!(o.status.success(), "javac: {}", text(&o.stderr));
+    javac(&env, "Web.java");
     let cp = env.dir.display().to_string();
     let java = env.graft(&[
         "-i",
@@ -1032,13 +1043,9 @@ attempt("own", "fd00::1")
 /// sees only fd00::1.
 #[test]
 fn ipv6_pktinfo_foreign_source_refused() {
-    let test = "ipv6_pktinfo_foreign_source_refused";
-    let Some(env) = Env::new(test, &["python3"]) else {
+    let Some(env) = ebpf_env("ipv6_pktinfo_foreign_source_refused", &["python3"]) else {
         return;
     };
-    if !ebpf_or_skip(&env, test) {
-        return;
-    }
     let target = graft_tests::Netns::new("t6");
     for a in ["fd00::1/128", "fd00::2/128", "fd00::53/128"] {
         graft_tests::run_ok(

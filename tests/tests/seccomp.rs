@@ -21,24 +21,48 @@ use graft_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// The egress rule most tests use.
+const OUT4: &[&str] = &["-e", "0.0.0.0/0=ep-out4"];
+
 fn probes_dir() -> PathBuf {
     let d = workspace_root().join("target/seccomp-probes");
     std::fs::create_dir_all(&d).expect("probe dir");
     d
 }
 
+/// Runs the compiler line `c`, which writes `out`; its stderr if it fails.
+fn built(c: &mut Command, out: PathBuf) -> Result<PathBuf, String> {
+    let o = c.stdin(Stdio::null()).output().map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(text(&o.stderr));
+    }
+    Ok(out)
+}
+
+/// A probe built once per test process by `build`, which needs `tool`
+/// (from Debian's `pkg`); `None` with the skip line when it is missing.
+fn probe_once(
+    test: &str,
+    (tool, pkg): (&str, &str),
+    cell: &'static OnceLock<Result<PathBuf, String>>,
+    build: impl FnOnce() -> Result<PathBuf, String>,
+) -> Option<PathBuf> {
+    if which(tool).is_none() {
+        println!("SKIP: {test}: `{tool}` is not installed ({pkg})");
+        return None;
+    }
+    let r = cell.get_or_init(build);
+    Some(r.clone().unwrap_or_else(|e| panic!("{tool} failed: {e}")))
+}
+
 /// The static Go probe, or `None` with the skip line.
 fn go_probe(test: &str) -> Option<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    if which("go").is_none() {
-        println!("SKIP: {test}: `go` is not installed (golang-go)");
-        return None;
-    }
-    let r = BUILT.get_or_init(|| {
+    probe_once(test, ("go", "golang-go"), &BUILT, || {
         let d = probes_dir();
         let out = d.join(unique("go-probe-"));
-        let o = Command::new("go")
-            .arg("build")
+        let mut o = Command::new("go");
+        o.arg("build")
             .arg("-o")
             .arg(&out)
             .arg(workspace_root().join("tests/programs/seccomp_probe.go"))
@@ -47,40 +71,22 @@ fn go_probe(test: &str) -> Option<PathBuf> {
             .env("GOPATH", d.join("gopath"))
             .env("GOFLAGS", "-mod=mod")
             .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(text(&o.stderr));
-        }
-        Ok(out)
-    });
-    Some(r.clone().unwrap_or_else(|e| panic!("go build failed: {e}")))
+            .env("GOPROXY", "off");
+        built(&mut o, out)
+    })
 }
 
 /// The static musl probe, or `None` with the skip line.
 fn musl_probe(test: &str) -> Option<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    if which("musl-gcc").is_none() {
-        println!("SKIP: {test}: `musl-gcc` is not installed (musl-tools)");
-        return None;
-    }
-    let r = BUILT.get_or_init(|| {
+    probe_once(test, ("musl-gcc", "musl-tools"), &BUILT, || {
         let out = probes_dir().join(unique("musl-probe-"));
-        let o = Command::new("musl-gcc")
-            .args(["-static", "-O1", "-Wall", "-Werror", "-o"])
+        let mut o = Command::new("musl-gcc");
+        o.args(["-static", "-O1", "-Wall", "-Werror", "-o"])
             .arg(&out)
-            .arg(workspace_root().join("tests/programs/seccomp_probe.c"))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(text(&o.stderr));
-        }
-        Ok(out)
-    });
-    Some(r.clone().unwrap_or_else(|e| panic!("musl-gcc failed: {e}")))
+            .arg(workspace_root().join("tests/programs/seccomp_probe.c"));
+        built(&mut o, out)
+    })
 }
 
 /// The test's [`Env`] (needing `tools`), then its probe program; `None`
@@ -92,6 +98,17 @@ fn env_and(
 ) -> Option<(Env, PathBuf)> {
     let env = Env::new(test, tools)?;
     Some((env, probe(test)?))
+}
+
+/// [`env_and`], with the usual [`endpoints`] added: their ports too.
+fn probe_env(
+    test: &str,
+    tools: &[&str],
+    probe: fn(&str) -> Option<PathBuf>,
+) -> Option<(Env, PathBuf, (u16, u16))> {
+    let (env, prog) = env_and(test, tools, probe)?;
+    let ports = endpoints(&env);
+    Some((env, prog, ports))
 }
 
 /// `graft ARGS -- PROG PARGS` in the test's namespace, output piped.
@@ -160,6 +177,21 @@ fn host_tcp_once(
     })
 }
 
+/// [`host_tcp_once`] on a new listener at `at`, and its address.
+fn host_tcp_at(at: impl std::net::ToSocketAddrs, reply: &'static [u8]) -> (SocketAddr, Host) {
+    let l = TcpListener::bind(at).expect("host listener");
+    (l.local_addr().unwrap(), host_tcp_once(l, reply))
+}
+
+/// [`host_udp_once`] on a new socket at `at`, and its address.
+fn host_udp_at(at: impl std::net::ToSocketAddrs, reply: &'static [u8]) -> (SocketAddr, Host) {
+    let s = UdpSocket::bind(at).expect("host udp");
+    (s.local_addr().unwrap(), host_udp_once(s, reply))
+}
+
+/// A host-side thread's result: what it received, and from whom.
+type Host = std::thread::JoinHandle<(Vec<u8>, SocketAddr)>;
+
 /// A host-side UDP responder for one datagram.
 fn host_udp_once(
     s: UdpSocket,
@@ -176,6 +208,32 @@ fn host_udp_once(
     })
 }
 
+/// Reads an HTTP request head from `c`.
+fn http_request(c: &mut std::net::TcpStream) -> Vec<u8> {
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut req = Vec::new();
+    let mut b = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut b).unwrap();
+        assert!(n > 0, "request cut short");
+        req.extend_from_slice(&b[..n]);
+    }
+    req
+}
+
+/// Waits for the grafted server `srv` to exit well; one of its graft lines
+/// contains `what` and says seccomp.
+fn assert_seccomp_line(srv: &mut Proc, what: &str) {
+    assert!(srv.wait_timeout(LIMIT).success());
+    let (_, err) = take_output(srv);
+    assert!(
+        graft_lines(&err)
+            .iter()
+            .any(|l| l.contains(what) && l.ends_with("(seccomp)")),
+        "{err}"
+    );
+}
+
 fn endpoints(env: &Env) -> (u16, u16) {
     let (p4, p6) = (free_port(), free_port());
     env.add(&format!("ep-in4 type ipv4 addr 127.0.0.1 port {p4}"));
@@ -188,33 +246,24 @@ fn endpoints(env: &Env) -> (u16, u16) {
 #[test]
 fn go_static_tcp_ingress_egress_v4_v6() {
     let test = "go_static_tcp_ingress_egress_v4_v6";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, p6))) = probe_env(test, &[], go_probe) else {
         return;
     };
-    let (p4, p6) = endpoints(&env);
 
     // Ingress: the Go server binds 8080 in the namespace; the host reaches
     // it on the endpoint, and the server sees our real address.
-    let _srv = serve(
-        &env,
-        &["-i", "0.0.0.0:8080=ep-in4"],
-        &go,
-        &["tcp-serve", ":8080"],
-    );
-    assert_sees_us(&format!("127.0.0.1:{p4}"));
-    let _srv6 = serve(
-        &env,
-        &["-i", ":::8081=ep-in6"],
-        &go,
-        &["tcp-serve", "[::]:8081"],
-    );
-    assert_sees_us(&format!("[::1]:{p6}"));
+    let mut servers = Vec::new();
+    for (rule, bind, ep) in [
+        ("0.0.0.0:8080=ep-in4", ":8080", format!("127.0.0.1:{p4}")),
+        (":::8081=ep-in6", "[::]:8081", format!("[::1]:{p6}")),
+    ] {
+        servers.push(serve(&env, &["-i", rule], &go, &["tcp-serve", bind]));
+        assert_sees_us(&ep);
+    }
 
     // Egress: nothing listens on the namespace's loopback, the host does.
     for (host, rule) in [("127.0.0.1", "0.0.0.0/0=ep-out4"), ("::1", "::/0=ep-out6")] {
-        let l = TcpListener::bind((host, 0)).expect("host listener");
-        let dst = l.local_addr().unwrap();
-        let h = host_tcp_once(l, b"ack from host");
+        let (dst, h) = host_tcp_at((host, 0), b"ack from host");
         let (ok, out, err) = client(
             &env,
             &["-v", "-e", rule],
@@ -243,12 +292,7 @@ fn go_static_tcp_ingress_egress_v4_v6() {
 
     // Unmatched: a server on the namespace's own loopback (no ingress rule)
     // and an excluded client meet on the container's stack.
-    let _local = serve(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &go,
-        &["tcp-serve", "127.0.0.1:9090"],
-    );
+    let _local = serve(&env, OUT4, &go, &["tcp-serve", "127.0.0.1:9090"]);
     let (ok, out, err) = client(
         &env,
         &["-x", "127.0.0.0/8", "-e", "0.0.0.0/0=ep-out4"],
@@ -265,11 +309,10 @@ fn go_static_tcp_ingress_egress_v4_v6() {
 
 #[test]
 fn go_static_udp_ingress_egress_v4_v6() {
-    let test = "go_static_udp_ingress_egress_v4_v6";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, p6))) = probe_env("go_static_udp_ingress_egress_v4_v6", &[], go_probe)
+    else {
         return;
     };
-    let (p4, p6) = endpoints(&env);
     for (rule, bind, dst) in [
         ("0.0.0.0:5353=ep-in4", ":5353", format!("127.0.0.1:{p4}")),
         (":::5354=ep-in6", "[::]:5354", format!("[::1]:{p6}")),
@@ -288,9 +331,7 @@ fn go_static_udp_ingress_egress_v4_v6() {
         );
     }
     for (host, rule) in [("127.0.0.1", "0.0.0.0/0=ep-out4"), ("::1", "::/0=ep-out6")] {
-        let s = UdpSocket::bind((host, 0)).expect("host udp");
-        let dst = s.local_addr().unwrap();
-        let h = host_udp_once(s, b"pong");
+        let (dst, h) = host_udp_at((host, 0), b"pong");
         let (ok, out, err) = client(
             &env,
             &["-e", rule],
@@ -307,10 +348,9 @@ fn go_static_udp_ingress_egress_v4_v6() {
 #[test]
 fn musl_static_tcp_and_udp_sendto_sendmsg() {
     let test = "musl_static_tcp_and_udp_sendto_sendmsg";
-    let Some((env, c)) = env_and(test, &[], musl_probe) else {
+    let Some((env, c, (p4, _))) = probe_env(test, &[], musl_probe) else {
         return;
     };
-    let (p4, _) = endpoints(&env);
     let _srv = serve(
         &env,
         &["-i", "0.0.0.0:80=ep-in4"],
@@ -319,9 +359,7 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     );
     assert_sees_us(&format!("127.0.0.1:{p4}"));
 
-    let l = TcpListener::bind("[::1]:0").expect("host listener");
-    let dst = l.local_addr().unwrap();
-    let h = host_tcp_once(l, b"ack6");
+    let (dst, h) = host_tcp_at("[::1]:0", b"ack6");
     let port = dst.port().to_string();
     let (ok, out, err) = client(
         &env,
@@ -335,16 +373,9 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     assert_eq!((got.as_slice(), peer.ip()), (&b"hi musl"[..], dst.ip()));
 
     for mode in ["udp-sendto", "udp-sendmsg"] {
-        let s = UdpSocket::bind("127.0.0.1:0").expect("host udp");
-        let dst = s.local_addr().unwrap();
-        let h = host_udp_once(s, b"pong");
+        let (dst, h) = host_udp_at("127.0.0.1:0", b"pong");
         let port = dst.port().to_string();
-        let (ok, out, err) = client(
-            &env,
-            &["-e", "0.0.0.0/0=ep-out4"],
-            &c,
-            &[mode, "127.0.0.1", &port, mode],
-        );
+        let (ok, out, err) = client(&env, OUT4, &c, &[mode, "127.0.0.1", &port, mode]);
         assert!(ok, "{mode}: {out} {err}");
         assert_eq!(out, format!("got pong from {dst}\n"));
         let (got, peer) = h.join().unwrap();
@@ -388,30 +419,26 @@ fn busybox_httpd_and_wget() {
     let dst = l.local_addr().unwrap();
     let h = std::thread::spawn(move || {
         let (mut c, peer) = l.accept().unwrap();
-        c.set_read_timeout(Some(LIMIT)).unwrap();
-        let mut req = Vec::new();
-        let mut b = [0u8; 1024];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = c.read(&mut b).unwrap();
-            assert!(n > 0, "request cut short");
-            req.extend_from_slice(&b[..n]);
-        }
+        let req = http_request(&mut c);
         c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 14\r\n\r\nhost says hi\r\n")
             .unwrap();
         (text(&req), peer)
     });
     let url = format!("http://{dst}/x");
-    let (ok, out, err) = client(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &bb,
-        &["wget", "-q", "-O", "-", &url],
-    );
+    let (ok, out, err) = client(&env, OUT4, &bb, &["wget", "-q", "-O", "-", &url]);
     assert!(ok, "{out} {err}");
     assert_eq!(out, "host says hi\r\n");
     let (req, peer) = h.join().unwrap();
     assert!(req.starts_with("GET /x HTTP/1."), "{req}");
     assert_eq!(peer.ip(), dst.ip());
+}
+
+/// The one line of a call on `ep-nope`, which does not exist.
+fn no_ep_nope(call: &str) -> String {
+    format!(
+        "graft: {call}: endpoint \"ep-nope\" does not exist in this network namespace: add it \
+         with \"ip graft add ep-nope type ipv4 addr ADDR port PORT\""
+    )
 }
 
 #[test]
@@ -453,11 +480,7 @@ fn fail_closed_without_graftd_or_endpoint() {
     assert!(!ok, "{out}");
     assert_eq!(
         graft_lines(&err),
-        vec![
-            "graft: connect 127.0.0.1:9: endpoint \"ep-nope\" does not exist in this network \
-             namespace: add it with \"ip graft add ep-nope type ipv4 addr ADDR port PORT\""
-                .to_owned()
-        ],
+        [no_ep_nope("connect 127.0.0.1:9")],
         "{err}"
     );
     assert!(err.contains("probe: connect: Network unreachable"), "{err}");
@@ -468,15 +491,7 @@ fn fail_closed_without_graftd_or_endpoint() {
         &["tcp-serve", "0.0.0.0", "80"],
     );
     assert!(!ok);
-    assert_eq!(
-        graft_lines(&err),
-        vec![
-            "graft: bind 0.0.0.0:80: endpoint \"ep-nope\" does not exist in this network \
-             namespace: add it with \"ip graft add ep-nope type ipv4 addr ADDR port PORT\""
-                .to_owned()
-        ],
-        "{err}"
-    );
+    assert_eq!(graft_lines(&err), [no_ep_nope("bind 0.0.0.0:80")], "{err}");
     assert!(err.contains("probe: bind: Address not available"), "{err}");
 }
 
@@ -487,19 +502,13 @@ fn fail_closed_without_graftd_or_endpoint() {
 #[test]
 fn bound_udp_socket_in_epoll_is_refused_clearly() {
     let test = "bound_udp_socket_in_epoll_is_refused_clearly";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, _)) = probe_env(test, &[], go_probe) else {
         return;
     };
-    endpoints(&env);
     let s = UdpSocket::bind("127.0.0.1:0").expect("host udp");
     s.set_nonblocking(true).unwrap();
     let dst = s.local_addr().unwrap();
-    let (ok, out, err) = client(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &go,
-        &["udp-sendto", &dst.to_string(), "x"],
-    );
+    let (ok, out, err) = client(&env, OUT4, &go, &["udp-sendto", &dst.to_string(), "x"]);
     assert!(!ok, "{out}");
     assert_eq!(
         graft_lines(&err),
@@ -550,20 +559,10 @@ fn in_kernel_policy_holds_in_seccomp_mode() {
         dp.port()
     ));
     let h = host_tcp_once(allowed, b"ok");
-    let (ok, out, err) = client(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &go,
-        &["tcp-get", &ap.to_string(), "a"],
-    );
+    let (ok, out, err) = client(&env, OUT4, &go, &["tcp-get", &ap.to_string(), "a"]);
     assert!(ok && out == "got ok\n", "{out} {err}");
     assert_eq!(h.join().unwrap().0, b"a");
-    let (ok, out, err) = client(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &go,
-        &["tcp-get", &dp.to_string(), "d"],
-    );
+    let (ok, out, err) = client(&env, OUT4, &go, &["tcp-get", &dp.to_string(), "d"]);
     assert!(!ok, "{out}");
     assert!(err.contains("connect: operation not permitted"), "{err}");
     denied.set_nonblocking(true).unwrap();
@@ -702,14 +701,7 @@ fn name_lookups_go_through_the_egress_endpoint() {
     let port = l.local_addr().unwrap().port();
     let h = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
-        c.set_read_timeout(Some(LIMIT)).unwrap();
-        let mut req = Vec::new();
-        let mut b = [0u8; 1024];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = c.read(&mut b).unwrap();
-            assert!(n > 0);
-            req.extend_from_slice(&b[..n]);
-        }
+        let req = http_request(&mut c);
         c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nfound\n")
             .unwrap();
         text(&req)
@@ -727,7 +719,7 @@ fn name_lookups_go_through_the_egress_endpoint() {
     assert!(h.join().unwrap().contains(&format!("Host: {name}:{port}")));
 
     if let Some(go) = go {
-        let (ok, out, err) = client(&env, &["-e", "0.0.0.0/0=ep-out4"], &go, &["resolve", &name]);
+        let (ok, out, err) = client(&env, OUT4, &go, &["resolve", &name]);
         assert!(ok, "{out} {err}");
         assert_eq!(out, "addr 127.0.0.1\n");
         let q = queries(&rx);
@@ -901,9 +893,7 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
         (&musl, "seccomp mode (not linked with glibc)"),
         (&glibc, ""),
     ] {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let dst = l.local_addr().unwrap();
-        let h = host_tcp_once(l, b"");
+        let (dst, h) = host_tcp_at("127.0.0.1:0", b"");
         let port = dst.port().to_string();
         let (ok, out, err) = client(
             &env,
@@ -940,10 +930,9 @@ fn musl_dynamic_and_raw_syscalls_are_grafted() {
 #[test]
 fn options_are_carried_or_refused_in_seccomp_mode() {
     let test = "options_are_carried_or_refused_in_seccomp_mode";
-    let Some((env, c)) = env_and(test, &["ss"], musl_probe) else {
+    let Some((env, c, _)) = probe_env(test, &["ss"], musl_probe) else {
         return;
     };
-    endpoints(&env);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let dst = l.local_addr().unwrap();
     let h = std::thread::spawn(move || {
@@ -957,27 +946,19 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
         text(&ss.stdout)
     });
     let port = dst.port().to_string();
-    let mut cmd = graft_cmd(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &c,
-        &["tcp-get", "127.0.0.1", &port, "x"],
-    );
-    cmd.env("PROBE_RCVBUF", "300000");
-    let o = output_within(cmd, "probe with SO_RCVBUF", LIMIT, None);
+    // The probe's connect, with one option set first.
+    let probe_with = |var: &str, val: &str, what: &str| {
+        let mut cmd = graft_cmd(&env, OUT4, &c, &["tcp-get", "127.0.0.1", &port, "x"]);
+        cmd.env(var, val);
+        output_within(cmd, what, LIMIT, None)
+    };
+    let o = probe_with("PROBE_RCVBUF", "300000", "probe with SO_RCVBUF");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let ss = h.join().unwrap();
     // The kernel doubles SO_RCVBUF; the default here is far smaller.
     assert!(ss.contains("rb600000,"), "{ss}");
 
-    let mut cmd = graft_cmd(
-        &env,
-        &["-e", "0.0.0.0/0=ep-out4"],
-        &c,
-        &["tcp-get", "127.0.0.1", &port, "x"],
-    );
-    cmd.env("PROBE_MARK", "7");
-    let o = output_within(cmd, "probe with SO_MARK", LIMIT, None);
+    let o = probe_with("PROBE_MARK", "7", "probe with SO_MARK");
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert_eq!(
@@ -1001,10 +982,9 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
 #[test]
 fn go_listen_on_port_zero_is_grafted_at_listen() {
     let test = "go_listen_on_port_zero_is_grafted_at_listen";
-    let Some((env, go)) = env_and(test, &[], go_probe) else {
+    let Some((env, go, (p4, _))) = probe_env(test, &[], go_probe) else {
         return;
     };
-    let (p4, _) = endpoints(&env);
     let mut c = graft_cmd(
         &env,
         &["-v", "-i", "0.0.0.0:0-65535=ep-in4"],
@@ -1021,14 +1001,7 @@ fn go_listen_on_port_zero_is_grafted_at_listen() {
         "the listener is the endpoint"
     );
     assert_sees_us(&format!("127.0.0.1:{p4}"));
-    assert!(srv.wait_timeout(LIMIT).success());
-    let (_, err) = take_output(&mut srv);
-    assert!(
-        graft_lines(&err)
-            .iter()
-            .any(|l| l.contains("listen [::]:0 -> ep-in4") && l.ends_with("(seccomp)")),
-        "{err}"
-    );
+    assert_seccomp_line(&mut srv, "listen [::]:0 -> ep-in4");
 }
 
 /// Go's `net.Listen("tcp", ":PORT")` binds `[::]` dual-stack, like node and
@@ -1063,14 +1036,7 @@ fn go_dual_stack_listener_answers_on_both_endpoints() {
     assert_eq!(said, format!("peer={me}\n"), "IPv4 client on ep-in4");
     let (said, me) = ask_tcp(format!("[::1]:{p6}").parse().unwrap());
     assert_eq!(said, format!("peer={me}\n"), "IPv6 client on ep-in6");
-    assert!(srv.wait_timeout(LIMIT).success());
-    let (_, err) = take_output(&mut srv);
-    assert!(
-        graft_lines(&err)
-            .iter()
-            .any(|l| l.contains("bind [::]:8080 -> ep-in4") && l.ends_with("(seccomp)")),
-        "{err}"
-    );
+    assert_seccomp_line(&mut srv, "bind [::]:8080 -> ep-in4");
     assert!(
         env.d.log_text().contains(&format!(
             "handed out a dual-stack listener, also answering [::1]:{p6} for ep-in6"
