@@ -359,6 +359,20 @@ pub struct RuleSet {
     pub egress: Vec<EgressRule>,
 }
 
+/// What an ingress bind is grafted onto (see [`RuleSet::match_bind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMatch {
+    /// One endpoint; `v6` when the rule's address is IPv6.
+    One { ep: EndpointName, v6: bool },
+    /// A dual-stack `[::]` listener answering on an IPv4 and an IPv6
+    /// endpoint (graftd's `SocketDual`); the IPv6 one alone if graftd
+    /// cannot make it.
+    Dual {
+        ep4: EndpointName,
+        ep6: EndpointName,
+    },
+}
+
 impl RuleSet {
     /// Parses the three environment values (each may be absent).
     pub fn from_env_values(
@@ -395,46 +409,39 @@ impl RuleSet {
             .map(|r| r.endpoint)
     }
 
-    /// The ingress endpoint for a `bind()` to `addr:port`, and whether the
-    /// rule's address is IPv6. A dual-stack `[::]` socket (IPV6_V6ONLY off)
-    /// also accepts IPv4, so when no rule names `::` it takes the `0.0.0.0`
-    /// rule (iperf3, Go and others bind `[::]` by default); `dual_stack` is
-    /// only asked then. The preload library and graftd's seccomp supervisor
-    /// both decide with this.
+    /// The ingress decision for a `bind()` (or a `listen()` on port 0) to
+    /// `addr:port`; the preload library and graftd's seccomp supervisor both
+    /// decide with this. A dual-stack `[::]` socket (IPV6_V6ONLY off) also
+    /// accepts IPv4: when no rule names `::` it takes the `0.0.0.0` rule
+    /// (iperf3, Go and others bind `[::]` by default), and when a `::` and a
+    /// `0.0.0.0` rule name different endpoints, a `stream` socket gets one
+    /// listener answering on both ([`BindMatch::Dual`]). `v6only_off` is
+    /// asked at most once, and only for a `[::]` bind where it matters.
     pub fn match_bind(
         &self,
         addr: IpAddr,
         port: u16,
-        dual_stack: impl FnOnce() -> bool,
-    ) -> Option<(EndpointName, bool)> {
-        if let Some(ep) = self.match_ingress(addr, port) {
-            return Some((ep, addr.to_canonical().is_ipv6()));
+        stream: bool,
+        v6only_off: impl FnOnce() -> bool,
+    ) -> Option<BindMatch> {
+        let direct = self.match_ingress(addr, port);
+        if addr == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+            let any4 = self.match_ingress(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port);
+            let found = match (direct, any4) {
+                (Some(ep6), Some(ep4)) if ep4 != ep6 && stream => {
+                    Some(BindMatch::Dual { ep4, ep6 })
+                }
+                (None, Some(ep)) => Some(BindMatch::One { ep, v6: false }),
+                _ => None,
+            };
+            if let Some(m) = found.filter(|_| v6only_off()) {
+                return Some(m);
+            }
         }
-        if addr == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) && dual_stack() {
-            return self
-                .match_ingress(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)
-                .map(|ep| (ep, false));
-        }
-        None
-    }
-
-    /// The (IPv4, IPv6) endpoints of a dual-stack bind: a `[::]` socket
-    /// (IPV6_V6ONLY off; `dual_stack` is asked only when both rules match)
-    /// where a `::` rule and a `0.0.0.0` rule both take `port` and name
-    /// different endpoints. graftd then makes one listener answering on
-    /// both (`Op::SocketDual`).
-    pub fn match_dual(
-        &self,
-        addr: IpAddr,
-        port: u16,
-        dual_stack: impl FnOnce() -> bool,
-    ) -> Option<(EndpointName, EndpointName)> {
-        if addr != IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
-            return None;
-        }
-        let ep6 = self.match_ingress(addr, port)?;
-        let ep4 = self.match_ingress(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)?;
-        (ep4 != ep6 && dual_stack()).then_some((ep4, ep6))
+        direct.map(|ep| BindMatch::One {
+            ep,
+            v6: addr.to_canonical().is_ipv6(),
+        })
     }
 
     /// Whether some ingress rule names `addr` with a range that holds port 0,
@@ -497,20 +504,14 @@ mod tests {
         let rules =
             RuleSet::from_env_values(Some("0.0.0.0:80-90=ep-in4 ::1:80=ep6"), None, None).unwrap();
         let any6: IpAddr = "::".parse().unwrap();
-        let got = |a: IpAddr, p, dual: bool| {
-            rules
-                .match_bind(a, p, || dual)
-                .map(|(e, v6)| (e.to_string(), v6))
-        };
-        assert_eq!(got(any6, 85, true), Some(("ep-in4".to_owned(), false)));
+        let got = |a: IpAddr, p, dual: bool| rules.match_bind(a, p, true, || dual);
+        let one = |e: &str, v6| Some(BindMatch::One { ep: ep(e), v6 });
+        assert_eq!(got(any6, 85, true), one("ep-in4", false));
         assert_eq!(got(any6, 85, false), None, "v6only");
         assert_eq!(got(any6, 95, true), None);
-        assert_eq!(
-            got("::1".parse().unwrap(), 80, false),
-            Some(("ep6".to_owned(), true))
-        );
+        assert_eq!(got("::1".parse().unwrap(), 80, false), one("ep6", true));
         let mut asked = false;
-        rules.match_bind("0.0.0.0".parse().unwrap(), 80, || {
+        rules.match_bind("0.0.0.0".parse().unwrap(), 80, true, || {
             asked = true;
             true
         });
@@ -526,20 +527,35 @@ mod tests {
         )
         .unwrap();
         let any6: IpAddr = "::".parse().unwrap();
-        let got = |a: IpAddr, p, dual: bool| {
-            rules
-                .match_dual(a, p, || dual)
-                .map(|(e4, e6)| (e4.to_string(), e6.to_string()))
-        };
+        let dual = Some(BindMatch::Dual {
+            ep4: ep("ep-in4"),
+            ep6: ep("ep-in6"),
+        });
+        let in6 = Some(BindMatch::One {
+            ep: ep("ep-in6"),
+            v6: true,
+        });
+        assert_eq!(rules.match_bind(any6, 3000, true, || true), dual);
+        assert_eq!(rules.match_bind(any6, 3000, true, || false), in6, "v6only");
         assert_eq!(
-            got(any6, 3000, true),
-            Some(("ep-in4".to_owned(), "ep-in6".to_owned()))
+            rules.match_bind(any6, 3000, false, || true),
+            in6,
+            "datagram"
         );
-        assert_eq!(got(any6, 3000, false), None, "v6only");
-        assert_eq!(got(any6, 9000, true), None, "both rules name one endpoint");
-        assert_eq!(got("::1".parse().unwrap(), 3000, true), None);
-        assert_eq!(got("0.0.0.0".parse().unwrap(), 3000, true), None);
+        assert_eq!(
+            rules.match_bind(any6, 9000, true, || true),
+            Some(BindMatch::One {
+                ep: ep("ep-both"),
+                v6: true
+            }),
+            "both rules name one endpoint"
+        );
+        assert_eq!(
+            rules.match_bind("::1".parse().unwrap(), 3000, true, || true),
+            None
+        );
     }
+
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn ep(s: &str) -> EndpointName {

@@ -32,7 +32,7 @@ use graft_core::call::Call;
 use graft_core::proto::broker::{
     Attach, Op, Purpose, Reason, Reply, Request, ATTACH_VERBOSE, REQUEST_LEN,
 };
-use graft_core::rules::{EgressDecision, RuleSet};
+use graft_core::rules::{BindMatch, EgressDecision, RuleSet};
 use graft_core::sockaddr;
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::{EndpointName, NetnsId};
@@ -137,6 +137,19 @@ struct AppSocket {
     sotype: libc::c_int,
     protocol: libc::c_int,
     inode: u64,
+}
+
+impl AppSocket {
+    fn stream(&self) -> bool {
+        self.sotype == libc::SOCK_STREAM
+    }
+
+    /// An AF_INET6 socket that also takes IPv4 (IPV6_V6ONLY off).
+    fn v6only_off(&self) -> bool {
+        self.family == libc::AF_INET6
+            && sockopt::get_int(self.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok()
+                == Some(0)
+    }
 }
 
 /// What graftd is asked to make for one trapped call: the endpoint (and,
@@ -293,19 +306,14 @@ impl Supervisor {
                     }
                     return Verdict::Continue;
                 }
-                let dual = || {
-                    app.family == libc::AF_INET6
-                        && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
-                            .ok()
-                            == Some(0)
-                };
-                if app.sotype == libc::SOCK_STREAM {
-                    if let Some(pair) = self.rules.match_dual(sa.ip(), sa.port(), dual) {
-                        return self.graft_dual(n, pfd.as_fd(), &app, (call, fd, sa), pair);
+                match self
+                    .rules
+                    .match_bind(sa.ip(), sa.port(), app.stream(), || app.v6only_off())
+                {
+                    Some(BindMatch::One { ep, v6 }) => (ep, v6, Purpose::Ingress),
+                    Some(BindMatch::Dual { ep4, ep6 }) => {
+                        return self.graft_dual(n, pfd.as_fd(), &app, (call, fd, sa), (ep4, ep6));
                     }
-                }
-                match self.rules.match_bind(sa.ip(), sa.port(), dual) {
-                    Some((ep, v6)) => (ep, v6, Purpose::Ingress),
                     None => return Verdict::Continue,
                 }
             }
@@ -422,24 +430,19 @@ impl Supervisor {
             None => return Verdict::Continue,
         };
         let sa = SocketAddr::new(ip, 0);
-        let dual = || {
-            app.family == libc::AF_INET6
-                && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok()
-                    == Some(0)
-        };
-        let v6only_off = || {
-            app.family == libc::AF_INET6
-                && sockopt::get_int(app.sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok()
-                    == Some(0)
-        };
-        if let Some(pair) = self.rules.match_dual(ip, 0, v6only_off) {
-            self.port0.retain(|&i| i != app.inode);
-            return self.graft_dual(n, pfd.as_fd(), &app, (Call::Listen, fd, sa), pair);
-        }
-        let Some((ep, v6)) = self.rules.match_bind(ip, 0, dual) else {
+        let Some(m) = self
+            .rules
+            .match_bind(ip, 0, app.stream(), || app.v6only_off())
+        else {
             return Verdict::Continue;
         };
         self.port0.retain(|&i| i != app.inode);
+        let (ep, v6) = match m {
+            BindMatch::One { ep, v6 } => (ep, v6),
+            BindMatch::Dual { ep4, ep6 } => {
+                return self.graft_dual(n, pfd.as_fd(), &app, (Call::Listen, fd, sa), (ep4, ep6));
+            }
+        };
         let want = Want {
             call: Call::Listen,
             fd,

@@ -8,9 +8,8 @@ use std::os::fd::RawFd;
 
 pub use graft_core::call::Call;
 use graft_core::proto::broker::Purpose;
-use graft_core::rules::EgressDecision;
+use graft_core::rules::{BindMatch, EgressDecision};
 use graft_core::sockopt::{self, SNAPSHOT};
-use graft_core::EndpointName;
 use libc::c_int;
 
 use crate::config::{self, Config};
@@ -152,52 +151,22 @@ fn report_bad(line: &str) {
     }
 }
 
-/// The ingress endpoint for a bind to `sa`. A dual-stack `[::]` socket
-/// (IPV6_V6ONLY off) also accepts IPv4, so when no IPv6 rule names `::` it
-/// takes the `0.0.0.0` rule (iperf3 and others bind `[::]` by default).
-fn ingress_match(
-    cfg: &Config,
-    fd: RawFd,
-    k: &Kind,
-    sa: &SocketAddr,
-) -> Option<(EndpointName, bool)> {
-    cfg.rules.match_bind(sa.ip(), sa.port(), || {
-        k.family == libc::AF_INET6
-            && sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0)
-    })
-}
-
-/// The (IPv4, IPv6) endpoints of a dual-stack bind: an AF_INET6 stream
-/// socket bound to `[::]` with IPV6_V6ONLY off, where both a `::` and a
-/// `0.0.0.0` rule match the port and name different endpoints.
-fn dual_match(
-    cfg: &Config,
-    fd: RawFd,
-    k: &Kind,
-    sa: &SocketAddr,
-) -> Option<(EndpointName, EndpointName)> {
-    if k.family != libc::AF_INET6
-        || k.sotype != libc::SOCK_STREAM
-        || sa.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    {
-        return None;
-    }
-    let ep6 = cfg.rules.match_ingress(sa.ip(), sa.port())?;
-    let ep4 = cfg
-        .rules
-        .match_ingress(IpAddr::V4(Ipv4Addr::UNSPECIFIED), sa.port())?;
-    if ep4 == ep6 || sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != Some(0) {
-        return None;
-    }
-    Some((ep4, ep6))
+/// The ingress decision for a bind (or a listen on port 0) of `fd` to
+/// `sa` (see [`RuleSet::match_bind`](graft_core::rules::RuleSet::match_bind)).
+fn ingress_match(cfg: &Config, fd: RawFd, k: &Kind, sa: &SocketAddr) -> Option<BindMatch> {
+    cfg.rules
+        .match_bind(sa.ip(), sa.port(), k.sotype == libc::SOCK_STREAM, || {
+            k.family == libc::AF_INET6
+                && sys::sys_getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0)
+        })
 }
 
 /// Grafts an ingress socket onto `g.ep`; a dual-stack `[::]` bind that also
 /// matches an IPv4 rule asks for one listener answering on both endpoints
 /// first, and falls back to `g.ep` alone (with one line saying so) when
 /// graftd cannot make one.
-fn graft_ingress(g: Graft<'_>) -> Result<(), c_int> {
-    if let Some((ep4, ep6)) = dual_match(g.cfg, g.fd, &g.kind, g.sa) {
+fn graft_ingress(g: Graft<'_>, m: BindMatch) -> Result<(), c_int> {
+    if let BindMatch::Dual { ep4, ep6 } = m {
         let dual = Graft {
             ep: ep4,
             ep_v6: false,
@@ -227,8 +196,12 @@ fn ingress(
     sa: &SocketAddr,
     kind: Kind,
 ) -> Option<Result<(), c_int>> {
-    let (ep, ep_v6) = ingress_match(cfg, fd, &kind, sa)?;
-    Some(graft_ingress(Graft {
+    let m = ingress_match(cfg, fd, &kind, sa)?;
+    let (ep, ep_v6) = match m {
+        BindMatch::One { ep, v6 } => (ep, v6),
+        BindMatch::Dual { ep6, .. } => (ep6, true),
+    };
+    let g = Graft {
         cfg,
         fd,
         call,
@@ -238,7 +211,8 @@ fn ingress(
         purpose: Purpose::Ingress,
         kind,
         dual: None,
-    }))
+    };
+    Some(graft_ingress(g, m))
 }
 
 fn verbose_left_alone(cfg: &Config, fd: RawFd, call: Call, sa: &SocketAddr, why: &str) {
