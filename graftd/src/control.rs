@@ -93,17 +93,37 @@ pub fn bind(path: &Path) -> anyhow::Result<OwnedFd> {
         None,
     )
     .context("cannot create the control socket")?;
+    // The socket is bound under a private name and renamed into place once
+    // it listens, so whoever sees `path` can connect: a client (or a
+    // supervisor waiting for the file) never meets a bound socket that
+    // refuses connections.
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let tmp_addr = UnixAddr::new(&tmp)
+        .with_context(|| format!("bad control socket path {}", tmp.display()))?;
     // Only the main thread exists here, so the umask change cannot leak into
     // files another thread creates; it closes the window between bind and
     // chmod in which the socket would be reachable by others.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let r = nsock::bind(fd.as_raw_fd(), &addr);
+    let r = nsock::bind(fd.as_raw_fd(), &tmp_addr);
     nix::sys::stat::umask(old);
-    r.with_context(|| format!("cannot bind the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    nsock::listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
-        .context("cannot listen on the control socket")?;
+    r.with_context(|| format!("cannot bind the control socket {}", tmp.display()))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", tmp.display()))
+        .and_then(|()| {
+            nsock::listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
+                .context("cannot listen on the control socket")
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed?;
     Ok(fd)
 }
 
