@@ -90,3 +90,35 @@ mod tests {
         assert_eq!(parse(&[]), None);
     }
 }
+
+/// A handed-out host socket's address as the `-v` lines show it: an egress
+/// socket whose port (or address and port) the kernel picks at `connect()`
+/// says so instead of showing `0.0.0.0:0`.
+pub struct HostShown(pub SocketAddr);
+
+impl std::fmt::Display for HostShown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.0;
+        match (a.ip().is_unspecified(), a.port()) {
+            (true, 0) => write!(f, "address and port chosen at connect"),
+            (false, 0) => write!(f, "{}, port chosen at connect", a.ip()),
+            _ => write!(f, "{a}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod shown_tests {
+    use super::*;
+
+    #[test]
+    fn host_shown_says_what_connect_will_choose() {
+        let s = |a: &str| HostShown(a.parse().unwrap()).to_string();
+        assert_eq!(s("0.0.0.0:0"), "address and port chosen at connect");
+        assert_eq!(s("[::]:0"), "address and port chosen at connect");
+        assert_eq!(s("127.0.0.1:0"), "127.0.0.1, port chosen at connect");
+        assert_eq!(s("[::1]:0"), "::1, port chosen at connect");
+        assert_eq!(s("127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(s("[::ffff:127.0.0.1]:80"), "[::ffff:127.0.0.1]:80");
+    }
+}

@@ -590,7 +590,7 @@ impl Supervisor {
             let host = sys::getsockname(new.as_fd())
                 .ok()
                 .and_then(|b| sockaddr::parse(&b))
-                .map(|h| format!(" (host {h})"))
+                .map(|h| format!(" (host {})", sockaddr::HostShown(h)))
                 .unwrap_or_default();
             self.tell(
                 pfd,

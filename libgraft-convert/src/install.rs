@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use graft_core::proto::broker::{Op, Purpose, Reason, Reply, Request};
+use graft_core::sockaddr::HostShown;
 use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::EndpointName;
 use libc::c_int;
@@ -127,7 +128,7 @@ fn record(g: &Graft<'_>, r: &Reply) {
 fn say_grafted(g: &Graft<'_>, r: &Reply) {
     let (fd, sa, ep, call) = (g.fd, g.sa, g.ep, g.call.name());
     let pid = sys::sys_getpid();
-    match (addr::parse(r.addr_bytes()), g.dual) {
+    match (addr::parse(r.addr_bytes()).map(HostShown), g.dual) {
         (Some(host), Some(ep6)) => {
             say!("pid {pid} fd {fd} {call} {sa} -> {ep} + {ep6} (host {host}, dual-stack)")
         }
