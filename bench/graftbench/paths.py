@@ -317,6 +317,10 @@ class GraftPath(Path):
         return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), *self.graft_opts, "-e",
                                              "0.0.0.0/0=ep-out4", "--"]
 
+    def egress_nginx(self):
+        p = self.procs.get("nginx_out")
+        return ("127.0.0.1", self.port("nginx_out"), p) if p else None
+
 
 class GraftSeccompPath(GraftPath):
     """`graft` as for a static program: `--mode seccomp` (the servers and the
@@ -327,10 +331,6 @@ class GraftSeccompPath(GraftPath):
     base = 22500
     ns_tag = "gsec"
     graft_opts = ("--mode", "seccomp")
-
-    def egress_nginx(self):
-        p = self.procs.get("nginx_out")
-        return ("127.0.0.1", self.port("nginx_out"), p) if p else None
 
 
 class GraftG2GPath(GraftPath):
