@@ -21,11 +21,11 @@
 //! `main.rs` on the way out.
 
 use std::io;
+use std::net::SocketAddrV6;
 use std::os::fd::BorrowedFd;
 use std::sync::{Mutex, MutexGuard};
 
 use graft_core::endpoint::EndpointAddr;
-use graft_core::proto::broker::Purpose;
 use graft_core::proto::control::Stats;
 use graft_core::rules::PolicyRule;
 use graft_core::{EndpointName, NetnsId};
@@ -84,28 +84,17 @@ pub trait Hooks: Send + Sync {
 
     /// `listener`, made for an IPv4 endpoint as a dual-stack AF_INET6
     /// socket in graftd's own namespace and already listening, should also
-    /// answer IPv6 connections to `[addr]:port` (the IPv6 endpoint of a
+    /// answer IPv6 TCP connections to `to` (the IPv6 endpoint of a
     /// `[::]` bind). An error refuses the dual-stack request (the library
     /// then grafts the socket onto the IPv6 endpoint alone).
-    fn steer_v6(
-        &self,
-        _listener: BorrowedFd<'_>,
-        _addr: std::net::Ipv6Addr,
-        _port: u16,
-        _protocol: i32,
-    ) -> io::Result<()> {
+    fn steer_v6(&self, _listener: BorrowedFd<'_>, _to: SocketAddrV6) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
 
-    /// A socket was made and bound for `ep` and is about to be handed out;
-    /// `purpose` says whether the application asked for it to listen
-    /// (ingress) or to connect/send (egress).
-    fn socket_handed_out(
-        &self,
-        _sock: BorrowedFd<'_>,
-        _ep: &EndpointRef<'_>,
-        _purpose: Purpose,
-    ) -> io::Result<()> {
+    /// A socket was made (and bound, or left for `connect()` to bind) for
+    /// `ep` and is about to be handed out, for listening or connecting
+    /// alike; an error refuses it.
+    fn socket_handed_out(&self, _sock: BorrowedFd<'_>, _ep: &EndpointRef<'_>) -> io::Result<()> {
         Ok(())
     }
 
@@ -192,12 +181,7 @@ impl Hooks for WithoutEbpf {
         }
     }
 
-    fn socket_handed_out(
-        &self,
-        _sock: BorrowedFd<'_>,
-        ep: &EndpointRef<'_>,
-        _purpose: Purpose,
-    ) -> io::Result<()> {
+    fn socket_handed_out(&self, _sock: BorrowedFd<'_>, ep: &EndpointRef<'_>) -> io::Result<()> {
         if !ep.policy.is_empty() {
             Err(io::Error::from_raw_os_error(libc::EPERM))
         } else if ep.own_limit {
@@ -265,12 +249,7 @@ impl Hooks for Ebpf {
         }
     }
 
-    fn socket_handed_out(
-        &self,
-        sock: BorrowedFd<'_>,
-        ep: &EndpointRef<'_>,
-        _purpose: Purpose,
-    ) -> io::Result<()> {
+    fn socket_handed_out(&self, sock: BorrowedFd<'_>, ep: &EndpointRef<'_>) -> io::Result<()> {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
@@ -300,21 +279,16 @@ impl Hooks for Ebpf {
         self.guarded
     }
 
-    fn steer_v6(
-        &self,
-        listener: BorrowedFd<'_>,
-        addr: std::net::Ipv6Addr,
-        port: u16,
-        protocol: i32,
-    ) -> io::Result<()> {
+    fn steer_v6(&self, listener: BorrowedFd<'_>, to: SocketAddrV6) -> io::Result<()> {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         };
-        c.steer_v6(listener, addr, port, protocol).map_err(|e| {
-            log::warn!("{e}");
-            io::Error::from_raw_os_error(libc::EOPNOTSUPP)
-        })
+        c.steer_v6(listener, *to.ip(), to.port(), libc::IPPROTO_TCP)
+            .map_err(|e| {
+                log::warn!("{e}");
+                io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+            })
     }
 
     fn merge_stats(&self, ep: &EndpointRef<'_>, stats: &mut Stats) {

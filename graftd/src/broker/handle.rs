@@ -3,6 +3,7 @@
 //! dual-stack listener. Refusals are logged on a budget.
 
 use std::io;
+use std::net::SocketAddrV6;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -335,7 +336,7 @@ fn dual(
     let port = p6.unwrap_or_else(|| u16::from_be_bytes([made.addr[2], made.addr[3]]));
     if let Err(e) = ctx
         .hooks
-        .steer_v6(made.fd.as_fd(), *a6, port, libc::IPPROTO_TCP)
+        .steer_v6(made.fd.as_fd(), SocketAddrV6::new(*a6, port, 0, 0))
     {
         return nodual(
             format!(
@@ -396,7 +397,7 @@ fn socket_for(
         }
     })?;
     ctx.hooks
-        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref(), req.purpose)
+        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref())
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOBUFS) => Refusal::new(libc::ENOBUFS, Reason::Limit),
             errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
@@ -419,7 +420,6 @@ mod tests {
             &self,
             _sock: std::os::fd::BorrowedFd<'_>,
             _ep: &crate::ebpf_hooks::EndpointRef<'_>,
-            _purpose: Purpose,
         ) -> io::Result<()> {
             Err(io::Error::from_raw_os_error(libc::EACCES))
         }
