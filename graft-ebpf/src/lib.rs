@@ -574,47 +574,80 @@ impl Companion {
         key: &EndpointKey,
         limit: Option<u32>,
     ) -> Result<(), Error> {
-        let id = *self
-            .endpoints
-            .get(key)
-            .ok_or_else(|| Error::UnknownEndpoint {
+        match self.register_sockets(&[fd], key, limit) {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// [`Companion::register_socket_limited`] for a batch: marks and counts
+    /// sockets from the first while the limit allows, reading and writing
+    /// the endpoint's count once for all of them. Returns how many were
+    /// registered and, when not all, why the next was refused.
+    pub fn register_sockets(
+        &mut self,
+        fds: &[BorrowedFd<'_>],
+        key: &EndpointKey,
+        limit: Option<u32>,
+    ) -> (usize, Option<Error>) {
+        let Some(&id) = self.endpoints.get(key) else {
+            let e = Error::UnknownEndpoint {
                 name: key.name.to_string(),
                 netns: key.netns,
-            })?;
-        if !is_inet(fd) {
-            return Ok(());
-        }
+            };
+            return (0, Some(e));
+        };
         let k = maps::GraftEpKey::new(key);
         let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
             id,
             pad: 0,
             handed: 0,
         });
-        let live = self.live_of(id, v.handed);
-        if limit.is_some_and(|l| live >= u64::from(l)) {
-            return Err(Error::LimitReached {
-                name: key.name.to_string(),
-                live,
-            });
+        let mut live = self.live_of(id, v.handed);
+        let before = v.handed;
+        let mut done = 0;
+        let mut why = None;
+        for &fd in fds {
+            if !is_inet(fd) {
+                done += 1;
+                continue;
+            }
+            if limit.is_some_and(|l| live >= u64::from(l)) {
+                why = Some(Error::LimitReached {
+                    name: key.name.to_string(),
+                    live,
+                });
+                break;
+            }
+            let marked = GraftSk {
+                endpoint: id,
+                flags: maps::SK_HANDED,
+                cookie: socket_cookie(fd),
+            };
+            if let Err(e) = self.sk.insert(&fd.as_raw_fd(), marked, 0) {
+                why = Some(bpf_err(format!("mark socket of endpoint {}", key.name))(e));
+                break;
+            }
+            v.handed += 1;
+            live += 1;
+            done += 1;
         }
-        let raw = fd.as_raw_fd();
-        self.sk
-            .insert(
-                &raw,
-                GraftSk {
-                    endpoint: id,
-                    flags: maps::SK_HANDED,
-                    cookie: socket_cookie(fd),
-                },
-                0,
-            )
-            .map_err(bpf_err(format!("mark socket of endpoint {}", key.name)))?;
+        if v.handed == before {
+            return (done, why);
+        }
         // Only graftd writes this entry (under the caller's lock), so the
         // read-modify-write cannot lose a count.
-        v.handed += 1;
-        self.ids
-            .insert(k, v, 0)
-            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))
+        match self.ids.insert(k, v, 0) {
+            Ok(()) => (done, why),
+            // The marked sockets are refused too: handing out sockets the
+            // count does not know would let closes drive it below zero.
+            Err(e) => (
+                0,
+                Some(bpf_err(format!("count a socket of endpoint {}", key.name))(
+                    e,
+                )),
+            ),
+        }
     }
 
     fn live_of(&self, id: u32, handed: u64) -> u64 {
@@ -643,18 +676,21 @@ impl Companion {
         self.register_socket(fd, key)
     }
 
-    /// [`Companion::register_socket_with_policy`] with a live socket limit.
-    pub fn register_socket_with_limit(
+    /// [`Companion::register_sockets`], adding the endpoint with `policy`
+    /// first when needed.
+    pub fn register_sockets_with_policy(
         &mut self,
-        fd: BorrowedFd<'_>,
+        fds: &[BorrowedFd<'_>],
         key: &EndpointKey,
         policy: &[PolicyRule],
         limit: Option<u32>,
-    ) -> Result<(), Error> {
+    ) -> (usize, Option<Error>) {
         if !self.endpoints.contains_key(key) {
-            self.add_endpoint(*key, policy)?;
+            if let Err(e) = self.add_endpoint(*key, policy) {
+                return (0, Some(e));
+            }
         }
-        self.register_socket_limited(fd, key, limit)
+        self.register_sockets(fds, key, limit)
     }
 
     /// The endpoint id a socket is marked with, if any.

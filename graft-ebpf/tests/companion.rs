@@ -301,6 +301,55 @@ fn policy_matches_graft_core() {
 }
 
 /// Connection counters and bytes, without splicing (TCP's own byte counts).
+/// A batch is registered while the limit allows: the first sockets are
+/// marked and counted live, the rest refused with the live count; a close
+/// frees room for exactly one more.
+#[test]
+fn a_batch_registers_up_to_the_limit() {
+    let Some((_g, mut c)) = start("batch_limit", false) else {
+        return;
+    };
+    let [ep] = endpoints_here(&mut c, ["ep-batch"]);
+    let socks: Vec<OwnedFd> = (0..5)
+        .map(|_| socket(libc::AF_INET, libc::SOCK_STREAM))
+        .collect();
+    let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
+    let (n, why) = c.register_sockets(&fds, &ep, Some(3));
+    assert_eq!(n, 3);
+    assert!(
+        matches!(why, Some(graft_ebpf::Error::LimitReached { live: 3, .. })),
+        "{why:?}"
+    );
+    assert_eq!(c.live(&ep), Some(3));
+    for s in &socks[..3] {
+        assert!(c.socket_endpoint(s.as_fd()).is_some(), "marked");
+    }
+    for s in &socks[3..] {
+        assert_eq!(c.socket_endpoint(s.as_fd()), None, "refused: unmarked");
+    }
+    // Without a limit the whole batch goes, counted once.
+    let more: Vec<OwnedFd> = (0..4)
+        .map(|_| socket(libc::AF_INET6, libc::SOCK_STREAM))
+        .collect();
+    let fds: Vec<_> = more.iter().map(|s| s.as_fd()).collect();
+    let (n, why) = c.register_sockets(&fds, &ep, None);
+    assert_eq!((n, why.is_none()), (4, true));
+    assert_eq!(c.live(&ep), Some(7));
+    drop(more);
+    let mut socks = socks;
+    socks.truncate(2);
+    graft_tests::wait_until("closes counted", Duration::from_secs(10), || {
+        c.live(&ep) == Some(2)
+    });
+    let again: Vec<OwnedFd> = (0..2)
+        .map(|_| socket(libc::AF_INET, libc::SOCK_STREAM))
+        .collect();
+    let fds: Vec<_> = again.iter().map(|s| s.as_fd()).collect();
+    let (n, _) = c.register_sockets(&fds, &ep, Some(3));
+    assert_eq!(n, 1, "room for one");
+    assert_eq!(c.live(&ep), Some(3));
+}
+
 #[test]
 fn counters_count_connections_and_bytes() {
     let Some((_g, mut c)) = start("counters", false) else {

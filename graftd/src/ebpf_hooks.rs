@@ -7,7 +7,7 @@
 //!
 //! * Hooks run on graftd's threads (control thread, broker thread) and must
 //!   return quickly; they never block on I/O of a client.
-//! * [`Hooks::socket_handed_out`] runs on every socket before it is sent;
+//! * [`Hooks::sockets_handed_out`] runs on every socket before it is sent;
 //!   returning an error refuses the request (the client gets that errno with
 //!   `Reason::Policy`), so a policy that cannot be recorded fails closed.
 //! * [`Hooks::merge_stats`] fills the optional counters of `Stats`; graftd's
@@ -16,7 +16,7 @@
 //! Call sites: `main.rs` (`load`, then `daemon_started`, before any thread
 //! starts serving; `endpoints_restored` after the saved tables are loaded), `control.rs` (`endpoint_added`, `endpoint_removed`,
 //! `merge_stats` for `show`), `gc.rs` (`endpoint_removed` for every endpoint
-//! of a forgotten namespace), `broker/handle.rs` (`socket_handed_out`, on the broker
+//! of a forgotten namespace), `broker/handle.rs` (`sockets_handed_out`, on the broker
 //! thread, after bind and before the reply is sent), `daemon_stopping` from
 //! `main.rs` on the way out.
 
@@ -91,14 +91,19 @@ pub trait Hooks: Send + Sync {
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
 
-    /// A socket was made (and bound, or left for `connect()` to bind) for
-    /// `ep` and is about to be handed out, for listening or connecting
-    /// alike; an error refuses it.
-    fn socket_handed_out(&self, _sock: BorrowedFd<'_>, _ep: &EndpointRef<'_>) -> io::Result<()> {
-        Ok(())
+    /// Sockets were made (and bound, or left for `connect()` to bind) for
+    /// `ep` and are about to be handed out, for listening or connecting
+    /// alike. Returns how many of them, from the first, may go, and why the
+    /// next may not.
+    fn sockets_handed_out(
+        &self,
+        socks: &[BorrowedFd<'_>],
+        _ep: &EndpointRef<'_>,
+    ) -> (usize, Option<io::Error>) {
+        (socks.len(), None)
     }
 
-    /// Whether every socket marked in `socket_handed_out` refuses a later
+    /// Whether every socket marked in `sockets_handed_out` refuses a later
     /// `bind()` from whoever holds it (graft-ebpf's bind guard). Only then
     /// may an egress socket leave its port to `connect()`.
     fn bind_guarded(&self) -> bool {
@@ -181,15 +186,20 @@ impl Hooks for WithoutEbpf {
         }
     }
 
-    fn socket_handed_out(&self, _sock: BorrowedFd<'_>, ep: &EndpointRef<'_>) -> io::Result<()> {
-        if !ep.policy.is_empty() {
-            Err(io::Error::from_raw_os_error(libc::EPERM))
+    fn sockets_handed_out(
+        &self,
+        socks: &[BorrowedFd<'_>],
+        ep: &EndpointRef<'_>,
+    ) -> (usize, Option<io::Error>) {
+        let errno = if !ep.policy.is_empty() {
+            libc::EPERM
         } else if ep.own_limit {
             // Closes cannot be counted: fail closed.
-            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+            libc::ENOBUFS
         } else {
-            Ok(())
-        }
+            return (socks.len(), None);
+        };
+        (0, Some(io::Error::from_raw_os_error(errno)))
     }
 }
 
@@ -237,7 +247,7 @@ impl Hooks for Ebpf {
     fn endpoint_added(&self, ep: &EndpointRef<'_>) {
         if let Some(c) = self.lock().as_mut() {
             if let Err(e) = c.add_endpoint(key(ep), ep.policy) {
-                // Its sockets are refused in socket_handed_out (fail closed).
+                // Its sockets are refused in sockets_handed_out (fail closed).
                 log::error!("{e}");
             }
         }
@@ -249,10 +259,14 @@ impl Hooks for Ebpf {
         }
     }
 
-    fn socket_handed_out(&self, sock: BorrowedFd<'_>, ep: &EndpointRef<'_>) -> io::Result<()> {
+    fn sockets_handed_out(
+        &self,
+        socks: &[BorrowedFd<'_>],
+        ep: &EndpointRef<'_>,
+    ) -> (usize, Option<io::Error>) {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
-            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+            return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
         };
         // One bpf() lookup: only worth it when there is splicing to report.
         if c.splice() {
@@ -260,21 +274,22 @@ impl Hooks for Ebpf {
                 log::warn!("{line}");
             }
         }
-        c.register_socket_with_limit(sock, &key(ep), ep.policy, ep.limit)
-            .map_err(|e| match e {
-                graft_ebpf::Error::LimitReached { .. } => {
-                    log::debug!("refusing a socket: {e}");
-                    io::Error::from_raw_os_error(libc::ENOBUFS)
-                }
-                e => {
-                    log::error!("refusing a socket of endpoint {}: {e}", ep.name);
-                    io::Error::from_raw_os_error(libc::EPERM)
-                }
-            })
+        let (n, why) = c.register_sockets_with_policy(socks, &key(ep), ep.policy, ep.limit);
+        let why = why.map(|e| match e {
+            graft_ebpf::Error::LimitReached { .. } => {
+                log::debug!("refusing a socket: {e}");
+                io::Error::from_raw_os_error(libc::ENOBUFS)
+            }
+            e => {
+                log::error!("refusing a socket of endpoint {}: {e}", ep.name);
+                io::Error::from_raw_os_error(libc::EPERM)
+            }
+        });
+        (n, why)
     }
 
     fn bind_guarded(&self) -> bool {
-        // socket_handed_out refuses every socket once the companion is gone,
+        // sockets_handed_out refuses every socket once the companion is gone,
         // so a socket bound without its port is never handed out unguarded.
         self.guarded
     }

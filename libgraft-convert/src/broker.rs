@@ -1,18 +1,23 @@
 //! Talking to graftd's per-namespace broker.
 //!
-//! One cached connection per process, kept at a high descriptor number with
-//! close-on-exec. Before each use it is checked: same pid (a forked child
-//! never shares its parent's connection mid-request: it closes its inherited
-//! copy and connects anew) and same inode (the application may have closed
-//! or reused the number; then the number is no longer ours and is left
-//! alone), and same network namespace (a thread that called setns() talks
-//! to the broker of the namespace it is in now: the cached connection leads
-//! to the one it was made in, so it is closed and made anew). An atomic
-//! try-lock holding the owner's pid guards it; a thread or
-//! signal handler that finds it busy uses a one-off connection instead, so
-//! nothing ever waits for a lock. A lock still held by another pid was held
-//! across fork() and is taken over. Every broker socket has send and receive
-//! timeouts, so no call blocks forever on a stuck graftd.
+//! Cached connections ([`Conn`]: one shared by every request, one of the
+//! pool's own) are kept at high descriptor numbers with close-on-exec.
+//! Before each use one is checked: same pid (a forked child never shares its
+//! parent's connection mid-request: it closes its inherited copy and
+//! connects anew), same inode (the application may have closed or reused the
+//! number; then the number is no longer ours and is left alone), and same
+//! network namespace as the application's socket being grafted (compared as
+//! netns cookies, one getsockopt each: a socket made after a setns() belongs
+//! to the new namespace, whose broker has its endpoints, so the connection
+//! to the old one is closed and made anew in the thread's namespace; a
+//! socket of a namespace the thread has left goes to that namespace's
+//! broker while a cached connection to it is open, else to the thread's
+//! broker on a one-off connection, never cached). An atomic
+//! try-lock holding the owner's pid guards the shared connection; a thread
+//! or signal handler that finds it busy uses a one-off connection instead,
+//! so nothing ever waits for a lock. A lock still held by another pid was
+//! held across fork() and is taken over. Every broker socket has send and
+//! receive timeouts, so no call blocks forever on a stuck graftd.
 //!
 //! graftd restarting (crash, upgrade) is invisible to programs: a broker that
 //! refuses connections (no listener: graftd is down) is retried every 10 ms
@@ -42,12 +47,8 @@ pub fn set_wait_ms(ms: u32) {
     WAIT_MS.store(ms, Ordering::Relaxed);
 }
 
-static CACHE_FD: AtomicI32 = AtomicI32::new(-1);
-static CACHE_PID: AtomicI32 = AtomicI32::new(0);
-static CACHE_INO: AtomicU64 = AtomicU64::new(0);
-/// The network namespace (device, inode) the cached connection was made in.
-static CACHE_NS_DEV: AtomicU64 = AtomicU64::new(0);
-static CACHE_NS_INO: AtomicU64 = AtomicU64::new(0);
+/// The connection requests share; the pool has its own ([`crate::pool`]).
+static SHARED: Conn = Conn::new();
 static LOCK: PidLock = PidLock::new();
 
 /// A try-lock that records its holder's pid (0 when free): never waits, so
@@ -101,10 +102,10 @@ pub struct Answer {
     pub extra: [Option<OwnedFd>; sys::MAX_FDS - 1],
 }
 
-/// Sends `req` to the broker named `name` in the calling thread's network
-/// namespace `ns` (from [`sys::sys_netns_id`]; `None`: unknown, so the
-/// cached connection is not used) and returns its answer.
-pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, Error> {
+/// Sends `req` to the broker named `name` and returns its answer. `ns` is
+/// the network namespace of the application's socket ([`sys::sys_netns_key`];
+/// `None`: unknown, so no cached connection is used).
+pub fn ask(name: &str, req: &Request, ns: Option<u64>) -> Result<Answer, Error> {
     let mut buf = [0u8; REQUEST_LEN];
     req.encode(&mut buf);
     // A real getpid per request rather than a pid cached by fork handlers:
@@ -112,111 +113,224 @@ pub fn ask(name: &str, req: &Request, ns: Option<(u64, u64)>) -> Result<Answer, 
     // handlers, and must still never share the parent's connection.
     let pid = sys::sys_getpid();
     if let Some(ns) = ns.filter(|_| LOCK.try_lock(pid)) {
-        let r = ask_cached(name, &buf, pid, ns);
+        let r = SHARED.ask(name, &buf, pid, ns);
         LOCK.unlock();
         r
     } else {
-        let conn = connect(name)?;
-        match exchange(conn.as_raw_fd(), &buf) {
-            // graftd went away with the request: once more, on a new one.
-            Err(Error::Io(_)) => {
-                drop(conn);
-                let conn = connect(name)?;
-                exchange(conn.as_raw_fd(), &buf)
-            }
-            r => r,
-        }
+        ask_once(name, &buf)
     }
 }
 
-fn ask_cached(name: &str, buf: &[u8], pid: i32, ns: (u64, u64)) -> Result<Answer, Error> {
-    let (fd, fresh) = match cached(pid, ns) {
-        Some(fd) => (fd, false),
-        None => (open_cached(name, pid, ns)?, true),
-    };
-    match exchange(fd, buf) {
-        Ok(a) => Ok(a),
-        // A connection that worked before may have been closed by a restarted
-        // graftd: try once more on a fresh one.
-        Err(Error::Io(_)) if !fresh => {
-            forget(true);
-            let fd = open_cached(name, pid, ns)?;
-            let r = exchange(fd, buf);
-            if r.is_err() {
-                forget(true);
-            }
-            r
-        }
-        Err(e) => {
-            // After a timeout a late reply could still arrive: never reuse.
-            forget(true);
-            Err(e)
-        }
-    }
-}
-
-/// The cached connection, if it is still ours, still the same socket, and
-/// made in namespace `ns`.
-fn cached(pid: i32, ns: (u64, u64)) -> Option<RawFd> {
-    let fd = CACHE_FD.load(Ordering::Relaxed);
-    if fd < 0 {
-        return None;
-    }
-    // One fstat per request, kept on purpose: the number can be closed
-    // behind the library's back (close_range or closefrom made with raw
-    // system calls, libc-internal closes) and handed out again, e.g. by
-    // accept() or recvmsg() in a busy server; writing a broker request into
-    // such a socket would corrupt the application's traffic. Watching our
-    // interposed close/dup2/dup3 cannot see those paths, and every cheaper
-    // check (fcntl flags) does not tell two sockets apart.
-    let same = matches!(sys::sys_fstat(fd), Some((ino, mode))
-        if ino == CACHE_INO.load(Ordering::Relaxed) && mode & libc::S_IFMT == libc::S_IFSOCK);
-    if !same {
-        // The application closed or reused the number: it is not ours to close.
-        forget(false);
-        return None;
-    }
-    if CACHE_PID.load(Ordering::Relaxed) != pid {
-        // Inherited across fork(): our copy, closed so the parent's stays private.
-        forget(true);
-        return None;
-    }
-    if (
-        CACHE_NS_DEV.load(Ordering::Relaxed),
-        CACHE_NS_INO.load(Ordering::Relaxed),
-    ) != ns
-    {
-        // This thread moved to another namespace (setns): the connection
-        // leads to the old namespace's broker and its endpoints.
-        forget(true);
-        return None;
-    }
-    Some(fd)
-}
-
-fn forget(close: bool) {
-    let fd = CACHE_FD.swap(-1, Ordering::Relaxed);
-    if close && fd >= 0 {
-        sys::sys_close(fd);
-    }
-}
-
-fn open_cached(name: &str, pid: i32, ns: (u64, u64)) -> Result<RawFd, Error> {
+/// One exchange on a connection of its own, made in the calling thread's
+/// namespace and closed after.
+fn ask_once(name: &str, buf: &[u8]) -> Result<Answer, Error> {
     let conn = connect(name)?;
-    let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high_fd_floor()) {
-        Ok(hi) => {
+    match exchange(conn.as_raw_fd(), buf) {
+        // graftd went away with the request: once more, on a new one.
+        Err(Error::Io(_)) => {
             drop(conn);
-            hi
+            let conn = connect(name)?;
+            exchange(conn.as_raw_fd(), buf)
         }
-        Err(_) => conn.into_raw_fd(),
-    };
-    let ino = sys::sys_fstat(fd).map(|(i, _)| i).unwrap_or(0);
-    CACHE_INO.store(ino, Ordering::Relaxed);
-    CACHE_PID.store(pid, Ordering::Relaxed);
-    CACHE_NS_DEV.store(ns.0, Ordering::Relaxed);
-    CACHE_NS_INO.store(ns.1, Ordering::Relaxed);
-    CACHE_FD.store(fd, Ordering::Relaxed);
-    Ok(fd)
+        r => r,
+    }
+}
+
+/// A cached broker connection, kept at a high descriptor number with
+/// close-on-exec, and at most one request on it whose reply is still to be
+/// read ([`Conn::send_ahead`]). Its user holds a lock for it (the shared
+/// one [`LOCK`], the pool's its own).
+pub struct Conn {
+    fd: AtomicI32,
+    pid: AtomicI32,
+    ino: AtomicU64,
+    /// The namespace key ([`sys::sys_netns_key`]) of the connection itself:
+    /// the namespace whose broker it leads to.
+    ns: AtomicU64,
+    /// The tag of the request sent ahead, 0 when none.
+    ahead: AtomicU32,
+}
+
+impl Conn {
+    pub const fn new() -> Self {
+        Conn {
+            fd: AtomicI32::new(-1),
+            pid: AtomicI32::new(0),
+            ino: AtomicU64::new(0),
+            ns: AtomicU64::new(0),
+            ahead: AtomicU32::new(0),
+        }
+    }
+
+    /// One exchange for a socket of namespace `ns`, on the cached
+    /// connection (made anew when needed). A reply still owed for a request
+    /// sent ahead is read and dropped first. When the application's socket
+    /// belongs to another namespace than the calling thread (it called
+    /// setns() since), the thread's own broker answers on a one-off
+    /// connection, as before the socket was cached anywhere.
+    pub fn ask(&self, name: &str, buf: &[u8], pid: i32, ns: u64) -> Result<Answer, Error> {
+        let (fd, fresh) = match self.get(pid, ns) {
+            Some(fd) => (fd, false),
+            None => match self.open(name, pid, ns)? {
+                Some(fd) => (fd, true),
+                None => return ask_once(name, buf),
+            },
+        };
+        if self.ahead.load(Ordering::Relaxed) != 0 {
+            drop(self.take_ahead_on(fd, true));
+        }
+        match exchange(fd, buf) {
+            Ok(a) => Ok(a),
+            // A connection that worked before may have been closed by a
+            // restarted graftd: try once more on a fresh one.
+            Err(Error::Io(_)) if !fresh => {
+                self.forget(true);
+                let Some(fd) = self.open(name, pid, ns)? else {
+                    return ask_once(name, buf);
+                };
+                let r = exchange(fd, buf);
+                if r.is_err() {
+                    self.forget(true);
+                }
+                r
+            }
+            Err(e) => {
+                // After a timeout a late reply could still arrive: never reuse.
+                self.forget(true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a request without waiting for its reply, on the cached
+    /// connection only (never one made for it), when no other is owed;
+    /// `tag` (not 0) names it for [`Conn::take_ahead`]. False when not sent.
+    pub fn send_ahead(&self, buf: &[u8], pid: i32, ns: u64, tag: u32) -> bool {
+        if self.ahead.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let Some(fd) = self.get(pid, ns) else {
+            return false;
+        };
+        match sys::sys_send(fd, buf) {
+            Ok(n) if n == buf.len() => {
+                self.ahead.store(tag, Ordering::Relaxed);
+                true
+            }
+            _ => {
+                self.forget(true);
+                false
+            }
+        }
+    }
+
+    /// The tag of the request sent ahead whose reply is owed (0: none).
+    pub fn owed(&self) -> u32 {
+        self.ahead.load(Ordering::Relaxed)
+    }
+
+    /// The reply owed for the request sent ahead, if one is owed and (unless
+    /// `wait`) has already arrived.
+    pub fn take_ahead(&self, pid: i32, ns: u64, wait: bool) -> Option<Result<Answer, Error>> {
+        if self.ahead.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        // Gone, moved or taken by the application: forgotten with the reply.
+        let fd = self.get(pid, ns)?;
+        self.take_ahead_on(fd, wait)
+    }
+
+    fn take_ahead_on(&self, fd: RawFd, wait: bool) -> Option<Result<Answer, Error>> {
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        match receive(fd, flags) {
+            Err(Error::Timeout) if !wait => None,
+            r => {
+                self.ahead.store(0, Ordering::Relaxed);
+                if r.is_err() {
+                    self.forget(true);
+                }
+                Some(r)
+            }
+        }
+    }
+
+    /// The cached connection, if it is still ours, still the same socket,
+    /// and leads to the broker of namespace `ns`.
+    fn get(&self, pid: i32, ns: u64) -> Option<RawFd> {
+        let fd = self.fd.load(Ordering::Relaxed);
+        if fd < 0 {
+            return None;
+        }
+        // One fstat per request, kept on purpose: the number can be closed
+        // behind the library's back (close_range or closefrom made with raw
+        // system calls, libc-internal closes) and handed out again, e.g. by
+        // accept() or recvmsg() in a busy server; writing a broker request
+        // into such a socket would corrupt the application's traffic.
+        // Watching our interposed close/dup2/dup3 cannot see those paths,
+        // and every cheaper check (fcntl flags) does not tell two sockets
+        // apart.
+        let same = matches!(sys::sys_fstat(fd), Some((ino, mode))
+            if ino == self.ino.load(Ordering::Relaxed) && mode & libc::S_IFMT == libc::S_IFSOCK);
+        if !same {
+            // The application closed or reused the number: not ours to close.
+            self.forget(false);
+            return None;
+        }
+        if self.pid.load(Ordering::Relaxed) != pid {
+            // Inherited across fork(): our copy, closed so the parent's
+            // stays private.
+            self.forget(true);
+            return None;
+        }
+        if self.ns.load(Ordering::Relaxed) != ns {
+            // A socket of another namespace (a thread that called setns()):
+            // this connection leads to the old namespace's broker and its
+            // endpoints.
+            self.forget(true);
+            return None;
+        }
+        Some(fd)
+    }
+
+    /// Closes the connection of the process that made it (after fork(), in
+    /// the child), unless the number is no longer that socket.
+    pub fn forget_inherited(&self) {
+        let fd = self.fd.load(Ordering::Relaxed);
+        let ours = fd >= 0
+            && matches!(sys::sys_fstat(fd), Some((ino, _)) if ino == self.ino.load(Ordering::Relaxed));
+        self.forget(ours);
+    }
+
+    fn forget(&self, close: bool) {
+        self.ahead.store(0, Ordering::Relaxed);
+        let fd = self.fd.swap(-1, Ordering::Relaxed);
+        if close && fd >= 0 {
+            sys::sys_close(fd);
+        }
+    }
+
+    /// A new cached connection for sockets of namespace `ns`; `None` (and
+    /// nothing cached) when the calling thread is in another namespace.
+    fn open(&self, name: &str, pid: i32, ns: u64) -> Result<Option<RawFd>, Error> {
+        let conn = connect(name)?;
+        if sys::sys_netns_key(conn.as_raw_fd()) != Some(ns) {
+            return Ok(None);
+        }
+        let fd = match sys::sys_fcntl(conn.as_raw_fd(), libc::F_DUPFD_CLOEXEC, high_fd_floor()) {
+            Ok(hi) => {
+                drop(conn);
+                hi
+            }
+            Err(_) => conn.into_raw_fd(),
+        };
+        let ino = sys::sys_fstat(fd).map(|(i, _)| i).unwrap_or(0);
+        self.ino.store(ino, Ordering::Relaxed);
+        self.pid.store(pid, Ordering::Relaxed);
+        self.ns.store(ns, Ordering::Relaxed);
+        self.ahead.store(0, Ordering::Relaxed);
+        self.fd.store(fd, Ordering::Relaxed);
+        Ok(Some(fd))
+    }
 }
 
 /// Where the library's own long-lived descriptors go: far from the low
@@ -270,8 +384,14 @@ fn exchange(fd: RawFd, req: &[u8]) -> Result<Answer, Error> {
         Err(libc::EAGAIN) => return Err(Error::Timeout),
         Err(e) => return Err(Error::Io(e)),
     }
+    receive(fd, 0)
+}
+
+/// One reply on `fd` (`flags`: MSG_DONTWAIT or 0; either way a reply not
+/// there in time is [`Error::Timeout`]).
+fn receive(fd: RawFd, flags: c_int) -> Result<Answer, Error> {
     let mut buf = [0u8; REPLY_LEN + 1];
-    let r = sys::sys_recv_fd(fd, &mut buf).map_err(|e| {
+    let r = sys::sys_recv_fd(fd, &mut buf, flags).map_err(|e| {
         if e == libc::EAGAIN {
             Error::Timeout
         } else {

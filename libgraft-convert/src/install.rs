@@ -95,9 +95,9 @@ fn ask(g: &Graft<'_>, req: &Request) -> Result<Answer, Failure> {
         && g.cfg.pool
         && req.nopts == 0
         && table::recorded_opts(g.fd).is_some();
-    // Endpoint names are per namespace: the cached broker connection and
-    // the pool are only used for the namespace they were made in.
-    let ns = sys::sys_netns_id();
+    // Endpoint names are per namespace: the cached broker connections and
+    // the pool serve a socket only in the namespace they were made in.
+    let ns = sys::sys_netns_key(g.fd);
     let asked = if poolable {
         pool::ask(&g.cfg.broker, req, pack_kind(g.kind), g.cfg.verbose, ns)
     } else {

@@ -5,12 +5,23 @@
 //! every such connection, so one `SocketBatch` request brings up to
 //! [`BATCH_MAX`] of them: one is used at once, the rest wait here for the
 //! next grafts of the same (network namespace, endpoint, family, type,
-//! protocol): endpoint names are per namespace, and a thread that called
-//! setns() must never get a socket of its old namespace's endpoint.
+//! protocol): endpoint names are per namespace, and a socket of one
+//! namespace (a thread that called setns() makes them) must never be
+//! replaced by a socket of another namespace's endpoint.
 //!
-//! Storage is static: [`KEYS`] keys of [`BATCH_MAX`] descriptors each, in
-//! atomics, so the pool never allocates and never grows the descriptor
-//! count past `KEYS * BATCH_MAX`; a fifth key goes without a pool. An atomic
+//! A key that keeps being used (it has had two batches) asks for its next
+//! batch ahead, when it is down to [`AHEAD_AT`] sockets, on the pool's own
+//! broker connection, and goes on serving what it holds; the reply is
+//! picked up without waiting by a later request, or waited for by one that
+//! finds the key empty. So graftd makes the next sockets while the program
+//! runs, on the other CPU, instead of the program stopping for a round trip
+//! every batch; a failed batch fetched ahead is dropped and the next request
+//! that finds the key empty asks again and reports the failure.
+//!
+//! Storage is static: [`KEYS`] keys of [`CAP`] descriptors each (the end
+//! of one batch and the whole next one), in atomics, so the pool never
+//! allocates and never grows the descriptor count past `KEYS * CAP`; a
+//! fifth key goes without a pool. An atomic
 //! try-lock holding the owner's pid guards it: a thread or signal handler
 //! that finds it busy asks the broker for one socket as if there were no
 //! pool, so nobody waits. Pooled descriptors are close-on-exec and live at
@@ -25,31 +36,43 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX};
+use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX, REQUEST_LEN};
 
-use crate::broker::{self, Answer, Error, PidLock};
+use crate::broker::{self, Answer, Conn, Error, PidLock};
 use crate::sys;
 
 /// Most (endpoint, kind) keys with a pool.
 pub const KEYS: usize = 4;
+/// Sockets one key holds: the rest of a batch plus the next one, fetched
+/// ahead while the last few of the previous are used.
+const CAP: usize = 2 * BATCH_MAX;
+/// A key with this many sockets left or fewer asks for its next batch
+/// ahead, once the process has shown it churns (see [`BATCHES_BEFORE_AHEAD`]).
+const AHEAD_AT: usize = BATCH_MAX / 4;
+/// Batches a key must have received before it fetches ahead: a process that
+/// opens a few connections never holds more than a batch.
+const BATCHES_BEFORE_AHEAD: u32 = 2;
 
 static LOCK: PidLock = PidLock::new();
+/// The pool's own broker connection: a batch fetched ahead is owed on it
+/// while the application's other requests use the shared one.
+static CONN: Conn = Conn::new();
 /// pid of the process whose sockets the slots hold.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// The endpoint name of each key, NUL-padded, as two words.
 static NAME: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
-/// The network namespace (device, inode) of each key.
-static NS: [[AtomicU64; 2]; KEYS] = [const { [const { AtomicU64::new(0) }; 2] }; KEYS];
+/// The network namespace key of each key.
+static NS: [AtomicU64; KEYS] = [const { AtomicU64::new(0) }; KEYS];
 /// The packed kind (see `decide::pack_kind`) of each key; 0: key unused.
 static KIND: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
 static LEN: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
-static FD: [[AtomicI32; BATCH_MAX]; KEYS] =
-    [const { [const { AtomicI32::new(-1) }; BATCH_MAX] }; KEYS];
-static INO: [[AtomicU64; BATCH_MAX]; KEYS] =
-    [const { [const { AtomicU64::new(0) }; BATCH_MAX] }; KEYS];
+/// Batches received for each key since it was claimed.
+static BATCHES: [AtomicU32; KEYS] = [const { AtomicU32::new(0) }; KEYS];
+static FD: [[AtomicI32; CAP]; KEYS] = [const { [const { AtomicI32::new(-1) }; CAP] }; KEYS];
+static INO: [[AtomicU64; CAP]; KEYS] = [const { [const { AtomicU64::new(0) }; CAP] }; KEYS];
 
 /// Like [`broker::ask`] for an egress `Socket` request without options
-/// (`kind` packed, not 0) from a thread in namespace `ns`: served from the
+/// (`kind` packed, not 0) for a socket of namespace `ns`: served from the
 /// pool when it has a socket for that key, else by a `SocketBatch` whose
 /// other sockets are kept. With `want_addr`, a pooled socket's reply
 /// carries its own bound address. An unknown namespace gets no pool.
@@ -58,7 +81,7 @@ pub fn ask(
     req: &Request,
     kind: u32,
     want_addr: bool,
-    ns: Option<(u64, u64)>,
+    ns: Option<u64>,
 ) -> Result<Answer, Error> {
     let pid = sys::sys_getpid();
     let Some(ns) = ns else {
@@ -78,7 +101,7 @@ fn locked(
     kind: u32,
     want_addr: bool,
     pid: i32,
-    ns: (u64, u64),
+    ns: u64,
 ) -> Result<Answer, Error> {
     if OWNER.load(Ordering::Relaxed) != pid {
         // Inherited without fork handlers: the parent's sockets.
@@ -88,7 +111,14 @@ fn locked(
     let Some(k) = key(req, kind, ns) else {
         return broker::ask(name, req, Some(ns));
     };
+    // A batch fetched ahead that has arrived; when this key is empty, wait
+    // for one that is on its way rather than ask again.
+    settle(pid, ns, false);
+    if LEN[k].load(Ordering::Relaxed) == 0 {
+        settle(pid, ns, true);
+    }
     if let Some(fd) = pop(k) {
+        fetch_ahead(k, req, pid, ns);
         let addr = if want_addr {
             match sys::sys_sockname(fd.as_raw_fd(), false) {
                 Ok((b, n)) => Reply::ok(Op::Socket, &b[..n]),
@@ -105,15 +135,61 @@ fn locked(
     }
     let mut batch = req.clone();
     batch.op = Op::SocketBatch;
-    let mut a = broker::ask(name, &batch, Some(ns))?;
+    let mut buf = [0u8; REQUEST_LEN];
+    batch.encode(&mut buf);
+    let mut a = CONN.ask(name, &buf, pid, ns)?;
     if a.reply.errno == 0 {
-        // One getrlimit per batch, not per socket.
-        let floor = broker::high_fd_floor();
-        for f in a.extra.iter_mut().filter_map(Option::take) {
-            push(k, f, floor);
-        }
+        BATCHES[k].fetch_add(1, Ordering::Relaxed);
+        keep(k, &mut a.extra);
     }
     Ok(a)
+}
+
+/// Asks for key `k`'s next batch without waiting, when it runs low and the
+/// process keeps asking. `req` is the request the key serves.
+fn fetch_ahead(k: usize, req: &Request, pid: i32, ns: u64) {
+    if LEN[k].load(Ordering::Relaxed) as usize > AHEAD_AT
+        || BATCHES[k].load(Ordering::Relaxed) < BATCHES_BEFORE_AHEAD
+        || CONN.owed() != 0
+    {
+        return;
+    }
+    let mut batch = req.clone();
+    batch.op = Op::SocketBatch;
+    let mut buf = [0u8; REQUEST_LEN];
+    batch.encode(&mut buf);
+    CONN.send_ahead(&buf, pid, ns, k as u32 + 1);
+}
+
+/// Puts the sockets of a batch fetched ahead into their key once its reply
+/// is there (with `wait`, waits for it). A failed one is dropped: the next
+/// request that finds its key empty asks again and reports the failure.
+fn settle(pid: i32, ns: u64, wait: bool) {
+    let tag = CONN.owed();
+    if tag == 0 {
+        return;
+    }
+    let Some(Ok(mut a)) = CONN.take_ahead(pid, ns, wait) else {
+        return;
+    };
+    let k = tag as usize - 1;
+    if a.reply.errno != 0 || k >= KEYS {
+        return;
+    }
+    BATCHES[k].fetch_add(1, Ordering::Relaxed);
+    if let Some(f) = a.fd.take() {
+        push(k, f, broker::high_fd_floor());
+    }
+    keep(k, &mut a.extra);
+}
+
+/// Keeps the spare sockets of a batch reply in key `k`.
+fn keep(k: usize, extra: &mut [Option<OwnedFd>]) {
+    // One getrlimit per batch, not per socket.
+    let floor = broker::high_fd_floor();
+    for f in extra.iter_mut().filter_map(Option::take) {
+        push(k, f, floor);
+    }
 }
 
 fn name_words(req: &Request) -> [u64; 2] {
@@ -128,16 +204,15 @@ fn name_words(req: &Request) -> [u64; 2] {
     [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
 
-/// The key slot for the request from namespace `ns`, claiming a free one
-/// if needed.
-fn key(req: &Request, kind: u32, ns: (u64, u64)) -> Option<usize> {
+/// The key slot for the request for a socket of namespace `ns`, claiming a
+/// free one if needed.
+fn key(req: &Request, kind: u32, ns: u64) -> Option<usize> {
     let w = name_words(req);
     let same = |k: usize| {
         KIND[k].load(Ordering::Relaxed) == kind
             && NAME[k][0].load(Ordering::Relaxed) == w[0]
             && NAME[k][1].load(Ordering::Relaxed) == w[1]
-            && NS[k][0].load(Ordering::Relaxed) == ns.0
-            && NS[k][1].load(Ordering::Relaxed) == ns.1
+            && NS[k].load(Ordering::Relaxed) == ns
     };
     if let Some(k) = (0..KEYS).find(|&k| same(k)) {
         return Some(k);
@@ -145,9 +220,9 @@ fn key(req: &Request, kind: u32, ns: (u64, u64)) -> Option<usize> {
     let k = (0..KEYS).find(|&k| KIND[k].load(Ordering::Relaxed) == 0)?;
     NAME[k][0].store(w[0], Ordering::Relaxed);
     NAME[k][1].store(w[1], Ordering::Relaxed);
-    NS[k][0].store(ns.0, Ordering::Relaxed);
-    NS[k][1].store(ns.1, Ordering::Relaxed);
+    NS[k].store(ns, Ordering::Relaxed);
     LEN[k].store(0, Ordering::Relaxed);
+    BATCHES[k].store(0, Ordering::Relaxed);
     KIND[k].store(kind, Ordering::Relaxed);
     Some(k)
 }
@@ -182,7 +257,7 @@ fn pop(k: usize) -> Option<OwnedFd> {
 /// number is free.
 fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
     let n = LEN[k].load(Ordering::Relaxed) as usize;
-    if n >= BATCH_MAX {
+    if n >= CAP {
         return;
     }
     let Ok(hi) = sys::sys_fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) else {
@@ -198,10 +273,12 @@ fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
     LEN[k].store(n as u32 + 1, Ordering::Relaxed);
 }
 
-/// Closes every pooled socket (still ours) and frees every key.
+/// Closes every pooled socket (still ours) and the pool's broker
+/// connection, and frees every key.
 fn drain() {
+    CONN.forget_inherited();
     for k in 0..KEYS {
-        let n = (LEN[k].swap(0, Ordering::Relaxed) as usize).min(BATCH_MAX);
+        let n = (LEN[k].swap(0, Ordering::Relaxed) as usize).min(CAP);
         for i in 0..n {
             let fd = FD[k][i].swap(-1, Ordering::Relaxed);
             if ours(fd, INO[k][i].load(Ordering::Relaxed)) {
@@ -246,28 +323,159 @@ mod tests {
         )
     }
 
+    /// The pool's state is process-wide: one test at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stand-in broker on the abstract name `name`: answers every request
+    /// on every connection with a `SocketBatch` of the next size from
+    /// `sizes`, the third reply only once `release` says so. Counts the
+    /// requests in `seen`.
+    fn fake_broker(
+        name: &str,
+        sizes: Vec<usize>,
+        seen: std::sync::Arc<AtomicU32>,
+        release: std::sync::mpsc::Receiver<()>,
+    ) {
+        use nix::sys::socket::{
+            accept, bind, listen, recv, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
+            MsgFlags, SockFlag, SockType, UnixAddr,
+        };
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            l.as_raw_fd(),
+            &UnixAddr::new_abstract(name.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        listen(&l, Backlog::new(8).unwrap()).unwrap();
+        std::thread::spawn(move || {
+            let c = accept(l.as_raw_fd()).unwrap();
+            let mut buf = [0u8; REQUEST_LEN + 1];
+            for (i, n) in sizes.into_iter().enumerate() {
+                if recv(c, &mut buf, MsgFlags::empty()).unwrap_or(0) == 0 {
+                    return;
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                if i == 2 {
+                    release.recv().unwrap();
+                }
+                let socks: Vec<OwnedFd> = (0..n)
+                    .map(|_| sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap())
+                    .collect();
+                let raw: Vec<RawFd> = socks.iter().map(|f| f.as_raw_fd()).collect();
+                let mut r = [0u8; graft_core::proto::broker::REPLY_LEN];
+                Reply::ok(Op::SocketBatch, &[]).encode(&mut r);
+                let iov = [std::io::IoSlice::new(&r)];
+                sendmsg::<UnixAddr>(
+                    c,
+                    &iov,
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .unwrap();
+            }
+            sys::sys_close(c);
+        });
+    }
+
+    /// Once a key has had two batches, it asks for the next one while it
+    /// still holds AHEAD_AT sockets, keeps serving from what it holds while
+    /// the reply is on its way, and takes that reply instead of asking again.
+    #[test]
+    fn a_churning_key_fetches_its_next_batch_ahead() {
+        let _g = serial();
+        drain();
+        let name = format!("graft-test/pool-ahead/{}", std::process::id());
+        let seen = std::sync::Arc::new(AtomicU32::new(0));
+        let (go, release) = std::sync::mpsc::channel();
+        fake_broker(
+            &name,
+            vec![8, 16, BATCH_MAX, BATCH_MAX],
+            seen.clone(),
+            release,
+        );
+        let probe = sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        let ns = sys::sys_netns_key(probe.as_raw_fd());
+        let kind = 0x0201_0006;
+        let take = |i: usize| {
+            let a = ask(&name, &req("ep-ahead"), kind, false, ns)
+                .unwrap_or_else(|e| panic!("connection {i}: {e:?}"));
+            assert_eq!(a.reply.errno, 0);
+            a.fd.expect("a socket")
+        };
+        let wait_seen = |n: u32| {
+            for _ in 0..500 {
+                if seen.load(Ordering::SeqCst) >= n {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            seen.load(Ordering::SeqCst)
+        };
+        // 8, then 16: one request each, made when the key is empty.
+        for i in 0..8 {
+            drop(take(i));
+        }
+        assert_eq!((seen.load(Ordering::SeqCst), held()), (1, 0));
+        // The second batch used down to AHEAD_AT: the third is asked ahead.
+        for i in 8..24 - AHEAD_AT {
+            drop(take(i));
+            if held() > AHEAD_AT {
+                assert_eq!(wait_seen(2), 2, "connection {i}");
+            }
+        }
+        assert_eq!(held(), AHEAD_AT);
+        assert_eq!(wait_seen(3), 3, "the third batch asked ahead");
+        // Its reply is held back: the sockets left are still served.
+        for i in 24 - AHEAD_AT..24 {
+            drop(take(i));
+        }
+        assert_eq!(held(), 0);
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            3,
+            "no request while one is owed"
+        );
+        go.send(()).unwrap();
+        // The empty key waits for the owed batch rather than asking again.
+        drop(take(24));
+        assert_eq!((seen.load(Ordering::SeqCst), held()), (3, BATCH_MAX - 1));
+        drain();
+    }
+
     #[test]
     fn keys_slots_inodes_and_draining() {
+        let _g = serial();
         drain();
-        let ns = (4, 4026531840);
+        let ns = 4026531840;
         let a = key(&req("a"), 0x0201_0006, ns).unwrap();
         assert_eq!(key(&req("a"), 0x0201_0006, ns), Some(a));
         let b = key(&req("a"), 0x0a01_0006, ns).unwrap();
         assert_ne!(a, b, "another kind is another key");
-        let c = key(&req("a"), 0x0201_0006, (4, 4026531841)).unwrap();
+        let c = key(&req("a"), 0x0201_0006, 4026531841).unwrap();
         assert!(c != a && c != b, "another namespace is another key");
         key(&req("d"), 1, ns).unwrap();
         assert_eq!(key(&req("e"), 1, ns), None, "all key slots used");
 
         let floor = broker::high_fd_floor();
-        for _ in 0..BATCH_MAX + 2 {
+        for _ in 0..CAP + 2 {
             push(
                 a,
                 sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap(),
                 floor,
             );
         }
-        assert_eq!(held(), BATCH_MAX, "a key holds at most one batch");
+        assert_eq!(held(), CAP, "a key holds at most two batches");
         let floor = floor as RawFd;
         for slot in &FD[a] {
             let fd = slot.load(Ordering::Relaxed);
@@ -277,18 +485,18 @@ mod tests {
         }
         // The top number closed and reused behind the pool's back: skipped,
         // and the impostor is left open.
-        let top = FD[a][BATCH_MAX - 1].load(Ordering::Relaxed);
+        let top = FD[a][CAP - 1].load(Ordering::Relaxed);
         let other = sys::sys_socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap();
         sys::sys_dup3(other.as_raw_fd(), top, libc::O_CLOEXEC).unwrap();
         let got = pop(a).unwrap();
         assert_ne!(got.as_raw_fd(), top);
-        assert_eq!(held(), BATCH_MAX - 2);
+        assert_eq!(held(), CAP - 2);
         assert!(
             sys::sys_fcntl(top, libc::F_GETFD, 0).is_ok(),
             "impostor kept"
         );
         sys::sys_close(top);
-        let rest: Vec<RawFd> = (0..BATCH_MAX - 2)
+        let rest: Vec<RawFd> = (0..CAP - 2)
             .map(|i| FD[a][i].load(Ordering::Relaxed))
             .collect();
         drain();

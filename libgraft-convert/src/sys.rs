@@ -426,10 +426,29 @@ pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     (r == 0).then_some((st.st_ino, st.st_mode))
 }
 
-/// The network namespace of the calling thread, as (device, inode) of
-/// `/proc/thread-self/ns/net`; `None` when procfs cannot tell (not mounted).
-/// A thread that called setns() answers with its new namespace.
-pub fn sys_netns_id() -> Option<(u64, u64)> {
+/// `SO_NETNS_COOKIE` (Linux 5.14): the same value on every architecture
+/// graft builds for (x86_64, aarch64).
+const SO_NETNS_COOKIE: c_int = 71;
+
+/// Which network namespace the socket `fd` lives in, as one number: its
+/// netns cookie (one getsockopt, no path walk), or on kernels without
+/// `SO_NETNS_COOKIE` the calling thread's namespace inode with the top bit
+/// set (a cookie never has it: cookies count up from 1). `None` when
+/// neither can be read. The same socket always gives the same key, and a
+/// broker connection made by the calling thread gives the key of the
+/// thread's namespace, so comparing the two tells whether the application's
+/// socket belongs to the namespace the thread is in now.
+pub fn sys_netns_key(fd: RawFd) -> Option<u64> {
+    let mut b = [0u8; 8];
+    if let Some(8) = sys_getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut b) {
+        return Some(u64::from_ne_bytes(b));
+    }
+    thread_netns_ino().map(|ino| ino | 1 << 63)
+}
+
+/// The inode of `/proc/thread-self/ns/net`: the calling thread's namespace
+/// (after a setns(), the new one); `None` when procfs cannot tell.
+fn thread_netns_ino() -> Option<u64> {
     const PATH: &[u8] = b"/proc/thread-self/ns/net\0";
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -443,7 +462,7 @@ pub fn sys_netns_id() -> Option<(u64, u64)> {
             0,
         )
     };
-    (r == 0).then_some((st.st_dev, st.st_ino))
+    (r == 0).then_some(st.st_ino)
 }
 
 /// Writes all of `b` to stderr (best effort, bounded retries).
@@ -500,7 +519,7 @@ pub const MAX_FDS: usize = graft_core::proto::broker::BATCH_MAX;
 /// Receives one record and its SCM_RIGHTS descriptors (close-on-exec),
 /// keeping the first [`MAX_FDS`] and closing the rest. Bounded EINTR retries; the
 /// socket's SO_RCVTIMEO bounds the wait.
-pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
+pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8], flags: c_int) -> Result<Received, c_int> {
     // Room for one cmsg (a 16-byte header) with 2 * MAX_FDS ints (twice a
     // batch, so a longer one is still received and closed rather than
     // truncated), aligned for cmsghdr.
@@ -522,7 +541,7 @@ pub fn sys_recv_fd(fd: RawFd, buf: &mut [u8]) -> Result<Received, c_int> {
                 libc::SYS_recvmsg,
                 fd,
                 &mut msg as *mut msghdr,
-                libc::MSG_CMSG_CLOEXEC,
+                libc::MSG_CMSG_CLOEXEC | flags,
             )
         };
         let n = match check(r) {

@@ -164,16 +164,24 @@ fn sockets(
     let mut made: Vec<factory::Made> = Vec::with_capacity(want);
     let mut failed = None;
     for _ in 0..want {
-        match socket_for(ctx, ep, req, made.is_empty()) {
-            Ok(m) => {
-                ep.count(true);
-                made.push(m);
-            }
+        match make_for(ctx, ep, req, made.is_empty()) {
+            Ok(m) => made.push(m),
             Err(r) => {
                 failed = Some(r);
                 break;
             }
         }
+    }
+    let fds: Vec<_> = made.iter().map(|m| m.fd.as_fd()).collect();
+    let (ok, why) = ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref());
+    drop(fds);
+    if ok < made.len() {
+        // The rest are closed unused: refused before anybody saw them.
+        made.truncate(ok);
+        failed = Some(hook_refusal(why));
+    }
+    for _ in &made {
+        ep.count(true);
     }
     if let Some(first) = made.first() {
         log_handed_out(ns, ep, req, made.len(), failed);
@@ -375,7 +383,34 @@ fn describe(req: &Request) -> String {
     format!("{fam} {ty}")
 }
 
+/// One socket for `ep`, accepted by the hooks.
 fn socket_for(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    req: &Request,
+    want_addr: bool,
+) -> Result<factory::Made, Refusal> {
+    let made = make_for(ctx, ep, req, want_addr)?;
+    match ctx
+        .hooks
+        .sockets_handed_out(&[made.fd.as_fd()], &ep.hook_ref())
+    {
+        (1, _) => Ok(made),
+        (_, why) => Err(hook_refusal(why)),
+    }
+}
+
+/// Why the hooks refused a socket, as the broker answers it.
+fn hook_refusal(why: Option<io::Error>) -> Refusal {
+    match why.and_then(|e| e.raw_os_error()) {
+        Some(libc::ENOBUFS) => Refusal::new(libc::ENOBUFS, Reason::Limit),
+        errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
+    }
+}
+
+/// One socket for `ep`, made and bound as the request asks (not yet
+/// accepted by the hooks).
+fn make_for(
     ctx: &Ctx,
     ep: &Endpoint,
     req: &Request,
@@ -396,12 +431,6 @@ fn socket_for(
             opt: e.option(),
         }
     })?;
-    ctx.hooks
-        .socket_handed_out(made.fd.as_fd(), &ep.hook_ref())
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOBUFS) => Refusal::new(libc::ENOBUFS, Reason::Limit),
-            errno => Refusal::new(errno.unwrap_or(libc::EPERM), Reason::Policy),
-        })?;
     Ok(made)
 }
 
@@ -414,14 +443,18 @@ mod tests {
     use crate::plan::tests::{int, req};
     use crate::sys;
 
-    struct Refuser;
-    impl crate::ebpf_hooks::Hooks for Refuser {
-        fn socket_handed_out(
+    /// Hooks that take the first `.0` sockets and refuse the rest with
+    /// errno `.1`.
+    struct Takes(usize, i32);
+    impl crate::ebpf_hooks::Hooks for Takes {
+        fn sockets_handed_out(
             &self,
-            _sock: std::os::fd::BorrowedFd<'_>,
+            socks: &[std::os::fd::BorrowedFd<'_>],
             _ep: &crate::ebpf_hooks::EndpointRef<'_>,
-        ) -> io::Result<()> {
-            Err(io::Error::from_raw_os_error(libc::EACCES))
+        ) -> (usize, Option<io::Error>) {
+            let n = socks.len().min(self.0);
+            let why = (n < socks.len()).then(|| io::Error::from_raw_os_error(self.1));
+            (n, why)
         }
     }
 
@@ -448,6 +481,22 @@ mod tests {
             store: None,
         };
         (ctx, ns)
+    }
+
+    fn egress_batch() -> Request {
+        let mut b = req(libc::AF_INET, libc::SOCK_STREAM, 0);
+        b.op = Op::SocketBatch;
+        b.purpose = Purpose::Egress;
+        b
+    }
+
+    /// Endpoint `ep`'s (sockets handed out, requests refused).
+    fn handed_and_refused(ctx: &Ctx, ns: NetnsId) -> (u64, u64) {
+        let ep = ctx
+            .state()
+            .lookup(ns, &EndpointName::new("ep").unwrap())
+            .unwrap();
+        (ep.stats().sockets, ep.stats().refused)
     }
 
     fn bytes(r: &Request) -> Vec<u8> {
@@ -519,16 +568,14 @@ mod tests {
 
     #[test]
     fn a_refusing_hook_fails_closed() {
-        let (ctx, ns) = ctx_with(Box::new(Refuser));
+        let (ctx, ns) = ctx_with(Box::new(Takes(0, libc::EACCES)));
         let mut lb = LogBudget::default();
         let (r, fd) = ingress_stream(&ctx, ns, &mut lb);
         assert_eq!(
             (r.errno, r.reason, fd.is_empty()),
             (libc::EACCES, Reason::Policy, true)
         );
-        let mut b = req(libc::AF_INET, libc::SOCK_STREAM, 0);
-        b.op = Op::SocketBatch;
-        b.purpose = Purpose::Egress;
+        let b = egress_batch();
         let (r, fd) = handle(&ctx, ns, &bytes(&b), &mut lb);
         assert_eq!(
             (r.op, r.errno, r.reason, fd.is_empty()),
@@ -543,12 +590,28 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_cut_short_by_a_limit_hands_out_what_the_hooks_took() {
+        let (ctx, ns) = ctx_with(Box::new(Takes(3, libc::ENOBUFS)));
+        let mut lb = LogBudget::default();
+        let b = egress_batch();
+        let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
+        assert_eq!((r.op, r.errno, fds.len()), (Op::SocketBatch, 0, 3));
+        assert_eq!(handed_and_refused(&ctx, ns), (3, 0));
+        // None left: the limit's errno and reason, one refusal.
+        let (ctx, ns) = ctx_with(Box::new(Takes(0, libc::ENOBUFS)));
+        let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
+        assert_eq!(
+            (r.errno, r.reason, fds.len()),
+            (libc::ENOBUFS, Reason::Limit, 0)
+        );
+        assert_eq!(handed_and_refused(&ctx, ns), (0, 1));
+    }
+
+    #[test]
     fn a_batch_is_eight_bound_sockets_each_counted() {
         let (ctx, ns) = ctx_with(Box::new(crate::ebpf_hooks::NoHooks));
         let mut lb = LogBudget::default();
-        let mut b = req(libc::AF_INET, libc::SOCK_STREAM, 0);
-        b.op = Op::SocketBatch;
-        b.purpose = Purpose::Egress;
+        let b = egress_batch();
         let (r, fds) = handle(&ctx, ns, &bytes(&b), &mut lb);
         assert_eq!(
             (r.op, r.errno, fds.len()),
