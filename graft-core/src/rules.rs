@@ -467,6 +467,20 @@ impl RuleSet {
         }
     }
 
+    /// The endpoint every destination of one family goes to, when the
+    /// egress rules of that family are a single catch-all (`0.0.0.0/0=EP`,
+    /// or `::/0=EP` with `v6`) and nothing else: then a new socket of that
+    /// family can only ever be grafted onto it, whatever it connects to
+    /// (an IPv6 socket's v4-mapped destinations follow the IPv4 rules and
+    /// are not covered).
+    pub fn egress_catch_all(&self, v6: bool) -> Option<EndpointName> {
+        let mut of_family = self.egress.iter().filter(|r| r.prefix.addr.is_ipv6() == v6);
+        match (of_family.next(), of_family.next()) {
+            (Some(r), None) if r.prefix.len == 0 => r.endpoint,
+            _ => None,
+        }
+    }
+
     /// Renders the rules back into the three environment values.
     pub fn to_env_values(&self) -> (String, String, String) {
         fn join<'a, R: fmt::Display + 'a>(rules: impl Iterator<Item = &'a R>) -> String {
@@ -623,6 +637,24 @@ mod tests {
             none.match_egress("1.1.1.1".parse().unwrap()),
             EgressDecision::NoRule
         );
+    }
+
+    #[test]
+    fn a_catch_all_is_the_only_rule_of_its_family() {
+        let set = |e: &str, x: Option<&str>| RuleSet::from_env_values(None, Some(e), x).unwrap();
+        let s = set("0.0.0.0/0=ep-out4 ::/0=ep-out6", None);
+        assert_eq!(s.egress_catch_all(false), Some(ep("ep-out4")));
+        assert_eq!(s.egress_catch_all(true), Some(ep("ep-out6")));
+        let s = set("0.0.0.0/0=ep-out4", Some("10.0.0.0/8"));
+        assert_eq!(s.egress_catch_all(false), None, "an exclusion");
+        assert_eq!(s.egress_catch_all(true), None, "no IPv6 rule");
+        let s = set("0.0.0.0/0=ep-out4 10.0.0.0/8=ep-ten", None);
+        assert_eq!(s.egress_catch_all(false), None, "a second endpoint");
+        let s = set("127.0.0.0/8=ep-out4", None);
+        assert_eq!(s.egress_catch_all(false), None, "not every destination");
+        let s = set("0.0.0.0/0=ep-out4", Some("::1/128"));
+        assert_eq!(s.egress_catch_all(false), Some(ep("ep-out4")));
+        assert_eq!(s.egress_catch_all(true), None);
     }
 
     #[test]

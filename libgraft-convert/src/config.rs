@@ -25,6 +25,11 @@ pub struct Config {
     pub pool: bool,
     /// How long a request waits for an unreachable broker (`GRAFT_WAIT_MS`).
     pub wait_ms: u32,
+    /// The egress endpoint every IPv4 (`[0]`) / IPv6 (`[1]`) destination
+    /// goes to, when the rules have one, with the pool on: new TCP sockets
+    /// of that family may then be grafted as they are made
+    /// ([`crate::early`]).
+    pub catch_all: [Option<graft_core::EndpointName>; 2],
 }
 
 impl Config {
@@ -92,6 +97,11 @@ impl Config {
                 }
             },
         };
+        let catch_all = if pool && bad.is_none() {
+            [rules.egress_catch_all(false), rules.egress_catch_all(true)]
+        } else {
+            [None, None]
+        };
         Config {
             rules,
             bad,
@@ -100,6 +110,7 @@ impl Config {
             broker,
             pool,
             wait_ms,
+            catch_all,
         }
     }
 

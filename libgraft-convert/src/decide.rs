@@ -13,6 +13,7 @@ use graft_core::sockopt::{self, SNAPSHOT};
 use libc::c_int;
 
 use crate::config::{self, Config};
+use crate::early;
 use crate::install::{self, Graft};
 use crate::log::say;
 use crate::{addr, sys, table};
@@ -52,7 +53,7 @@ pub(crate) fn pack_kind(k: Kind) -> u32 {
     (k.family as u32) << 24 | (k.sotype as u32) << 16 | k.protocol as u32
 }
 
-fn unpack_kind(w: u32) -> Option<Kind> {
+pub(crate) fn unpack_kind(w: u32) -> Option<Kind> {
     (w != 0).then_some(Kind {
         family: (w >> 24) as c_int,
         sotype: ((w >> 16) & 0xff) as c_int,
@@ -62,7 +63,7 @@ fn unpack_kind(w: u32) -> Option<Kind> {
 
 /// What SO_DOMAIN/SO_TYPE/SO_PROTOCOL will say about a socket that
 /// `socket(domain, ty, proto)` made, if it is one graft may take over.
-fn candidate_kind(domain: c_int, ty: c_int, proto: c_int) -> Option<Kind> {
+pub(crate) fn candidate_kind(domain: c_int, ty: c_int, proto: c_int) -> Option<Kind> {
     let sotype = ty & 0xf;
     let inet = domain == libc::AF_INET || domain == libc::AF_INET6;
     if !(inet && (sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM)) {
@@ -259,8 +260,20 @@ fn undecided(fd: RawFd, sa: &SocketAddr, port0: bool) -> Result<(&'static Config
     Ok((cfg, k))
 }
 
+/// An [`table::EARLY`] socket about to be bound or to listen: from now on
+/// a container socket like any other (`None`), or the errno if it cannot be.
+fn ungraft_early(fd: RawFd) -> Option<Next> {
+    if table::state(fd) != table::EARLY {
+        return None;
+    }
+    early::ungraft(fd).err().map(Next::Fail)
+}
+
 /// `bind(fd, sa)`.
 pub fn on_bind(fd: RawFd, sa: SocketAddr) -> Next {
+    if let Some(failed) = ungraft_early(fd) {
+        return failed;
+    }
     let (cfg, k) = match undecided(fd, &sa, false) {
         Ok(d) => d,
         Err(next) => return next,
@@ -317,6 +330,9 @@ pub fn on_listen(fd: RawFd) -> Next {
     if cfg.bad.is_some() {
         return Next::Real;
     }
+    if let Some(failed) = ungraft_early(fd) {
+        return failed;
+    }
     let Some(sa) = listen_addr(fd, table::state(fd)) else {
         return Next::Real;
     };
@@ -332,6 +348,15 @@ pub fn on_listen(fd: RawFd) -> Next {
 
 /// The first `connect()`/`sendto()`/`sendmsg()`/`sendmmsg()` to `sa`.
 pub fn on_connect(call: Call, fd: RawFd, sa: SocketAddr) -> Next {
+    if table::state(fd) == table::EARLY {
+        if let Some(cfg) = config::get() {
+            match early::connect(cfg, call, fd, &sa) {
+                Ok(true) => return Next::Real,
+                Ok(false) => {}
+                Err(e) => return Next::Fail(e),
+            }
+        }
+    }
     let (cfg, kind) = match undecided(fd, &sa, true) {
         Ok(d) => d,
         Err(next) => return next,

@@ -138,7 +138,7 @@ fn say_grafted(g: &Graft<'_>, r: &Reply) {
 }
 
 /// Reads the options the application set into the request.
-fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
+pub(crate) fn snapshot(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int> {
     match table::recorded_opts(fd) {
         Some(mask) => {
             snapshot_recorded(fd, k, mask, req);
@@ -215,7 +215,7 @@ fn snapshot_compared(fd: RawFd, k: &Kind, req: &mut Request) -> Result<(), c_int
 
 /// Installs `new` over the application's `fd`, keeping O_NONBLOCK and
 /// FD_CLOEXEC.
-fn install(fd: RawFd, new: OwnedFd) -> Result<(), c_int> {
+pub(crate) fn install(fd: RawFd, new: OwnedFd) -> Result<(), c_int> {
     // Both flags are read from the kernel, not tracked: the application can
     // change them behind our back (ioctl FIONBIO/FIOCLEX, which Rust's std
     // and Python use, are not interposed).

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use libc::{c_int, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
 use crate::decide::{self, Call, Next};
+use crate::early;
 use crate::sys::{self, errno, set_errno};
 use crate::{addr, config, table};
 
@@ -114,7 +115,7 @@ fn finish(fd: c_int, next: Next, saved: c_int, real: impl FnOnce() -> c_int) -> 
 fn undecided(fd: c_int) -> bool {
     matches!(
         table::state(fd),
-        table::UNKNOWN | table::CANDIDATE | table::PORT0
+        table::UNKNOWN | table::CANDIDATE | table::PORT0 | table::EARLY
     )
 }
 
@@ -138,11 +139,23 @@ fn send_decision(call: Call, fd: c_int, sa: SocketAddr) -> Option<c_int> {
 /// socket(2).
 #[no_mangle]
 pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
+    let active = config::active() && !INSIDE.get();
+    let saved = errno();
+    if active {
+        let early = catch_unwind(|| early::socket(domain, ty, proto))
+            .ok()
+            .flatten();
+        if let Some(fd) = early {
+            set_errno(saved);
+            return fd;
+        }
+        set_errno(saved);
+    }
     // SAFETY: forwarded unchanged.
     let fd = unsafe { sys::socket(domain, ty, proto) };
-    if fd >= 0 && config::active() {
-        let saved = errno();
+    if fd >= 0 && active {
         decide::socket_made(fd, domain, ty, proto);
+        let _ = catch_unwind(|| early::learn(fd, domain, ty, proto));
         set_errno(saved);
     }
     fd
@@ -163,8 +176,23 @@ pub unsafe extern "C" fn setsockopt(
     // Only sockets our socket() made and not decided yet keep a record
     // (with no rules there are none): everything else, grafted sockets
     // included, pays this one table load.
-    let st = table::state(fd);
-    if !matches!(st, table::CANDIDATE | table::PORT0) {
+    let mut st = table::state(fd);
+    if st == table::EARLY && !early::keeps_option(level, name) {
+        let saved = errno();
+        match catch_unwind(|| early::ungraft(fd)) {
+            Ok(Ok(())) => set_errno(saved),
+            Ok(Err(e)) => {
+                set_errno(e);
+                return -1;
+            }
+            Err(_) => {
+                set_errno(libc::EIO);
+                return -1;
+            }
+        }
+        st = table::CANDIDATE;
+    }
+    if !matches!(st, table::CANDIDATE | table::PORT0 | table::EARLY) {
         if table::is_unix(st)
             && matches!(
                 level,
@@ -212,7 +240,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         || INSIDE.get()
         || !matches!(
             table::state(fd),
-            table::UNKNOWN | table::CANDIDATE | table::PORT0
+            table::UNKNOWN | table::CANDIDATE | table::PORT0 | table::EARLY
         )
     {
         return sys::listen(fd, backlog);
@@ -423,6 +451,21 @@ pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut sock
     }
     set_errno(saved);
     r
+}
+
+/// setns(2). A thread that changes namespace stops being given sockets
+/// grafted as they are made for its old one.
+#[no_mangle]
+pub extern "C" fn setns(fd: c_int, nstype: c_int) -> c_int {
+    early::netns_changed();
+    sys::setns(fd, nstype)
+}
+
+/// unshare(2), as [`setns`].
+#[no_mangle]
+pub extern "C" fn unshare(flags: c_int) -> c_int {
+    early::netns_changed();
+    sys::unshare(flags)
 }
 
 /// # Safety

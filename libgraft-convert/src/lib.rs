@@ -44,8 +44,9 @@
 //!   sockets graftd made in advance, keyed by (network namespace,
 //!   endpoint, family, type, protocol); an empty pool asks with one
 //!   `SocketBatch` request, uses one socket and keeps the rest (graftd sends
-//!   8 on a process's first batch, then 16, then 32 per batch). At most 4
-//!   keys of 32 sockets,
+//!   8 on a process's first batch, then 16, then 32 per batch; from the
+//!   third on, the next batch is asked ahead while 8 are left). At most 4
+//!   keys of 64 sockets,
 //!   close-on-exec, at high descriptor numbers the application never sees
 //!   (the pooled socket is `dup3`'d over its descriptor like a fresh one);
 //!   a busy pool (another thread, a signal handler) falls back to one
@@ -58,6 +59,18 @@
 //!   process until they are used (with graft-ebpf, deleting an endpoint
 //!   already makes its sockets refused on connect). Sockets with options,
 //!   ingress sockets and sockets of unknown history always take a request.
+//! * **Grafting at socket()** ([`early`]): when every destination of a
+//!   family goes to one endpoint (`-e 0.0.0.0/0=EP` or `-e ::/0=EP` and no
+//!   other egress rule of that family) and the pool holds a socket for it,
+//!   a new TCP socket is that host socket from the start, at the lowest free
+//!   descriptor number with the flags socket() was given: the container
+//!   socket a connect-time graft makes and throws away is never made. Its
+//!   connect() to a destination the rules send to that endpoint just
+//!   connects; anything that would tell the two apart first puts a
+//!   container socket (with the options set so far) in its place and
+//!   carries on as if the socket had been one all along: a bind(), a
+//!   listen(), a connect() the rules decide otherwise, an option that is
+//!   not carried over.
 //! * **Which options**: for a socket our `socket()` made, `setsockopt()`
 //!   records (per descriptor, one bit per option of
 //!   `graft_core::sockopt::SNAPSHOT`, only when the call succeeded) which
@@ -159,6 +172,7 @@ use graft_core::sockaddr as addr;
 mod broker;
 mod config;
 mod decide;
+mod early;
 mod fail;
 mod install;
 #[cfg(not(test))]

@@ -145,6 +145,28 @@ fn locked(
     Ok(a)
 }
 
+/// A pooled socket for `req` (an egress `Socket` request without options,
+/// `kind` packed) for namespace `ns`, if the pool already serves that key
+/// and has one or one on its way; never a broker round trip of its own.
+/// For grafting a socket as it is made ([`crate::early`]).
+pub fn take_ready(req: &Request, kind: u32, ns: u64) -> Option<OwnedFd> {
+    let pid = sys::sys_getpid();
+    if OWNER.load(Ordering::Relaxed) != pid || !LOCK.try_lock(pid) {
+        return None;
+    }
+    let fd = find(req, kind, ns).and_then(|k| {
+        settle(pid, ns, false);
+        if LEN[k].load(Ordering::Relaxed) == 0 {
+            settle(pid, ns, true);
+        }
+        let fd = pop(k)?;
+        fetch_ahead(k, req, pid, ns);
+        Some(fd)
+    });
+    LOCK.unlock();
+    fd
+}
+
 /// Asks for key `k`'s next batch without waiting, when it runs low and the
 /// process keeps asking. `req` is the request the key serves.
 fn fetch_ahead(k: usize, req: &Request, pid: i32, ns: u64) {
@@ -204,19 +226,24 @@ fn name_words(req: &Request) -> [u64; 2] {
     [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
 
-/// The key slot for the request for a socket of namespace `ns`, claiming a
-/// free one if needed.
-fn key(req: &Request, kind: u32, ns: u64) -> Option<usize> {
+/// The key slot already serving the request for a socket of namespace `ns`.
+fn find(req: &Request, kind: u32, ns: u64) -> Option<usize> {
     let w = name_words(req);
-    let same = |k: usize| {
+    (0..KEYS).find(|&k| {
         KIND[k].load(Ordering::Relaxed) == kind
             && NAME[k][0].load(Ordering::Relaxed) == w[0]
             && NAME[k][1].load(Ordering::Relaxed) == w[1]
             && NS[k].load(Ordering::Relaxed) == ns
-    };
-    if let Some(k) = (0..KEYS).find(|&k| same(k)) {
+    })
+}
+
+/// The key slot for the request for a socket of namespace `ns`, claiming a
+/// free one if needed.
+fn key(req: &Request, kind: u32, ns: u64) -> Option<usize> {
+    if let Some(k) = find(req, kind, ns) {
         return Some(k);
     }
+    let w = name_words(req);
     let k = (0..KEYS).find(|&k| KIND[k].load(Ordering::Relaxed) == 0)?;
     NAME[k][0].store(w[0], Ordering::Relaxed);
     NAME[k][1].store(w[1], Ordering::Relaxed);

@@ -177,6 +177,12 @@ hooks! {
     unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize
         // SAFETY: the caller's contract is recvmsg(2)'s.
         => unsafe { libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize };
+    safe fn setns(fd: c_int, nstype: c_int) -> c_int
+        // SAFETY: setns(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_setns, fd, nstype) as c_int };
+    safe fn unshare(flags: c_int) -> c_int
+        // SAFETY: unshare(2) takes no pointers.
+        => unsafe { libc::syscall(libc::SYS_unshare, flags) as c_int };
 }
 
 /// Addresses of the real functions (0: not resolved, use the system call).

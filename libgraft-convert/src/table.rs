@@ -43,6 +43,9 @@ pub const UNIX_PEER: u32 = 7;
 /// An INET client socket replaced by a host unix socket connected to a
 /// `type unix` endpoint; the address is the destination it asked for.
 pub const UNIX_OUT: u32 = 8;
+/// A host socket of a catch-all egress endpoint from the start, not
+/// connected yet (see `early`); the address words hold the endpoint's name.
+pub const EARLY: u32 = 9;
 
 /// Whether `st` is one of the unix-backed states, where the application
 /// still believes it holds an AF_INET/AF_INET6 TCP socket.

@@ -231,3 +231,114 @@ fn forked_child_uses_its_own_sockets_and_never_keeps_the_parents() {
     // batch; everything else came from the process's own pool.
     assert_eq!(requests(&env), (0, 2), "{}", env.d.log_text());
 }
+
+/// Grafting at socket(): a python client that keeps connecting under a
+/// catch-all rule gets host sockets straight from socket() (their netns
+/// cookie is the host namespace's before any connect), at the lowest free
+/// descriptor with the flags it asked for, and every connection arrives.
+/// Whatever would tell such a socket from a container socket first makes
+/// it one: a bind() and listen() happen on the container's stack, an
+/// option graftd refuses (SO_MARK) ends in connect()'s EPERM and line as on
+/// a container socket, and an option graftd carries (TCP_NODELAY) stays on
+/// the host socket.
+const EARLY_PY: &str = r#"
+import fcntl, os, socket, sys
+DST = ("127.0.0.1", @HP@)
+host = int(sys.argv[1])
+def cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+def where(s):
+    return "host" if cookie(s) == host else "container"
+def fetch(s):
+    s.connect(DST)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    body = s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode()
+    s.close()
+    return body
+# Warm-up: the first sockets are the container's, grafted at connect.
+seen = []
+for i in range(40):
+    s = socket.socket()
+    seen.append(where(s))
+    assert fetch(s) == "hello-from-host", i
+print("warm-up", seen[0], seen[-1], seen.count("host") >= 30)
+low = socket.socket()
+n = low.fileno()
+low.close()
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+fd = fcntl.fcntl(s.fileno(), fcntl.F_GETFD)
+print("made", where(s), "lowest", s.fileno() == n, "nonblock", bool(fl & os.O_NONBLOCK), "cloexec", bool(fd & fcntl.FD_CLOEXEC))
+s.close()
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+print("nodelay", where(s), s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, fetch(s) == "hello-from-host")
+srv = socket.socket()
+print("server before bind", where(srv))
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print("server", where(srv), srv.getsockname()[0], srv.getsockname()[1] > 0)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 7)
+print("marked", where(s), s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK))
+try:
+    s.connect(DST)
+    print("marked connect ok")
+except OSError as e:
+    print("marked connect", e.errno == 1)
+"#;
+
+#[test]
+fn sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must() {
+    let test = "sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must";
+    let Some(env) = pool_env(test) else {
+        return;
+    };
+    let srv = HostHttp::start("127.0.0.1:0");
+    // The host namespace's cookie, from a socket of the test itself
+    // (graftd's endpoints live in this namespace).
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let mut b = [0u8; 8];
+    let mut len = 8u32;
+    // SAFETY: getsockopt with a buffer and length of our own.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&probe),
+            libc::SOL_SOCKET,
+            71,
+            b.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+    let host = u64::from_ne_bytes(b);
+    let mut cmd = python(&env, "early.py", EARLY_PY, srv.addr.port());
+    cmd.arg(host.to_string());
+    let o = output(cmd, "early.py", None);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "early.py failed: {err}");
+    assert_eq!(
+        out,
+        "warm-up container host True\n\
+         made host lowest True nonblock True cloexec True\n\
+         nodelay host True True\n\
+         server before bind host\n\
+         server container 127.0.0.1 True\n\
+         marked container 7\n\
+         marked connect True\n",
+        "{err}"
+    );
+    // The refused connect says why, as for any socket with that option.
+    assert!(err.contains("SO_MARK"), "{err}");
+    assert_eq!(srv.accepted(), 41);
+    let (single, batches) = requests(&env);
+    assert_eq!(single, 0, "every socket came from a batch");
+    assert!(batches >= 3, "{batches} batches");
+    // The marked socket asked graftd on its own, as a container socket
+    // with an option does, and was refused.
+    let log = env.d.log_text();
+    assert!(
+        log.contains("refused a AF_INET stream socket") && log.contains("SO_MARK"),
+        "{log}"
+    );
+}
