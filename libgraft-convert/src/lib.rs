@@ -55,7 +55,7 @@
 //!   --no-ebpf`) each pooled socket holds an ephemeral port on the
 //!   endpoint's address from the moment it is made (with it, TCP egress
 //!   sockets get their port at connect), and an endpoint removed
-//!   with `ip graft del` can still hand out up to 31 pooled sockets per
+//!   with `ip graft del` can still hand out up to 63 pooled sockets per
 //!   process until they are used (with graft-ebpf, deleting an endpoint
 //!   already makes its sockets refused on connect). Sockets with options,
 //!   ingress sockets and sockets of unknown history always take a request.
@@ -137,11 +137,13 @@
 //!   made before the decision keep the original socket.
 //! * errno is saved on entry and restored on success paths; no panic unwinds
 //!   into C (decisions run under `catch_unwind`; a bug fails the call with EIO).
-//! * One cached broker connection per process ([`broker`]): re-made after
-//!   fork and when the calling thread is in another network namespace than
-//!   the one it was made in (setns; one stat of
-//!   `/proc/thread-self/ns/net` per graft tells), guarded by a try-lock so concurrent threads and signal handlers
-//!   never wait (they use a one-off connection), with send/receive timeouts.
+//! * Cached broker connections ([`broker`]: one shared, one the pool's):
+//!   re-made after fork and when the socket being grafted belongs to
+//!   another network namespace than the one the connection was made in
+//!   (a thread that called setns(); the socket's netns cookie tells, one
+//!   getsockopt per graft), guarded by a try-lock so concurrent threads and
+//!   signal handlers never wait (they use a one-off connection), with
+//!   send/receive timeouts.
 //!   Decision paths use only system calls and stack buffers, so a signal
 //!   handler that connects while its thread is mid-decision is still decided
 //!   (never silently passed through); a thread-local guard only covers the
