@@ -288,15 +288,9 @@ except OSError as e:
     print("marked connect", e.errno == 1)
 "#;
 
-#[test]
-fn sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must() {
-    let test = "sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must";
-    let Some(env) = pool_env(test) else {
-        return;
-    };
-    let srv = HostHttp::start("127.0.0.1:0");
-    // The host namespace's cookie, from a socket of the test itself
-    // (graftd's endpoints live in this namespace).
+/// The netns cookie of the test's own namespace, where graftd's endpoints
+/// make their sockets.
+fn host_netns_cookie() -> u64 {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     let mut b = [0u8; 8];
     let mut len = 8u32;
@@ -311,7 +305,17 @@ fn sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must() {
         )
     };
     assert_eq!(r, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-    let host = u64::from_ne_bytes(b);
+    u64::from_ne_bytes(b)
+}
+
+#[test]
+fn sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must() {
+    let test = "sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must";
+    let Some(env) = pool_env(test) else {
+        return;
+    };
+    let srv = HostHttp::start("127.0.0.1:0");
+    let host = host_netns_cookie();
     let mut cmd = python(&env, "early.py", EARLY_PY, srv.addr.port());
     cmd.arg(host.to_string());
     let o = output(cmd, "early.py", None);
@@ -339,6 +343,102 @@ fn sockets_are_grafted_as_they_are_made_and_ungrafted_when_they_must() {
     let log = env.d.log_text();
     assert!(
         log.contains("refused a AF_INET stream socket") && log.contains("SO_MARK"),
+        "{log}"
+    );
+}
+
+/// More of grafting at socket(), on IPv6 (`-e ::/0=ep-out6`): a TCP Fast
+/// Open `sendto()` on a socket grafted as it was made connects and carries
+/// its data; a descriptor dup'd from one connects like the original; a
+/// `listen()` without `bind()` listens on the container's stack; an IPv6
+/// socket asking for a v4-mapped destination (the IPv4 rules' business)
+/// becomes a container socket, grafted onto ep-out4 at connect.
+const EARLY6_PY: &str = r#"
+import os, socket, sys
+DST6 = ("::1", @HP6@)
+DST4 = ("::ffff:127.0.0.1", @HP@)
+host = int(sys.argv[1])
+REQ = b"GET / HTTP/1.0\r\n\r\n"
+def cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+def where(s):
+    return "host" if cookie(s) == host else "container"
+def body(s):
+    b = s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode()
+    s.close()
+    return b
+for i in range(40):
+    s = socket.socket(socket.AF_INET6)
+    s.connect(DST6)
+    s.sendall(REQ)
+    assert body(s) == "hello-from-host", i
+s = socket.socket(socket.AF_INET6)
+w = where(s)
+s.sendto(REQ, socket.MSG_FASTOPEN, DST6)
+print("fastopen", w, body(s))
+s = socket.socket(socket.AF_INET6)
+d = socket.socket(fileno=os.dup(s.fileno()))
+s.close()
+w = where(d)
+d.connect(DST6)
+d.sendall(REQ)
+print("dup", w, body(d))
+l = socket.socket(socket.AF_INET6)
+w = where(l)
+l.listen()
+print("listen", w, where(l), l.getsockname()[1] > 0)
+s = socket.socket(socket.AF_INET6)
+w = where(s)
+s.connect(DST4)
+s.sendall(REQ)
+print("mapped", w, where(s), body(s))
+"#;
+
+#[test]
+fn ipv6_sockets_grafted_as_made_fast_open_dup_listen_and_mapped() {
+    let test = "ipv6_sockets_grafted_as_made_fast_open_dup_listen_and_mapped";
+    let Some(env) = pool_env(test) else {
+        return;
+    };
+    env.add("ep-out6 type ipv6 addr ::1 port dynamic");
+    let srv4 = HostHttp::start("127.0.0.1:0");
+    let srv6 = HostHttp::start("[::1]:0");
+    let host = host_netns_cookie();
+    let py = env.script(
+        "early6.py",
+        EARLY6_PY,
+        &[
+            ("HP", srv4.addr.port().to_string()),
+            ("HP6", srv6.addr.port().to_string()),
+        ],
+    );
+    let mut cmd = env.graft(&[
+        "-e",
+        "0.0.0.0/0=ep-out4",
+        "-e",
+        "::/0=ep-out6",
+        "--",
+        PY,
+        &py,
+    ]);
+    cmd.arg(host.to_string());
+    let (out, err) = output_ok(cmd, "early6.py");
+    assert_eq!(
+        out,
+        format!(
+            "fastopen host {BODY}\ndup host {BODY}\nlisten host container True\n\
+             mapped host host {BODY}\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(srv6.accepted(), 42);
+    assert_eq!(srv4.accepted(), 1);
+    // The mapped destination's socket was made anew in the container and
+    // grafted onto the IPv4 rules' endpoint.
+    let log = env.d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("endpoint ep-out4: handed out") && l.contains("AF_INET6 stream")),
         "{log}"
     );
 }
