@@ -580,7 +580,8 @@ impl Companion {
         }
     }
 
-    /// [`Companion::register_socket_limited`] for a batch: marks and counts
+    /// [`Companion::register_socket_limited`] for a batch of sockets of one
+    /// kind (non-inet ones are accepted and ignored): marks and counts
     /// sockets from the first while the limit allows, reading and writing
     /// the endpoint's count once for all of them. Returns how many were
     /// registered and, when not all, why the next was refused.
@@ -603,15 +604,15 @@ impl Companion {
             pad: 0,
             handed: 0,
         });
-        let mut live = self.live_of(id, v.handed);
-        let before = v.handed;
+        // A batch answers one request: its sockets are all of one kind.
+        if !fds.first().is_some_and(|&fd| is_inet(fd)) {
+            return (fds.len(), None);
+        }
+        let live_before = self.live_of(id, v.handed);
         let mut done = 0;
         let mut why = None;
         for &fd in fds {
-            if !is_inet(fd) {
-                done += 1;
-                continue;
-            }
+            let live = live_before + done as u64;
             if limit.is_some_and(|l| live >= u64::from(l)) {
                 why = Some(Error::LimitReached {
                     name: key.name.to_string(),
@@ -629,10 +630,9 @@ impl Companion {
                 break;
             }
             v.handed += 1;
-            live += 1;
             done += 1;
         }
-        if v.handed == before {
+        if done == 0 {
             return (done, why);
         }
         // Only graftd writes this entry (under the caller's lock), so the
