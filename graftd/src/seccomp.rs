@@ -40,6 +40,9 @@ use graft_seccomp::{notify, pidfd, sockopt};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::broker::{self, LogBudget};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14; the value on x86_64 and aarch64).
+const SO_NETNS_COOKIE: libc::c_int = 71;
 use crate::sys;
 use crate::Ctx;
 
@@ -85,6 +88,7 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         budget: LogBudget::default(),
         port0: VecDeque::new(),
         fresh: Vec::new(),
+        ns_cookie: std::cell::Cell::new(None),
     };
     let spawned = std::thread::Builder::new()
         .name("seccomp".into())
@@ -177,6 +181,10 @@ struct Supervisor {
     port0: VecDeque<u64>,
     /// Option values of fresh sockets, per (family, type, protocol).
     fresh: Vec<((libc::c_int, libc::c_int, libc::c_int), Defaults)>,
+    /// The netns cookie of `ns`, once a program socket showed it (cookies
+    /// are never reused): later sockets are checked with one getsockopt
+    /// instead of opening their namespace.
+    ns_cookie: std::cell::Cell<Option<u64>>,
 }
 
 impl Supervisor {
@@ -485,8 +493,7 @@ impl Supervisor {
         if !fits || !(sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM) {
             return None;
         }
-        let ns = pidfd::socket_netns(sock.as_fd()).ok()?;
-        if NetnsId::of_fd(ns.as_fd()).ok()? != self.ns {
+        if !self.in_our_netns(sock.as_fd()) {
             return None;
         }
         let inode = nix::sys::stat::fstat(sock.as_raw_fd()).ok()?.st_ino;
@@ -497,6 +504,27 @@ impl Supervisor {
             protocol,
             inode,
         })
+    }
+
+    /// Whether the program's socket `sock` lives in the namespace this
+    /// supervisor serves.
+    fn in_our_netns(&self, sock: BorrowedFd<'_>) -> bool {
+        let mut b = [0u8; 8];
+        let cookie = matches!(
+            sockopt::get(sock, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut b),
+            Ok(8)
+        )
+        .then(|| u64::from_ne_bytes(b));
+        if cookie.is_some() && cookie == self.ns_cookie.get() {
+            return true;
+        }
+        let same = pidfd::socket_netns(sock)
+            .and_then(|ns| NetnsId::of_fd(ns.as_fd()))
+            .is_ok_and(|id| id == self.ns);
+        if same && cookie.is_some() {
+            self.ns_cookie.set(cookie);
+        }
+        same
     }
 
     /// Writes `graft: LINE` on the program's own stderr (its descriptor 2,
