@@ -16,6 +16,12 @@
 
 use libc::c_int;
 
+/// `SO_NETNS_COOKIE` (Linux 5.14): a socket's network namespace as a number
+/// never reused while the system runs. The same value on every
+/// architecture graft builds for (x86_64, aarch64); the libc crate does
+/// not export it there.
+pub const SO_NETNS_COOKIE: c_int = 71;
+
 /// How an option's value is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

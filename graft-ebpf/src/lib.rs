@@ -36,7 +36,7 @@
 //! * `cgroup/sock_release` counts closes of the sockets graftd handed out
 //!   (matched by socket cookie, so accepted children do not count): with
 //!   graftd's count of sockets handed out this gives each endpoint's live
-//!   sockets, which [`Companion::register_socket_limited`] holds to a limit.
+//!   sockets, which [`Companion::register_sockets`] holds to a limit.
 //!
 //! Outliving graftd ([`Options::pin_dir`]): the maps in `PINNED_MAPS` are
 //! pinned as `DIR/maps/NAME` and every cgroup program is attached by a
@@ -561,28 +561,16 @@ impl Companion {
     /// been added) and counts it as live. Non-inet sockets are accepted and
     /// ignored.
     pub fn register_socket(&mut self, fd: BorrowedFd<'_>, key: &EndpointKey) -> Result<(), Error> {
-        self.register_socket_limited(fd, key, None)
-    }
-
-    /// [`Companion::register_socket`], refused with
-    /// [`Error::LimitReached`] when the endpoint already has `limit` live
-    /// sockets (handed out and not closed: cgroup/sock_release counts the
-    /// closes).
-    pub fn register_socket_limited(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        key: &EndpointKey,
-        limit: Option<u32>,
-    ) -> Result<(), Error> {
-        match self.register_sockets(&[fd], key, limit) {
+        match self.register_sockets(&[fd], key, None) {
             (_, Some(e)) => Err(e),
             (_, None) => Ok(()),
         }
     }
 
-    /// [`Companion::register_socket_limited`] for a batch of sockets of one
-    /// kind (non-inet ones are accepted and ignored): marks and counts
-    /// sockets from the first while the limit allows, reading and writing
+    /// [`Companion::register_socket`] for a batch of sockets of one kind
+    /// (non-inet ones are accepted and ignored), held to `limit` live
+    /// sockets (handed out and not closed: cgroup/sock_release counts the
+    /// closes): marks and counts sockets from the first while the limit allows, reading and writing
     /// the endpoint's count once for all of them. Returns how many were
     /// registered and, when not all, why the next was refused.
     pub fn register_sockets(
@@ -660,20 +648,6 @@ impl Companion {
         let id = *self.endpoints.get(key)?;
         let v = self.ids.get(&maps::GraftEpKey::new(key), 0).ok()?;
         Some(self.live_of(id, v.handed))
-    }
-
-    /// [`Companion::add_endpoint`] when needed, then
-    /// [`Companion::register_socket`].
-    pub fn register_socket_with_policy(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        key: &EndpointKey,
-        policy: &[PolicyRule],
-    ) -> Result<(), Error> {
-        if !self.endpoints.contains_key(key) {
-            self.add_endpoint(*key, policy)?;
-        }
-        self.register_socket(fd, key)
     }
 
     /// [`Companion::register_sockets`], adding the endpoint with `policy`

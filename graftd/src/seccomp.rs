@@ -34,15 +34,12 @@ use graft_core::proto::broker::{
 };
 use graft_core::rules::{BindMatch, EgressDecision, RuleSet};
 use graft_core::sockaddr;
-use graft_core::sockopt::{Class, SNAPSHOT};
+use graft_core::sockopt::{Class, SNAPSHOT, SO_NETNS_COOKIE};
 use graft_core::{EndpointName, NetnsId};
 use graft_seccomp::{notify, pidfd, sockopt};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::broker::{self, LogBudget};
-
-/// `SO_NETNS_COOKIE` (Linux 5.14; the value on x86_64 and aarch64).
-const SO_NETNS_COOKIE: libc::c_int = 71;
 use crate::sys;
 use crate::Ctx;
 

@@ -269,9 +269,7 @@ impl Conn {
         // Watching our interposed close/dup2/dup3 cannot see those paths,
         // and every cheaper check (fcntl flags) does not tell two sockets
         // apart.
-        let same = matches!(sys::sys_fstat(fd), Some((ino, mode))
-            if ino == self.ino.load(Ordering::Relaxed) && mode & libc::S_IFMT == libc::S_IFSOCK);
-        if !same {
+        if !sys::sys_is_socket(fd, self.ino.load(Ordering::Relaxed)) {
             // The application closed or reused the number: not ours to close.
             self.forget(false);
             return None;
@@ -296,9 +294,7 @@ impl Conn {
     /// the child), unless the number is no longer that socket.
     pub fn forget_inherited(&self) {
         let fd = self.fd.load(Ordering::Relaxed);
-        let ours = fd >= 0
-            && matches!(sys::sys_fstat(fd), Some((ino, _)) if ino == self.ino.load(Ordering::Relaxed));
-        self.forget(ours);
+        self.forget(sys::sys_is_socket(fd, self.ino.load(Ordering::Relaxed)));
     }
 
     fn forget(&self, close: bool) {

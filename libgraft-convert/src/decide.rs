@@ -86,8 +86,13 @@ pub(crate) fn candidate_kind(domain: c_int, ty: c_int, proto: c_int) -> Option<K
 /// Our `socket(domain, ty, proto)` returned `fd` (the library is active).
 pub fn socket_made(fd: RawFd, domain: c_int, ty: c_int, proto: c_int) {
     match candidate_kind(domain, ty, proto) {
-        // Kept so that a graft needs no getsockopt to learn the kind.
-        Some(k) => table::created(fd, table::CANDIDATE, pack_kind(k)),
+        Some(k) => {
+            // Kept so that a graft needs no getsockopt to learn the kind.
+            table::created(fd, table::CANDIDATE, pack_kind(k));
+            if let Some(cfg) = config::get() {
+                early::learn(cfg, fd, &k);
+            }
+        }
         None => table::created(fd, table::LOCAL, 0),
     }
 }

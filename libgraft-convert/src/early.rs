@@ -31,15 +31,14 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use graft_core::proto::broker::{Op, Purpose, Request};
 use graft_core::rules::EgressDecision;
-use graft_core::sockaddr::HostShown;
-use graft_core::sockopt::{self, Class};
+use graft_core::sockopt::{Class, SNAPSHOT};
 use graft_core::EndpointName;
 use libc::c_int;
 
 use crate::config::{self, Config};
-use crate::decide::{candidate_kind, pack_kind, unpack_kind, Call, Kind};
-use crate::log::say;
-use crate::{addr, install, pool, sys, table};
+use crate::decide::{candidate_kind, opt_bit, pack_kind, unpack_kind, Call, Kind};
+use crate::install::{self, Graft};
+use crate::{pool, sys, table};
 
 thread_local! {
     /// The calling thread's network namespace key ([`sys::sys_netns_key`]);
@@ -61,14 +60,11 @@ fn endpoint_for(cfg: &Config, k: &Kind) -> Option<EndpointName> {
     cfg.catch_all[usize::from(k.family == libc::AF_INET6)]
 }
 
-/// Our `socket()` made `fd` the ordinary way: remember the thread's
-/// namespace if a later socket of this kind could be grafted as it is made.
-pub fn learn(fd: RawFd, domain: c_int, ty: c_int, proto: c_int) {
-    let Some(cfg) = config::get() else { return };
-    let Some(k) = candidate_kind(domain, ty, proto) else {
-        return;
-    };
-    if endpoint_for(cfg, &k).is_some() && NETNS.try_with(Cell::get) == Ok(0) {
+/// Our `socket()` made `fd`, a socket of kind `k`, the ordinary way:
+/// remember the thread's namespace if a later socket of this kind could be
+/// grafted as it is made.
+pub fn learn(cfg: &Config, fd: RawFd, k: &Kind) {
+    if endpoint_for(cfg, k).is_some() && NETNS.try_with(Cell::get) == Ok(0) {
         if let Some(ns) = sys::sys_netns_key(fd) {
             let _ = NETNS.try_with(|n| n.set(ns));
         }
@@ -130,29 +126,30 @@ fn endpoint_of(fd: RawFd) -> Option<EndpointName> {
 /// call goes ahead; false once [`ungraft`] made it an ordinary socket, to
 /// be decided as one.
 pub fn connect(cfg: &Config, call: Call, fd: RawFd, sa: &SocketAddr) -> Result<bool, c_int> {
-    let ep = endpoint_of(fd);
-    let fits = match (unpack_kind(table::kind(fd)), sa) {
-        (Some(k), SocketAddr::V4(_)) => k.family == libc::AF_INET,
-        (Some(k), SocketAddr::V6(_)) => k.family == libc::AF_INET6,
-        (None, _) => false,
-    };
-    let same = matches!(cfg.rules.match_egress(sa.ip()), EgressDecision::Graft(e) if Some(e) == ep);
-    let Some(ep) = ep.filter(|_| fits && same) else {
+    let (Some(ep), Some(kind)) = (endpoint_of(fd), unpack_kind(table::kind(fd))) else {
         ungraft(fd)?;
         return Ok(false);
     };
-    table::set_with_addr(fd, table::EGRESS, &addr::encode(sa).0);
-    if cfg.verbose {
-        let pid = sys::sys_getpid();
-        let call = call.name();
-        let host = sys::sys_sockname(fd, false)
-            .ok()
-            .and_then(|(b, n)| addr::parse(&b[..n]));
-        match host.map(HostShown) {
-            Some(host) => say!("pid {pid} fd {fd} {call} {sa} -> {ep} (host {host})"),
-            None => say!("pid {pid} fd {fd} {call} {sa} -> {ep}"),
-        }
+    let fits = match sa {
+        SocketAddr::V4(_) => kind.family == libc::AF_INET,
+        SocketAddr::V6(_) => kind.family == libc::AF_INET6,
+    };
+    let same = matches!(cfg.rules.match_egress(sa.ip()), EgressDecision::Graft(e) if e == ep);
+    if !(fits && same) {
+        ungraft(fd)?;
+        return Ok(false);
     }
+    install::adopted(&Graft {
+        cfg,
+        fd,
+        call,
+        sa,
+        ep,
+        ep_v6: sa.ip().to_canonical().is_ipv6(),
+        purpose: Purpose::Egress,
+        kind,
+        dual: None,
+    });
     Ok(true)
 }
 
@@ -161,14 +158,8 @@ pub fn connect(cfg: &Config, call: Call, fd: RawFd, sa: &SocketAddr) -> Result<b
 /// container socket anyway. Anything else (refused, unknown, or one that
 /// changes the socket's family) is set on a container socket instead.
 pub fn keeps_option(level: c_int, name: c_int) -> bool {
-    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_ADDRFORM) {
-        return false;
-    }
-    let name = sockopt::canonical(level, name);
-    sockopt::SNAPSHOT
-        .iter()
-        .find(|o| o.level == level && o.name == name)
-        .is_some_and(|o| o.class != Class::Refuse)
+    (level, name) != (libc::IPPROTO_IPV6, libc::IPV6_ADDRFORM)
+        && opt_bit(level, name).is_some_and(|i| SNAPSHOT[i as usize].class != Class::Refuse)
 }
 
 /// Puts a container socket (made in the calling thread's namespace, with

@@ -106,6 +106,21 @@ fn ask(g: &Graft<'_>, req: &Request) -> Result<Answer, Failure> {
     asked.map_err(Failure::Broker)
 }
 
+/// `g.fd` already is the host socket (made so by [`crate::early`]) and is
+/// about to connect as `g` asks: recorded, and said under `-v`, as a graft.
+pub(crate) fn adopted(g: &Graft<'_>) {
+    // record() only looks at the reply's family, which is the request's
+    // unless the endpoint is a unix one: never for a pooled socket.
+    record(g, &Reply::ok(Op::Socket, &[]));
+    if g.cfg.verbose {
+        let r = match sys::sys_sockname(g.fd, false) {
+            Ok((b, n)) => Reply::ok(Op::Socket, &b[..n]),
+            Err(_) => Reply::ok(Op::Socket, &[]),
+        };
+        say_grafted(g, &r);
+    }
+}
+
 /// The grafted descriptor's new state, with the address the application used.
 fn record(g: &Graft<'_>, r: &Reply) {
     // A `type unix` endpoint answers with a unix socket (its address is

@@ -155,7 +155,6 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
     let fd = unsafe { sys::socket(domain, ty, proto) };
     if fd >= 0 && active {
         decide::socket_made(fd, domain, ty, proto);
-        let _ = catch_unwind(|| early::learn(fd, domain, ty, proto));
         set_errno(saved);
     }
     fd

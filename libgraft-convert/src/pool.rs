@@ -33,7 +33,7 @@
 //! the parent closes it); a child made without fork handlers (vfork, clone)
 //! that grafts finds the parent's pid on the pool and does the same.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX, REQUEST_LEN};
@@ -111,14 +111,7 @@ fn locked(
     let Some(k) = key(req, kind, ns) else {
         return broker::ask(name, req, Some(ns));
     };
-    // A batch fetched ahead that has arrived; when this key is empty, wait
-    // for one that is on its way rather than ask again.
-    settle(pid, ns, false);
-    if LEN[k].load(Ordering::Relaxed) == 0 {
-        settle(pid, ns, true);
-    }
-    if let Some(fd) = pop(k) {
-        fetch_ahead(k, req, pid, ns);
+    if let Some(fd) = serve(k, req, pid, ns) {
         let addr = if want_addr {
             match sys::sys_sockname(fd.as_raw_fd(), false) {
                 Ok((b, n)) => Reply::ok(Op::Socket, &b[..n]),
@@ -154,17 +147,23 @@ pub fn take_ready(req: &Request, kind: u32, ns: u64) -> Option<OwnedFd> {
     if OWNER.load(Ordering::Relaxed) != pid || !LOCK.try_lock(pid) {
         return None;
     }
-    let fd = find(req, kind, ns).and_then(|k| {
-        settle(pid, ns, false);
-        if LEN[k].load(Ordering::Relaxed) == 0 {
-            settle(pid, ns, true);
-        }
-        let fd = pop(k)?;
-        fetch_ahead(k, req, pid, ns);
-        Some(fd)
-    });
+    let fd = find(req, kind, ns).and_then(|k| serve(k, req, pid, ns));
     LOCK.unlock();
     fd
+}
+
+/// A socket of key `k` (serving `req`), if it holds one or one is on its
+/// way; asks for the next batch ahead when that leaves the key low.
+fn serve(k: usize, req: &Request, pid: i32, ns: u64) -> Option<OwnedFd> {
+    // A batch fetched ahead that has arrived; when this key is empty, wait
+    // for one that is on its way rather than ask again.
+    settle(pid, ns, false);
+    if LEN[k].load(Ordering::Relaxed) == 0 {
+        settle(pid, ns, true);
+    }
+    let fd = pop(k)?;
+    fetch_ahead(k, req, pid, ns);
+    Some(fd)
 }
 
 /// Asks for key `k`'s next batch without waiting, when it runs low and the
@@ -254,13 +253,6 @@ fn key(req: &Request, kind: u32, ns: u64) -> Option<usize> {
     Some(k)
 }
 
-/// Whether `fd` is still the socket the pool put there.
-fn ours(fd: RawFd, ino: u64) -> bool {
-    fd >= 0
-        && matches!(sys::sys_fstat(fd), Some((i, mode))
-            if i == ino && mode & libc::S_IFMT == libc::S_IFSOCK)
-}
-
 fn pop(k: usize) -> Option<OwnedFd> {
     loop {
         let n = LEN[k].load(Ordering::Relaxed) as usize;
@@ -270,7 +262,7 @@ fn pop(k: usize) -> Option<OwnedFd> {
         let i = n - 1;
         LEN[k].store(i as u32, Ordering::Relaxed);
         let fd = FD[k][i].swap(-1, Ordering::Relaxed);
-        if ours(fd, INO[k][i].load(Ordering::Relaxed)) {
+        if sys::sys_is_socket(fd, INO[k][i].load(Ordering::Relaxed)) {
             // SAFETY: the pool made this descriptor and the inode check
             // shows the number still refers to that socket; the slot was
             // emptied above, so this is now its only owner.
@@ -308,7 +300,7 @@ fn drain() {
         let n = (LEN[k].swap(0, Ordering::Relaxed) as usize).min(CAP);
         for i in 0..n {
             let fd = FD[k][i].swap(-1, Ordering::Relaxed);
-            if ours(fd, INO[k][i].load(Ordering::Relaxed)) {
+            if sys::sys_is_socket(fd, INO[k][i].load(Ordering::Relaxed)) {
                 sys::sys_close(fd);
             }
         }
@@ -338,6 +330,7 @@ mod tests {
     use super::*;
     use graft_core::proto::broker::Purpose;
     use graft_core::EndpointName;
+    use std::os::fd::RawFd;
 
     fn req(ep: &str) -> Request {
         Request::new(

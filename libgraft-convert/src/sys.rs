@@ -423,6 +423,15 @@ pub fn sys_getpid() -> i32 {
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
 }
 
+/// Whether descriptor `fd` is still the socket with inode `ino` (one the
+/// library keeps: the application may have closed the number, or a dup2
+/// put something else there).
+pub fn sys_is_socket(fd: RawFd, ino: u64) -> bool {
+    fd >= 0
+        && matches!(sys_fstat(fd), Some((i, mode))
+            if i == ino && mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
 /// (inode, mode) of an open descriptor.
 pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
@@ -431,10 +440,6 @@ pub fn sys_fstat(fd: RawFd) -> Option<(u64, u32)> {
     let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) };
     (r == 0).then_some((st.st_ino, st.st_mode))
 }
-
-/// `SO_NETNS_COOKIE` (Linux 5.14): the same value on every architecture
-/// graft builds for (x86_64, aarch64).
-const SO_NETNS_COOKIE: c_int = 71;
 
 /// Which network namespace the socket `fd` lives in, as one number: its
 /// netns cookie (one getsockopt, no path walk), or on kernels without
@@ -446,7 +451,12 @@ const SO_NETNS_COOKIE: c_int = 71;
 /// socket belongs to the namespace the thread is in now.
 pub fn sys_netns_key(fd: RawFd) -> Option<u64> {
     let mut b = [0u8; 8];
-    if let Some(8) = sys_getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut b) {
+    if let Some(8) = sys_getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        graft_core::sockopt::SO_NETNS_COOKIE,
+        &mut b,
+    ) {
         return Some(u64::from_ne_bytes(b));
     }
     thread_netns_ino().map(|ino| ino | 1 << 63)

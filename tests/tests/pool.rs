@@ -299,7 +299,7 @@ fn host_netns_cookie() -> u64 {
         libc::getsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&probe),
             libc::SOL_SOCKET,
-            71,
+            graft_core::sockopt::SO_NETNS_COOKIE,
             b.as_mut_ptr().cast(),
             &mut len,
         )
