@@ -2,12 +2,14 @@
 //! put a descriptor into the trapped process, answer.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 const IOCTL_NOTIF_RECV: libc::c_ulong = 0xc050_2100;
 const IOCTL_NOTIF_SEND: libc::c_ulong = 0xc018_2101;
 const IOCTL_NOTIF_ID_VALID: libc::c_ulong = 0x4008_2102;
 const IOCTL_NOTIF_ADDFD: libc::c_ulong = 0x4018_2103;
+const IOCTL_NOTIF_SET_FLAGS: libc::c_ulong = 0x4008_2104;
+const USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
 const USER_NOTIF_FLAG_CONTINUE: u32 = 1;
 const ADDFD_FLAG_SETFD: u32 = 1;
 
@@ -58,6 +60,64 @@ fn ioctl<T>(fd: BorrowedFd<'_>, req: libc::c_ulong, arg: *mut T) -> io::Result<l
     } else {
         Ok(rc)
     }
+}
+
+/// Asks the kernel (Linux 6.6) to hand each trapped call to the thread
+/// waiting in [`recv`] on the trapping thread's own CPU, and the answer back
+/// the same way: the caller sleeps while graftd decides, so the two take
+/// turns on one CPU instead of waking each other across CPUs, which costs
+/// more than the work itself on a small VM. Only a thread blocked in
+/// `recv` gets this (not one in `poll`). `false`: an older kernel.
+pub fn sync_wake_up(listener: BorrowedFd<'_>) -> bool {
+    // SAFETY: this request takes its argument (the flags) by value.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            IOCTL_NOTIF_SET_FLAGS,
+            USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    rc == 0
+}
+
+/// Whether every process under the filter is gone (nothing more will
+/// come; a blocked [`recv`] returns `ENOENT` then, on Linux 6.6 and later).
+pub fn orphaned(listener: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, count 1, no wait.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc == 1 && p.revents & libc::POLLHUP != 0 && p.revents & libc::POLLIN == 0
+}
+
+/// Whether a thread blocked in [`recv`] returns (`ENOENT`) once every
+/// process under the filter is gone, as on Linux 6.11 and later. Before,
+/// only `poll` hears of it, so a supervisor that waits in `recv` (as
+/// [`sync_wake_up`] needs) would sleep forever after its program exited.
+/// Found out on a throwaway filter: a thread installs it and exits, another
+/// waits in `recv` on its listener. Up to `wait`; on a kernel that fails the
+/// test, that waiting thread stays asleep for good (one, once).
+pub fn recv_ends_when_orphaned(wait: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let installer = std::thread::Builder::new()
+        .name("seccomp-probe".into())
+        .spawn(crate::filter::install_silent);
+    let Ok(Ok(listener)) = installer.map(|t| t.join()) else {
+        return false;
+    };
+    let Ok(listener) = listener else {
+        return false;
+    };
+    let waiter = std::thread::Builder::new()
+        .name("seccomp-probe".into())
+        .spawn(move || {
+            let r = recv(listener.as_fd());
+            let _ = tx.send(r.err().and_then(|e| e.raw_os_error()));
+        });
+    waiter.is_ok() && rx.recv_timeout(wait) == Ok(Some(libc::ENOENT))
 }
 
 /// Waits for the next trapped call (blocking; poll the listener first for
@@ -150,5 +210,50 @@ mod tests {
         assert_eq!(size(IOCTL_NOTIF_SEND), std::mem::size_of::<Resp>());
         assert_eq!(size(IOCTL_NOTIF_ID_VALID), 8);
         assert_eq!(size(IOCTL_NOTIF_ADDFD), std::mem::size_of::<AddFd>());
+        assert_eq!(size(IOCTL_NOTIF_SET_FLAGS), 8);
+    }
+
+    fn kernel_at_least(major: u32, minor: u32) -> bool {
+        let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = r
+            .trim()
+            .split(['.', '-'])
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (major, minor)
+    }
+
+    #[test]
+    fn the_probe_finds_what_the_kernel_does() {
+        let ends = recv_ends_when_orphaned(std::time::Duration::from_secs(5));
+        if kernel_at_least(6, 11) {
+            assert!(ends, "Linux 6.11+ ends a recv whose filter has no users");
+        } else {
+            println!("the probe says {ends} on a kernel before 6.11");
+        }
+    }
+
+    #[test]
+    fn a_listener_takes_the_same_cpu_hand_over_and_shows_its_end() {
+        let l = std::thread::spawn(crate::filter::install_silent)
+            .join()
+            .expect("installer thread")
+            .expect("filter installed");
+        if kernel_at_least(6, 6) {
+            assert!(
+                sync_wake_up(l.as_fd()),
+                "Linux 6.6+ has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP"
+            );
+        }
+        // The installing thread is gone (the kernel lets go of its filter
+        // just after join returns): no process is under the filter.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !orphaned(l.as_fd()) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(orphaned(l.as_fd()));
+        if kernel_at_least(6, 11) {
+            let e = recv(l.as_fd()).expect_err("nothing can be trapped any more");
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        }
     }
 }

@@ -197,6 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         store: Some(store),
     });
     let brokers = broker::spawn(ctx.clone()).context("cannot start the broker thread")?;
+    seccomp::probe();
     if !saved.is_empty() {
         let n = persist::restore(&ctx, &brokers, saved);
         log::info!("restored {n} endpoint(s) from {}", cli.state_dir.display());

@@ -435,6 +435,73 @@ fn busybox_httpd_and_wget() {
     assert_eq!(peer.ip(), dst.ip());
 }
 
+/// graftd's threads named `name`.
+fn threads_named(pid: i32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// On a kernel that ends a waiting `recv` once its program exited, each
+/// supervisor waits in `recv` with the same-CPU hand-over: every trapped
+/// connect still goes through, and the supervisor thread still ends with
+/// its program (a supervisor that missed the end would stay, spinning on
+/// ENOENT or asleep for good).
+#[test]
+fn supervisors_end_with_their_programs() {
+    let test = "supervisors_end_with_their_programs";
+    let Some(env) = Env::new(test, &["busybox"]) else {
+        return;
+    };
+    let bb = which("busybox").expect("checked");
+    endpoints(&env);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            let (mut c, peer) = l.accept().unwrap();
+            http_request(&mut c);
+            c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")
+                .unwrap();
+            peers.push(peer);
+        }
+        peers
+    });
+    let url = format!("http://{dst}/");
+    for _ in 0..3 {
+        let (ok, out, err) = client(&env, OUT4, &bb, &["wget", "-q", "-O", "-", &url]);
+        assert!(ok, "{out} {err}");
+        assert_eq!(out, "hi\n");
+    }
+    assert_eq!(h.join().unwrap().len(), 3);
+    let pid = env.d.proc.pid();
+    wait_until("every seccomp supervisor ended", LIMIT, || {
+        threads_named(pid, "seccomp") == 0
+    });
+    let log = env.d.log_text();
+    let release = run_ok("uname", ["-r"]);
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    if (major, minor) >= (6, 11) {
+        assert!(
+            log.contains("seccomp supervisors wait in recv"),
+            "Linux {release} ends a waiting recv, yet graftd did not use it:\n{log}"
+        );
+    } else {
+        println!("{test}: Linux {release}: supervisors poll (recv-wait needs 6.11)");
+    }
+}
+
 /// The one line of a call on `ep-nope`, which does not exist.
 fn no_ep_nope(call: &str) -> String {
     format!(
