@@ -47,6 +47,8 @@ use crate::Ctx;
 pub const MAX_LISTENERS: usize = 512;
 /// Sockets bound to port 0 remembered per listener (see `Supervisor::port0`).
 const PORT0_MEMORY: usize = 1024;
+/// Pidfds of a program's threads kept per listener (see `Supervisor::pidfd`).
+const PIDFD_MEMORY: usize = 64;
 
 static LISTENERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -112,6 +114,7 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         port0: VecDeque::new(),
         fresh: Vec::new(),
         ns_cookie: std::cell::Cell::new(None),
+        pidfds: Vec::new(),
     };
     let spawned = std::thread::Builder::new()
         .name("seccomp".into())
@@ -208,6 +211,8 @@ struct Supervisor {
     /// are never reused): later sockets are checked with one getsockopt
     /// instead of opening their namespace.
     ns_cookie: std::cell::Cell<Option<u64>>,
+    /// Pidfds of the program's threads, oldest first.
+    pidfds: Vec<(libc::pid_t, Arc<OwnedFd>)>,
 }
 
 impl Supervisor {
@@ -285,7 +290,7 @@ impl Supervisor {
             _ => !self.rules.egress.is_empty(),
         };
         if wanted && call == Call::Listen {
-            return self.decide_listen(n, pid, fd);
+            return self.decide_listen(n, fd);
         }
         if !wanted {
             return Verdict::Continue;
@@ -323,21 +328,10 @@ impl Supervisor {
         let Some(sa) = sockaddr::parse(&raw[..got]) else {
             return Verdict::Continue;
         };
-        let pfd = match pidfd::open_thread(pid) {
-            Ok(p) => p,
-            // Still waiting, yet unreachable (graftd out of descriptors?):
-            // refuse rather than let a call that may need grafting through.
-            Err(e) if notify::id_valid(self.listener.as_fd(), n.id) => {
-                log::warn!("seccomp listener of {}: pidfd of {pid}: {e}", self.ns);
-                return Verdict::Fail(libc::EAGAIN);
-            }
-            Err(_) => return Verdict::Gone,
-        };
-        if !notify::id_valid(self.listener.as_fd(), n.id) {
-            return Verdict::Gone;
-        }
-        let Some(app) = self.app_socket(pfd.as_fd(), fd, Some(&sa)) else {
-            return Verdict::Continue;
+        let (pfd, app) = match self.app_socket(n, fd, Some(&sa)) {
+            Ok((p, Some(a))) => (p, a),
+            Ok((_, None)) => return Verdict::Continue,
+            Err(v) => return v,
         };
         let bound = bound_port(app.sock.as_fd());
         let connected = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
@@ -449,19 +443,11 @@ impl Supervisor {
     /// (unbound, or bound to port 0 earlier): a server after all, grafted
     /// now when an ingress rule covers port 0 of its address (as the preload
     /// library does); the listen then continues on the host socket.
-    fn decide_listen(&mut self, n: &notify::Notif, pid: libc::pid_t, fd: i32) -> Verdict {
-        let pfd = match pidfd::open_thread(pid) {
-            Ok(p) => p,
-            Err(_) if notify::id_valid(self.listener.as_fd(), n.id) => {
-                return Verdict::Fail(libc::EAGAIN)
-            }
-            Err(_) => return Verdict::Gone,
-        };
-        if !notify::id_valid(self.listener.as_fd(), n.id) {
-            return Verdict::Gone;
-        }
-        let Some(app) = self.app_socket(pfd.as_fd(), fd, None) else {
-            return Verdict::Continue;
+    fn decide_listen(&mut self, n: &notify::Notif, fd: i32) -> Verdict {
+        let (pfd, app) = match self.app_socket(n, fd, None) {
+            Ok((p, Some(a))) => (p, a),
+            Ok((_, None)) => return Verdict::Continue,
+            Err(v) => return v,
         };
         if app.sotype != libc::SOCK_STREAM {
             return Verdict::Continue;
@@ -514,16 +500,63 @@ impl Supervisor {
         self.port0.push_back(inode);
     }
 
-    /// The caller's descriptor `fd` if it is an AF_INET/AF_INET6 stream or
-    /// datagram socket of the family of `sa`, living in the program's own
-    /// namespace (a host socket, grafted already, is left alone).
+    /// A pidfd of the trapped thread of call `n`. One is kept per thread
+    /// (up to [`PIDFD_MEMORY`]), which saves opening and closing one per
+    /// call; with `fresh`, the kept one is replaced. Fails the call when the
+    /// thread is still waiting yet cannot be reached (graftd out of
+    /// descriptors?), rather than let a call that may need grafting through.
+    fn pidfd(&mut self, n: &notify::Notif, fresh: bool) -> Result<Arc<OwnedFd>, Verdict> {
+        let tid = n.pid as libc::pid_t;
+        if !fresh {
+            if let Some((_, p)) = self.pidfds.iter().find(|(t, _)| *t == tid) {
+                return Ok(Arc::clone(p));
+            }
+        }
+        self.pidfds.retain(|(t, _)| *t != tid);
+        let p = match pidfd::open_thread(tid) {
+            Ok(p) => Arc::new(p),
+            Err(e) if notify::id_valid(self.listener.as_fd(), n.id) => {
+                log::warn!("seccomp listener of {}: pidfd of {tid}: {e}", self.ns);
+                return Err(Verdict::Fail(libc::EAGAIN));
+            }
+            Err(_) => return Err(Verdict::Gone),
+        };
+        // The thread was still waiting after the pidfd was made: the pidfd
+        // is the trapped thread's, not an earlier holder's of its number.
+        if !notify::id_valid(self.listener.as_fd(), n.id) {
+            return Err(Verdict::Gone);
+        }
+        if self.pidfds.len() >= PIDFD_MEMORY {
+            self.pidfds.remove(0);
+        }
+        self.pidfds.push((tid, Arc::clone(&p)));
+        Ok(p)
+    }
+
+    /// The trapped thread's pidfd, and its descriptor `fd` if that is an
+    /// AF_INET/AF_INET6 stream or datagram socket of the family of `sa`,
+    /// living in the program's own namespace (a host socket, grafted
+    /// already, is left alone).
     fn app_socket(
-        &self,
-        pfd: BorrowedFd<'_>,
+        &mut self,
+        n: &notify::Notif,
         fd: i32,
         sa: Option<&SocketAddr>,
-    ) -> Option<AppSocket> {
-        let sock = pidfd::getfd(pfd, fd).ok()?;
+    ) -> Result<(Arc<OwnedFd>, Option<AppSocket>), Verdict> {
+        let mut pfd = self.pidfd(n, false)?;
+        let mut got = pidfd::getfd(pfd.as_fd(), fd);
+        if matches!(&got, Err(e) if e.raw_os_error() == Some(libc::ESRCH)) {
+            // A kept pidfd of a thread that ended since; its number now
+            // names the trapped thread, which is still waiting.
+            pfd = self.pidfd(n, true)?;
+            got = pidfd::getfd(pfd.as_fd(), fd);
+        }
+        // Any other failure (EBADF): the kernel fails the call itself.
+        let app = got.ok().and_then(|sock| self.app_socket_kind(sock, sa));
+        Ok((pfd, app))
+    }
+
+    fn app_socket_kind(&self, sock: OwnedFd, sa: Option<&SocketAddr>) -> Option<AppSocket> {
         let int = |name| sockopt::get_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
         let family = int(libc::SO_DOMAIN)?;
         let sotype = int(libc::SO_TYPE)?;
