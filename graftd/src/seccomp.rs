@@ -20,6 +20,10 @@
 //! CONTINUE re-reads the address from the caller's memory, which another of
 //! its threads may have changed after graftd read it: the endpoint's
 //! in-kernel egress policy is what guards the real destination.
+//!
+//! Where the kernel allows it ([`probe`]), a supervisor waits in the
+//! listener's `recv` with the same-CPU hand-over, so the trapped thread and
+//! graftd take turns on one CPU; it keeps a pidfd per program thread.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
