@@ -385,14 +385,20 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     }
 }
 
+/// A world with busybox and the usual endpoints (their ports), or `None`
+/// after the skip line.
+fn busybox_env(test: &str) -> Option<(Env, PathBuf, (u16, u16))> {
+    let env = Env::new(test, &["busybox"])?;
+    let bb = which("busybox").expect("checked");
+    let ports = endpoints(&env);
+    Some((env, bb, ports))
+}
+
 #[test]
 fn busybox_httpd_and_wget() {
-    let test = "busybox_httpd_and_wget";
-    let Some(env) = Env::new(test, &["busybox"]) else {
+    let Some((env, bb, (p4, _))) = busybox_env("busybox_httpd_and_wget") else {
         return;
     };
-    let bb = which("busybox").expect("checked");
-    let (p4, _) = endpoints(&env);
     let www = env.dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "served by busybox httpd\n").unwrap();
@@ -456,11 +462,9 @@ fn threads_named(pid: i32, name: &str) -> usize {
 #[test]
 fn supervisors_end_with_their_programs() {
     let test = "supervisors_end_with_their_programs";
-    let Some(env) = Env::new(test, &["busybox"]) else {
+    let Some((env, bb, _)) = busybox_env(test) else {
         return;
     };
-    let bb = which("busybox").expect("checked");
-    endpoints(&env);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let dst = l.local_addr().unwrap();
     let h = std::thread::spawn(move || {
