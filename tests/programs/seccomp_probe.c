@@ -11,7 +11,9 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,7 +96,13 @@ int main(int argc, char **argv) {
 		return 0;
 	}
 	if (!strcmp(mode, "tcp-get")) {
-		int s = socket(fam, SOCK_STREAM, 0);
+		/* PROBE_FLAGS=cloexec,nonblock: made with those flags, and the
+		 * descriptor's flags after connect told on stderr. */
+		const char *fl = getenv("PROBE_FLAGS");
+		int ty = SOCK_STREAM;
+		if (fl && strstr(fl, "cloexec")) ty |= SOCK_CLOEXEC;
+		if (fl && strstr(fl, "nonblock")) ty |= SOCK_NONBLOCK;
+		int s = socket(fam, ty, 0);
 		if (s < 0) die("socket");
 		/* options set before connect, to be carried onto the host socket */
 		if (getenv("PROBE_RCVBUF")) {
@@ -106,7 +114,17 @@ int main(int argc, char **argv) {
 			if (setsockopt(s, SOL_SOCKET, SO_MARK, &v, sizeof v) < 0) die("SO_MARK");
 		}
 		setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-		if (connect(s, (void *)&ss, len) < 0) die("connect");
+		if (connect(s, (void *)&ss, len) < 0) {
+			if (errno != EINPROGRESS) die("connect");
+			struct pollfd p = { .fd = s, .events = POLLOUT };
+			if (poll(&p, 1, 5000) != 1) die("poll");
+		}
+		if (fl) {
+			int fd = fcntl(s, F_GETFD), st = fcntl(s, F_GETFL);
+			fprintf(stderr, "probe: fd %d cloexec=%d nonblock=%d\n", s,
+				!!(fd & FD_CLOEXEC), !!(st & O_NONBLOCK));
+			fcntl(s, F_SETFL, st & ~O_NONBLOCK);
+		}
 		if (write(s, msg, strlen(msg)) < 0) die("write");
 		shutdown(s, SHUT_WR);
 		ssize_t n, total = 0;

@@ -385,6 +385,35 @@ fn musl_static_tcp_and_udp_sendto_sendmsg() {
     }
 }
 
+/// The grafted socket keeps its descriptor number, close-on-exec flag and
+/// O_NONBLOCK, whichever way the program made it (graftd reads the flag
+/// from the program's fdinfo and passes it to SECCOMP_IOCTL_NOTIF_ADDFD).
+#[test]
+fn descriptor_flags_survive_the_graft() {
+    let test = "descriptor_flags_survive_the_graft";
+    let Some((env, c, _)) = probe_env(test, &[], musl_probe) else {
+        return;
+    };
+    for flags in ["none", "cloexec", "nonblock", "cloexec,nonblock"] {
+        let (dst, h) = host_tcp_at("127.0.0.1:0", b"ack");
+        let port = dst.port().to_string();
+        let mut cmd = graft_cmd(&env, OUT4, &c, &["tcp-get", "127.0.0.1", &port, flags]);
+        cmd.env("PROBE_FLAGS", flags);
+        let o = output_within(cmd, "grafted client", LIMIT, None);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert!(o.status.success(), "{flags}: {out} {err}");
+        assert_eq!(out, "got ack\n", "{flags}");
+        let want = format!(
+            "probe: fd 3 cloexec={} nonblock={}",
+            u8::from(flags.contains("cloexec")),
+            u8::from(flags.contains("nonblock"))
+        );
+        assert!(err.contains(&want), "{flags}: want {want:?} in {err}");
+        let (got, peer) = h.join().unwrap();
+        assert_eq!((text(&got), peer.ip()), (flags.to_owned(), dst.ip()));
+    }
+}
+
 /// A world with busybox and the usual endpoints (their ports), or `None`
 /// after the skip line.
 fn busybox_env(test: &str) -> Option<(Env, PathBuf, (u16, u16))> {
