@@ -67,6 +67,19 @@ pub(crate) fn cgroup_dir(mounts: &[(PathBuf, String)], path: &str) -> Option<Pat
     None
 }
 
+/// The directory of process `pid`'s cgroup v2, if a cgroup2 mount shows
+/// it; `None` for the hierarchy's root.
+pub(crate) fn of_process(pid: u32) -> Result<Option<PathBuf>, Error> {
+    let own = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(io_err(format!("read /proc/{pid}/cgroup")))?;
+    let Some(path) = own_cgroup_path(&own).filter(|p| p != "/") else {
+        return Ok(None);
+    };
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(io_err("read /proc/self/mountinfo"))?;
+    Ok(cgroup_dir(&cgroup2_mounts(&mountinfo), &path))
+}
+
 /// The cgroup the process now runs in, which it leaves on drop.
 #[derive(Debug)]
 pub struct Placement {

@@ -160,6 +160,27 @@ enum Kind {
 /// The one list of programs attached to the companion's cgroup: name in
 /// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
 /// bpf_link, pinned as `PIN_DIR/links/NAME`.
+/// Attached by [`Companion::watch_options`] to a seccomp-mode program's
+/// cgroup, never to graftd's.
+const WATCH_PROGRAMS: &[(&str, Kind, u32)] = &[
+    (
+        "graft_app_sock_create",
+        Kind::Sock,
+        attach::CGROUP_INET_SOCK_CREATE,
+    ),
+    (
+        "graft_app_setsockopt",
+        Kind::Sockopt,
+        attach::CGROUP_SETSOCKOPT,
+    ),
+];
+
+/// A recording of a cgroup's socket options: detached when dropped.
+#[derive(Debug)]
+pub struct OptionWatch {
+    _links: Vec<OwnedFd>,
+}
+
 const CGROUP_PROGRAMS: &[(&str, Kind, u32)] = &[
     (
         "graft_connect4",
@@ -301,6 +322,9 @@ pub struct Companion {
     ids: HashMap<MapData, maps::GraftEpKey, maps::GraftEpVal>,
     next: Array<MapData, u64>,
     _socks: Option<SockHash<MapData, [u8; 56]>>,
+    /// Options set on sockets of programs served in seccomp mode (see
+    /// [`Companion::watch_options`]).
+    app_opts: SkStorage<MapData, u64>,
     /// The dual-stack steering map, when `graft_sk_lookup` is attached to
     /// graftd's own namespace; else why not.
     steer: Result<SockHash<MapData, [u8; 24]>, String>,
@@ -363,9 +387,16 @@ impl Companion {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(bpf_err("load eBPF object"))?;
-        for (name, kind, _) in CGROUP_PROGRAMS {
+        for (name, kind, _) in CGROUP_PROGRAMS.iter().chain(WATCH_PROGRAMS) {
             load_program(&mut ebpf, name, *kind)?;
         }
+        let mut bits: HashMap<MapData, u32, u32> = take(&mut ebpf, "graft_opt_bits")?;
+        for (i, o) in graft_core::sockopt::SNAPSHOT.iter().enumerate().take(64) {
+            let key = ((o.level as u32) << 16) | (o.name as u32 & 0xffff);
+            bits.insert(key, i as u32, 0)
+                .map_err(bpf_err("fill graft_opt_bits"))?;
+        }
+        let app_opts = take(&mut ebpf, "graft_app_opts")?;
 
         let socks = if opts.splice {
             let socks: SockHash<MapData, [u8; 56]> = take(&mut ebpf, "graft_socks")?;
@@ -427,6 +458,7 @@ impl Companion {
             ids,
             next,
             _socks: socks,
+            app_opts,
             steer,
             endpoints: StdHashMap::new(),
             next_id: 1,
@@ -665,6 +697,48 @@ impl Companion {
             }
         }
         self.register_sockets(fds, key, limit)
+    }
+
+    /// Starts recording, for every inet socket made from now on in the
+    /// cgroup of process `pid`, which of `graft_core::sockopt::SNAPSHOT`'s
+    /// options it is set (read back with [`Companion::options_set`]), until
+    /// the returned watch is dropped. `None` when that cgroup is the
+    /// hierarchy's root or graftd's own (every socket of the host, or
+    /// graftd's, would carry a record) or cannot be seen.
+    pub fn watch_options(&self, pid: u32) -> Result<Option<OptionWatch>, Error> {
+        let Some(dir) = cgroup::of_process(pid)? else {
+            return Ok(None);
+        };
+        if dir == self.placement.dir {
+            return Ok(None);
+        }
+        let target = std::fs::File::open(&dir).map_err(|source| Error::Io {
+            op: format!("open cgroup {}", dir.display()),
+            source,
+        })?;
+        let mut links = Vec::with_capacity(WATCH_PROGRAMS.len());
+        for (name, _, attach_type) in WATCH_PROGRAMS {
+            let p = self.ebpf.program(name).ok_or_else(|| Error::Bpf {
+                op: format!("find program {name}"),
+                detail: "missing from the object".into(),
+            })?;
+            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
+            links.push(attach_link(
+                fd.as_fd(),
+                target.as_fd(),
+                &format!("cgroup {}", dir.display()),
+                name,
+                *attach_type,
+                None,
+            )?);
+        }
+        Ok(Some(OptionWatch { _links: links }))
+    }
+
+    /// Which options were set on socket `fd` (bit i: `SNAPSHOT[i]`), if it
+    /// was made under a watch; `None`: its history is unknown.
+    pub fn options_set(&self, fd: BorrowedFd<'_>) -> Option<u64> {
+        self.app_opts.get(&fd.as_raw_fd(), 0).ok()
     }
 
     /// The endpoint id a socket is marked with, if any.

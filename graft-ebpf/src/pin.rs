@@ -22,6 +22,7 @@ const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// `enum bpf_attach_type` values of the hooks graft uses.
 pub mod attach {
+    pub const CGROUP_INET_SOCK_CREATE: u32 = 2;
     pub const CGROUP_SOCK_OPS: u32 = 3;
     pub const CGROUP_INET4_BIND: u32 = 8;
     pub const CGROUP_INET6_BIND: u32 = 9;

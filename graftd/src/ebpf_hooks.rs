@@ -113,6 +113,20 @@ pub trait Hooks: Send + Sync {
     /// `show` asks for the counters of `ep`: add the kernel-side ones.
     fn merge_stats(&self, _ep: &EndpointRef<'_>, _stats: &mut Stats) {}
 
+    /// A program about to run in seccomp mode is in process `pid`'s
+    /// cgroup: from now on, record which carried options its sockets are
+    /// set, for as long as the returned guard lives. `None`: not recorded.
+    fn watch_options(&self, _pid: u32) -> Option<Box<dyn Send>> {
+        None
+    }
+
+    /// Which of `graft_core::sockopt::SNAPSHOT`'s options were set on the
+    /// program's socket `sock` (bit i: `SNAPSHOT[i]`); `None`: unknown, so
+    /// every one must be read.
+    fn options_set(&self, _sock: BorrowedFd<'_>) -> Option<u64> {
+        None
+    }
+
     /// graftd is about to exit: undo what `load` set up.
     fn daemon_stopping(&self) {}
 }
@@ -292,6 +306,23 @@ impl Hooks for Ebpf {
         // sockets_handed_out refuses every socket once the companion is gone,
         // so a socket bound without its port is never handed out unguarded.
         self.guarded
+    }
+
+    fn watch_options(&self, pid: u32) -> Option<Box<dyn Send>> {
+        let g = self.lock();
+        match g.as_ref()?.watch_options(pid) {
+            Ok(w) => w.map(|w| Box::new(w) as Box<dyn Send>),
+            Err(e) => {
+                log::debug!(
+                    "eBPF companion: cannot record the options of pid {pid}'s sockets: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    fn options_set(&self, sock: BorrowedFd<'_>) -> Option<u64> {
+        self.lock().as_ref()?.options_set(sock)
     }
 
     fn steer_v6(&self, listener: BorrowedFd<'_>, to: SocketAddrV6) -> io::Result<()> {

@@ -108,6 +108,12 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         log::warn!("broker for {ns}: {MAX_LISTENERS} seccomp listeners served, refusing another");
         return refuse(libc::EAGAIN, Reason::SocketFailed);
     }
+    // Before the reply: the program, exec'd once it has it, makes its
+    // sockets under the watch.
+    let watch = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .and_then(|c| u32::try_from(c.pid()).ok())
+        .and_then(|pid| ctx.hooks.watch_options(pid));
     let sup = Supervisor {
         ctx: Arc::clone(ctx),
         ns,
@@ -119,6 +125,7 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         fresh: Vec::new(),
         ns_cookie: std::cell::Cell::new(None),
         pidfds: Vec::new(),
+        _watch: watch,
     };
     let spawned = std::thread::Builder::new()
         .name("seccomp".into())
@@ -217,6 +224,9 @@ struct Supervisor {
     ns_cookie: std::cell::Cell<Option<u64>>,
     /// Pidfds of the program's threads, oldest first.
     pidfds: Vec<(libc::pid_t, Arc<OwnedFd>)>,
+    /// The eBPF companion's record of the options the program sets on its
+    /// sockets, while this listener is served.
+    _watch: Option<Box<dyn Send>>,
 }
 
 impl Supervisor {
@@ -663,7 +673,18 @@ impl Supervisor {
             }
         }
         if let Some((_, fresh)) = self.fresh.iter().find(|(k, _)| *k == kind) {
-            snapshot(app, fresh, &mut req);
+            let set = self.ctx.hooks.options_set(app.sock.as_fd());
+            let read = snapshot(app, fresh, set, &mut req);
+            log::debug!(
+                "seccomp listener of {}: pid {} fd {fd}: read {read} option(s), {}",
+                self.ns,
+                n.pid,
+                if set.is_some() {
+                    "as recorded"
+                } else {
+                    "no record"
+                }
+            );
         }
         let mut rec = [0u8; REQUEST_LEN];
         req.encode(&mut rec);
@@ -819,12 +840,20 @@ fn defaults(
 
 /// The options the program set on its socket: those that differ from a
 /// fresh socket of the same kind (the preload library's comparison, for a
-/// socket whose history graftd did not see).
-fn snapshot(app: &AppSocket, fresh: &Defaults, req: &mut Request) {
-    for (o, d) in SNAPSHOT.iter().zip(fresh) {
+/// socket whose history graftd did not see). With `set` (the options the
+/// eBPF companion saw being set on it, bit i: `SNAPSHOT[i]`), only those
+/// are read. Returns how many were read.
+fn snapshot(app: &AppSocket, fresh: &Defaults, set: Option<u64>, req: &mut Request) -> usize {
+    let mut read = 0;
+    for (i, (o, d)) in SNAPSHOT.iter().zip(fresh).enumerate() {
         let Some((p, np)) = d else {
             continue;
         };
+        // Options past the 64th have no bit: always read.
+        if set.is_some_and(|b| i < 64 && b & (1u64 << i) == 0) {
+            continue;
+        }
+        read += 1;
         let mut a = [0u8; 20];
         let Ok(na) = sockopt::get(app.sock.as_fd(), o.level, o.name, &mut a[..o.kind.size()])
         else {
@@ -840,6 +869,7 @@ fn snapshot(app: &AppSocket, fresh: &Defaults, req: &mut Request) {
             req.push_opt(o.level, o.name, &a[..na]);
         }
     }
+    read
 }
 
 /// The errno and the line for a refused graft, worded as the preload

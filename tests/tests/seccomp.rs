@@ -1147,3 +1147,120 @@ fn go_dual_stack_listener_answers_on_both_endpoints() {
         env.d.log_text()
     );
 }
+
+/// A cgroup v2 of the test's own, as a container or a systemd unit has one;
+/// removed on drop (once the processes in it are gone).
+struct OwnCgroup(PathBuf);
+
+impl OwnCgroup {
+    fn new() -> Option<Self> {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mnt = mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })?;
+        let dir = mnt.join(unique("graft-test-app-"));
+        std::fs::create_dir(&dir).ok()?;
+        Some(OwnCgroup(dir))
+    }
+
+    /// `cmd` run from inside this cgroup.
+    fn wrap(&self, cmd: &Command) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&self.0)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("cgroup {} left behind", self.0.display());
+    }
+}
+
+/// A program in a cgroup of its own (a container's): the eBPF companion
+/// records which options it sets on its sockets, so a trapped connect reads
+/// only those (one or two here) instead of all 47 an AF_INET stream
+/// socket can carry; what was set still travels (SO_RCVBUF, seen with `ss`
+/// on the host side), and the recording ends with the program.
+#[test]
+fn options_of_a_program_in_its_own_cgroup_are_recorded_not_searched() {
+    let test = "options_of_a_program_in_its_own_cgroup_are_recorded_not_searched";
+    let Some((env, c, _)) = probe_env(test, &["ss", "bpftool"], musl_probe) else {
+        return;
+    };
+    if !env.ebpf_or_skip(test) {
+        return;
+    }
+    let Some(cg) = OwnCgroup::new() else {
+        println!("SKIP: {test}: cannot make a cgroup v2 of its own");
+        return;
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (mut c, peer) = l.accept().unwrap();
+            c.set_read_timeout(Some(LIMIT)).unwrap();
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            let ss = run("ss", ["-Htmn", &format!("sport = :{}", peer.port())]);
+            c.write_all(b"ok").unwrap();
+            seen.push(text(&ss.stdout));
+        }
+        seen
+    });
+    let port = dst.port().to_string();
+    for rcvbuf in [None, Some("300000")] {
+        let mut cmd = graft_cmd(&env, OUT4, &c, &["tcp-get", "127.0.0.1", &port, "x"]);
+        if let Some(v) = rcvbuf {
+            cmd.env("PROBE_RCVBUF", v);
+        }
+        let o = output_within(cg.wrap(&cmd), "probe in its own cgroup", LIMIT, None);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "got ok\n");
+    }
+    let seen = h.join().unwrap();
+    assert!(!seen[0].contains("rb600000,"), "{}", seen[0]);
+    // The kernel doubles SO_RCVBUF; the default here is far smaller.
+    assert!(seen[1].contains("rb600000,"), "{}", seen[1]);
+    let log = env.d.log_text();
+    let reads: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once("fd 3: ").map(|(_, r)| r))
+        .collect();
+    assert_eq!(
+        reads,
+        // SO_RCVTIMEO (the probe always sets it), then SO_RCVBUF too.
+        [
+            "read 1 option(s), as recorded",
+            "read 2 option(s), as recorded"
+        ],
+        "{log}"
+    );
+    // Both supervisors ended with their programs: nothing stays attached.
+    wait_until("the recording detached", LIMIT, || {
+        run("bpftool", ["cgroup", "show", &cg.0.display().to_string()])
+            .stdout
+            .is_empty()
+    });
+}

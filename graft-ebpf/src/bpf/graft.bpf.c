@@ -575,6 +575,55 @@ int graft_setsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
+/* ------------------------------------------- a seccomp program's options */
+
+/* Attached (per seccomp listener, not pinned) to the cgroup of a program
+ * graftd serves in seccomp mode, so that a trapped connect need not read
+ * every carried option of the program's socket to find the few it set:
+ * each inet socket made there gets a record, and each setsockopt on it sets
+ * the bit of its option (graft_core::sockopt::SNAPSHOT order, filled in by
+ * the loader). A socket without a record was made elsewhere or earlier:
+ * graftd reads all of its options. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} graft_app_opts SEC(".maps");
+
+/* (level << 16 | optname) -> bit. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 128);
+	__type(key, __u32);
+	__type(value, __u32);
+} graft_opt_bits SEC(".maps");
+
+SEC("cgroup/sock_create")
+int graft_app_sock_create(struct bpf_sock *sk)
+{
+	bpf_sk_storage_get(&graft_app_opts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	return 1;
+}
+
+SEC("cgroup/setsockopt")
+int graft_app_setsockopt(struct bpf_sockopt *ctx)
+{
+	__u32 key = ((__u32)ctx->level << 16) | ((__u32)ctx->optname & 0xffff);
+	__u32 *bit = bpf_map_lookup_elem(&graft_opt_bits, &key);
+	__u64 *set;
+
+	if (bit && ctx->sk) {
+		set = bpf_sk_storage_get(&graft_app_opts, ctx->sk, 0, 0);
+		if (set)
+			__sync_fetch_and_or(set, 1ULL << (*bit & 63));
+	}
+	/* As graft_setsockopt: the kernel applies the caller's own buffer. */
+	if (ctx->optlen > GRAFT_SOCKOPT_MAX)
+		ctx->optlen = 0;
+	return 1;
+}
+
 /* ---------------------------------------------------------- sock_release */
 
 SEC("cgroup/sock_release")
