@@ -5,7 +5,8 @@
 //! attaches to a cgroup v2 of its own. Every socket graftd hands out was
 //! created by graftd, so it belongs to that cgroup for life, wherever the
 //! program using it runs; connections accepted on a grafted listener inherit
-//! the listener's cgroup. No other socket on the machine is seen.
+//! the listener's cgroup. No other socket on the machine is seen (but for
+//! the option record of seccomp-mode programs, below).
 //!
 //! How it works:
 //! * graftd marks each socket it hands out with its endpoint id in a
@@ -37,6 +38,15 @@
 //!   (matched by socket cookie, so accepted children do not count): with
 //!   graftd's count of sockets handed out this gives each endpoint's live
 //!   sockets, which [`Companion::register_sockets`] holds to a limit.
+//! * For a program served in seccomp mode that runs in a cgroup of its own
+//!   (a container's, a unit's), `graft_app_sock_create` and
+//!   `graft_app_setsockopt` are attached to *that* cgroup for as long as
+//!   graftd serves it ([`Companion::watch_options`], links not pinned):
+//!   every inet socket made there gets a record of which carried options
+//!   (`graft_core::sockopt::SNAPSHOT`) it was set, so graftd reads those
+//!   few instead of all of them at a trapped connect
+//!   ([`Companion::options_set`]). The only programs that see sockets
+//!   graftd did not make; they change nothing.
 //!
 //! Outliving graftd ([`Options::pin_dir`]): the maps in `PINNED_MAPS` are
 //! pinned as `DIR/maps/NAME` and every cgroup program is attached by a
