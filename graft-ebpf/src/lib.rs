@@ -713,13 +713,15 @@ impl Companion {
     /// cgroup of process `pid`, which of `graft_core::sockopt::SNAPSHOT`'s
     /// options it is set (read back with [`Companion::options_set`]), until
     /// the returned watch is dropped. `None` when that cgroup is the
-    /// hierarchy's root or graftd's own (every socket of the host, or
-    /// graftd's, would carry a record) or cannot be seen.
+    /// hierarchy's root, graftd's own or one above it (every socket of the
+    /// host, or graftd's, would carry a record) or cannot be seen.
     pub fn watch_options(&self, pid: u32) -> Result<Option<OptionWatch>, Error> {
         let Some(dir) = cgroup::of_process(pid)? else {
             return Ok(None);
         };
-        if dir == self.placement.dir {
+        // Programs attached to a cgroup run for its whole subtree: not on
+        // graftd's own sockets.
+        if self.placement.dir.starts_with(&dir) {
             return Ok(None);
         }
         let target = std::fs::File::open(&dir).map_err(|source| Error::Io {
