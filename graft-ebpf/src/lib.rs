@@ -911,16 +911,23 @@ fn check_pinned_maps(dir: &Path) -> Result<(), Error> {
         };
         let info = aya::maps::MapInfo::from_pin(&path)
             .map_err(bpf_err(format!("open pinned map {name}")))?;
-        let have = (info.key_size(), info.value_size(), info.max_entries());
-        let want = (def.key_size(), def.value_size(), def.max_entries());
+        // The kind too: a map may change kind and keep its sizes.
+        let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
+        let have = (kind, info.key_size(), info.value_size(), info.max_entries());
+        let want = (
+            def.map_type(),
+            def.key_size(),
+            def.value_size(),
+            def.max_entries(),
+        );
         if have != want {
             return Err(Error::Bpf {
                 op: format!("adopt pinned map {}", path.display()),
                 detail: format!(
-                    "it was made by another graft version (key/value/entries {}/{}/{}, this one needs \
-                     {}/{}/{}): stop graftd and run graftd --remove (with the same --pin-dir and \
-                     --cgroup) before starting this version",
-                    have.0, have.1, have.2, want.0, want.1, want.2
+                    "it was made by another graft version (type/key/value/entries \
+                     {}/{}/{}/{}, this one needs {}/{}/{}/{}): stop graftd and run graftd --remove \
+                     (with the same --pin-dir and --cgroup) before starting this version",
+                    have.0, have.1, have.2, have.3, want.0, want.1, want.2, want.3
                 ),
             });
         }

@@ -107,6 +107,18 @@ fn pinned_companion_outlives_its_process_and_is_adopted() {
         "{e}"
     );
     assert_eq!(sendto(&s, port), Err(libc::EPERM));
+    // (A missing pin is made anew: only the next check is left to fail.)
+    std::fs::remove_file(maps.join("graft_next_id")).unwrap();
+
+    // So is one of the same sizes but another kind (per-CPU counters).
+    let counters = maps.join("graft_counters_map");
+    std::fs::remove_file(&counters).unwrap();
+    pin_new_map(&counters, BPF_MAP_TYPE_PERCPU_HASH, 4, 72, 4096);
+    let e = Companion::start(&opts).unwrap_err().to_string();
+    assert!(
+        e.contains("graft_counters_map") && e.contains("made by another graft version"),
+        "{e}"
+    );
 
     // Removal detaches everything.
     let original = guard.original.take().unwrap();
@@ -127,4 +139,44 @@ fn pinned_companion_outlives_its_process_and_is_adopted() {
         std::time::Duration::from_secs(20),
         || sendto(&s, port).is_ok(),
     );
+}
+
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+
+/// Pins a new map of type `kind` and the given sizes at `path`.
+fn pin_new_map(path: &std::path::Path, kind: u32, key: u32, value: u32, entries: u32) {
+    // union bpf_attr for BPF_MAP_CREATE: type, key, value, entries, flags.
+    let mut attr = [0u32; 30];
+    attr[..5].copy_from_slice(&[kind, key, value, entries, 0]);
+    // SAFETY: attr is a zeroed bpf_attr large enough for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // union bpf_attr for BPF_OBJ_PIN: pathname (u64), bpf_fd (u32).
+    let mut pin = [0u64; 3];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: pin is a bpf_attr for BPF_OBJ_PIN naming a live path and fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            pin.as_mut_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: the map fd is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
 }
