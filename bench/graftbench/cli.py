@@ -16,7 +16,7 @@ from typing import Optional
 
 from .docker import DOCKER_PATHS, GraftDockerPath, docker_available
 from .harness import Harness, find_bins
-from .paths import ALL_PATHS, GraftPath
+from .paths import ALL_PATHS, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
 from .proc import RUN, BenchError, cleanup, on_signal, record, say
 from .report import fmt, replot, write_results
 from .workloads import config, micro, run_cell
@@ -126,6 +126,10 @@ def choose_paths(h, opts, out):
                 want.add(c.baseline)
         want.add("host")
         classes = [c for c in classes if c.name in want]
+    if cgroup2_mount() is None and GraftSeccompCgroupPath in classes:
+        classes.remove(GraftSeccompCgroupPath)
+        out.skipped.append("graft-seccomp-cg: no cgroup2 mount")
+        say("SKIP: graft-seccomp-cg: no cgroup2 mount")
     if not h.bin_dir:
         classes = [c for c in classes if not issubclass(c, (GraftPath, GraftDockerPath))]
         out.skipped.append("graft rows: graftd/graft/ip-graft not built (cargo build --release --workspace)")

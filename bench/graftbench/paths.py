@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from .proc import RUN, RUNID, BenchError, kill_proc, nsx, proc_log, sh, spawn
+from .proc import RUN, RUNID, BenchError, kill_proc, nsx, proc_log, say, sh, spawn
 
 SVC = {"iperf": 1, "pp": 2, "nginx": 3, "churn": 4, "nginx_out": 5}
 
@@ -333,6 +333,51 @@ class GraftSeccompPath(GraftPath):
     graft_opts = ("--mode", "seccomp")
 
 
+class GraftSeccompCgroupPath(GraftSeccompPath):
+    """`graft-seccomp`'s egress rows with the client in a cgroup v2 of its
+    own, as a container's or a systemd unit's: graftd's eBPF companion then
+    records which options the program sets on its sockets, and a trapped
+    connect reads those instead of every carried option."""
+    name = "graft-seccomp-cg"
+    label = "graft --mode seccomp, client in a cgroup of its own"
+    base = 22700
+    ns_tag = "gscg"
+    workloads = ("churn", "churn_pin", "wrk_out")
+
+    def setup(self, h):
+        super().setup(h)
+        # choose_paths leaves this path out when there is no mount.
+        self.cg = os.path.join(cgroup2_mount() or "/sys/fs/cgroup", f"gb-{self.name}-{os.getpid()}")
+        os.mkdir(self.cg)
+        RUN.cleanups.append(lambda: remove_cgroup(self.cg))
+
+    def egress_client(self):
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.cg] + super().egress_client()
+
+
+def cgroup2_mount():
+    """Where the cgroup v2 hierarchy is mounted, if it is."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if post.startswith("cgroup2 "):
+                return pre.split()[4]
+    return None
+
+
+def remove_cgroup(path):
+    """Removes a cgroup once the processes in it are gone (bounded)."""
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    say(f"cleanup: cgroup {path} left behind")
+
+
 class GraftG2GPath(GraftPath):
     """Both ends grafted: servers as in `graft`, the client in a second
     loopback-only namespace under `graft -e` (no eBPF splicing)."""
@@ -369,7 +414,7 @@ class GraftNatPath(GraftPath):
 
 
 ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftNatPath,
-             GraftG2GPath, GraftSplicePath, GraftSeccompPath]
+             GraftG2GPath, GraftSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
 
 
 class Graftd:
