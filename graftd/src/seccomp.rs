@@ -760,7 +760,13 @@ impl Supervisor {
 /// Whether descriptor `fd` of thread `tid` is close-on-exec (the flags
 /// line of its fdinfo holds O_CLOEXEC).
 fn fd_cloexec(tid: libc::pid_t, fd: i32) -> io::Result<bool> {
-    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))?;
+    use std::io::Read;
+    // One read: the flags line comes second, well within the buffer (a
+    // socket's fdinfo is four short lines); no size probe, no read to EOF.
+    let mut buf = [0u8; 256];
+    let n = std::fs::File::open(format!("/proc/{tid}/fdinfo/{fd}"))?.read(&mut buf)?;
+    let info =
+        std::str::from_utf8(&buf[..n]).map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
     let flags = info
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
