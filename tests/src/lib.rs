@@ -896,6 +896,17 @@ pub fn grafted_nginx(env: &Env, rules: &[&str], page: &str, http: &str) -> Proc 
     Proc::spawn(env.graft(&args), "nginx")
 }
 
+/// Where this mount namespace shows the cgroup v2 hierarchy, if it does.
+pub fn cgroup2_mount() -> Option<String> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| pre.split_whitespace().nth(4).map(str::to_owned))
+            .flatten()
+    })
+}
+
 /// Asserts that a finished command succeeded, showing its output if not.
 pub fn assert_success(o: &Output, what: &str) {
     assert!(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use graft_tests::{bin, free_port, text, wait_until, Env, Graftd, Netns, Proc};
+use graft_tests::{bin, cgroup2_mount, free_port, text, wait_until, Env, Graftd, Netns, Proc};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -692,13 +692,7 @@ fn bpftool_cgroup_progs(env: &Env) -> Option<String> {
     let pid = env.d.proc.pid();
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = cg.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mnt = mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        post.starts_with("cgroup2 ")
-            .then(|| pre.split_whitespace().nth(4).map(str::to_owned))
-            .flatten()
-    })?;
+    let mnt = cgroup2_mount()?;
     let out = Command::new("bpftool")
         .args(["cgroup", "show", &format!("{mnt}{path}")])
         .output()

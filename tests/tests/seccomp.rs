@@ -414,6 +414,36 @@ fn descriptor_flags_survive_the_graft() {
     }
 }
 
+/// A host-side listener that takes `n` connections, one after the other,
+/// and hands each to `f`; returns its address and `f`'s results.
+fn host_tcp_serving<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(&mut std::net::TcpStream, SocketAddr) -> T + Send + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<Vec<T>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        (0..n)
+            .map(|_| {
+                let (mut c, peer) = l.accept().unwrap();
+                f(&mut c, peer)
+            })
+            .collect()
+    });
+    (dst, h)
+}
+
+/// Reads a grafted client's request to its end, then answers "ok"; returns
+/// what `ss` says of the client's socket, which is on this (host) stack.
+fn ss_of_peer(c: &mut std::net::TcpStream, peer: SocketAddr) -> String {
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let ss = run("ss", ["-Htmn", &format!("sport = :{}", peer.port())]);
+    c.write_all(b"ok").unwrap();
+    text(&ss.stdout)
+}
+
 /// A world with busybox and the usual endpoints (their ports), or `None`
 /// after the skip line.
 fn busybox_env(test: &str) -> Option<(Env, PathBuf, (u16, u16))> {
@@ -494,18 +524,11 @@ fn supervisors_end_with_their_programs() {
     let Some((env, bb, _)) = busybox_env(test) else {
         return;
     };
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dst = l.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let mut peers = Vec::new();
-        for _ in 0..3 {
-            let (mut c, peer) = l.accept().unwrap();
-            http_request(&mut c);
-            c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")
-                .unwrap();
-            peers.push(peer);
-        }
-        peers
+    let (dst, h) = host_tcp_serving(3, |c, peer| {
+        http_request(c);
+        c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")
+            .unwrap();
+        peer
     });
     let url = format!("http://{dst}/");
     for _ in 0..3 {
@@ -1035,18 +1058,7 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
     let Some((env, c, _)) = probe_env(test, &["ss"], musl_probe) else {
         return;
     };
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dst = l.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let (mut c, peer) = l.accept().unwrap();
-        c.set_read_timeout(Some(LIMIT)).unwrap();
-        let mut got = Vec::new();
-        let _ = c.read_to_end(&mut got);
-        // The client's socket is on this (host) stack: ask the kernel.
-        let ss = run("ss", ["-Htmn", &format!("sport = :{}", peer.port())]);
-        c.write_all(b"ok").unwrap();
-        text(&ss.stdout)
-    });
+    let (dst, h) = host_tcp_serving(1, ss_of_peer);
     let port = dst.port().to_string();
     // The probe's connect, with one option set first.
     let probe_with = |var: &str, val: &str, what: &str| {
@@ -1056,7 +1068,7 @@ fn options_are_carried_or_refused_in_seccomp_mode() {
     };
     let o = probe_with("PROBE_RCVBUF", "300000", "probe with SO_RCVBUF");
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let ss = h.join().unwrap();
+    let ss = h.join().unwrap().remove(0);
     // The kernel doubles SO_RCVBUF; the default here is far smaller.
     assert!(ss.contains("rb600000,"), "{ss}");
 
@@ -1154,14 +1166,7 @@ struct OwnCgroup(PathBuf);
 
 impl OwnCgroup {
     fn new() -> Option<Self> {
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let mnt = mi.lines().find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ")
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })?;
-        let dir = mnt.join(unique("graft-test-app-"));
+        let dir = PathBuf::from(cgroup2_mount()?).join(unique("graft-test-app-"));
         std::fs::create_dir(&dir).ok()?;
         Some(OwnCgroup(dir))
     }
@@ -1214,21 +1219,7 @@ fn options_of_a_program_in_its_own_cgroup_are_recorded_not_searched() {
         println!("SKIP: {test}: cannot make a cgroup v2 of its own");
         return;
     };
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dst = l.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for _ in 0..2 {
-            let (mut c, peer) = l.accept().unwrap();
-            c.set_read_timeout(Some(LIMIT)).unwrap();
-            let mut got = Vec::new();
-            let _ = c.read_to_end(&mut got);
-            let ss = run("ss", ["-Htmn", &format!("sport = :{}", peer.port())]);
-            c.write_all(b"ok").unwrap();
-            seen.push(text(&ss.stdout));
-        }
-        seen
-    });
+    let (dst, h) = host_tcp_serving(2, ss_of_peer);
     let port = dst.port().to_string();
     for rcvbuf in [None, Some("300000")] {
         let mut cmd = graft_cmd(&env, OUT4, &c, &["tcp-get", "127.0.0.1", &port, "x"]);
