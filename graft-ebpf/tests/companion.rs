@@ -701,6 +701,9 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
         .join(own.trim_start_matches('/'))
         .join(&name);
     std::fs::create_dir_all(&dir).unwrap();
+    // Declared before the companions: dropped after them (they move this
+    // process back out), also when an assertion fails.
+    let _gone = RemoveDirOnDrop(dir.clone());
     let cg = std::fs::File::open(&dir).unwrap();
 
     let on = 1u32;
@@ -1022,4 +1025,13 @@ where
     <&'a mut P as TryFrom<&'a mut aya::programs::Program>>::Error: std::fmt::Debug,
 {
     ebpf.program_mut(name).unwrap().try_into().unwrap()
+}
+
+/// Removes an (empty) directory when dropped: a test's own cgroup.
+struct RemoveDirOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
