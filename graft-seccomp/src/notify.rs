@@ -81,7 +81,7 @@ pub fn sync_wake_up(listener: BorrowedFd<'_>) -> bool {
 }
 
 /// Whether every process under the filter is gone (nothing more will
-/// come; a blocked [`recv`] returns `ENOENT` then, on Linux 6.6 and later).
+/// come; a blocked [`recv`] returns `ENOENT` then, on Linux 6.11 and later).
 pub fn orphaned(listener: BorrowedFd<'_>) -> bool {
     let mut p = libc::pollfd {
         fd: listener.as_raw_fd(),
