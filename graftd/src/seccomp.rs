@@ -571,6 +571,11 @@ impl Supervisor {
     }
 
     fn app_socket_kind(&self, sock: OwnedFd, sa: Option<&SocketAddr>) -> Option<AppSocket> {
+        // First: a socket grafted already (every later sendto with an
+        // address on it is trapped too) is told by this one call.
+        if !self.in_our_netns(sock.as_fd()) {
+            return None;
+        }
         let int = |name| sockopt::get_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
         let family = int(libc::SO_DOMAIN)?;
         let sotype = int(libc::SO_TYPE)?;
@@ -581,9 +586,6 @@ impl Supervisor {
             None => family == libc::AF_INET || family == libc::AF_INET6,
         };
         if !fits || !(sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM) {
-            return None;
-        }
-        if !self.in_our_netns(sock.as_fd()) {
             return None;
         }
         let inode = nix::sys::stat::fstat(sock.as_raw_fd()).ok()?.st_ino;
