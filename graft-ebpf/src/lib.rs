@@ -167,11 +167,8 @@ enum Kind {
     Sock,
 }
 
-/// The one list of programs attached to the companion's cgroup: name in
-/// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
-/// bpf_link, pinned as `PIN_DIR/links/NAME`.
 /// Attached by [`Companion::watch_options`] to a seccomp-mode program's
-/// cgroup, never to graftd's.
+/// cgroup, never to graftd's; as [`CGROUP_PROGRAMS`], not pinned.
 const WATCH_PROGRAMS: &[(&str, Kind, u32)] = &[
     (
         "graft_app_sock_create",
@@ -191,6 +188,9 @@ pub struct OptionWatch {
     _links: Vec<OwnedFd>,
 }
 
+/// The one list of programs attached to the companion's cgroup: name in
+/// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
+/// bpf_link, pinned as `PIN_DIR/links/NAME`.
 const CGROUP_PROGRAMS: &[(&str, Kind, u32)] = &[
     (
         "graft_connect4",
@@ -433,23 +433,13 @@ impl Companion {
         let placement = Placement::enter(&name, pins.is_some())?;
         // From here on, an error drops `placement`, which moves us back
         // (when nothing is pinned).
-        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
-        for (name, _, attach_type) in CGROUP_PROGRAMS {
-            let p = ebpf.program(name).ok_or_else(|| Error::Bpf {
-                op: format!("find program {name}"),
-                detail: "missing from the object".into(),
-            })?;
-            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
-            let link_pin = pins.as_ref().map(|p| p.links.join(name));
-            links.push(attach_link(
-                fd.as_fd(),
-                placement.fd.as_fd(),
-                &format!("cgroup {}", placement.dir.display()),
-                name,
-                *attach_type,
-                link_pin.as_deref(),
-            )?);
-        }
+        let mut links = attach_to_cgroup(
+            &ebpf,
+            CGROUP_PROGRAMS,
+            &placement.fd,
+            &placement.dir,
+            pins.as_ref().map(|p| p.links.as_path()),
+        )?;
         let sk_lookup_pin = pins.as_ref().map(|p| p.links.join("graft_sk_lookup"));
         let steer = match attach_sk_lookup(&mut ebpf, sk_lookup_pin.as_deref()) {
             Ok((map, link)) => {
@@ -728,22 +718,7 @@ impl Companion {
             op: format!("open cgroup {}", dir.display()),
             source,
         })?;
-        let mut links = Vec::with_capacity(WATCH_PROGRAMS.len());
-        for (name, _, attach_type) in WATCH_PROGRAMS {
-            let p = self.ebpf.program(name).ok_or_else(|| Error::Bpf {
-                op: format!("find program {name}"),
-                detail: "missing from the object".into(),
-            })?;
-            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
-            links.push(attach_link(
-                fd.as_fd(),
-                target.as_fd(),
-                &format!("cgroup {}", dir.display()),
-                name,
-                *attach_type,
-                None,
-            )?);
-        }
+        let links = attach_to_cgroup(&self.ebpf, WATCH_PROGRAMS, &target, &dir, None)?;
         Ok(Some(OptionWatch { _links: links }))
     }
 
@@ -973,6 +948,37 @@ fn prepare_pin_dir(dir: &Path) -> Result<PinDirs, Error> {
         maps,
         links,
     })
+}
+
+/// Attaches each of `programs` (loaded) to the cgroup `dir`, opened as
+/// `target`, as bpf_links; with `pin_links`, pinned there by name.
+fn attach_to_cgroup(
+    ebpf: &Ebpf,
+    programs: &[(&str, Kind, u32)],
+    target: &std::fs::File,
+    dir: &Path,
+    pin_links: Option<&Path>,
+) -> Result<Vec<OwnedFd>, Error> {
+    let desc = format!("cgroup {}", dir.display());
+    programs
+        .iter()
+        .map(|(name, _, attach_type)| {
+            let p = ebpf.program(name).ok_or_else(|| Error::Bpf {
+                op: format!("find program {name}"),
+                detail: "missing from the object".into(),
+            })?;
+            let fd = p.fd().map_err(bpf_err(format!("program {name}")))?;
+            let pin = pin_links.map(|d| d.join(name));
+            attach_link(
+                fd.as_fd(),
+                target.as_fd(),
+                &desc,
+                name,
+                *attach_type,
+                pin.as_deref(),
+            )
+        })
+        .collect()
 }
 
 /// Attaches `prog` to the companion's cgroup as a bpf_link. With `pin`: a

@@ -80,17 +80,38 @@ pub fn sync_wake_up(listener: BorrowedFd<'_>) -> bool {
     rc == 0
 }
 
-/// Whether every process under the filter is gone (nothing more will
-/// come; a blocked [`recv`] returns `ENOENT` then, on Linux 6.11 and later).
-pub fn orphaned(listener: BorrowedFd<'_>) -> bool {
+/// What a listener has, as `poll` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// A trapped call to [`recv`].
+    Call,
+    /// Nothing yet (only without waiting).
+    Nothing,
+    /// Every process under the filter is gone: nothing more will come (a
+    /// blocked [`recv`] returns `ENOENT` then, on Linux 6.11 and later).
+    Orphaned,
+}
+
+/// Looks at the listener; with `wait`, until there is a call or none can
+/// come (`EINTR` when a signal came first).
+pub fn pending(listener: BorrowedFd<'_>, wait: bool) -> io::Result<Pending> {
     let mut p = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one live pollfd, count 1, no wait.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc == 1 && p.revents & libc::POLLHUP != 0 && p.revents & libc::POLLIN == 0
+    // SAFETY: one live pollfd, count 1.
+    let rc = unsafe { libc::poll(&mut p, 1, if wait { -1 } else { 0 }) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if p.revents & libc::POLLIN != 0 {
+        Pending::Call
+    } else if rc == 1 {
+        Pending::Orphaned
+    } else {
+        Pending::Nothing
+    })
 }
 
 /// Whether a thread blocked in [`recv`] returns (`ENOENT`) once every
@@ -120,8 +141,8 @@ pub fn recv_ends_when_orphaned(wait: std::time::Duration) -> bool {
     waiter.is_ok() && rx.recv_timeout(wait) == Ok(Some(libc::ENOENT))
 }
 
-/// Waits for the next trapped call (blocking; poll the listener first for
-/// a bounded wait). `ENOENT`: the caller died before it could be read.
+/// Waits for the next trapped call (blocking; see [`pending`] for a
+/// bounded wait). `ENOENT`: the caller died before it could be read.
 pub fn recv(listener: BorrowedFd<'_>) -> io::Result<Notif> {
     // The kernel wants the buffer zeroed.
     let mut n = Notif::default();
@@ -246,11 +267,12 @@ mod tests {
         }
         // The installing thread is gone (the kernel lets go of its filter
         // just after join returns): no process is under the filter.
+        let orphaned = || pending(l.as_fd(), false).ok() == Some(Pending::Orphaned);
         let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !orphaned(l.as_fd()) && std::time::Instant::now() < until {
+        while !orphaned() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert!(orphaned(l.as_fd()));
+        assert!(orphaned());
         if kernel_at_least(6, 11) {
             let e = recv(l.as_fd()).expect_err("nothing can be trapped any more");
             assert_eq!(e.raw_os_error(), Some(libc::ENOENT));

@@ -41,7 +41,6 @@ use graft_core::sockaddr;
 use graft_core::sockopt::{Class, SNAPSHOT, SO_NETNS_COOKIE};
 use graft_core::{EndpointName, NetnsId};
 use graft_seccomp::{notify, pidfd, sockopt};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::broker::{self, LogBudget};
 use crate::sys;
@@ -242,7 +241,9 @@ impl Supervisor {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {
                     // ENOENT: a caller died before it was read, or (when
                     // waiting in recv) every process under the filter did.
-                    if in_recv && notify::orphaned(self.listener.as_fd()) {
+                    let l = self.listener.as_fd();
+                    if in_recv && notify::pending(l, false).ok() == Some(notify::Pending::Orphaned)
+                    {
                         log::debug!("seccomp listener of {}: program exited", self.ns);
                         return;
                     }
@@ -272,21 +273,19 @@ impl Supervisor {
     /// filter is gone.
     fn wait_polling(&self) -> bool {
         loop {
-            let mut pfd = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut pfd, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+            match notify::pending(self.listener.as_fd(), true) {
+                Ok(notify::Pending::Call) => return true,
+                Ok(notify::Pending::Orphaned) => {
+                    log::debug!("seccomp listener of {}: program exited", self.ns);
+                    return false;
+                }
+                Ok(notify::Pending::Nothing) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::warn!("seccomp listener of {}: poll: {e}", self.ns);
                     return false;
                 }
             }
-            let ev = pfd[0].revents().unwrap_or(PollFlags::empty());
-            if !ev.contains(PollFlags::POLLIN) {
-                log::debug!("seccomp listener of {}: program exited", self.ns);
-                return false;
-            }
-            return true;
         }
     }
 
