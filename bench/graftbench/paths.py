@@ -322,6 +322,17 @@ class GraftPath(Path):
         return ("127.0.0.1", self.port("nginx_out"), p) if p else None
 
 
+class GraftHostSplicePath(GraftPath):
+    """`graft` with `graftd --splice`: the same rows, every peer a host
+    socket, so nothing can be spliced; shows what splicing costs where it
+    does not apply (churn, egress, a grafted server's host clients)."""
+    name = "graft-splice"
+    label = "graft with `graftd --splice` (host peers: nothing to splice)"
+    base = 22900
+    ns_tag = "gsp"
+    graftd_args = ("--splice",)
+
+
 class GraftSeccompPath(GraftPath):
     """`graft` as for a static program: `--mode seccomp` (the servers and the
     churn client are the same dynamic binaries, forced onto the seccomp
@@ -414,7 +425,7 @@ class GraftNatPath(GraftPath):
 
 
 ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftNatPath,
-             GraftG2GPath, GraftSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
+             GraftG2GPath, GraftSplicePath, GraftHostSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
 
 
 class Graftd:

@@ -234,6 +234,7 @@ const PINNED_MAPS: &[&str] = &[
     "graft_socks",
     "graft_sock_ep",
     "graft_global_map",
+    "graft_listeners",
     "graft_ep_ids",
     "graft_next_id",
     "graft_steer",

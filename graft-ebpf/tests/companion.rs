@@ -479,6 +479,91 @@ fn splice_carries_bytes_exactly_v4_v6_dualstack() {
     assert!(c.splice_problem().is_none());
 }
 
+/// Sockets in the splice map, as its side table counts them.
+fn splice_members(c: &Companion) -> usize {
+    let m = c.ebpf().map("graft_sock_ep").expect("graft_sock_ep");
+    let ep: aya::maps::HashMap<_, [u8; 56], u32> = aya::maps::HashMap::try_from(m).unwrap();
+    ep.keys().count()
+}
+
+/// A connection joins the splice map only when both its ends are grafted:
+/// a socket there pays the sockmap detour on every send and receive, so a
+/// grafted server's host clients and a grafted client's host servers stay
+/// out. A grafted pair still joins, whatever address the listener has.
+#[test]
+fn splice_takes_only_grafted_pairs() {
+    let Some((_g, c)) = start("splice-pairs", true) else {
+        return;
+    };
+    let mut c = c;
+    let [srv, cli] = endpoints_here(&mut c, ["pr-srv", "pr-cli"]);
+    let members = |c: &Companion| splice_members(c);
+    assert_eq!(members(&c), 0);
+    let ping = |mut a: TcpStream, mut s: TcpStream| {
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        a.read_exact(&mut got).unwrap();
+        a.write_all(&got).unwrap();
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        (a, s)
+    };
+
+    // Grafted client, host listener.
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = client(&mut c, &cli, host.local_addr().unwrap());
+    let (a, _) = host.accept().unwrap();
+    let (a, s) = ping(a, s);
+    assert_eq!(members(&c), 0, "grafted client, host listener");
+    drop((a, s, host));
+
+    // Host client, grafted listener.
+    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
+    let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    let (a, s) = ping(a, s);
+    assert_eq!(members(&c), 0, "host client, grafted listener");
+    drop((a, s));
+
+    // Grafted pairs: exact address, IPv4 wildcard, IPv6 wildcard with an
+    // IPv4 client, IPv6.
+    for (bind, to) in [
+        ("127.0.0.1:0", "127.0.0.1"),
+        ("0.0.0.0:0", "127.0.0.1"),
+        ("[::]:0", "127.0.0.1"),
+        ("[::1]:0", "::1"),
+    ] {
+        let l2 = listener(&mut c, &srv, bind.parse().unwrap());
+        let to = SocketAddr::new(to.parse().unwrap(), l2.local_addr().unwrap().port());
+        let s = client(&mut c, &cli, to);
+        let (a, _) = l2.accept().unwrap();
+        let (a, s) = ping(a, s);
+        assert_eq!(members(&c), 2, "grafted pair, listener on {bind}");
+        drop((a, s));
+        // The listener's close is seen: a grafted client of a host
+        // listener later on the same port stays out.
+        let port = l2.local_addr().unwrap().port();
+        drop(l2);
+        let Ok(host) = TcpListener::bind(SocketAddr::new(to.ip(), port)) else {
+            continue;
+        };
+        let s = client(&mut c, &cli, to);
+        let (a, _) = host.accept().unwrap();
+        let (a, s) = ping(a, s);
+        assert_eq!(
+            members(&c),
+            0,
+            "host listener where a grafted one was ({bind})"
+        );
+        drop((a, s));
+    }
+    // The first grafted listener is still open: a pair to it joins.
+    let s = client(&mut c, &cli, l.local_addr().unwrap());
+    let (a, _) = l.accept().unwrap();
+    let (_a, _s) = ping(a, s);
+    assert_eq!(members(&c), 2, "the first grafted listener, again");
+}
+
 /// Two namespaces, the same 4-tuple in each, at the same time: the netns
 /// cookie in the key keeps them apart.
 #[test]
@@ -744,13 +829,19 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     })
     .expect("companion");
     let [srv, cli] = endpoints_here(&mut c, ["eb-srv", "eb-cli"]);
-    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
     let mark = graft_ebpf::GraftSk {
         endpoint: 1,
         flags: 0,
         cookie: 0,
     };
+    // Both marks before listen(): each instance learns the listener there,
+    // and a client joins a splice map only toward a listener it knows.
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let l = marked_tcp(&mut c, &srv, &addr);
     fmark.insert(&l.as_raw_fd(), mark, 0).unwrap();
+    bind(&l, &addr).unwrap();
+    listen(&l, 16);
+    let l = TcpListener::from(l);
     let s = socket(libc::AF_INET, libc::SOCK_STREAM);
     c.register_socket(s.as_fd(), &cli).unwrap();
     fmark.insert(&s.as_raw_fd(), mark, 0).unwrap();
@@ -760,9 +851,11 @@ fn foreign_sk_msg_owner_is_reported_and_bytes_still_arrive() {
     let back = pattern(1 << 16, 4);
     let (got_srv, got_cli) = exchange(a, TcpStream::from(s), &back, &out);
     assert!(got_srv == out && got_cli == back, "bytes differ");
+    // The client's insertion fails; the accepted socket does not try, as
+    // its client did not join.
     let line = c.splice_problem().expect("the EBUSY is reported");
     assert!(
-        line.contains("2 connection(s)") && line.contains("EBUSY"),
+        line.contains("1 connection(s)") && line.contains("EBUSY"),
         "{line}"
     );
     assert_eq!(c.splice_problem(), None, "reported once");

@@ -10,7 +10,9 @@
  *  - cgroup/connect4, connect6, sendmsg4, sendmsg6: the endpoint's egress
  *    policy (same semantics as graft_core::rules::policy_allows).
  *  - sockops: per-endpoint connection and byte counters, and (splicing on)
- *    insertion of established grafted sockets into graft_socks.
+ *    insertion into graft_socks of established grafted sockets whose peer
+ *    is a grafted socket of this host too (graft_listeners tells a client
+ *    whether it connected to a grafted listener).
  *  - sk_msg (attached to graft_socks): redirects each send into the peer's
  *    receive queue when the peer is a grafted socket of this host too.
  *  - cgroup/sock_release: counts closed handed-out sockets, so graftd knows
@@ -56,6 +58,7 @@
 #define AF_INET6 10
 #endif
 /* include/net/tcp_states.h */
+#define GRAFT_TCP_LISTEN 10
 #define GRAFT_TCP_FIN_WAIT1 4
 #define GRAFT_TCP_FIN_WAIT2 5
 #define GRAFT_TCP_CLOSE 7
@@ -105,6 +108,18 @@ struct {
 	__type(key, struct graft_sock_key);
 	__type(value, __u32);
 } graft_sock_ep SEC(".maps");
+
+/* Grafted TCP listeners (splicing on), with how many listen there: a socket
+ * in graft_socks costs every send and receive a detour through the sockmap
+ * code even when nothing is redirected, so a client joins only when it
+ * connected to one of these, and an accepted socket only when its client
+ * joined. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct graft_listen_key);
+	__type(value, __u32);
+} graft_listeners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -356,11 +371,135 @@ static __always_inline void sock_key(struct bpf_sock_ops *skops, struct graft_so
 	}
 }
 
+/* The listener key of skops' local address (remote: false) or of the
+ * address it connected to (remote: true). */
+static __always_inline void listen_key(struct bpf_sock_ops *skops, int remote,
+				       struct graft_listen_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->netns = bpf_get_netns_cookie(skops);
+	if (remote)
+		k->port = bpf_ntohl(skops->remote_port);
+	else
+		k->port = skops->local_port;
+	if (skops->family == AF_INET) {
+		k->family = GRAFT_FAMILY_V4;
+		k->ip[0] = remote ? skops->remote_ip4 : skops->local_ip4;
+		return;
+	}
+	k->family = GRAFT_FAMILY_V6;
+	if (remote) {
+		k->ip[0] = skops->remote_ip6[0];
+		k->ip[1] = skops->remote_ip6[1];
+		k->ip[2] = skops->remote_ip6[2];
+		k->ip[3] = skops->remote_ip6[3];
+	} else {
+		k->ip[0] = skops->local_ip6[0];
+		k->ip[1] = skops->local_ip6[1];
+		k->ip[2] = skops->local_ip6[2];
+		k->ip[3] = skops->local_ip6[3];
+	}
+	if (is_v4_mapped(k->ip)) {
+		k->family = GRAFT_FAMILY_V4;
+		k->ip[0] = k->ip[3];
+		k->ip[1] = k->ip[2] = k->ip[3] = 0;
+	}
+}
+
+/* listen() on a grafted socket: count it under its address. */
+static __always_inline void listener_added(struct bpf_sock_ops *skops)
+{
+	struct graft_listen_key k;
+	__u32 one = 1, *n;
+
+	listen_key(skops, 0, &k);
+	n = bpf_map_lookup_elem(&graft_listeners, &k);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else
+		bpf_map_update_elem(&graft_listeners, &k, &one, BPF_NOEXIST);
+	/* To see it close (LISTEN -> CLOSE). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void listener_closed(struct bpf_sock_ops *skops)
+{
+	struct graft_listen_key k;
+	__u32 *n;
+
+	listen_key(skops, 0, &k);
+	n = bpf_map_lookup_elem(&graft_listeners, &k);
+	if (!n)
+		return;
+	/* A listen() racing this close may see its count dropped with the key:
+	 * that listener's clients are then not spliced (they stay on TCP).
+	 * Never the other way round. (No fetching atomics: the object is built
+	 * for the base BPF ISA.) */
+	__sync_fetch_and_add(n, -1);
+	if (*n == 0 || *n > 0x7fffffff)
+		bpf_map_delete_elem(&graft_listeners, &k);
+}
+
+/* Whether this client connected to a grafted listener of this host: the
+ * exact address, the family's wildcard, or (IPv4) an IPv6 wildcard, which
+ * takes IPv4 connections unless it is v6-only (then the client joins for
+ * nothing, and its sends stay on TCP). */
+static __always_inline int peer_listener_grafted(struct bpf_sock_ops *skops)
+{
+	struct graft_listen_key k;
+	int v4;
+
+	listen_key(skops, 1, &k);
+	if (bpf_map_lookup_elem(&graft_listeners, &k))
+		return 1;
+	v4 = k.family == GRAFT_FAMILY_V4;
+	k.ip[0] = k.ip[1] = k.ip[2] = k.ip[3] = 0;
+	if (bpf_map_lookup_elem(&graft_listeners, &k))
+		return 1;
+	if (!v4)
+		return 0;
+	k.family = GRAFT_FAMILY_V6;
+	return bpf_map_lookup_elem(&graft_listeners, &k) != 0;
+}
+
+/* Whether the accepted socket's client joined the splice (it did so at its
+ * own establishment, which comes first on this host). */
+static __always_inline int peer_spliced(struct bpf_sock_ops *skops)
+{
+	struct graft_sock_key k;
+	__u32 port;
+	__u32 ip[4];
+
+	sock_key(skops, &k);
+	port = k.local_port;
+	k.local_port = k.remote_port;
+	k.remote_port = port;
+	ip[0] = k.local_ip[0];
+	ip[1] = k.local_ip[1];
+	ip[2] = k.local_ip[2];
+	ip[3] = k.local_ip[3];
+	k.local_ip[0] = k.remote_ip[0];
+	k.local_ip[1] = k.remote_ip[1];
+	k.local_ip[2] = k.remote_ip[2];
+	k.local_ip[3] = k.remote_ip[3];
+	k.remote_ip[0] = ip[0];
+	k.remote_ip[1] = ip[1];
+	k.remote_ip[2] = ip[2];
+	k.remote_ip[3] = ip[3];
+	return bpf_map_lookup_elem(&graft_sock_ep, &k) != 0;
+}
+
 static __always_inline void splice_insert(struct bpf_sock_ops *skops, struct graft_sk *gs)
 {
 	struct graft_sock_key k;
 	long err;
 
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		if (!peer_listener_grafted(skops))
+			return;
+	} else if (!peer_spliced(skops)) {
+		return;
+	}
 	/* Bytes already sent through TCP (data in the SYN): this direction
 	 * stays on TCP for good. */
 	if (skops->data_segs_out > 0)
@@ -394,18 +533,29 @@ int graft_sockops(struct bpf_sock_ops *skops)
 
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_STATE_CB)
+	    op != BPF_SOCK_OPS_STATE_CB &&
+	    op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
 	if (!sk)
 		return 1;
 	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, 0);
 	if (!gs)
 		return 1;
+	if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		if (splice_enabled)
+			listener_added(skops);
+		return 1;
+	}
 	c = counters(gs->endpoint);
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		__u32 from = skops->args[0], to = skops->args[1];
 
+		if (from == GRAFT_TCP_LISTEN) {
+			if (splice_enabled)
+				listener_closed(skops);
+			return 1;
+		}
 		if (!(gs->flags & GRAFT_SK_ESTABLISHED))
 			return 1;
 		/* bytes_acked and bytes_received count sequence space: the

@@ -108,6 +108,18 @@ struct graft_sock_key {
 	__u32 remote_ip[4];
 };
 
+/* Key of graft_listeners: a grafted TCP listener's address, so that a
+ * grafted client's connection joins the splice only when its peer can join
+ * too. v4-mapped addresses are stored as IPv4; an unspecified address is all
+ * zero (an IPv6 wildcard listener also takes IPv4 connections, and is looked
+ * up for them). */
+struct graft_listen_key {
+	__u64 netns;
+	__u32 family;
+	__u32 port; /* host order */
+	__u32 ip[4];
+};
+
 /* Global (not per-endpoint) diagnostics, index 0 of an array. */
 struct graft_global {
 	__u64 last_splice_error; /* negative errno of the last failed insertion */
