@@ -729,6 +729,25 @@ impl Companion {
         self.app_opts.get(&fd.as_raw_fd(), 0).ok()
     }
 
+    /// Keeps the marked socket `fd` (and, for a listener, every connection
+    /// it accepts) out of splicing: its holder's reads are not the preload
+    /// library's, which alone repeats the EAGAIN a blocking read of a
+    /// spliced socket can see. Nothing to do with splicing off.
+    pub fn keep_off_splice(&mut self, fd: BorrowedFd<'_>) -> Result<(), Error> {
+        if !self.splice {
+            return Ok(());
+        }
+        let raw = fd.as_raw_fd();
+        let mut mark = self
+            .sk
+            .get(&raw, 0)
+            .map_err(bpf_err("read the mark of a socket to keep off splicing"))?;
+        mark.flags |= maps::SK_NO_JOIN;
+        self.sk
+            .insert(&raw, mark, 0)
+            .map_err(bpf_err("keep a socket off splicing"))
+    }
+
     /// The endpoint id a socket is marked with, if any.
     pub fn socket_endpoint(&self, fd: BorrowedFd<'_>) -> Option<u32> {
         let raw = fd.as_raw_fd();

@@ -24,6 +24,9 @@ pub struct GraftSk {
 /// `GRAFT_SK_HANDED`.
 pub const SK_HANDED: u32 = 32;
 
+/// `GRAFT_SK_NO_JOIN`.
+pub const SK_NO_JOIN: u32 = 64;
+
 /// `struct graft_rule`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

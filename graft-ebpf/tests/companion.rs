@@ -560,8 +560,30 @@ fn splice_takes_only_grafted_pairs() {
     // The first grafted listener is still open: a pair to it joins.
     let s = client(&mut c, &cli, l.local_addr().unwrap());
     let (a, _) = l.accept().unwrap();
-    let (_a, _s) = ping(a, s);
+    let (a, s) = ping(a, s);
     assert_eq!(members(&c), 2, "the first grafted listener, again");
+    drop((a, s));
+
+    // Kept off splicing (a seccomp-mode program's sockets): a client, then
+    // a listener (its connections and their clients).
+    let addr = l.local_addr().unwrap();
+    let s = marked_tcp(&mut c, &cli, &addr);
+    c.keep_off_splice(s.as_fd()).unwrap();
+    connect(&s, &addr).unwrap();
+    let (a, _) = l.accept().unwrap();
+    let (a, s) = ping(a, TcpStream::from(s));
+    assert_eq!(members(&c), 0, "client kept off splicing");
+    drop((a, s));
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let l3 = marked_tcp(&mut c, &srv, &any);
+    c.keep_off_splice(l3.as_fd()).unwrap();
+    bind(&l3, &any).unwrap();
+    listen(&l3, 16);
+    let l3 = TcpListener::from(l3);
+    let s = client(&mut c, &cli, l3.local_addr().unwrap());
+    let (a, _) = l3.accept().unwrap();
+    let _pair = ping(a, s);
+    assert_eq!(members(&c), 0, "listener kept off splicing");
 }
 
 /// Two namespaces, the same 4-tuple in each, at the same time: the netns

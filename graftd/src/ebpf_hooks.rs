@@ -127,6 +127,14 @@ pub trait Hooks: Send + Sync {
         None
     }
 
+    /// `sock`, just made for a program graftd serves in seccomp mode,
+    /// must never be spliced (its reads are not the library's). An error
+    /// refuses the socket: left spliceable, a blocking read could fail
+    /// with EAGAIN.
+    fn keep_off_splice(&self, _sock: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(())
+    }
+
     /// graftd is about to exit: undo what `load` set up.
     fn daemon_stopping(&self) {}
 }
@@ -325,6 +333,17 @@ impl Hooks for Ebpf {
         self.lock().as_ref()?.options_set(sock)
     }
 
+    fn keep_off_splice(&self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return Ok(());
+        };
+        c.keep_off_splice(sock).map_err(|e| {
+            log::warn!("{e}");
+            io::Error::from_raw_os_error(libc::EIO)
+        })
+    }
+
     fn steer_v6(&self, listener: BorrowedFd<'_>, to: SocketAddrV6) -> io::Result<()> {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
@@ -354,6 +373,7 @@ impl Hooks for Ebpf {
             stats.passive_established = Some(n.passive_established);
             stats.bytes_sent = Some(n.bytes_sent);
             stats.bytes_received = Some(n.bytes_received);
+            stats.spliced_bytes = c.splice().then_some(n.spliced_bytes);
         }
         stats.live = c.live(&key(ep));
     }

@@ -706,6 +706,13 @@ impl Supervisor {
             );
             return Some(Verdict::Fail(libc::EPROTO));
         };
+        if let Err(e) = self.ctx.hooks.keep_off_splice(new.as_fd()) {
+            self.tell(
+                pfd,
+                &format!("{head}: could not keep the host socket off splicing ({e})"),
+            );
+            return Some(Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO)));
+        }
         if let Err(e) = self.install(n, pfd, fd, &app.sock, &new) {
             if !notify::id_valid(self.listener.as_fd(), n.id) {
                 return Some(Verdict::Gone);

@@ -168,6 +168,7 @@ fn worst_case_size(spec: &EndpointSpec, target: NetnsId) -> usize {
             passive_established: m,
             bytes_sent: m,
             bytes_received: m,
+            spliced_bytes: m,
             live: m,
             // A limit never exceeds this (graft-core checks it).
             limit: Some(u64::from(graft_core::endpoint::MAX_LIMIT)),

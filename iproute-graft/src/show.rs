@@ -98,6 +98,7 @@ fn stats_lines(out: &mut String, s: &Stats, human: bool) {
         ("passive", s.passive_established.map(count)),
         ("tx_bytes", s.bytes_sent.map(bytes)),
         ("rx_bytes", s.bytes_received.map(bytes)),
+        ("spliced", s.spliced_bytes.map(bytes)),
         ("live", s.live.map(count)),
         ("limit", s.limit.map(count)),
     ];
@@ -287,6 +288,8 @@ mod tests {
             ..GlobalOpts::default()
         };
         assert!(render(std::slice::from_ref(&e), &o).ends_with("    1.2M      999\n"));
+        e.stats.spliced_bytes = Some(4_000_000);
+        assert!(render(std::slice::from_ref(&e), &o).ends_with("    1.2M      999    4.0M\n"));
     }
 
     #[test]

@@ -341,6 +341,8 @@ struct Pair<'a> {
     n: usize,
     /// A second connection for the ping-pong.
     pingpong: bool,
+    /// Launcher options of the server and of the client (e.g. the mode).
+    launcher: (&'a [&'a str], &'a [&'a str]),
 }
 
 /// Runs a [`Pair`]; returns (server, client) lines.
@@ -353,6 +355,7 @@ fn run_pair(env: &Env, pair: Pair) -> (String, String) {
         rules,
         n,
         pingpong,
+        launcher,
     } = pair;
     let (rule_in, rule_out) = rules;
     let p = port.to_string();
@@ -361,7 +364,7 @@ fn run_pair(env: &Env, pair: Pair) -> (String, String) {
     let mut srv = app(
         env,
         srv_ns,
-        &["-i", rule_in],
+        &[launcher.0, &["-i", rule_in]].concat(),
         &["server", ip, &p, "7", &ns_, conns],
     );
     srv.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -383,7 +386,7 @@ fn run_pair(env: &Env, pair: Pair) -> (String, String) {
         app(
             env,
             cli_ns,
-            &["-e", rule_out],
+            &[launcher.1, &["-e", rule_out]].concat(),
             &["client", ip, &p, "9", &ns_, once],
         ),
         "client",
@@ -420,6 +423,19 @@ fn pingpong_pair(
     rules: (&str, &str),
     n: usize,
 ) {
+    pingpong_pair_with(env, (srv_ns, cli_ns), ip, port, rules, n, (&[], &[]));
+}
+
+/// [`pingpong_pair`] with launcher options for the server and the client.
+fn pingpong_pair_with(
+    env: &Env,
+    (srv_ns, cli_ns): (&Netns, &Netns),
+    ip: &str,
+    port: u16,
+    rules: (&str, &str),
+    n: usize,
+    launcher: (&[&str], &[&str]),
+) {
     let (srv, cli) = run_pair(
         env,
         Pair {
@@ -430,6 +446,7 @@ fn pingpong_pair(
             rules,
             n,
             pingpong: true,
+            launcher,
         },
     );
     check_pair(&srv, &cli, n as u64, true);
@@ -491,6 +508,55 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
         assert_eq!(si["bytes_sent"], N as u64 + pp, "{si}");
         assert_eq!(so["bytes_received"], N as u64 + pp, "{so}");
     }
+}
+
+/// A program graftd serves in seccomp mode may read its sockets with calls
+/// the preload library never sees, which cannot repeat the EAGAIN a
+/// blocking read of a spliced socket can return: its sockets never join the
+/// splice, as a client (a grafted preload server) or as a server (a
+/// grafted preload client). The bytes arrive through TCP.
+#[test]
+fn splice_leaves_seccomp_mode_programs_on_tcp() {
+    let test = "splice_leaves_seccomp_mode_programs_on_tcp";
+    let Some((env, [host, c1, c2])) = splice_env_netns(test, ["sxh", "sx1", "sx2"]) else {
+        return;
+    };
+    const N: usize = 4 << 20;
+    let seccomp: &[&str] = &["--mode", "seccomp"];
+    add_into(&env, &c1, "in type ipv4 addr 127.0.0.1 port 15100", &host);
+    add_into(&env, &c2, "out type ipv4 addr 0.0.0.0 port dynamic", &host);
+    let rules = ("127.0.0.1:15100=in", "127.0.0.1/32=out");
+    let mut spliced = 0;
+    for (side, launcher) in [
+        ("client", (&[][..], seccomp)),
+        ("server", (seccomp, &[][..])),
+    ] {
+        let segs = out_segs(&host);
+        pingpong_pair_with(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N, launcher);
+        let segs = out_segs(&host) - segs;
+        // 2 × 4 MiB through TCP on loopback: well over a hundred segments
+        // (spliced: under 60, see splice_grafted_pairs_v4_v6_byte_exact).
+        assert!(
+            segs > 100,
+            "seccomp-mode {side}: {segs} TCP segments: spliced"
+        );
+        let si = env.stats_in(&c1, "in");
+        let so = env.stats_in(&c2, "out");
+        spliced += si["spliced_bytes"].as_u64().expect("spliced_bytes")
+            + so["spliced_bytes"].as_u64().expect("spliced_bytes");
+        assert_eq!(spliced, 0, "seccomp-mode {side}: {si}\n{so}");
+    }
+    // The same pair, both preloaded: spliced.
+    let segs = out_segs(&host);
+    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N);
+    let segs = out_segs(&host) - segs;
+    assert!(
+        segs < 60,
+        "both preloaded: {segs} TCP segments: not spliced"
+    );
+    let so = env.stats_in(&c2, "out");
+    let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
+    assert_eq!(so["spliced_bytes"], N as u64 + pp, "{so}");
 }
 
 /// Without splicing, the counters come from TCP when each connection closes:
@@ -593,6 +659,7 @@ fn splice_same_four_tuple_in_two_namespaces() {
                             ),
                             n: N,
                             pingpong: false,
+                            launcher: (&[], &[]),
                         },
                     )
                 })

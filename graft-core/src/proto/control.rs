@@ -63,6 +63,10 @@ pub struct Stats {
     pub bytes_sent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
+    /// Of `bytes_sent`, those handed straight to a grafted peer's receive
+    /// queue (`graftd --splice`; absent with splicing off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spliced_bytes: Option<u64>,
     /// Sockets handed out and not yet closed (counted by graft-ebpf).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<u64>,

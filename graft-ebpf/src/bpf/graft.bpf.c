@@ -494,6 +494,8 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops, struct gra
 	struct graft_sock_key k;
 	long err;
 
+	if (gs->flags & GRAFT_SK_NO_JOIN)
+		return;
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		if (!peer_listener_grafted(skops))
 			return;
@@ -542,7 +544,9 @@ int graft_sockops(struct bpf_sock_ops *skops)
 	if (!gs)
 		return 1;
 	if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
-		if (splice_enabled)
+		/* Its connections never join (GRAFT_SK_NO_JOIN, inherited):
+		 * nor should the clients that connect to it. */
+		if (splice_enabled && !(gs->flags & GRAFT_SK_NO_JOIN))
 			listener_added(skops);
 		return 1;
 	}

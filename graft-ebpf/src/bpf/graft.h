@@ -44,6 +44,11 @@ struct graft_sk {
 /* graftd handed this socket out and counts it against its endpoint's limit
  * (graft_ep_val.handed); its release is counted in graft_counters.released. */
 #define GRAFT_SK_HANDED 32u
+/* Its holder may read it with calls the preload library does not see (a
+ * program graftd serves in seccomp mode), so it never joins the splice: a
+ * blocking read of a spliced socket can fail with EAGAIN, which only the
+ * library repeats. Accepted children inherit it from their listener. */
+#define GRAFT_SK_NO_JOIN 64u
 
 /* One clause: destination inside addr/mask (network order words; IPv4 uses
  * word 0 only) with a port in [port_lo, port_hi]. */
