@@ -662,6 +662,79 @@ pub unsafe extern "C" fn recvfrom(
 }
 
 /// # Safety
+/// readv(2).
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged.
+        let r = unsafe { sys::readv(fd, iov, n) };
+        if r >= 0 || !blocking_eagain(fd, 0) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// glibc's `__read_chk` (what `read` compiles to under `_FORTIFY_SOURCE`
+/// when the buffer's size is known; it calls libc's internal read, which
+/// the `read` above never sees).
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    cap: size_t,
+) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged (the real one checks n against cap).
+        let r = unsafe { sys::__read_chk(fd, buf, n, cap) };
+        if r >= 0 || !blocking_eagain(fd, 0) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// glibc's `__recv_chk` (fortified `recv`).
+#[no_mangle]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    cap: size_t,
+    flags: c_int,
+) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged (the real one checks n against cap).
+        let r = unsafe { sys::__recv_chk(fd, buf, n, cap, flags) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
+/// glibc's `__recvfrom_chk` (fortified `recvfrom`).
+#[no_mangle]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    cap: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    loop {
+        // SAFETY: forwarded unchanged (the real one checks n against cap).
+        let r = unsafe { sys::__recvfrom_chk(fd, buf, n, cap, flags, a, len) };
+        if r >= 0 || !blocking_eagain(fd, flags) {
+            return r;
+        }
+    }
+}
+
+/// # Safety
 /// recvmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {

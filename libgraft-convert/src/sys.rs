@@ -177,12 +177,40 @@ hooks! {
     unsafe fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> isize
         // SAFETY: the caller's contract is recvmsg(2)'s.
         => unsafe { libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize };
+    /// # Safety
+    /// Same contract as readv(2).
+    unsafe fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> isize
+        // SAFETY: the caller's contract is readv(2)'s.
+        => unsafe { libc::syscall(libc::SYS_readv, fd, iov, n) as isize };
+    /// # Safety
+    /// Same contract as glibc's __read_chk (read(2) into a buffer of
+    /// `cap` bytes, which `n` must not exceed).
+    unsafe fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, cap: size_t) -> isize
+        // SAFETY: read(2)'s contract, with the bound __read_chk checks.
+        => if n > cap { chk_fail() } else { unsafe { libc::syscall(libc::SYS_read, fd, buf, n) as isize } };
+    /// # Safety
+    /// Same contract as glibc's __recv_chk.
+    unsafe fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, cap: size_t, flags: c_int) -> isize
+        // SAFETY: recvfrom(2)'s contract with no address, and the bound.
+        => if n > cap { chk_fail() } else { unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, std::ptr::null_mut::<sockaddr>(), std::ptr::null_mut::<socklen_t>()) as isize } };
+    /// # Safety
+    /// Same contract as glibc's __recvfrom_chk.
+    unsafe fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, cap: size_t, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize
+        // SAFETY: recvfrom(2)'s contract, and the bound.
+        => if n > cap { chk_fail() } else { unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize } };
     safe fn setns(fd: c_int, nstype: c_int) -> c_int
         // SAFETY: setns(2) takes no pointers.
         => unsafe { libc::syscall(libc::SYS_setns, fd, nstype) as c_int };
     safe fn unshare(flags: c_int) -> c_int
         // SAFETY: unshare(2) takes no pointers.
         => unsafe { libc::syscall(libc::SYS_unshare, flags) as c_int };
+}
+
+/// What glibc's fortified calls do when the length exceeds the buffer
+/// (only reached before the constructor resolved the real one).
+fn chk_fail() -> ! {
+    // SAFETY: abort(3) has no preconditions.
+    unsafe { libc::abort() }
 }
 
 /// Addresses of the real functions (0: not resolved, use the system call).

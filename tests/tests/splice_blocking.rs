@@ -13,10 +13,12 @@
 //! Without that retry this test saw 1-2 per run. TCP segments in the
 //! sockets' namespace show the transfer was spliced.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use graft_tests::{out_segs, output_ok_within, Env, Netns, Proc};
+use graft_tests::{
+    out_segs, output_ok_within, text, unique, which, workspace_root, Env, Netns, Proc,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// Bytes per run, and runs.
@@ -77,12 +79,24 @@ else:
         print(f"client got {got.decode(errors='replace')} eagain {eagain}", flush=True)
 "#;
 
-#[test]
-fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
-    let test = "blocking_recv_on_a_spliced_socket_never_sees_eagain";
-    let Some(env) = Env::with_graftd(test, &["python3", "nstat"], &["--splice"]) else {
-        return;
-    };
+/// What one spliced run left: the client's stdout, the server's lines, and
+/// the TCP segments of the sockets' namespace during it.
+struct Run {
+    client: String,
+    server: String,
+    segs: u64,
+}
+
+/// Starts graftd with `--splice` and the python server (`runs`
+/// connections of `N` bytes) grafted in its own namespace, then runs the
+/// client `client(program args)` under `graft -e` in another; `None` when
+/// the test is skipped (one line said why).
+fn spliced(test: &str, needs: &[&str], runs: usize, client: &[&str]) -> Option<Run> {
+    let env = Env::with_graftd(
+        test,
+        &[&["python3", "nstat"], needs].concat(),
+        &["--splice"],
+    )?;
     let start = Instant::now();
     loop {
         let log = env.d.log_text();
@@ -91,7 +105,7 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
         }
         if log.contains("eBPF companion unavailable") || start.elapsed() > Duration::from_secs(10) {
             println!("SKIP: {test}: graftd runs without splicing:\n{log}");
-            return;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -106,18 +120,16 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
         &format!("ep-out type ipv4 addr 0.0.0.0 port dynamic netns {t}"),
     );
     let script = env.script("splice.py", SCRIPT, &[]);
-    let args = |mode: &str| {
-        vec![
-            script.clone(),
-            mode.to_owned(),
-            PORT.to_string(),
-            N.to_string(),
-            RUNS.to_string(),
-        ]
-    };
     let segs = out_segs(&target);
     let mut srv = env.graft(&["-i", &format!("127.0.0.1:{PORT}=ep-in"), "--", "python3"]);
-    srv.args(args("server")).stdout(Stdio::piped());
+    srv.args([
+        script.clone(),
+        "server".to_owned(),
+        PORT.to_string(),
+        N.to_string(),
+        runs.to_string(),
+    ])
+    .stdout(Stdio::piped());
     let mut srv = Proc::spawn(srv, "spliced server");
     let out = srv.child.stdout.take().expect("server stdout");
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -134,31 +146,110 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
     rx.recv_timeout(Duration::from_secs(20))
         .expect("server listening");
     let mut cli = client_ns.cmd(graft_tests::bin("graft"));
-    cli.args(["-e", "127.0.0.1/32=ep-out", "--", "python3"])
-        .args(args("client"))
+    cli.args(["-e", "127.0.0.1/32=ep-out", "--"])
+        .args(client.iter().map(|a| a.replace("{script}", &script)))
         .stdin(Stdio::null());
     env.d.apply(&mut cli);
     let (cout, cerr) = output_ok_within(cli, "spliced client", LIMIT);
     let st = srv.wait_timeout(LIMIT);
     assert!(st.success(), "server: {st}");
-    let sout = lines.lock().expect("lines").join("\n");
-    let want_c = ["client got ok eagain 0"; RUNS].join("\n");
+    let server = lines.lock().expect("lines").join("\n");
     assert_eq!(
-        cout.trim(),
-        want_c,
-        "client:\n{cout}\n{cerr}\nserver:\n{sout}"
-    );
-    let want_s = vec![format!("server got {N} eagain 0"); RUNS].join("\n");
-    assert_eq!(
-        sout.lines()
+        server
+            .lines()
             .filter(|l| l.starts_with("server"))
             .collect::<Vec<_>>()
             .join("\n"),
-        want_s,
-        "{sout}"
+        vec![format!("server got {N} eagain 0"); runs].join("\n"),
+        "client:\n{cout}\n{cerr}\nserver:\n{server}"
     );
+    Some(Run {
+        client: cout,
+        server,
+        segs: out_segs(&target) - segs,
+    })
+}
+
+#[test]
+fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
+    let test = "blocking_recv_on_a_spliced_socket_never_sees_eagain";
+    let (n, runs) = (N.to_string(), RUNS.to_string());
+    let client = [
+        "python3",
+        "{script}",
+        "client",
+        &PORT.to_string(),
+        &n,
+        &runs,
+    ];
+    let Some(run) = spliced(test, &[], RUNS, &client) else {
+        return;
+    };
+    let want = ["client got ok eagain 0"; RUNS].join("\n");
+    assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
     // 90 MB through TCP on loopback takes thousands of segments; spliced,
     // only handshakes, the "ok"s, FINs and ACKs remain.
-    let segs = out_segs(&target) - segs;
-    assert!(segs < 200, "{segs} TCP segments: not spliced");
+    assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
+}
+
+/// The same from a C program built with `_FORTIFY_SOURCE`, whose `read`,
+/// `recv` and `recvfrom` are glibc's `__read_chk`, `__recv_chk` and
+/// `__recvfrom_chk` (they reach libc's internal read, never the exported
+/// one), and with `readv`: each mode twice.
+#[test]
+fn fortified_and_vector_reads_on_a_spliced_socket_never_see_eagain() {
+    let test = "fortified_and_vector_reads_on_a_spliced_socket_never_see_eagain";
+    if which("cc").is_none() {
+        println!("SKIP: {test}: `cc` is not installed");
+        return;
+    }
+    // A build product, kept with the others in target/.
+    let dir = workspace_root().join("target/test-programs");
+    std::fs::create_dir_all(&dir).expect("target/test-programs");
+    let exe = dir.join(unique("splice_reader-"));
+    let o = Command::new("cc")
+        .args([
+            "-O2",
+            "-D_FORTIFY_SOURCE=2",
+            "-Wall",
+            "-Werror",
+            "-pthread",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(workspace_root().join("tests/programs/splice_reader.c"))
+        .output()
+        .expect("run cc");
+    assert!(o.status.success(), "cc: {}", text(&o.stderr));
+    // The program really calls the fortified functions (and readv).
+    let syms = Command::new("nm").arg("-D").arg(&exe).output().expect("nm");
+    let syms = text(&syms.stdout);
+    for f in ["__read_chk", "__recv_chk", "__recvfrom_chk", "readv"] {
+        assert!(
+            syms.lines()
+                .any(|l| l.ends_with(&format!(" {f}")) || l.contains(&format!(" {f}@"))),
+            "{f} not imported:\n{syms}"
+        );
+    }
+    let modes = ["read", "readv", "recv", "recvfrom"];
+    let exe = exe.display().to_string();
+    let n = N.to_string();
+    let port = PORT.to_string();
+    let mut client = vec![exe.as_str(), &port, &n];
+    client.extend(modes.iter().chain(&modes));
+    let Some(run) = spliced(test, &["cc", "nm"], 2 * modes.len(), &client) else {
+        return;
+    };
+    let want: Vec<String> = modes
+        .iter()
+        .chain(&modes)
+        .map(|m| format!("{m} got ok eagain 0"))
+        .collect();
+    assert_eq!(
+        run.client.trim(),
+        want.join("\n"),
+        "server:\n{}",
+        run.server
+    );
+    assert!(run.segs < 400, "{} TCP segments: not spliced", run.segs);
 }

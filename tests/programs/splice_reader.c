@@ -1,0 +1,117 @@
+/* A blocking reader of a (spliced) TCP socket, built with
+ * -D_FORTIFY_SOURCE=2 so that read/recv/recvfrom become glibc's __read_chk,
+ * __recv_chk and __recvfrom_chk (libc's internal read behind them is not
+ * the exported `read`), plus readv.
+ *
+ * usage: splice_reader PORT BYTES MODE...   (MODE: read readv recv recvfrom)
+ *
+ * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
+ * shuts down its side, while the main thread reads with MODE, on the same
+ * blocking socket, until the peer's "ok" and EOF. Prints one line per
+ * connection: "MODE got ok eagain N", N counting reads that failed with
+ * EAGAIN (which a blocking socket must never return). */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static int sock;
+static long long total;
+/* Not a constant: glibc then calls the checking functions (with a constant
+ * length that fits, it calls the plain ones). */
+static volatile size_t want = 16;
+
+static void *writer(void *arg)
+{
+	static char data[1 << 16];
+	long long left = total;
+
+	(void)arg;
+	memset(data, 'x', sizeof(data));
+	while (left > 0) {
+		size_t k = left < (long long)sizeof(data) ? (size_t)left : sizeof(data);
+		ssize_t n = send(sock, data, k, 0);
+
+		if (n < 0) {
+			perror("send");
+			exit(1);
+		}
+		left -= n;
+	}
+	shutdown(sock, SHUT_WR);
+	return NULL;
+}
+
+/* One read with `mode` into a buffer whose size the compiler knows, of a
+ * length it does not, so that fortification checks at run time. */
+static ssize_t read_with(const char *mode, char (*buf)[16])
+{
+	if (strcmp(mode, "read") == 0)
+		return read(sock, *buf, want);
+	if (strcmp(mode, "recv") == 0)
+		return recv(sock, *buf, want, 0);
+	if (strcmp(mode, "recvfrom") == 0)
+		return recvfrom(sock, *buf, want, 0, NULL, NULL);
+	if (strcmp(mode, "readv") == 0) {
+		struct iovec iov = { .iov_base = *buf, .iov_len = want };
+
+		return readv(sock, &iov, 1);
+	}
+	fprintf(stderr, "unknown mode %s\n", mode);
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+
+	if (argc < 4) {
+		fprintf(stderr, "usage: splice_reader PORT BYTES MODE...\n");
+		return 2;
+	}
+	a.sin_port = htons((unsigned short)atoi(argv[1]));
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	total = atoll(argv[2]);
+	for (int i = 3; i < argc; i++) {
+		char got[64] = "", buf[16];
+		size_t have = 0;
+		int eagain = 0;
+		pthread_t t;
+
+		sock = socket(AF_INET, SOCK_STREAM, 0);
+		if (sock < 0 || connect(sock, (struct sockaddr *)&a, sizeof(a)) < 0) {
+			perror("connect");
+			return 1;
+		}
+		pthread_create(&t, NULL, writer, NULL);
+		for (;;) {
+			ssize_t n = read_with(argv[i], &buf);
+
+			if (n < 0 && errno == EAGAIN) {
+				eagain++;
+				continue;
+			}
+			if (n < 0) {
+				perror(argv[i]);
+				return 1;
+			}
+			if (n == 0)
+				break;
+			if (have + (size_t)n < sizeof(got)) {
+				memcpy(got + have, buf, (size_t)n);
+				have += (size_t)n;
+			}
+		}
+		pthread_join(t, NULL);
+		close(sock);
+		printf("%s got %s eagain %d\n", argv[i], got, eagain);
+		fflush(stdout);
+	}
+	return 0;
+}
