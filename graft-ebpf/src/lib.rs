@@ -18,9 +18,17 @@
 //!   clauses with the semantics of [`graft_core::rules::policy_allows`]; a
 //!   refused call fails with EPERM and counts in `policy_denied`.
 //! * `sockops` counts connections established actively and passively, and the
-//!   bytes of each connection when it closes; with splicing on, it puts each
+//!   bytes of each connection when it closes; with splicing on, it puts an
 //!   established grafted socket into a socket hash keyed by (netns cookie,
-//!   family, local and remote address and port).
+//!   family, local and remote address and port) when its peer is grafted
+//!   too: a client when it connected to a grafted listener of this host
+//!   (`graft_listeners`, kept at `listen()` and at the listener's close), an
+//!   accepted socket when its client joined (the client's establishment
+//!   comes first). A socket in the hash pays the sockmap detour on every
+//!   send and receive even when nothing is redirected (measured: a grafted
+//!   nginx's keep-alive clients on the host 0.92 → 0.81 × host, wrk as a
+//!   grafted client 0.91 → 0.84, while every socket joined), so nothing
+//!   else joins.
 //! * `sk_msg`, attached to that hash, hands each send straight to the peer's
 //!   receive queue when the peer is a grafted socket of this host too. A
 //!   direction that ever went through TCP stays on TCP, so bytes are never
@@ -85,10 +93,19 @@
 //!   to the same socket's memory being freed: `tcp_msg_wait_data` returns
 //!   after one wake-up, and `tcp_bpf_recvmsg` turns "no data" into EAGAIN).
 //!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
-//!   socket timeout) are unaffected (poll and FIONREAD see redirected
-//!   bytes); for blocking readers libgraft-convert repeats such a receive.
-//!   It stays opt-in because the throughput and latency goals are not met
-//!   unpinned (see bench/results/2026-12-01-churn.md).
+//!   socket timeout) are unaffected (poll, FIONREAD and MSG_PEEK see
+//!   redirected bytes on 6.18); for blocking readers libgraft-convert
+//!   repeats such a receive (read, readv, recv, recvfrom, recvmsg and
+//!   glibc's fortified `__read_chk`/`__recv_chk`/`__recvfrom_chk`). A
+//!   program graftd serves in seccomp mode reads with calls the library
+//!   does not see: graftd marks its sockets `GRAFT_SK_NO_JOIN`
+//!   ([`Companion::keep_off_splice`]; an accepted socket inherits it from
+//!   its listener), and they stay on TCP.
+//!   It stays opt-in: a connection per request between grafted pairs pays
+//!   each socket's sockmap setup and deferred teardown (kernel workqueue)
+//!   and gains little (0–4 % fewer requests/s, `bench/profile-g2g-close`),
+//!   and the unpinned latency goal is out of this VM's reach (its
+//!   cross-CPU wake-up dominates); see README's Performance.
 //! * Reordering is impossible by construction: a socket enters the splice
 //!   map at establishment (before any data, unless data rode in the SYN, in
 //!   which case it never splices), and a direction that sent anything through

@@ -56,7 +56,9 @@ struct Cli {
     /// Abstract name of the broker socket opened in each namespace (no leading NUL).
     #[arg(long, value_name = "NAME", env = graft_core::ENV_BROKER, default_value = graft_core::DEFAULT_BROKER_NAME, value_parser = broker_name)]
     broker_name: String,
-    /// Splice local grafted connections in the kernel (needs graft-ebpf).
+    /// Splice TCP connections whose two ends are both grafted sockets of
+    /// this host in the kernel (needs graft-ebpf; seccomp-mode programs'
+    /// sockets stay on TCP).
     #[arg(long)]
     splice: bool,
     /// Do not load the eBPF companion (no in-kernel egress policy, counters,
