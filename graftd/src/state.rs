@@ -515,7 +515,8 @@ mod tests {
             assert!(n <= MAX_ENDPOINTS_PER_NETNS);
         };
         assert_eq!(e, StateError::TooBig);
-        assert!(n >= 150, "only {n} endpoints fit");
+        // 141 since show also carries spliced_bytes (150 before).
+        assert!(n >= 140, "only {n} endpoints fit");
     }
 
     #[test]
