@@ -11,6 +11,12 @@
 //! and graftd takes the listener with `pidfd_getfd` rather than SCM_RIGHTS
 //! (`sendmsg` is trapped).
 //!
+//! The program keeps a copy of the listener too, at a descriptor above
+//! [`HELD_FD_MIN`] that survives exec (graftd is told its number): the
+//! filter then outlives a graftd crash or upgrade, a trapped call waits for
+//! the next graftd instead of failing with ENOSYS, and that graftd takes the
+//! listener again from the program (graftd's `adopt` module).
+//!
 //! In preload mode the filter is installed too (when graftd answers), to
 //! catch what the library cannot see: glibc's internal resolver calls and
 //! raw `syscall()`. The library makes its own calls from a trampoline page
@@ -18,6 +24,8 @@
 //! preload fast path gains no round trip.
 
 use std::os::fd::AsRawFd;
+
+use nix::fcntl::FcntlArg;
 use std::path::Path;
 
 use graft_core::proto::broker::{Attach, Op, Reason, ATTACH_VERBOSE, REQUEST_LEN};
@@ -77,6 +85,10 @@ pub enum SeccompError {
     },
 }
 
+/// Lowest descriptor the program's own copy of the listener may take: above
+/// those programs and shells pick by number.
+pub const HELD_FD_MIN: i32 = 100;
+
 /// Installs the filter on this process and hands its listener to graftd.
 /// `allow_page`: the preload library's trampoline, whose calls pass (preload
 /// mode). Returns whether the kernel took
@@ -102,16 +114,30 @@ pub fn attach(
     a.encode(&mut rec).map_err(SeccompError::TooLong)?;
     let (listener, killable) =
         graft_seccomp::filter::install(allow_page).map_err(SeccompError::Install)?;
-    a.listener_fd = listener.as_raw_fd();
+    // Not close-on-exec: the program's copy (see the module doc). A limit
+    // of open files at or below HELD_FD_MIN leaves any free number.
+    let dup = |min| nix::fcntl::fcntl(listener.as_raw_fd(), FcntlArg::F_DUPFD(min));
+    let held = dup(HELD_FD_MIN)
+        .or_else(|_| dup(0))
+        .map_err(|e| SeccompError::Install(e.into()))?;
+    a.listener_fd = held;
     a.encode(&mut rec).map_err(SeccompError::TooLong)?;
-    let reply = b.exchange(&rec, Op::Attach)?;
+    let reply = match b.exchange(&rec, Op::Attach) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = nix::unistd::close(held);
+            return Err(e.into());
+        }
+    };
     if reply.errno != 0 || reply.reason != Reason::None {
+        let _ = nix::unistd::close(held);
         return Err(SeccompError::Refused {
             reason: reply.reason.describe(),
             err: nix::errno::Errno::from_raw(reply.errno),
         });
     }
-    // graftd holds its own copy now; the program must not inherit one.
+    // graftd holds its own copy now and the program `held`; this one is
+    // close-on-exec anyway.
     drop(listener);
     Ok(killable)
 }

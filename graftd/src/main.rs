@@ -16,10 +16,12 @@
 //! requests), [`plan`] (how to make the socket a request asks for),
 //! [`factory`] (socket creation), [`state`] (tables),
 //! [`netns`] (namespace descriptors and threads), [`seccomp`] (serving the
-//! seccomp listeners of `graft --mode seccomp`), [`gc`] (forgetting unused
+//! seccomp listeners of `graft --mode seccomp`), [`adopt`] (serving them
+//! again after a restart), [`gc`] (forgetting unused
 //! namespaces), [`ebpf_hooks`] (where graft-ebpf plugs in), [`sys`] (the few
 //! raw system calls).
 
+mod adopt;
 mod broker;
 mod control;
 mod ebpf_hooks;
@@ -129,6 +131,11 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The state directory (`None` in unit tests).
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.store.as_ref().map(persist::Store::dir)
+    }
+
     /// The tables. A panic while holding the lock leaves them consistent
     /// (every change is a single insert or remove), so poisoning is ignored.
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -203,6 +210,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !saved.is_empty() {
         let n = persist::restore(&ctx, &brokers, saved);
         log::info!("restored {n} endpoint(s) from {}", cli.state_dir.display());
+    }
+    // After the tables: a listener is served again only in a namespace
+    // graftd still knows.
+    let n = adopt::readopt(&ctx);
+    if n > 0 {
+        log::info!("serving {n} seccomp listener(s) of programs started before this graftd");
     }
     // Ids the pinned companion still holds for endpoints not restored (their
     // namespace went away while graftd was down) are dropped.

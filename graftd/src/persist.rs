@@ -165,6 +165,12 @@ impl Store {
         })
     }
 
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The endpoint table's file.
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE)
     }

@@ -92,9 +92,9 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         }
     };
     // Cannot fail: decode checked that the rules parse.
-    let Ok(rules) = a.rules() else {
+    if a.rules().is_err() {
         return refuse(libc::EINVAL, Reason::Malformed);
-    };
+    }
     let listener = match take_listener(conn, a.listener_fd) {
         Ok(l) => l,
         Err(e) => {
@@ -102,17 +102,45 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
             return refuse(e.raw_os_error().unwrap_or(libc::EBADF), Reason::Malformed);
         }
     };
+    let Some(pid) = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .and_then(|c| u32::try_from(c.pid()).ok())
+    else {
+        return refuse(libc::EINVAL, Reason::Malformed);
+    };
+    // Written down before the reply: the program runs only once it has it.
+    let record = crate::adopt::record(ctx, ns, pid, &a);
+    match serve(ctx, ns, &a, listener, pid, record) {
+        Ok(()) => Reply::ok(Op::Attach, &[]),
+        Err(errno) => refuse(errno, Reason::SocketFailed),
+    }
+}
+
+/// Serves `listener`, attached by process `pid` through `ns`'s broker with
+/// `a`'s rules, on a thread of its own until its program is gone; `record`
+/// (see [`crate::adopt`]) goes with it. Err: the errno to refuse with.
+pub fn serve(
+    ctx: &Arc<Ctx>,
+    ns: NetnsId,
+    a: &Attach,
+    listener: OwnedFd,
+    pid: u32,
+    record: Option<crate::adopt::Record>,
+) -> Result<(), i32> {
+    // Cannot fail for an attach (decode checked that the rules parse); a
+    // record edited by hand can.
+    let Ok(rules) = a.rules() else {
+        log::info!("seccomp listener of pid {pid} in {ns}: its rules do not parse");
+        return Err(libc::EINVAL);
+    };
     if LISTENERS.fetch_add(1, Ordering::SeqCst) >= MAX_LISTENERS {
         LISTENERS.fetch_sub(1, Ordering::SeqCst);
         log::warn!("broker for {ns}: {MAX_LISTENERS} seccomp listeners served, refusing another");
-        return refuse(libc::EAGAIN, Reason::SocketFailed);
+        return Err(libc::EAGAIN);
     }
     // Before the reply: the program, exec'd once it has it, makes its
     // sockets under the watch.
-    let watch = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-        .ok()
-        .and_then(|c| u32::try_from(c.pid()).ok())
-        .and_then(|pid| ctx.hooks.watch_options(pid));
+    let watch = ctx.hooks.watch_options(pid);
     let sup = Supervisor {
         ctx: Arc::clone(ctx),
         ns,
@@ -125,6 +153,7 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
         ns_cookie: std::cell::Cell::new(None),
         pidfds: Vec::new(),
         _watch: watch,
+        _record: record,
     };
     let spawned = std::thread::Builder::new()
         .name("seccomp".into())
@@ -138,22 +167,27 @@ pub fn attach(ctx: &Arc<Ctx>, ns: NetnsId, conn: BorrowedFd<'_>, rec: &[u8]) -> 
     match spawned {
         Ok(_) => {
             log::debug!("broker for {ns}: serving a seccomp listener");
-            Reply::ok(Op::Attach, &[])
+            Ok(())
         }
         Err(e) => {
             LISTENERS.fetch_sub(1, Ordering::SeqCst);
             log::warn!("broker for {ns}: cannot start a seccomp supervisor: {e}");
-            refuse(libc::EAGAIN, Reason::SocketFailed)
+            Err(libc::EAGAIN)
         }
     }
+}
+
+/// Whether `fd` is a seccomp listener.
+pub fn is_listener(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:seccomp notify")
 }
 
 /// The peer's descriptor `fd`, if it is a seccomp listener.
 fn take_listener(conn: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
     let peer = pidfd::of_peer(conn)?;
     let l = pidfd::getfd(peer.as_fd(), fd)?;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd()))?;
-    if link.as_os_str() != "anon_inode:seccomp notify" {
+    if !is_listener(l.as_fd()) {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(l)
@@ -226,6 +260,9 @@ struct Supervisor {
     /// The eBPF companion's record of the options the program sets on its
     /// sockets, while this listener is served.
     _watch: Option<Box<dyn Send>>,
+    /// This listener written down, so a restarted graftd serves it again;
+    /// removed with the supervisor (the program is gone).
+    _record: Option<crate::adopt::Record>,
 }
 
 impl Supervisor {
