@@ -88,6 +88,12 @@ pub const MAX_WAIT_MS: u32 = 60_000;
 /// `host` (default, as AF_GRAFT) or `app`: what `getsockname()` reports on an
 /// ingress-grafted socket.
 pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";
+/// Set by the launcher for a program whose seccomp filter graftd serves:
+/// `PID-START:FD`, the process graft started (pid and start time) and the
+/// descriptor holding its copy of the listener. Children inherit it, so a
+/// restarted graftd finds the listener in one of them when that process is
+/// gone (graftd's `adopt` module).
+pub const ENV_SECCOMP_LISTENER: &str = "GRAFT_SECCOMP_LISTENER";
 
 /// Where libgraft-convert maps its system-call trampoline (one page, with
 /// `MAP_FIXED_NOREPLACE`): the seccomp filter `graft` installs in preload

@@ -204,12 +204,15 @@ fn run(args: Args) -> ExitCode {
         // Last step before exec: from here on the launcher's own
         // bind/connect/sendmsg would be trapped.
         match seccomp::attach(&broker, &env.rules, args.verbose, &hint, allow) {
-            Ok(true) => {}
-            Ok(false) if args.verbose => eprintln!(
-                "graft: this kernel has no SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV \
-                 (Linux 5.19): a signal can interrupt a trapped call"
-            ),
-            Ok(false) => {}
+            Ok(a) => {
+                cmd.env(graft_core::ENV_SECCOMP_LISTENER, &a.env);
+                if !a.killable && args.verbose {
+                    eprintln!(
+                        "graft: this kernel has no SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV \
+                         (Linux 5.19): a signal can interrupt a trapped call"
+                    );
+                }
+            }
             // Preload mode without a working graftd: the library fails each
             // grafted call closed with its own line, as it always did. The
             // calls it cannot see (glibc's resolver) are not grafted: they

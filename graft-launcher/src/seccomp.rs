@@ -15,7 +15,9 @@
 //! [`HELD_FD_MIN`] that survives exec (graftd is told its number): the
 //! filter then outlives a graftd crash or upgrade, a trapped call waits for
 //! the next graftd instead of failing with ENOSYS, and that graftd takes the
-//! listener again from the program (graftd's `adopt` module).
+//! listener again from the program (graftd's `adopt` module), or from a
+//! child of it that inherited the descriptor and
+//! [`graft_core::ENV_SECCOMP_LISTENER`], should the program itself be gone.
 //!
 //! In preload mode the filter is installed too (when graftd answers), to
 //! catch what the library cannot see: glibc's internal resolver calls and
@@ -89,17 +91,25 @@ pub enum SeccompError {
 /// those programs and shells pick by number.
 pub const HELD_FD_MIN: i32 = 100;
 
+/// A listener graftd serves.
+#[derive(Debug)]
+pub struct Attached {
+    /// Whether the kernel took `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`.
+    pub killable: bool,
+    /// The value of [`graft_core::ENV_SECCOMP_LISTENER`] for the program.
+    pub env: String,
+}
+
 /// Installs the filter on this process and hands its listener to graftd.
 /// `allow_page`: the preload library's trampoline, whose calls pass (preload
-/// mode). Returns whether the kernel took
-/// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`.
+/// mode).
 pub fn attach(
     broker: &str,
     rules: &RuleSet,
     verbose: bool,
     hint: &str,
     allow_page: Option<u64>,
-) -> Result<bool, SeccompError> {
+) -> Result<Attached, SeccompError> {
     let b = Broker::connect_waiting(broker, hint, crate::check::wait_from_env())?;
     let (ingress, egress, exclude) = rules.to_env_values();
     let mut a = Attach {
@@ -139,7 +149,12 @@ pub fn attach(
     // graftd holds its own copy now and the program `held`; this one is
     // close-on-exec anyway.
     drop(listener);
-    Ok(killable)
+    let me = std::process::id();
+    let start = graft_seccomp::pidfd::start_time(me).unwrap_or(0);
+    Ok(Attached {
+        killable,
+        env: format!("{me}-{start}:{held}"),
+    })
 }
 
 #[cfg(test)]

@@ -38,6 +38,16 @@ pub fn open_thread(tid: libc::pid_t) -> io::Result<OwnedFd> {
     open(tgid)
 }
 
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock
+/// ticks after boot): with the pid, it names one process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may hold spaces and parentheses: fields count from the
+    // last ')'; after it come field 3 (state) onwards.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// `pidfd_getfd`: a duplicate of the process's descriptor `fd` (same open
 /// file description), close-on-exec in this process.
 pub fn getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
@@ -123,6 +133,15 @@ pub fn socket_netns(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn start_time_names_a_live_process_only() {
+        let me = std::process::id();
+        let t = start_time(me).expect("own start time");
+        assert!(t > 0);
+        assert_eq!(start_time(me), Some(t));
+        assert_eq!(start_time(u32::MAX), None);
+    }
 
     #[test]
     fn own_descriptor_and_memory() {

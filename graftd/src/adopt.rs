@@ -5,18 +5,23 @@
 //! `Op::Attach` (graft-launcher's `seccomp` module), so the filter outlives
 //! graftd: while no graftd runs, a trapped call waits. For the next graftd
 //! to take the listener again, each served listener is written down as one
-//! file, `STATE_DIR/seccomp/PID.json`: the program's pid and start time
-//! (so a reused pid is never taken for it), the descriptor, its namespace
-//! and the rules of its `Op::Attach`. The file goes when the supervisor ends
-//! (the program and every child that shares its filter exited); a crash
-//! leaves it for [`readopt`], which runs at start, after the endpoint tables
-//! are restored, and serves every listener it finds again with
-//! `pidfd_getfd`, as [`crate::seccomp::attach`] does.
+//! file, `STATE_DIR/seccomp/ID.json`, ID being the pid and start time of
+//! the process graft started: the process holding the listener now (pid
+//! and start time, so a reused pid is never taken for it), the descriptor,
+//! the namespace and the rules of the `Op::Attach`. The file goes when the
+//! supervisor ends (the program and every child sharing its filter
+//! exited); a crash leaves it for [`readopt`], which runs at start, after
+//! the endpoint tables are restored, and serves every listener it finds
+//! again with `pidfd_getfd`, as [`crate::seccomp::attach`] does.
 //!
-//! A listener is not taken again when the process graft started has
-//! exited and only children it forked remain: their trapped calls then
-//! wait until they are restarted. A file that does not parse is dropped with
-//! one log line (it only ever names a program, never an endpoint).
+//! When that process is gone but children it forked go on (a daemon that
+//! detached), the listener is looked for in any process whose environment
+//! names it (`GRAFT_SECCOMP_LISTENER=ID:FD`, set by the launcher and
+//! inherited) and that holds it at that descriptor; the file then names
+//! that process. A program that closed the descriptor or cleared its
+//! environment is not found: its trapped calls fail (no holder) or wait
+//! (a child still holds it) until it is restarted. A file that does not
+//! parse is dropped with one log line.
 
 use std::fs;
 use std::io::Write as _;
@@ -42,6 +47,9 @@ const DIR: &str = "seccomp";
 struct Saved {
     magic: String,
     version: u32,
+    /// `PID-START` of the process graft started (the file's name).
+    id: String,
+    /// The process that holds the listener now.
     pid: u32,
     /// Field 22 of `/proc/PID/stat`: with the pid, names one process.
     start: u64,
@@ -66,15 +74,6 @@ impl Drop for Record {
     }
 }
 
-/// The start time of process `pid`, if it exists.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command may hold spaces and parentheses: fields count from the
-    // last ')'; after it come field 3 (state) onwards.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Writes down the listener that process `pid` attached through `ns`'s
 /// broker (its own copy at `a.listener_fd`). `None` without a state
 /// directory, or when the process or the file cannot be read or written
@@ -82,11 +81,13 @@ fn start_time(pid: u32) -> Option<u64> {
 /// restart.
 pub fn record(ctx: &Ctx, ns: NetnsId, pid: u32, a: &Attach) -> Option<Record> {
     let dir = ctx.state_dir()?.join(DIR);
+    let start = pidfd::start_time(pid)?;
     let saved = Saved {
         magic: MAGIC.into(),
         version: VERSION,
+        id: format!("{pid}-{start}"),
         pid,
-        start: start_time(pid)?,
+        start,
         fd: a.listener_fd,
         netns: ns,
         flags: a.flags,
@@ -94,7 +95,7 @@ pub fn record(ctx: &Ctx, ns: NetnsId, pid: u32, a: &Attach) -> Option<Record> {
         egress: a.egress.clone(),
         exclude: a.exclude.clone(),
     };
-    let path = dir.join(format!("{pid}.json"));
+    let path = dir.join(format!("{}.json", saved.id));
     match write(&dir, &path, &saved) {
         Ok(()) => Some(Record { path }),
         Err(e) => {
@@ -113,7 +114,7 @@ fn write(dir: &Path, path: &Path, saved: &Saved) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", saved.pid));
+    let tmp = dir.join(format!(".{}.tmp", saved.id));
     let mut f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -144,6 +145,12 @@ pub fn readopt(ctx: &Arc<Ctx>) -> usize {
         let record = Record { path };
         match take_again(ctx, &record.path) {
             Ok((saved, a, listener)) => {
+                if let Some(dir) = record.path.parent() {
+                    // Now naming the process found holding it.
+                    if let Err(e) = write(dir, &record.path, &saved) {
+                        log::warn!("{}: cannot rewrite: {e}", record.path.display());
+                    }
+                }
                 if crate::seccomp::serve(ctx, saved.netns, &a, listener, saved.pid, Some(record))
                     .is_ok()
                 {
@@ -176,28 +183,26 @@ fn take_again(ctx: &Ctx, path: &Path) -> Result<(Saved, Attach, std::os::fd::Own
             saved.netns
         ));
     }
-    if start_time(saved.pid) != Some(saved.start) {
-        return Err(format!("pid {} has exited", saved.pid));
-    }
-    let pidfd = pidfd::open(saved.pid as libc::pid_t)
-        .map_err(|e| format!("pid {}: pidfd_open: {e}", saved.pid))?;
-    // Checked again now that the pidfd pins the process: the pid was not
-    // reused between the two reads.
-    if start_time(saved.pid) != Some(saved.start) {
-        return Err(format!("pid {} has exited", saved.pid));
-    }
-    let listener = pidfd::getfd(pidfd.as_fd(), saved.fd).map_err(|e| {
-        format!(
-            "pid {}: its copy of the listener (fd {}) is gone ({e}): its trapped calls fail until it is restarted",
-            saved.pid, saved.fd
-        )
-    })?;
-    if !crate::seccomp::is_listener(listener.as_fd()) {
-        return Err(format!(
-            "pid {}: fd {} is no longer a seccomp listener",
-            saved.pid, saved.fd
-        ));
-    }
+    let mut saved = saved;
+    let listener = match holder_listener(saved.pid, saved.start, saved.fd) {
+        Ok(l) => l,
+        Err(why) => {
+            let Some((pid, start, l)) = find_inheritor(&saved) else {
+                return Err(format!(
+                    "pid {}: {why}, and no process holds its listener: \
+                     its program is not served again",
+                    saved.pid
+                ));
+            };
+            log::info!(
+                "seccomp listener of pid {} ({why}): found in pid {pid}",
+                saved.pid
+            );
+            saved.pid = pid;
+            saved.start = start;
+            l
+        }
+    };
     let a = Attach {
         listener_fd: saved.fd,
         flags: saved.flags,
@@ -208,16 +213,57 @@ fn take_again(ctx: &Ctx, path: &Path) -> Result<(Saved, Attach, std::os::fd::Own
     Ok((saved, a, listener))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_time_names_a_live_process_only() {
-        let me = std::process::id();
-        let t = start_time(me).expect("own start time");
-        assert!(t > 0);
-        assert_eq!(start_time(me), Some(t));
-        assert_eq!(start_time(u32::MAX), None);
+/// Process `pid`'s listener at `fd`, if `pid` is still the process
+/// started at `start` and `fd` a seccomp listener.
+fn holder_listener(pid: u32, start: u64, fd: i32) -> Result<std::os::fd::OwnedFd, String> {
+    if pidfd::start_time(pid) != Some(start) {
+        return Err("exited".into());
     }
+    let pidfd = pidfd::open(pid as libc::pid_t).map_err(|e| format!("pidfd_open: {e}"))?;
+    // Checked again now that the pidfd pins the process: the pid was not
+    // reused between the two reads.
+    if pidfd::start_time(pid) != Some(start) {
+        return Err("exited".into());
+    }
+    let l = pidfd::getfd(pidfd.as_fd(), fd)
+        .map_err(|e| format!("its copy of the listener (fd {fd}) is gone ({e})"))?;
+    if !crate::seccomp::is_listener(l.as_fd()) {
+        return Err(format!("fd {fd} is no longer a seccomp listener"));
+    }
+    Ok(l)
+}
+
+/// A process other than the recorded one that holds `saved`'s listener:
+/// its environment names it and its descriptor is a seccomp listener.
+/// (pid, start time, the listener.)
+fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
+    let want = format!(
+        "{}={}:{}",
+        graft_core::ENV_SECCOMP_LISTENER,
+        saved.id,
+        saved.fd
+    );
+    let procs = fs::read_dir("/proc").ok()?;
+    for pid in procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let link = fs::read_link(format!("/proc/{pid}/fd/{}", saved.fd));
+        if !link.is_ok_and(|l| l.as_os_str() == "anon_inode:seccomp notify") {
+            continue;
+        }
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            continue;
+        }
+        let Some(start) = pidfd::start_time(pid) else {
+            continue;
+        };
+        if let Ok(l) = holder_listener(pid, start, saved.fd) {
+            return Some((pid, start, l));
+        }
+    }
+    None
 }

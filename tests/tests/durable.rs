@@ -382,6 +382,86 @@ fn seccomp_mode_connections_survive_kill9_and_restart() {
     loop_across_kill9("loop_restart_seccomp", &["--mode", "seccomp"]);
 }
 
+/// A seccomp-mode program whose process `graft` started forks and exits
+/// (a daemon detaching); the child goes on connecting. After a kill -9 and
+/// a restart, graftd finds the listener in the child (its environment names
+/// it, and it holds the inherited descriptor) and serves it: no failure.
+#[test]
+fn a_detached_child_is_served_again_after_kill9() {
+    let Some((mut env, host)) = out_env("detached_restart") else {
+        return;
+    };
+    let script = env.script(
+        "detach.py",
+        r#"
+import os, socket, sys, time
+if os.fork() > 0:
+    os._exit(0)
+fails = 0
+for i in range(200):
+    try:
+        s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
+        if s.recv(16) != b"hi\n":
+            raise OSError(0, "bad answer")
+        s.close()
+    except OSError as e:
+        fails += 1
+        print("fail", i, e, flush=True)
+    print("done", i, os.getpid(), flush=True)
+    time.sleep(0.01)
+print("failures", fails, flush=True)
+"#,
+        &[("PORT", host.addr.port().to_string())],
+    );
+    let mut c = env.graft(&[
+        "--mode",
+        "seccomp",
+        "-e",
+        "127.0.0.1/32=ep-out4",
+        "--",
+        "python3",
+        &script,
+    ]);
+    c.stdout(Stdio::piped());
+    let mut p = Proc::spawn(c, "detaching loop");
+    let out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
+    // The process graft started exits at once; its child writes on. Read in
+    // a thread: a child whose listener nobody serves would block forever in
+    // connect (the namespace's teardown kills it).
+    p.wait_timeout(LIMIT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    let read = |lines: &mut Vec<String>| {
+        let l = rx
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("the child stopped at {:?}", lines.last()));
+        lines.push(l.clone());
+        l
+    };
+    while !read(&mut lines).starts_with("done 30 ") {}
+    env.d.kill9();
+    env.d.restart();
+    while !read(&mut lines).starts_with("failures") {}
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("failures 0"),
+        "{lines:?}"
+    );
+    assert_eq!(host.accepted.load(Ordering::SeqCst), 200);
+    let child = lines[0].rsplit(' ').next().unwrap_or("?").to_owned();
+    let log = env.d.log_text();
+    let second = log.rsplit("restored 1 endpoint(s)").next().unwrap_or("");
+    assert!(
+        second.contains(&format!("found in pid {child}")) && second.contains("served again"),
+        "the new graftd found the listener in the child {child}:\n{log}"
+    );
+}
+
 /// A python loop under `graft LAUNCHER -e`, 300 connections 10 ms apart,
 /// across a kill -9 and a restart of graftd: no failure, and the new graftd
 /// serves the program's seccomp listener again.
