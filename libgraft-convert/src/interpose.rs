@@ -615,30 +615,32 @@ fn blocking_eagain(fd: c_int, flags: c_int) -> bool {
     retry
 }
 
-/// # Safety
-/// read(2).
-#[no_mangle]
-pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+/// `call`, one receive on `fd` with `flags`, repeated while it fails with
+/// an EAGAIN that a blocking socket must not return ([`blocking_eagain`]).
+#[inline(always)]
+fn repeated(fd: c_int, flags: c_int, mut call: impl FnMut() -> ssize_t) -> ssize_t {
     loop {
-        // SAFETY: forwarded unchanged.
-        let r = unsafe { sys::read(fd, buf, n) };
-        if r >= 0 || !blocking_eagain(fd, 0) {
+        let r = call();
+        if r >= 0 || !blocking_eagain(fd, flags) {
             return r;
         }
     }
 }
 
 /// # Safety
+/// read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: forwarded unchanged.
+    repeated(fd, 0, || unsafe { sys::read(fd, buf, n) })
+}
+
+/// # Safety
 /// recv(2).
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged.
-        let r = unsafe { sys::recv(fd, buf, n, flags) };
-        if r >= 0 || !blocking_eagain(fd, flags) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged.
+    repeated(fd, flags, || unsafe { sys::recv(fd, buf, n, flags) })
 }
 
 /// # Safety
@@ -652,26 +654,18 @@ pub unsafe extern "C" fn recvfrom(
     a: *mut sockaddr,
     len: *mut socklen_t,
 ) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged.
-        let r = unsafe { sys::recvfrom(fd, buf, n, flags, a, len) };
-        if r >= 0 || !blocking_eagain(fd, flags) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged.
+    repeated(fd, flags, || unsafe {
+        sys::recvfrom(fd, buf, n, flags, a, len)
+    })
 }
 
 /// # Safety
 /// readv(2).
 #[no_mangle]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged.
-        let r = unsafe { sys::readv(fd, iov, n) };
-        if r >= 0 || !blocking_eagain(fd, 0) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged.
+    repeated(fd, 0, || unsafe { sys::readv(fd, iov, n) })
 }
 
 /// # Safety
@@ -685,13 +679,8 @@ pub unsafe extern "C" fn __read_chk(
     n: size_t,
     cap: size_t,
 ) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged (the real one checks n against cap).
-        let r = unsafe { sys::__read_chk(fd, buf, n, cap) };
-        if r >= 0 || !blocking_eagain(fd, 0) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged (the real one checks n against cap).
+    repeated(fd, 0, || unsafe { sys::__read_chk(fd, buf, n, cap) })
 }
 
 /// # Safety
@@ -704,13 +693,10 @@ pub unsafe extern "C" fn __recv_chk(
     cap: size_t,
     flags: c_int,
 ) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged (the real one checks n against cap).
-        let r = unsafe { sys::__recv_chk(fd, buf, n, cap, flags) };
-        if r >= 0 || !blocking_eagain(fd, flags) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged (the real one checks n against cap).
+    repeated(fd, flags, || unsafe {
+        sys::__recv_chk(fd, buf, n, cap, flags)
+    })
 }
 
 /// # Safety
@@ -725,24 +711,16 @@ pub unsafe extern "C" fn __recvfrom_chk(
     a: *mut sockaddr,
     len: *mut socklen_t,
 ) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged (the real one checks n against cap).
-        let r = unsafe { sys::__recvfrom_chk(fd, buf, n, cap, flags, a, len) };
-        if r >= 0 || !blocking_eagain(fd, flags) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged (the real one checks n against cap).
+    repeated(fd, flags, || unsafe {
+        sys::__recvfrom_chk(fd, buf, n, cap, flags, a, len)
+    })
 }
 
 /// # Safety
 /// recvmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
-    loop {
-        // SAFETY: forwarded unchanged.
-        let r = unsafe { sys::recvmsg(fd, msg, flags) };
-        if r >= 0 || !blocking_eagain(fd, flags) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded unchanged.
+    repeated(fd, flags, || unsafe { sys::recvmsg(fd, msg, flags) })
 }

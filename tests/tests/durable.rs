@@ -382,23 +382,18 @@ fn seccomp_mode_connections_survive_kill9_and_restart() {
     loop_across_kill9("loop_restart_seccomp", &["--mode", "seccomp"]);
 }
 
-/// A seccomp-mode program whose process `graft` started forks and exits
-/// (a daemon detaching); the child goes on connecting. After a kill -9 and
-/// a restart, graftd finds the listener in the child (its environment names
-/// it, and it holds the inherited descriptor) and serves it: no failure.
-#[test]
-fn a_detached_child_is_served_again_after_kill9() {
-    let Some((mut env, host)) = out_env("detached_restart") else {
-        return;
-    };
-    let script = env.script(
-        "detach.py",
+/// A python script connecting `n` times to `host`, 10 ms apart, printing
+/// `done I PID` after each and `failures N` at the end; with `detach`, the
+/// process started forks first and exits, its child doing the work.
+fn loop_script(env: &Env, host: &HostTcp, n: usize, detach: bool) -> String {
+    env.script(
+        "loop.py",
         r#"
-import os, socket, sys, time
-if os.fork() > 0:
+import os, socket, time
+if @DETACH@ and os.fork() > 0:
     os._exit(0)
 fails = 0
-for i in range(200):
+for i in range(@N@):
     try:
         s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
         if s.recv(16) != b"hi\n":
@@ -411,17 +406,36 @@ for i in range(200):
     time.sleep(0.01)
 print("failures", fails, flush=True)
 "#,
-        &[("PORT", host.addr.port().to_string())],
-    );
-    let mut c = env.graft(&[
-        "--mode",
-        "seccomp",
-        "-e",
-        "127.0.0.1/32=ep-out4",
-        "--",
-        "python3",
-        &script,
-    ]);
+        &[
+            ("N", n.to_string()),
+            ("PORT", host.addr.port().to_string()),
+            ("DETACH", if detach { "True" } else { "False" }.to_owned()),
+        ],
+    )
+}
+
+/// `graft LAUNCHER -e 127.0.0.1/32=ep-out4 -- python3 SCRIPT`.
+fn loop_command(env: &Env, launcher: &[&str], script: &str) -> Command {
+    env.graft(
+        &[
+            launcher,
+            &["-e", "127.0.0.1/32=ep-out4", "--", "python3", script],
+        ]
+        .concat(),
+    )
+}
+
+/// A seccomp-mode program whose process `graft` started forks and exits
+/// (a daemon detaching); the child goes on connecting. After a kill -9 and
+/// a restart, graftd finds the listener in the child (its environment names
+/// it, and it holds the inherited descriptor) and serves it: no failure.
+#[test]
+fn a_detached_child_is_served_again_after_kill9() {
+    let Some((mut env, host)) = out_env("detached_restart") else {
+        return;
+    };
+    let script = loop_script(&env, &host, 200, true);
+    let mut c = loop_command(&env, &["--mode", "seccomp"], &script);
     c.stdout(Stdio::piped());
     let mut p = Proc::spawn(c, "detaching loop");
     let out = BufReader::new(p.child.stdout.take().expect("stdout piped"));
@@ -470,33 +484,8 @@ fn loop_across_kill9(test: &str, launcher: &[&str]) {
         return;
     };
     const N: usize = 300;
-    let script = env.script(
-        "loop.py",
-        r#"
-import socket, time
-fails = 0
-for i in range(@N@):
-    try:
-        s = socket.create_connection(("127.0.0.1", @PORT@), timeout=10)
-        if s.recv(16) != b"hi\n":
-            raise OSError(0, "bad answer")
-        s.close()
-    except OSError as e:
-        fails += 1
-        print("fail", i, e, flush=True)
-    print("done", i, flush=True)
-    time.sleep(0.01)
-print("failures", fails, flush=True)
-"#,
-        &[("N", N.to_string()), ("PORT", host.addr.port().to_string())],
-    );
-    let mut c = env.graft(
-        &[
-            launcher,
-            &["-e", "127.0.0.1/32=ep-out4", "--", "python3", &script],
-        ]
-        .concat(),
-    );
+    let script = loop_script(&env, &host, N, false);
+    let mut c = loop_command(&env, launcher, &script);
     // Every connection asks the broker; the wait is generous here so a
     // loaded CI machine cannot turn a slow restart into a failure (the
     // default, 1 s, is what the README promises; the restart time is
@@ -513,7 +502,7 @@ print("failures", fails, flush=True)
         lines.push(l.trim().to_owned());
         l
     };
-    while !read(&mut lines).starts_with("done 50") {}
+    while !read(&mut lines).starts_with("done 50 ") {}
     env.d.kill9();
     let t = std::time::Instant::now();
     env.d.restart();

@@ -413,21 +413,10 @@ fn check_pair(srv: &str, cli: &str, n: u64, pingpong: bool) {
     }
 }
 
-/// Runs `srv_ns`'s server and `cli_ns`'s client with the ping-pong, `n`
-/// bytes each way, and checks what arrived.
+/// Runs `srv_ns`'s server and `cli_ns`'s client (`launcher`: options of
+/// their `graft`) with the ping-pong, `n` bytes each way, and checks what
+/// arrived.
 fn pingpong_pair(
-    env: &Env,
-    (srv_ns, cli_ns): (&Netns, &Netns),
-    ip: &str,
-    port: u16,
-    rules: (&str, &str),
-    n: usize,
-) {
-    pingpong_pair_with(env, (srv_ns, cli_ns), ip, port, rules, n, (&[], &[]));
-}
-
-/// [`pingpong_pair`] with launcher options for the server and the client.
-fn pingpong_pair_with(
     env: &Env,
     (srv_ns, cli_ns): (&Netns, &Netns),
     ip: &str,
@@ -490,7 +479,15 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
             format!("{ip}/128={eout}")
         };
         let segs = out_segs(&host);
-        pingpong_pair(&env, (&c1, &c2), ip, port, (&rule_in, &rule_out), N);
+        pingpong_pair(
+            &env,
+            (&c1, &c2),
+            ip,
+            port,
+            (&rule_in, &rule_out),
+            N,
+            (&[], &[]),
+        );
         let segs = out_segs(&host) - segs;
         // 2 × 8 MiB through TCP on loopback takes hundreds of segments;
         // spliced, only handshakes, FINs and their ACKs remain.
@@ -517,8 +514,9 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
 /// grafted preload client). The bytes arrive through TCP.
 #[test]
 fn splice_leaves_seccomp_mode_programs_on_tcp() {
+    let names = ["sxh", "sx1", "sx2"];
     let test = "splice_leaves_seccomp_mode_programs_on_tcp";
-    let Some((env, [host, c1, c2])) = splice_env_netns(test, ["sxh", "sx1", "sx2"]) else {
+    let Some((env, [host, c1, c2])) = splice_env_netns(test, names) else {
         return;
     };
     const N: usize = 4 << 20;
@@ -532,7 +530,7 @@ fn splice_leaves_seccomp_mode_programs_on_tcp() {
         ("server", (seccomp, &[][..])),
     ] {
         let segs = out_segs(&host);
-        pingpong_pair_with(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N, launcher);
+        pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N, launcher);
         let segs = out_segs(&host) - segs;
         // 2 × 4 MiB through TCP on loopback: well over a hundred segments
         // (spliced: under 60, see splice_grafted_pairs_v4_v6_byte_exact).
@@ -548,7 +546,7 @@ fn splice_leaves_seccomp_mode_programs_on_tcp() {
     }
     // The same pair, both preloaded: spliced.
     let segs = out_segs(&host);
-    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N);
+    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N, (&[], &[]));
     let segs = out_segs(&host) - segs;
     assert!(
         segs < 60,
@@ -575,7 +573,7 @@ fn counters_without_splice_count_payload_bytes() {
     add_into(&env, &c2, "out type ipv4 addr 0.0.0.0 port dynamic", &host);
     let segs = out_segs(&host);
     let rules = ("127.0.0.1:15100=in", "127.0.0.1/32=out");
-    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N);
+    pingpong_pair(&env, (&c1, &c2), "127.0.0.1", 15100, rules, N, (&[], &[]));
     assert!(out_segs(&host) - segs > 300, "TCP carried the bytes");
     let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
     let want = N as u64 + pp;
