@@ -26,12 +26,11 @@
 //! preload fast path gains no round trip.
 
 use std::os::fd::AsRawFd;
-
-use nix::fcntl::FcntlArg;
 use std::path::Path;
 
 use graft_core::proto::broker::{Attach, Op, Reason, ATTACH_VERBOSE, REQUEST_LEN};
 use graft_core::rules::RuleSet;
+use nix::fcntl::FcntlArg;
 
 use crate::args::Mode;
 use crate::check::{Broker, CheckError};

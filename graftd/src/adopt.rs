@@ -26,7 +26,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -234,8 +234,10 @@ fn holder_listener(pid: u32, start: u64, fd: i32) -> Result<std::os::fd::OwnedFd
 }
 
 /// A process other than the recorded one that holds `saved`'s listener:
-/// its environment names it and its descriptor is a seccomp listener.
-/// (pid, start time, the listener.)
+/// in the listener's namespace, its environment names it, and its
+/// descriptor is a seccomp listener. (pid, start time, the listener.)
+/// (Taking a stranger's listener would grant nothing: a supervisor grafts
+/// only sockets of its own namespace.)
 fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
     let want = format!(
         "{}={}:{}",
@@ -250,6 +252,13 @@ fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
     {
         let link = fs::read_link(format!("/proc/{pid}/fd/{}", saved.fd));
         if !link.is_ok_and(|l| l.as_os_str() == "anon_inode:seccomp notify") {
+            continue;
+        }
+        let netns = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        });
+        if netns.ok() != Some(saved.netns) {
             continue;
         }
         let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
