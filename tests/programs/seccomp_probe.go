@@ -4,6 +4,8 @@
 //	tcp-serve ADDR         accept one connection, write "peer=REMOTE\n"
 //	tcp-serve-n ADDR N     the same for N connections, one after another
 //	tcp-get ADDR MSG       connect, send MSG, print what comes back
+//	tcp-get-n ADDR N       N times, 50 ms apart: connect, send "x", print
+//	                       "got ANSWER" or "fail ERROR"; then "failures K"
 //	udp-serve ADDR         answer one datagram with "peer=REMOTE data=DATA"
 //	udp-ask ADDR MSG       connected UDP: send MSG, print the answer
 //	udp-sendto ADDR MSG    unconnected UDP bound to port 0: WriteTo, print answer
@@ -22,6 +24,19 @@ import (
 func die(err error) {
 	fmt.Fprintf(os.Stderr, "probe: %v\n", err)
 	os.Exit(1)
+}
+
+// getOnce connects to addr, sends "x", half-closes and returns the answer.
+func getOnce(addr string) ([]byte, error) {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "x")
+	c.(*net.TCPConn).CloseWrite()
+	return io.ReadAll(c)
 }
 
 func main() {
@@ -73,6 +88,22 @@ func main() {
 			die(err)
 		}
 		fmt.Printf("got %s\n", b)
+	case "tcp-get-n":
+		n, fails := 0, 0
+		if _, err := fmt.Sscan(msg, &n); err != nil {
+			die(err)
+		}
+		for i := 0; i < n; i++ {
+			b, err := getOnce(addr)
+			if err != nil {
+				fails++
+				fmt.Printf("fail %v\n", err)
+			} else {
+				fmt.Printf("got %s\n", b)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		fmt.Printf("failures %d\n", fails)
 	case "udp-serve":
 		p, err := net.ListenPacket("udp", addr)
 		if err != nil {

@@ -868,6 +868,72 @@ impl Drop for DockerThings {
     }
 }
 
+/// A scratch image holding the static Go probe as `/app`, for a container
+/// of `test`'s; `None` (one skip line) without a Docker engine or Go.
+fn go_scratch_image(test: &str, env: &Env) -> Option<DockerThings> {
+    if !run("docker", ["info"]).status.success() {
+        println!("SKIP: {test}: no Docker engine answers");
+        return None;
+    }
+    let go = go_probe(test)?;
+    let ctx = env.dir.join("image");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::copy(&go, ctx.join("app")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY app /app\n").unwrap();
+    let things = DockerThings {
+        container: unique("graft-seccomp-"),
+        image: format!("{}:e2e", unique("graft-seccomp-scratch-")),
+    };
+    let b = run(
+        "docker",
+        ["build", "-q", "-t", &things.image, ctx.to_str().unwrap()],
+    );
+    assert!(b.status.success(), "docker build: {}", text(&b.stderr));
+    Some(things)
+}
+
+/// `docker run -d --net=none` of `things`' image with the static launcher
+/// mounted from the host as its entrypoint and `graft_args` after it.
+fn run_scratch_grafted(env: &Env, things: &DockerThings, graft_args: &[&str]) {
+    let mnt = env.dir.join("graft");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::copy(bin("graft"), mnt.join("graft")).unwrap();
+    let broker = format!("GRAFT_BROKER={}", env.d.broker);
+    let volume = format!("{}:/graft:ro", mnt.display());
+    let r = run(
+        "docker",
+        [
+            &[
+                "run",
+                "-d",
+                "--name",
+                &things.container,
+                "--net=none",
+                "-e",
+                &broker,
+                "-v",
+                &volume,
+                "--entrypoint",
+                "/graft/graft",
+                &things.image,
+            ][..],
+            graft_args,
+        ]
+        .concat(),
+    );
+    assert!(r.status.success(), "docker run: {}", text(&r.stderr));
+}
+
+/// `ip graft add NAME SPEC` inside `things`' container, with docker-ns-exec.
+fn add_in_container(env: &Env, things: &DockerThings, name: &str, spec: &str) {
+    let mut add = Command::new(bin("docker-ns-exec"));
+    add.args([&things.container, "ip", "graft", "add", name])
+        .args(spec.split(' '));
+    env.d.apply(&mut add);
+    let o = add.output().expect("docker-ns-exec");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
 /// A scratch image holding one static Go binary, run with `--net=none` and
 /// the static launcher mounted from the host as its entrypoint; the
 /// endpoint is added after start with docker-ns-exec (the launcher waits
@@ -879,45 +945,14 @@ fn docker_scratch_image_with_mounted_static_launcher() {
     let Some(env) = Env::new(test, &["docker"]) else {
         return;
     };
-    if !run("docker", ["info"]).status.success() {
-        println!("SKIP: {test}: no Docker engine answers");
-        return;
-    }
-    let Some(go) = go_probe(test) else {
+    let Some(things) = go_scratch_image(test, &env) else {
         return;
     };
-    let ctx = env.dir.join("image");
-    let mnt = env.dir.join("graft");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::create_dir_all(&mnt).unwrap();
-    std::fs::copy(&go, ctx.join("app")).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY app /app\n").unwrap();
-    std::fs::copy(bin("graft"), mnt.join("graft")).unwrap();
-    let things = DockerThings {
-        container: unique("graft-seccomp-"),
-        image: format!("{}:e2e", unique("graft-seccomp-scratch-")),
-    };
-    let b = run(
-        "docker",
-        ["build", "-q", "-t", &things.image, ctx.to_str().unwrap()],
-    );
-    assert!(b.status.success(), "docker build: {}", text(&b.stderr));
     let port = free_port();
-    let r = run(
-        "docker",
-        [
-            "run",
-            "-d",
-            "--name",
-            &things.container,
-            "--net=none",
-            "-e",
-            &format!("GRAFT_BROKER={}", env.d.broker),
-            "-v",
-            &format!("{}:/graft:ro", mnt.display()),
-            "--entrypoint",
-            "/graft/graft",
-            &things.image,
+    run_scratch_grafted(
+        &env,
+        &things,
+        &[
             "--wait",
             "30",
             "-v",
@@ -929,21 +964,12 @@ fn docker_scratch_image_with_mounted_static_launcher() {
             ":8080",
         ],
     );
-    assert!(r.status.success(), "docker run: {}", text(&r.stderr));
-    let mut add = Command::new(bin("docker-ns-exec"));
-    add.args([
-        &things.container,
-        "ip",
-        "graft",
-        "add",
+    add_in_container(
+        &env,
+        &things,
         "ep-in4",
-        "type",
-        "ipv4",
-    ])
-    .args(["addr", "127.0.0.1", "port", &port.to_string()]);
-    env.d.apply(&mut add);
-    let o = add.output().expect("docker-ns-exec");
-    assert!(o.status.success(), "{}", text(&o.stderr));
+        &format!("type ipv4 addr 127.0.0.1 port {port}"),
+    );
     let ep: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_tcp_quiet(ep);
     let (said, me) = ask_tcp(ep);
@@ -954,6 +980,85 @@ fn docker_scratch_image_with_mounted_static_launcher() {
         "{}",
         text(&logs.stderr)
     );
+}
+
+/// A static Go client in a `--net=none` container connects to a host
+/// server 40 times, 50 ms apart, while graftd is killed -9 and restarted:
+/// the restarted graftd takes the container program's listener again
+/// (found by the pid graftd saw, in its own pid namespace), and no
+/// connection fails.
+#[test]
+fn docker_static_client_goes_on_across_a_graftd_restart() {
+    let test = "docker_static_client_goes_on_across_a_graftd_restart";
+    let Some(mut env) = Env::new(test, &["docker"]) else {
+        return;
+    };
+    let Some(things) = go_scratch_image(test, &env) else {
+        return;
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = c.write_all(b"hi");
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = std::io::copy(&mut c, &mut std::io::sink());
+        }
+    });
+    let target = addr.to_string();
+    run_scratch_grafted(
+        &env,
+        &things,
+        &[
+            "--wait",
+            "30",
+            "-e",
+            "0.0.0.0/0=ep-out4",
+            "--",
+            "/app",
+            "tcp-get-n",
+            &target,
+            "40",
+        ],
+    );
+    add_in_container(
+        &env,
+        &things,
+        "ep-out4",
+        "type ipv4 addr 0.0.0.0 port dynamic",
+    );
+    let count = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until("10 connections before the restart", LIMIT, || count() >= 10);
+    env.d.kill9();
+    env.d.restart();
+    wait_until("40 connections", LIMIT, || count() >= 40);
+    let state = || {
+        let st = run(
+            "docker",
+            [
+                "inspect",
+                "-f",
+                "{{.State.Status}} {{.State.ExitCode}}",
+                &things.container,
+            ],
+        );
+        text(&st.stdout).trim().to_owned()
+    };
+    wait_until("the container to exit", LIMIT, || {
+        state().starts_with("exited")
+    });
+    let logs = run("docker", ["logs", &things.container]);
+    let out = text(&logs.stdout);
+    assert_eq!(state(), "exited 0", "{out}{}", text(&logs.stderr));
+    assert_eq!(out.lines().filter(|l| *l == "got hi").count(), 40, "{out}");
+    assert_eq!(out.lines().last(), Some("failures 0"), "{out}");
+    assert_eq!(count(), 40);
+    let log = env.d.log_text();
+    assert!(log.contains("served again"), "{log}");
 }
 
 /// Waits until something accepts on `addr` without connecting (a probe
