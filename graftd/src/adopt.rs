@@ -123,7 +123,8 @@ fn write(dir: &Path, path: &Path, saved: &Saved) -> std::io::Result<()> {
         .custom_flags(libc::O_CLOEXEC)
         .open(&tmp)?;
     f.write_all(&serde_json::to_vec(saved).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
+    // No fsync: the file only has to outlive graftd, not the machine (its
+    // program would not), and this runs on the broker thread.
     fs::rename(&tmp, path)
 }
 
