@@ -492,12 +492,11 @@ fn splice_members(c: &Companion) -> usize {
 /// out. A grafted pair still joins, whatever address the listener has.
 #[test]
 fn splice_takes_only_grafted_pairs() {
-    let Some((_g, c)) = start("splice-pairs", true) else {
+    let Some((_g, mut c)) = start("splice-pairs", true) else {
         return;
     };
-    let mut c = c;
     let [srv, cli] = endpoints_here(&mut c, ["pr-srv", "pr-cli"]);
-    let members = |c: &Companion| splice_members(c);
+    let members = splice_members;
     assert_eq!(members(&c), 0);
     let ping = |mut a: TcpStream, mut s: TcpStream| {
         s.write_all(b"ping").unwrap();

@@ -26,7 +26,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -115,13 +115,7 @@ fn write(dir: &Path, path: &Path, saved: &Saved) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     let tmp = dir.join(format!(".{}.tmp", saved.id));
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&tmp)?;
+    let mut f = crate::persist::open_private(&tmp, true)?;
     f.write_all(&serde_json::to_vec(saved).map_err(std::io::Error::other)?)?;
     // No fsync: the file only has to outlive graftd, not the machine (its
     // program would not), and this runs on the broker thread.
@@ -226,12 +220,8 @@ fn holder_listener(pid: u32, start: u64, fd: i32) -> Result<std::os::fd::OwnedFd
     if pidfd::start_time(pid) != Some(start) {
         return Err("exited".into());
     }
-    let l = pidfd::getfd(pidfd.as_fd(), fd)
-        .map_err(|e| format!("its copy of the listener (fd {fd}) is gone ({e})"))?;
-    if !crate::seccomp::is_listener(l.as_fd()) {
-        return Err(format!("fd {fd} is no longer a seccomp listener"));
-    }
-    Ok(l)
+    crate::seccomp::listener_at(pidfd.as_fd(), fd)
+        .map_err(|e| format!("its copy of the listener (fd {fd}) is gone ({e})"))
 }
 
 /// A process other than the recorded one that holds `saved`'s listener:

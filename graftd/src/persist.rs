@@ -124,7 +124,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Per
 
 /// Opens (creating, 0600, close-on-exec) a file only root may read: the
 /// lock, or the next state file, emptied when `truncate`.
-fn open_private(path: &Path, truncate: bool) -> io::Result<fs::File> {
+pub fn open_private(path: &Path, truncate: bool) -> io::Result<fs::File> {
     fs::OpenOptions::new()
         .create(true)
         .truncate(truncate)

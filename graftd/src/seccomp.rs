@@ -178,15 +178,20 @@ pub fn serve(
 }
 
 /// Whether `fd` is a seccomp listener.
-pub fn is_listener(fd: BorrowedFd<'_>) -> bool {
+fn is_listener(fd: BorrowedFd<'_>) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .is_ok_and(|l| l.as_os_str() == "anon_inode:seccomp notify")
 }
 
 /// The peer's descriptor `fd`, if it is a seccomp listener.
 fn take_listener(conn: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
-    let peer = pidfd::of_peer(conn)?;
-    let l = pidfd::getfd(peer.as_fd(), fd)?;
+    listener_at(pidfd::of_peer(conn)?.as_fd(), fd)
+}
+
+/// The process's descriptor `fd`, if it is a seccomp listener (EINVAL if
+/// it is something else).
+pub fn listener_at(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
+    let l = pidfd::getfd(pidfd, fd)?;
     if !is_listener(l.as_fd()) {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

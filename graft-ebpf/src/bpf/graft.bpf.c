@@ -467,25 +467,20 @@ static __always_inline int peer_listener_grafted(struct bpf_sock_ops *skops)
 static __always_inline int peer_spliced(struct bpf_sock_ops *skops)
 {
 	struct graft_sock_key k;
-	__u32 port;
-	__u32 ip[4];
+	__u32 t;
+	int i;
 
+	/* Our key with the sides swapped is the peer's own key. */
 	sock_key(skops, &k);
-	port = k.local_port;
+	t = k.local_port;
 	k.local_port = k.remote_port;
-	k.remote_port = port;
-	ip[0] = k.local_ip[0];
-	ip[1] = k.local_ip[1];
-	ip[2] = k.local_ip[2];
-	ip[3] = k.local_ip[3];
-	k.local_ip[0] = k.remote_ip[0];
-	k.local_ip[1] = k.remote_ip[1];
-	k.local_ip[2] = k.remote_ip[2];
-	k.local_ip[3] = k.remote_ip[3];
-	k.remote_ip[0] = ip[0];
-	k.remote_ip[1] = ip[1];
-	k.remote_ip[2] = ip[2];
-	k.remote_ip[3] = ip[3];
+	k.remote_port = t;
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		t = k.local_ip[i];
+		k.local_ip[i] = k.remote_ip[i];
+		k.remote_ip[i] = t;
+	}
 	return bpf_map_lookup_elem(&graft_sock_ep, &k) != 0;
 }
 
