@@ -111,6 +111,16 @@ impl GraftEpKey {
     }
 }
 
+/// `struct graft_mark`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraftMark {
+    pub endpoint: u32,
+    pub flags: u32,
+    pub left: u32,
+    pub pad: u32,
+}
+
 /// `struct graft_global`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,7 +129,7 @@ pub struct GraftGlobal {
     pub splice_errors: u64,
 }
 
-// SAFETY (all seven): plain #[repr(C)] integer structs without padding holes
+// SAFETY (all eight): plain #[repr(C)] integer structs without padding holes
 // the kernel could leak through (each layout is a multiple of its alignment
 // and its fields are laid out back to back), valid for any bit pattern.
 unsafe impl aya::Pod for GraftSk {}
@@ -135,6 +145,8 @@ unsafe impl aya::Pod for GraftGlobal {}
 unsafe impl aya::Pod for GraftEpKey {}
 // SAFETY: see above.
 unsafe impl aya::Pod for GraftEpVal {}
+// SAFETY: see above.
+unsafe impl aya::Pod for GraftMark {}
 
 /// An address as the four network-order words the kernel compares, and its
 /// family (IPv4 in word 0).

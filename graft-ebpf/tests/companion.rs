@@ -350,6 +350,81 @@ fn a_batch_registers_up_to_the_limit() {
     assert_eq!(c.live(&ep), Some(3));
 }
 
+/// Sockets made on the thread that armed marking are marked as the kernel
+/// makes them: with the endpoint (its policy applies at connect), counted
+/// live, held to the limit; nothing made after settling, or on another
+/// thread, is marked by it: a batch made elsewhere is marked the ordinary
+/// way, one made half here and half elsewhere is refused whole.
+#[test]
+fn sockets_made_while_armed_are_marked_as_they_are_made() {
+    let Some((_g, mut c)) = start("armed", false) else {
+        return;
+    };
+    let here = NetnsId::current().unwrap();
+    let ep = key(here, "ep-armed");
+    let deny = rules(&["deny 127.0.0.2/32"]);
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = server.local_addr().unwrap();
+    let denied = SocketAddr::from(([127, 0, 0, 2], to.port()));
+
+    let armed = c.arm_marks(&ep, &deny, 5, Some(3)).unwrap();
+    assert_eq!(armed.count(), 3, "capped by the limit");
+    let made = [
+        socket(libc::AF_INET, libc::SOCK_STREAM),
+        socket(libc::AF_INET6, libc::SOCK_STREAM),
+        socket(libc::AF_INET, libc::SOCK_STREAM),
+    ];
+    let fds: Vec<_> = made.iter().map(|s| s.as_fd()).collect();
+    let (n, why) = c.settle_marks(armed, &fds);
+    assert_eq!((n, why.is_none()), (3, true), "{why:?}");
+    let id = c.socket_endpoint(made[0].as_fd()).expect("marked as made");
+    for s in &made {
+        assert_eq!(c.socket_endpoint(s.as_fd()), Some(id));
+    }
+    assert_eq!(c.live(&ep), Some(3));
+    connect(&made[0], &to).expect("allowed connect");
+    let e = connect(&made[2], &denied).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "the endpoint's policy applies: {e}");
+    let after = socket(libc::AF_INET, libc::SOCK_STREAM);
+    assert_eq!(c.socket_endpoint(after.as_fd()), None, "disarmed");
+    assert!(matches!(
+        c.arm_marks(&ep, &deny, 2, Some(3)),
+        Err(graft_ebpf::Error::LimitReached { live: 3, .. })
+    ));
+
+    // Made on another thread: not marked by the kernel, so settling marks
+    // them itself.
+    let armed = c.arm_marks(&ep, &deny, 2, None).unwrap();
+    let elsewhere: Vec<OwnedFd> = std::thread::spawn(|| {
+        (0..2)
+            .map(|_| socket(libc::AF_INET, libc::SOCK_STREAM))
+            .collect()
+    })
+    .join()
+    .unwrap();
+    let fds: Vec<_> = elsewhere.iter().map(|s| s.as_fd()).collect();
+    let (n, why) = c.settle_marks(armed, &fds);
+    assert_eq!((n, why.is_none()), (2, true), "{why:?}");
+    assert!(elsewhere
+        .iter()
+        .all(|s| c.socket_endpoint(s.as_fd()) == Some(id)));
+    assert_eq!(c.live(&ep), Some(5));
+
+    // Half and half: which ones are marked is unknown, so none goes.
+    let armed = c.arm_marks(&ep, &deny, 2, None).unwrap();
+    let mine = socket(libc::AF_INET, libc::SOCK_STREAM);
+    let theirs = std::thread::spawn(|| socket(libc::AF_INET, libc::SOCK_STREAM))
+        .join()
+        .unwrap();
+    let (n, why) = c.settle_marks(armed, &[mine.as_fd(), theirs.as_fd()]);
+    assert_eq!(n, 0);
+    assert!(
+        matches!(why, Some(graft_ebpf::Error::Bpf { .. })),
+        "{why:?}"
+    );
+    assert_eq!(c.live(&ep), Some(5), "refused sockets are not counted");
+}
+
 #[test]
 fn counters_count_connections_and_bytes() {
     let Some((_g, mut c)) = start("counters", false) else {

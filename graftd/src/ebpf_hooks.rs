@@ -9,7 +9,10 @@
 //!   return quickly; they never block on I/O of a client.
 //! * [`Hooks::sockets_handed_out`] runs on every socket before it is sent;
 //!   returning an error refuses the request (the client gets that errno with
-//!   `Reason::Policy`), so a policy that cannot be recorded fails closed.
+//!   `Reason::Policy`), so a policy that cannot be recorded fails closed. A
+//!   batch made on the broker thread may instead be marked as it is made:
+//!   [`Hooks::arm_marks`] before, [`Hooks::settle_marks`] (same contract as
+//!   `sockets_handed_out`) after.
 //! * [`Hooks::merge_stats`] fills the optional counters of `Stats`; graftd's
 //!   own counters (`sockets`, `refused`) are already set.
 //!
@@ -64,6 +67,13 @@ pub struct EndpointRef<'a> {
     pub own_limit: bool,
 }
 
+/// Marking at creation, armed by [`Hooks::arm_marks`].
+pub struct Armed {
+    /// How many sockets may be made.
+    pub count: usize,
+    token: Box<dyn std::any::Any + Send>,
+}
+
 /// The hook points. See the module documentation for the contract.
 pub trait Hooks: Send + Sync {
     /// Once, after start-up (this is where cgroup placement and program
@@ -101,6 +111,29 @@ pub trait Hooks: Send + Sync {
         _ep: &EndpointRef<'_>,
     ) -> (usize, Option<io::Error>) {
         (socks.len(), None)
+    }
+
+    /// Up to `want` sockets for `ep` are about to be made on the calling
+    /// thread, in graftd's own namespace, with no option of the refused
+    /// class: the companion may mark them as the kernel makes them, which is
+    /// cheaper than `sockets_handed_out` afterwards. `None`: not armed, use
+    /// `sockets_handed_out`; `Some(Err)`: make none (refused as
+    /// `sockets_handed_out` would); `Some(Ok(a))`: make at most `a.count`,
+    /// then `settle_marks` before this thread makes any other socket.
+    fn arm_marks(&self, _ep: &EndpointRef<'_>, _want: usize) -> Option<io::Result<Armed>> {
+        None
+    }
+
+    /// The sockets made since `arm_marks`: as `sockets_handed_out`.
+    fn settle_marks(
+        &self,
+        _armed: Armed,
+        socks: &[BorrowedFd<'_>],
+        _ep: &EndpointRef<'_>,
+    ) -> (usize, Option<io::Error>) {
+        // Only an implementation that arms may settle: refuse (fail closed).
+        let _ = socks;
+        (0, Some(io::Error::from_raw_os_error(libc::EPERM)))
     }
 
     /// Whether every socket marked in `sockets_handed_out` refuses a later
@@ -248,6 +281,20 @@ fn key(ep: &EndpointRef<'_>) -> graft_ebpf::EndpointKey {
     }
 }
 
+/// The errno a socket refused by the companion fails with (logged).
+fn refusal(e: graft_ebpf::Error, ep: &EndpointRef<'_>) -> io::Error {
+    match e {
+        graft_ebpf::Error::LimitReached { .. } => {
+            log::debug!("refusing a socket: {e}");
+            io::Error::from_raw_os_error(libc::ENOBUFS)
+        }
+        e => {
+            log::error!("refusing a socket of endpoint {}: {e}", ep.name);
+            io::Error::from_raw_os_error(libc::EPERM)
+        }
+    }
+}
+
 fn is_inet(ep: &EndpointRef<'_>) -> bool {
     !matches!(ep.addr, EndpointAddr::Unix { .. })
 }
@@ -297,17 +344,44 @@ impl Hooks for Ebpf {
             }
         }
         let (n, why) = c.register_sockets_with_policy(socks, &key(ep), ep.policy, ep.limit);
-        let why = why.map(|e| match e {
-            graft_ebpf::Error::LimitReached { .. } => {
-                log::debug!("refusing a socket: {e}");
-                io::Error::from_raw_os_error(libc::ENOBUFS)
+        (n, why.map(|e| refusal(e, ep)))
+    }
+
+    fn arm_marks(&self, ep: &EndpointRef<'_>, want: usize) -> Option<io::Result<Armed>> {
+        let mut g = self.lock();
+        let Some(c) = g.as_mut() else {
+            return Some(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        };
+        if !is_inet(ep) {
+            return None;
+        }
+        Some(
+            c.arm_marks(&key(ep), ep.policy, want, ep.limit)
+                .map(|a| Armed {
+                    count: a.count(),
+                    token: Box::new(a),
+                })
+                .map_err(|e| refusal(e, ep)),
+        )
+    }
+
+    fn settle_marks(
+        &self,
+        armed: Armed,
+        socks: &[BorrowedFd<'_>],
+        ep: &EndpointRef<'_>,
+    ) -> (usize, Option<io::Error>) {
+        let mut g = self.lock();
+        let (Some(c), Ok(a)) = (g.as_mut(), armed.token.downcast::<graft_ebpf::Armed>()) else {
+            return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        };
+        if c.splice() {
+            if let Some(line) = c.splice_problem() {
+                log::warn!("{line}");
             }
-            e => {
-                log::error!("refusing a socket of endpoint {}: {e}", ep.name);
-                io::Error::from_raw_os_error(libc::EPERM)
-            }
-        });
-        (n, why)
+        }
+        let (n, why) = c.settle_marks(*a, socks);
+        (n, why.map(|e| refusal(e, ep)))
     }
 
     fn bind_guarded(&self) -> bool {

@@ -793,6 +793,53 @@ int graft_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
+/* ------------------------------------------------------ marking at creation */
+
+/* A graftd thread about to make sockets for one endpoint (a batch of egress
+ * sockets) arms this map under its own pid_tgid: the next `left` inet sockets
+ * that thread makes are marked as they are made, saving graftd a
+ * map_update_elem and a getsockopt(SO_COOKIE) per socket. graftd disarms
+ * it after the batch and checks that `left` went down by exactly the number
+ * of sockets it made; otherwise it marks them the ordinary way or refuses
+ * them (never hands out an unmarked socket). Not pinned: only the running
+ * graftd arms it. */
+struct graft_mark {
+	__u32 endpoint;
+	__u32 flags;
+	__u32 left;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct graft_mark);
+} graft_mark_next SEC(".maps");
+
+SEC("cgroup/sock_create")
+int graft_sock_create(struct bpf_sock *sk)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	struct graft_mark *m = bpf_map_lookup_elem(&graft_mark_next, &tid);
+	struct graft_sk *gs;
+
+	if (!m || m->left == 0)
+		return 1;
+	if (sk->family != AF_INET && sk->family != AF_INET6)
+		return 1;
+	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/* Unmarked, it would pass every hook: the socket is not made
+	 * (socket() fails with EPERM) and `left` shows it was not marked. */
+	if (!gs)
+		return 0;
+	gs->endpoint = m->endpoint;
+	gs->flags = m->flags;
+	gs->cookie = bpf_get_socket_cookie(sk);
+	m->left--;
+	return 1;
+}
+
 /* ------------------------------------------------------------------ bind */
 
 /* The process that loaded these programs (graftd; a test playing graftd),

@@ -156,10 +156,28 @@ fn sockets(
     // An egress socket of a unix endpoint is handed out connected:
     // a batch would open connections nobody uses yet.
     let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
-    let want = if req.op == Op::SocketBatch && !unix {
+    let mut want = if req.op == Op::SocketBatch && !unix {
         batch.clamp(1, BATCH_MAX)
     } else {
         1
+    };
+    // A batch made on this thread is marked as the kernel makes it (one
+    // map update per batch instead of two system calls per socket); the
+    // request carries no option (plan refuses the refused class anyway).
+    let armed = if want > 1 && matches!(ep.target, Target::Own) && req.nopts == 0 {
+        match ctx.hooks.arm_marks(&ep.hook_ref(), want) {
+            Some(Ok(a)) => {
+                want = a.count;
+                Some(a)
+            }
+            Some(Err(e)) => {
+                let r = hook_refusal(Some(e));
+                return refused(ns, ep, req, r, log_budget);
+            }
+            None => None,
+        }
+    } else {
+        None
     };
     let mut made: Vec<factory::Made> = Vec::with_capacity(want);
     let mut failed = None;
@@ -173,7 +191,10 @@ fn sockets(
         }
     }
     let fds: Vec<_> = made.iter().map(|m| m.fd.as_fd()).collect();
-    let (ok, why) = ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref());
+    let (ok, why) = match armed {
+        Some(a) => ctx.hooks.settle_marks(a, &fds, &ep.hook_ref()),
+        None => ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref()),
+    };
     drop(fds);
     if ok < made.len() {
         // The rest are closed unused: refused before anybody saw them.
