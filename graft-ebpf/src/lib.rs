@@ -101,7 +101,7 @@
 //!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
 //!   socket timeout) are unaffected (poll, FIONREAD and MSG_PEEK see
 //!   redirected bytes on 6.18); for blocking readers libgraft-convert
-//!   repeats such a receive (read, readv, recv, recvfrom, recvmsg and
+//!   repeats such a receive (read, readv, recv, recvfrom, recvmsg, recvmmsg and
 //!   glibc's fortified `__read_chk`/`__recv_chk`/`__recvfrom_chk`). A
 //!   program graftd serves in seccomp mode reads with calls the library
 //!   does not see: graftd marks its sockets `GRAFT_SK_NO_JOIN`

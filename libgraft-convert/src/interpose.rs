@@ -718,6 +718,27 @@ pub unsafe extern "C" fn __recvfrom_chk(
 }
 
 /// # Safety
+/// recvmmsg(2). Repeated only without a timeout: with one, the kernel
+/// checks it only after a message arrived, and a repeat would restart it.
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    v: *mut libc::mmsghdr,
+    n: c_uint,
+    flags: c_int,
+    t: *mut libc::timespec,
+) -> c_int {
+    if !t.is_null() {
+        // SAFETY: forwarded unchanged.
+        return unsafe { sys::recvmmsg(fd, v, n, flags, t) };
+    }
+    // SAFETY: forwarded unchanged.
+    repeated(fd, flags, || unsafe {
+        sys::recvmmsg(fd, v, n, flags, t) as ssize_t
+    }) as c_int
+}
+
+/// # Safety
 /// recvmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {

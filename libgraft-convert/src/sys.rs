@@ -178,6 +178,11 @@ hooks! {
         // SAFETY: the caller's contract is recvmsg(2)'s.
         => unsafe { libc::syscall(libc::SYS_recvmsg, fd, m, flags) as isize };
     /// # Safety
+    /// Same contract as recvmmsg(2).
+    unsafe fn recvmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int, t: *mut libc::timespec) -> c_int
+        // SAFETY: the caller's contract is recvmmsg(2)'s.
+        => unsafe { libc::syscall(libc::SYS_recvmmsg, fd, v, n, flags, t) as c_int };
+    /// # Safety
     /// Same contract as readv(2).
     unsafe fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> isize
         // SAFETY: the caller's contract is readv(2)'s.

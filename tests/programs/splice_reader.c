@@ -1,15 +1,17 @@
 /* A blocking reader of a (spliced) TCP socket, built with
  * -D_FORTIFY_SOURCE=2 so that read/recv/recvfrom become glibc's __read_chk,
  * __recv_chk and __recvfrom_chk (libc's internal read behind them is not
- * the exported `read`), plus readv.
+ * the exported `read`), plus readv and recvmmsg.
  *
- * usage: splice_reader PORT BYTES MODE...   (MODE: read readv recv recvfrom)
+ * usage: splice_reader PORT BYTES MODE...
+ *        (MODE: read readv recv recvfrom recvmmsg)
  *
  * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
  * shuts down its side, while the main thread reads with MODE, on the same
  * blocking socket, until the peer's "ok" and EOF. Prints one line per
  * connection: "MODE got ok eagain N", N counting reads that failed with
  * EAGAIN (which a blocking socket must never return). */
+#define _GNU_SOURCE /* recvmmsg */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -62,6 +64,13 @@ static ssize_t read_with(const char *mode, char (*buf)[16])
 		struct iovec iov = { .iov_base = *buf, .iov_len = want };
 
 		return readv(sock, &iov, 1);
+	}
+	if (strcmp(mode, "recvmmsg") == 0) {
+		struct iovec iov = { .iov_base = *buf, .iov_len = want };
+		struct mmsghdr m = { .msg_hdr = { .msg_iov = &iov, .msg_iovlen = 1 } };
+		int r = recvmmsg(sock, &m, 1, 0, NULL);
+
+		return r < 0 ? r : (ssize_t)m.msg_len;
 	}
 	fprintf(stderr, "unknown mode %s\n", mode);
 	exit(2);

@@ -195,10 +195,10 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
 /// The same from a C program built with `_FORTIFY_SOURCE`, whose `read`,
 /// `recv` and `recvfrom` are glibc's `__read_chk`, `__recv_chk` and
 /// `__recvfrom_chk` (they reach libc's internal read, never the exported
-/// one), and with `readv`: each mode twice.
+/// one), and with `readv` and `recvmmsg`: each mode twice.
 #[test]
-fn fortified_and_vector_reads_on_a_spliced_socket_never_see_eagain() {
-    let test = "fortified_and_vector_reads_on_a_spliced_socket_never_see_eagain";
+fn fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain() {
+    let test = "fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain";
     if which("cc").is_none() {
         println!("SKIP: {test}: `cc` is not installed");
         return;
@@ -224,14 +224,20 @@ fn fortified_and_vector_reads_on_a_spliced_socket_never_see_eagain() {
     // The program really calls the fortified functions (and readv).
     let syms = Command::new("nm").arg("-D").arg(&exe).output().expect("nm");
     let syms = text(&syms.stdout);
-    for f in ["__read_chk", "__recv_chk", "__recvfrom_chk", "readv"] {
+    for f in [
+        "__read_chk",
+        "__recv_chk",
+        "__recvfrom_chk",
+        "readv",
+        "recvmmsg",
+    ] {
         assert!(
             syms.lines()
                 .any(|l| l.ends_with(&format!(" {f}")) || l.contains(&format!(" {f}@"))),
             "{f} not imported:\n{syms}"
         );
     }
-    let modes = ["read", "readv", "recv", "recvfrom"];
+    let modes = ["read", "readv", "recv", "recvfrom", "recvmmsg"];
     let exe = exe.display().to_string();
     let n = N.to_string();
     let port = PORT.to_string();
