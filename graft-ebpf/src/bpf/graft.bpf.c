@@ -206,6 +206,9 @@ static __always_inline int policy_allows(__u32 endpoint, __u8 family,
 
 	if (!pol)
 		return 0;
+	/* No clause (the common case): nothing to walk. */
+	if (pol->count == 0)
+		return !pol->has_allow;
 	w.pol = pol;
 	w.dst[0] = dst[0];
 	w.dst[1] = dst[1];
@@ -535,6 +538,12 @@ int graft_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (!sk)
 		return 1;
+	/* Of the state changes only a listener's close and a connection's end
+	 * matter (which FINs went each way follows from the state it ends
+	 * from): the others return before the storage lookup. */
+	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[0] != GRAFT_TCP_LISTEN &&
+	    skops->args[1] != GRAFT_TCP_CLOSE)
+		return 1;
 	gs = bpf_sk_storage_get(&graft_sk_map, sk, 0, 0);
 	if (!gs)
 		return 1;
@@ -548,7 +557,8 @@ int graft_sockops(struct bpf_sock_ops *skops)
 	c = counters(gs->endpoint);
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
-		__u32 from = skops->args[0], to = skops->args[1];
+		__u32 from = skops->args[0];
+		int fin_sent = 0, fin_rcvd = 0;
 
 		if (from == GRAFT_TCP_LISTEN) {
 			if (splice_enabled)
@@ -558,19 +568,20 @@ int graft_sockops(struct bpf_sock_ops *skops)
 		if (!(gs->flags & GRAFT_SK_ESTABLISHED))
 			return 1;
 		/* bytes_acked and bytes_received count sequence space: the
-		 * active side's SYN and each FIN take one. Follow the FINs
-		 * through the state changes so the totals are payload only. */
-		if (to == GRAFT_TCP_FIN_WAIT1 || to == GRAFT_TCP_LAST_ACK)
-			gs->flags |= GRAFT_SK_FIN_SENT;
-		if (to == GRAFT_TCP_CLOSE_WAIT || to == GRAFT_TCP_CLOSING)
-			gs->flags |= GRAFT_SK_FIN_RCVD;
-		if (to != GRAFT_TCP_CLOSE)
-			return 1;
-		/* Into TIME_WAIT (which the full socket leaves as CLOSE): the
-		 * peer's FIN arrived, and ours is acknowledged. */
-		if ((from == GRAFT_TCP_FIN_WAIT2 || from == GRAFT_TCP_FIN_WAIT1) &&
-		    skops->snd_una == skops->snd_nxt)
-			gs->flags |= GRAFT_SK_FIN_RCVD;
+		 * active side's SYN and each FIN take one. The state the
+		 * connection ends from says which FINs went: ours from
+		 * FIN_WAIT1/2, CLOSING and LAST_ACK, the peer's into CLOSE_WAIT
+		 * (hence from it and from LAST_ACK) and CLOSING, and into
+		 * TIME_WAIT (which the full socket leaves as CLOSE, from
+		 * FIN_WAIT1/2 with ours acknowledged). */
+		if (from == GRAFT_TCP_FIN_WAIT1 || from == GRAFT_TCP_FIN_WAIT2 ||
+		    from == GRAFT_TCP_CLOSING || from == GRAFT_TCP_LAST_ACK)
+			fin_sent = 1;
+		if (from == GRAFT_TCP_CLOSE_WAIT || from == GRAFT_TCP_LAST_ACK ||
+		    from == GRAFT_TCP_CLOSING ||
+		    ((from == GRAFT_TCP_FIN_WAIT2 || from == GRAFT_TCP_FIN_WAIT1) &&
+		     skops->snd_una == skops->snd_nxt))
+			fin_rcvd = 1;
 		gs->flags &= ~GRAFT_SK_ESTABLISHED;
 		if (c) {
 			__u64 sent = skops->bytes_acked, rcvd = skops->bytes_received;
@@ -578,10 +589,10 @@ int graft_sockops(struct bpf_sock_ops *skops)
 
 			if (gs->flags & GRAFT_SK_ACTIVE)
 				ctl++;
-			if ((gs->flags & GRAFT_SK_FIN_SENT) && skops->snd_una == skops->snd_nxt)
+			if (fin_sent && skops->snd_una == skops->snd_nxt)
 				ctl++;
 			sent = sent > ctl ? sent - ctl : 0;
-			if ((gs->flags & GRAFT_SK_FIN_RCVD) && rcvd > 0)
+			if (fin_rcvd && rcvd > 0)
 				rcvd--;
 			__sync_fetch_and_add(&c->bytes_sent, sent);
 			__sync_fetch_and_add(&c->bytes_received, rcvd);

@@ -36,11 +36,11 @@ struct graft_sk {
 #define GRAFT_SK_NO_SPLICE 1u
 /* Counted at establishment: the close accounting applies. */
 #define GRAFT_SK_ESTABLISHED 2u
-/* Byte accounting: established by connect(); our FIN went out; the peer's
- * FIN came in. */
+/* Byte accounting: established by connect(). */
 #define GRAFT_SK_ACTIVE 4u
-#define GRAFT_SK_FIN_SENT 8u
-#define GRAFT_SK_FIN_RCVD 16u
+/* 8 and 16 were "our FIN went out" and "the peer's FIN came in", now told
+ * by the state a connection ends from; sockets marked by an older graftd
+ * may still carry them: not reused. */
 /* graftd handed this socket out and counts it against its endpoint's limit
  * (graft_ep_val.handed); its release is counted in graft_counters.released. */
 #define GRAFT_SK_HANDED 32u
