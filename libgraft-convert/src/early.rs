@@ -78,8 +78,7 @@ pub fn socket(domain: c_int, ty: c_int, proto: c_int) -> Option<RawFd> {
     let k = candidate_kind(domain, ty, proto)?;
     let ep = endpoint_for(cfg, &k)?;
     let ns = NETNS.try_with(Cell::get).ok().filter(|&n| n != 0)?;
-    let req = egress_request(ep, &k);
-    let host = pool::take_ready(&req, pack_kind(k), ns)?;
+    let host = pool::take_ready(&ep, pack_kind(k), ns, || egress_request(ep, &k))?;
     // The lowest free number, as socket() itself would give.
     let dup = if ty & libc::SOCK_CLOEXEC != 0 {
         libc::F_DUPFD_CLOEXEC

@@ -33,10 +33,11 @@
 //! the parent closes it); a child made without fork handlers (vfork, clone)
 //! that grafts finds the parent's pid on the pool and does the same.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX, REQUEST_LEN};
+use graft_core::EndpointName;
 
 use crate::broker::{self, Answer, Conn, Error, PidLock};
 use crate::sys;
@@ -111,7 +112,7 @@ fn locked(
     let Some(k) = key(req, kind, ns) else {
         return broker::ask(name, req, Some(ns));
     };
-    if let Some(fd) = serve(k, req, pid, ns) {
+    if let Some(fd) = serve(k, pid, ns, || req.clone()) {
         let addr = if want_addr {
             match sys::sys_sockname(fd.as_raw_fd(), false) {
                 Ok((b, n)) => Reply::ok(Op::Socket, &b[..n]),
@@ -133,28 +134,36 @@ fn locked(
     let mut a = CONN.ask(name, &buf, pid, ns)?;
     if a.reply.errno == 0 {
         BATCHES[k].fetch_add(1, Ordering::Relaxed);
-        keep(k, &mut a.extra);
+        keep(k, None, &mut a.extra);
     }
     Ok(a)
 }
 
-/// A pooled socket for `req` (an egress `Socket` request without options,
-/// `kind` packed) for namespace `ns`, if the pool already serves that key
-/// and has one or one on its way; never a broker round trip of its own.
-/// For grafting a socket as it is made ([`crate::early`]).
-pub fn take_ready(req: &Request, kind: u32, ns: u64) -> Option<OwnedFd> {
+/// A pooled socket of endpoint `ep` and kind `kind` (packed) for namespace
+/// `ns`, if the pool already serves that key and has one or one on its way;
+/// never a broker round trip of its own. `req` makes the key's egress
+/// `Socket` request (without options), needed only to fetch ahead. For
+/// grafting a socket as it is made ([`crate::early`]), where building a
+/// request per socket would cost more than the rest of the lookup.
+pub fn take_ready(
+    ep: &EndpointName,
+    kind: u32,
+    ns: u64,
+    req: impl FnOnce() -> Request,
+) -> Option<OwnedFd> {
     let pid = sys::sys_getpid();
     if OWNER.load(Ordering::Relaxed) != pid || !LOCK.try_lock(pid) {
         return None;
     }
-    let fd = find(req, kind, ns).and_then(|k| serve(k, req, pid, ns));
+    let fd = find(ep, kind, ns).and_then(|k| serve(k, pid, ns, req));
     LOCK.unlock();
     fd
 }
 
-/// A socket of key `k` (serving `req`), if it holds one or one is on its
-/// way; asks for the next batch ahead when that leaves the key low.
-fn serve(k: usize, req: &Request, pid: i32, ns: u64) -> Option<OwnedFd> {
+/// A socket of key `k` (whose request `req` makes), if it holds one or one
+/// is on its way; asks for the next batch ahead when that leaves the key
+/// low.
+fn serve(k: usize, pid: i32, ns: u64, req: impl FnOnce() -> Request) -> Option<OwnedFd> {
     // A batch fetched ahead that has arrived; when this key is empty, wait
     // for one that is on its way rather than ask again.
     settle(pid, ns, false);
@@ -162,20 +171,20 @@ fn serve(k: usize, req: &Request, pid: i32, ns: u64) -> Option<OwnedFd> {
         settle(pid, ns, true);
     }
     let fd = pop(k)?;
-    fetch_ahead(k, req, pid, ns);
+    fetch_ahead(k, pid, ns, req);
     Some(fd)
 }
 
 /// Asks for key `k`'s next batch without waiting, when it runs low and the
-/// process keeps asking. `req` is the request the key serves.
-fn fetch_ahead(k: usize, req: &Request, pid: i32, ns: u64) {
+/// process keeps asking. `req` makes the request the key serves.
+fn fetch_ahead(k: usize, pid: i32, ns: u64, req: impl FnOnce() -> Request) {
     if LEN[k].load(Ordering::Relaxed) as usize > AHEAD_AT
         || BATCHES[k].load(Ordering::Relaxed) < BATCHES_BEFORE_AHEAD
         || CONN.owed() != 0
     {
         return;
     }
-    let mut batch = req.clone();
+    let mut batch = req();
     batch.op = Op::SocketBatch;
     let mut buf = [0u8; REQUEST_LEN];
     batch.encode(&mut buf);
@@ -198,24 +207,58 @@ fn settle(pid: i32, ns: u64, wait: bool) {
         return;
     }
     BATCHES[k].fetch_add(1, Ordering::Relaxed);
-    if let Some(f) = a.fd.take() {
-        push(k, f, broker::high_fd_floor());
-    }
-    keep(k, &mut a.extra);
+    let first = a.fd.take();
+    keep(k, first, &mut a.extra);
 }
 
-/// Keeps the spare sockets of a batch reply in key `k`.
-fn keep(k: usize, extra: &mut [Option<OwnedFd>]) {
+/// Keeps the sockets of a batch reply (`first`, when it is not used at
+/// once, and the spare ones) in key `k`.
+fn keep(k: usize, first: Option<OwnedFd>, extra: &mut [Option<OwnedFd>]) {
     // One getrlimit per batch, not per socket.
     let floor = broker::high_fd_floor();
-    for f in extra.iter_mut().filter_map(Option::take) {
-        push(k, f, floor);
+    let mut received = [-1; BATCH_MAX];
+    let mut n = 0;
+    for f in first
+        .into_iter()
+        .chain(extra.iter_mut().filter_map(Option::take))
+    {
+        push(k, f.as_fd(), floor);
+        if n < received.len() {
+            received[n] = f.into_raw_fd();
+            n += 1;
+        }
+    }
+    close_all(&received[..n]);
+}
+
+/// Closes `fds`, descriptors this module owns (at most a batch): a batch
+/// arrives at the lowest free numbers, a run or a few, each of which one
+/// close_range closes instead of a close per socket.
+fn close_all(fds: &[RawFd]) {
+    let mut sorted = [RawFd::MAX; BATCH_MAX];
+    let n = fds.len().min(BATCH_MAX);
+    sorted[..n].copy_from_slice(&fds[..n]);
+    let sorted = &mut sorted[..n];
+    sorted.sort_unstable();
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        // Distinct numbers filling [sorted[i], sorted[j]]: ours only.
+        if j == i || sys::sys_close_range(sorted[i], sorted[j]).is_err() {
+            for &fd in &sorted[i..=j] {
+                sys::sys_close(fd);
+            }
+        }
+        i = j + 1;
     }
 }
 
-fn name_words(req: &Request) -> [u64; 2] {
+fn name_words(ep: &EndpointName) -> [u64; 2] {
     let mut b = [0u8; 16];
-    let n = req.endpoint.as_bytes();
+    let n = ep.as_bytes();
     let n = &n[..n.len().min(16)];
     b[..n.len()].copy_from_slice(n);
     let mut lo = [0u8; 8];
@@ -225,9 +268,10 @@ fn name_words(req: &Request) -> [u64; 2] {
     [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
 
-/// The key slot already serving the request for a socket of namespace `ns`.
-fn find(req: &Request, kind: u32, ns: u64) -> Option<usize> {
-    let w = name_words(req);
+/// The key slot already serving endpoint `ep`'s sockets of kind `kind` for
+/// namespace `ns`.
+fn find(ep: &EndpointName, kind: u32, ns: u64) -> Option<usize> {
+    let w = name_words(ep);
     (0..KEYS).find(|&k| {
         KIND[k].load(Ordering::Relaxed) == kind
             && NAME[k][0].load(Ordering::Relaxed) == w[0]
@@ -239,10 +283,10 @@ fn find(req: &Request, kind: u32, ns: u64) -> Option<usize> {
 /// The key slot for the request for a socket of namespace `ns`, claiming a
 /// free one if needed.
 fn key(req: &Request, kind: u32, ns: u64) -> Option<usize> {
-    if let Some(k) = find(req, kind, ns) {
+    if let Some(k) = find(&req.endpoint, kind, ns) {
         return Some(k);
     }
-    let w = name_words(req);
+    let w = name_words(&req.endpoint);
     let k = (0..KEYS).find(|&k| KIND[k].load(Ordering::Relaxed) == 0)?;
     NAME[k][0].store(w[0], Ordering::Relaxed);
     NAME[k][1].store(w[1], Ordering::Relaxed);
@@ -272,9 +316,9 @@ fn pop(k: usize) -> Option<OwnedFd> {
     }
 }
 
-/// Keeps `f` at a high number; closed when the key is full or no high
-/// number is free.
-fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
+/// Keeps a copy of `f` at a high number, unless the key is full or no
+/// high number is free (the caller closes `f`).
+fn push(k: usize, f: BorrowedFd<'_>, floor: libc::c_long) {
     let n = LEN[k].load(Ordering::Relaxed) as usize;
     if n >= CAP {
         return;
@@ -282,7 +326,6 @@ fn push(k: usize, f: OwnedFd, floor: libc::c_long) {
     let Ok(hi) = sys::sys_fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) else {
         return;
     };
-    drop(f);
     let Some((ino, _)) = sys::sys_fstat(hi) else {
         sys::sys_close(hi);
         return;
@@ -408,6 +451,29 @@ mod tests {
         });
     }
 
+    /// Runs of numbers are closed together, single ones alone, and nothing
+    /// between them is touched.
+    #[test]
+    fn close_all_closes_exactly_the_given_numbers() {
+        let socks: Vec<RawFd> = (0..7)
+            .map(|_| sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap())
+            .map(IntoRawFd::into_raw_fd)
+            .collect();
+        // Keep the third and the sixth; close the rest, given out of order.
+        let mine = [socks[4], socks[0], socks[1], socks[3], socks[6]];
+        let ino = |fd| sys::sys_fstat(fd).map(|(i, _)| i);
+        let before: Vec<_> = socks.iter().map(|&fd| ino(fd)).collect();
+        close_all(&mine);
+        // Another test's thread may reuse a closed number at once: closed
+        // means the number no longer names the same socket.
+        for (i, &fd) in socks.iter().enumerate() {
+            let kept = ino(fd) == before[i];
+            assert_eq!(kept, i == 2 || i == 5, "{fd}");
+        }
+        sys::sys_close(socks[2]);
+        sys::sys_close(socks[5]);
+    }
+
     /// Once a key has had two batches, it asks for the next one while it
     /// still holds AHEAD_AT sockets, keeps serving from what it holds while
     /// the reply is on its way, and takes that reply instead of asking again.
@@ -491,7 +557,9 @@ mod tests {
         for _ in 0..CAP + 2 {
             push(
                 a,
-                sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap(),
+                sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0)
+                    .unwrap()
+                    .as_fd(),
                 floor,
             );
         }
