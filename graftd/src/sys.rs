@@ -1,10 +1,11 @@
 //! The few system calls nix does not wrap the way graftd needs them: raw
 //! `socket` with caller-given numbers (they come off the wire after
 //! validation; socket options by number are `graft_seccomp::sockopt`),
-//! sockaddrs as bytes, and the nsfs type query.
+//! sockaddrs as bytes, the nsfs type query, and closing a batch of
+//! descriptors with `close_range`.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
@@ -157,6 +158,26 @@ pub fn next_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Next {
 
 /// Sends one record (and optionally one descriptor) without blocking; a peer
 /// that does not read its replies gets `EAGAIN` here, never a stalled daemon.
+/// Closes `fds`: numbers made one after the other (a batch of sockets) are
+/// usually one run, which one close_range (Linux 5.9) closes instead of a
+/// close each.
+pub fn close_all(fds: Vec<OwnedFd>) {
+    let mut raw: Vec<RawFd> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    raw.sort_unstable();
+    for run in raw.chunk_by(|a, b| b - a == 1) {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        // SAFETY: closes exactly the numbers of `run`, distinct descriptors
+        // owned here (the range holds no others: it is filled by the run).
+        if run.len() > 1 && unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } == 0 {
+            continue;
+        }
+        for &fd in run {
+            // SAFETY: an owned descriptor, closed once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
 pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], pass: &[BorrowedFd<'_>]) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let iov = [io::IoSlice::new(data)];
@@ -193,6 +214,29 @@ mod tests {
         assert_eq!(ns_type(f.as_fd()).unwrap(), libc::CLONE_NEWUTS);
         let f = std::fs::File::open("/dev/null").unwrap();
         assert!(ns_type(f.as_fd()).is_err());
+    }
+
+    /// Runs and single numbers alike are closed, and nothing else: another
+    /// test's thread may take a closed number at once, so "closed" is "no
+    /// longer the same file".
+    #[test]
+    fn close_all_closes_exactly_its_descriptors() {
+        let files: Vec<OwnedFd> = (0..7)
+            .map(|_| OwnedFd::from(std::os::unix::net::UnixDatagram::unbound().unwrap()))
+            .collect();
+        let ino = |fd: RawFd| nix::sys::stat::fstat(fd).ok().map(|s| (s.st_dev, s.st_ino));
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let before: Vec<_> = raw.iter().map(|&fd| ino(fd)).collect();
+        let mut files: Vec<Option<OwnedFd>> = files.into_iter().map(Some).collect();
+        let kept = [files[2].take().unwrap(), files[5].take().unwrap()];
+        let mut given: Vec<OwnedFd> = files.into_iter().flatten().collect();
+        given.reverse();
+        close_all(given);
+        for (i, &fd) in raw.iter().enumerate() {
+            let same = ino(fd) == before[i] && before[i].is_some();
+            assert_eq!(same, i == 2 || i == 5, "{fd}");
+        }
+        drop(kept);
     }
 
     #[test]

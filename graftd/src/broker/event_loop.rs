@@ -246,7 +246,7 @@ impl Loop {
             }
             // graftd's copies of the sockets are closed here; the client owns them.
             drop(pass);
-            drop(socks);
+            sys::close_all(socks);
         }
         true
     }
