@@ -213,6 +213,7 @@ pub struct Armed {
     tid: u64,
     key: EndpointKey,
     n: u32,
+    limit: Option<u32>,
 }
 
 impl Armed {
@@ -774,15 +775,22 @@ impl Companion {
         self.mark_next
             .insert(tid, mark, 0)
             .map_err(bpf_err(format!("arm marking for endpoint {}", key.name)))?;
-        Ok(Armed { tid, key: *key, n })
+        Ok(Armed {
+            tid,
+            key: *key,
+            n,
+            limit,
+        })
     }
 
     /// Disarms `armed` and counts `fds`, the sockets made on its thread
-    /// since, as handed out. All of them must have been marked as they were
-    /// made; if none was (the kernel did not run `graft_sock_create` for
-    /// this thread), they are marked the ordinary way; if only some were,
-    /// none is handed out (which ones are marked is unknown). Returns how
-    /// many may be handed out, from the first, and why not more.
+    /// since (in order), as handed out. All of them must have been marked
+    /// as they were made; if none was (the kernel did not run
+    /// `graft_sock_create` for this thread), they are marked the ordinary
+    /// way; if only some were, none is handed out (which ones are marked is
+    /// unknown). The limit is checked again (another thread may have
+    /// registered sockets of the endpoint meanwhile). Returns how many may
+    /// be handed out, from the first, and why not more.
     pub fn settle_marks(&mut self, armed: Armed, fds: &[BorrowedFd<'_>]) -> (usize, Option<Error>) {
         let left = self.mark_next.get(&armed.tid, 0).ok().map(|m| m.left);
         // Disarmed whatever happens next: a leftover count would mark the
@@ -790,53 +798,70 @@ impl Companion {
         if let Err(e) = self.mark_next.remove(&armed.tid) {
             return (0, Some(bpf_err("disarm marking")(e)));
         }
-        let marked = left.map(|l| armed.n.saturating_sub(l) as usize);
-        match marked {
-            Some(m) if m == fds.len() => {}
-            Some(0) if !fds.is_empty() => return self.register_sockets(fds, &armed.key, None),
-            _ => {
-                let e = Error::Bpf {
-                    op: format!(
-                        "mark {} socket(s) of endpoint {} as made",
-                        fds.len(),
-                        armed.key.name
-                    ),
-                    detail: format!(
-                        "{} marked",
-                        marked.map_or("none known".into(), |m| m.to_string())
-                    ),
-                };
-                return (0, Some(e));
-            }
+        let marked = left.map_or(0, |l| armed.n.saturating_sub(l) as usize);
+        if marked == 0 && !fds.is_empty() {
+            return self.register_sockets(fds, &armed.key, armed.limit);
         }
-        if fds.is_empty() {
-            return (0, None);
-        }
-        let k = maps::GraftEpKey::new(&armed.key);
-        let Some(&id) = self.endpoints.get(&armed.key) else {
-            let e = Error::UnknownEndpoint {
-                name: armed.key.name.to_string(),
-                netns: armed.key.netns,
+        // Every socket marked here counts as handed out: one refused below,
+        // or made and closed again by a failed bind, is released unused, and
+        // cgroup/sock_release counts that. (One more marked than made is the
+        // last one, closed by the failure that ended the batch.)
+        let counted = self.count_handed(&armed.key, marked);
+        if marked < fds.len() {
+            let e = Error::Bpf {
+                op: format!(
+                    "mark {} socket(s) of endpoint {} as made",
+                    fds.len(),
+                    armed.key.name
+                ),
+                detail: format!("{marked} marked"),
             };
             return (0, Some(e));
+        }
+        match counted {
+            // Another graftd thread may have registered sockets of the
+            // endpoint since it was armed: the limit is checked again.
+            Ok(live_before) => match armed.limit {
+                Some(l) if live_before + fds.len() as u64 > u64::from(l) => {
+                    let room = u64::from(l).saturating_sub(live_before) as usize;
+                    let e = Error::LimitReached {
+                        name: armed.key.name.to_string(),
+                        live: live_before + room as u64,
+                    };
+                    (room, Some(e))
+                }
+                _ => (fds.len(), None),
+            },
+            Err(e) => (0, Some(e)),
+        }
+    }
+
+    /// Adds `n` to the sockets `key` handed out; returns its live count
+    /// before them.
+    fn count_handed(&mut self, key: &EndpointKey, n: usize) -> Result<u64, Error> {
+        let Some(&id) = self.endpoints.get(key) else {
+            return Err(Error::UnknownEndpoint {
+                name: key.name.to_string(),
+                netns: key.netns,
+            });
         };
+        let k = maps::GraftEpKey::new(key);
         let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
             id,
             pad: 0,
             handed: 0,
         });
-        v.handed += fds.len() as u64;
-        // As in register_sockets: only graftd writes this entry.
-        match self.ids.insert(k, v, 0) {
-            Ok(()) => (fds.len(), None),
-            Err(e) => (
-                0,
-                Some(bpf_err(format!(
-                    "count a socket of endpoint {}",
-                    armed.key.name
-                ))(e)),
-            ),
+        let live = self.live_of(id, v.handed);
+        if n == 0 {
+            return Ok(live);
         }
+        v.handed += n as u64;
+        // As in register_sockets: only graftd writes this entry, under the
+        // caller's lock.
+        self.ids
+            .insert(k, v, 0)
+            .map(|()| live)
+            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))
     }
 
     fn live_of(&self, id: u32, handed: u64) -> u64 {
