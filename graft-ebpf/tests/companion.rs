@@ -360,9 +360,8 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
     let Some((_g, mut c)) = start("armed", false) else {
         return;
     };
-    let here = NetnsId::current().unwrap();
-    let ep = key(here, "ep-armed");
     let deny = rules(&["deny 127.0.0.2/32"]);
+    let ep = key(NetnsId::current().unwrap(), "ep-armed");
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = server.local_addr().unwrap();
     let denied = SocketAddr::from(([127, 0, 0, 2], to.port()));

@@ -67,6 +67,9 @@ pub struct EndpointRef<'a> {
     pub own_limit: bool,
 }
 
+/// How many sockets, from the first, may be handed out, and why not more.
+pub type Handed = (usize, Option<io::Error>);
+
 /// Marking at creation, armed by [`Hooks::arm_marks`].
 pub struct Armed {
     /// How many sockets may be made.
@@ -125,14 +128,8 @@ pub trait Hooks: Send + Sync {
     }
 
     /// The sockets made since `arm_marks`: as `sockets_handed_out`.
-    fn settle_marks(
-        &self,
-        _armed: Armed,
-        socks: &[BorrowedFd<'_>],
-        _ep: &EndpointRef<'_>,
-    ) -> (usize, Option<io::Error>) {
+    fn settle_marks(&self, _a: Armed, _s: &[BorrowedFd<'_>], _ep: &EndpointRef<'_>) -> Handed {
         // Only an implementation that arms may settle: refuse (fail closed).
-        let _ = socks;
         (0, Some(io::Error::from_raw_os_error(libc::EPERM)))
     }
 
@@ -365,12 +362,7 @@ impl Hooks for Ebpf {
         )
     }
 
-    fn settle_marks(
-        &self,
-        armed: Armed,
-        socks: &[BorrowedFd<'_>],
-        ep: &EndpointRef<'_>,
-    ) -> (usize, Option<io::Error>) {
+    fn settle_marks(&self, armed: Armed, socks: &[BorrowedFd<'_>], ep: &EndpointRef<'_>) -> Handed {
         let mut g = self.lock();
         let (Some(c), Ok(a)) = (g.as_mut(), armed.token.downcast::<graft_ebpf::Armed>()) else {
             return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
