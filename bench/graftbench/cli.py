@@ -16,7 +16,7 @@ from typing import Optional
 
 from .docker import DOCKER_PATHS, GraftDockerPath, docker_available
 from .harness import Harness, find_bins
-from .paths import ALL_PATHS, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
+from .paths import ALL_PATHS, GraftComparePath, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
 from .proc import RUN, BenchError, cleanup, on_signal, record, say
 from .report import fmt, replot, write_results
 from .workloads import config, micro, run_cell
@@ -37,6 +37,7 @@ class Options:
     workloads: Optional[str] = None
     no_docker: bool = False
     bin_dir: Optional[str] = None
+    compare: Optional[str] = None
     out: Optional[str] = None
     keep: bool = False
     replot: Optional[str] = None
@@ -81,6 +82,8 @@ def parse(argv, doc):
     ap.add_argument("--workloads")
     ap.add_argument("--no-docker", action="store_true")
     ap.add_argument("--bin-dir")
+    ap.add_argument("--compare", metavar="BIN_DIR",
+                    help="also run graft's rows with another build's graftd/graft/ip-graft (path graft-cmp)")
     ap.add_argument("--out")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
@@ -97,15 +100,27 @@ def parse(argv, doc):
         bad = set(a.paths.split(",")) - known
         if bad:
             ap.error(f"unknown path(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
+    if a.compare is not None:
+        missing = [b for b in ("graftd", "graft", "ip-graft") if not os.path.isfile(os.path.join(a.compare, b))]
+        if missing:
+            ap.error(f"--compare {a.compare}: no {', '.join(missing)} there")
+    elif a.paths and "graft-cmp" in a.paths.split(","):
+        ap.error("path graft-cmp needs --compare BIN_DIR")
     mode = next(m for m in ("full", "quick", "smoke", "replot") if getattr(a, m))
     return Options(mode=mode, label=a.label, runs=a.runs, secs=a.secs, paths=a.paths, workloads=a.workloads,
-                   no_docker=a.no_docker, bin_dir=a.bin_dir, out=a.out, keep=a.keep, replot=a.replot)
+                   no_docker=a.no_docker, bin_dir=a.bin_dir, compare=a.compare, out=a.out, keep=a.keep,
+                   replot=a.replot)
 
 
 def choose_paths(h, opts, out):
     """The path classes to run: Docker rows when an engine and image are
     there, --paths with every baseline they need, graft rows when built."""
     classes = list(ALL_PATHS)
+    if opts.compare:
+        GraftComparePath.bin_dir = os.path.abspath(opts.compare)
+        GraftComparePath.label = f"graft with the binaries of {GraftComparePath.bin_dir} (--compare)"
+    else:
+        classes.remove(GraftComparePath)
     if opts.no_docker:
         out.skipped.append("docker rows: --no-docker")
     else:

@@ -97,15 +97,17 @@ http {{
 """)
         return conf
 
-    def graft_bin(self, name):
-        p = os.path.join(self.bin_dir, name)
+    def graft_bin(self, name, bin_dir=None):
+        """graft's binary `name`, from `bin_dir` (a path's own build, see
+        --compare) or the run's."""
+        p = os.path.join(bin_dir or self.bin_dir, name)
         if name == "graft" or name == "ip-graft" or name == "graftd":
             if not os.path.exists(p):
                 raise BenchError(f"{p} is missing (cargo build --release --workspace)")
         return p
 
-    def graftd(self, ns, tag, extra=()):
-        return Graftd(self, ns, tag, extra)
+    def graftd(self, ns, tag, extra=(), bin_dir=None):
+        return Graftd(self, ns, tag, extra, bin_dir)
 
 
 def find_bins(a):

@@ -275,6 +275,8 @@ class GraftPath(Path):
     graftd_args = ()
     # extra launcher options (the seccomp row forces its mode)
     graft_opts = ()
+    # another build's binaries (graft-cmp, see --compare); None: the run's
+    bin_dir = None
 
     def setup(self, h):
         hp = h.paths_by_name.get(self.host_path)
@@ -282,7 +284,7 @@ class GraftPath(Path):
             raise BenchError(f"needs the `{self.host_path}` path, which is not set up")
         self.hns = hp.ns
         self.gns = h.make_ns(self.ns_tag)
-        self.d = h.graftd(self.hns, self.name, self.graftd_args)
+        self.d = h.graftd(self.hns, self.name, self.graftd_args, self.bin_dir)
         eps = {"iperf": "ep-ip", "pp": "ep-pp", "nginx": "ep-ng"}
         for s, ep in eps.items():
             self.d.add(nsx(self.gns), f"{ep} type ipv4 addr 127.0.0.1 port {self.port(s)}")
@@ -290,7 +292,7 @@ class GraftPath(Path):
         self.d.ip_graft(nsx(self.gns), ["show"])
 
         def wrap(svc, argv):
-            return [h.graft_bin("graft"), *self.graft_opts, "-i", f"0.0.0.0:{self.port(svc)}={eps[svc]}",
+            return [self.d.bin("graft"), *self.graft_opts, "-i", f"0.0.0.0:{self.port(svc)}={eps[svc]}",
                     "--"] + argv
         self.wrap = wrap
         self.procs = start_servers(h, self, self.d.envx(nsx(self.gns)), "0.0.0.0", self.name, wrap=wrap)
@@ -314,12 +316,23 @@ class GraftPath(Path):
         return nsx(self.hns)
 
     def egress_client(self):
-        return self.d.envx(nsx(self.gns)) + [self.d.h.graft_bin("graft"), *self.graft_opts, "-e",
+        return self.d.envx(nsx(self.gns)) + [self.d.bin("graft"), *self.graft_opts, "-e",
                                              "0.0.0.0/0=ep-out4", "--"]
 
     def egress_nginx(self):
         p = self.procs.get("nginx_out")
         return ("127.0.0.1", self.port("nginx_out"), p) if p else None
+
+
+class GraftComparePath(GraftPath):
+    """`graft`'s rows with the binaries of another build (bench/run
+    --compare DIR), measured in the same run, cell after cell with this
+    build's `graft`: on a machine whose speed drifts, the one way to tell
+    two builds apart."""
+    name = "graft-cmp"
+    label = "graft with the binaries of --compare (another build)"
+    base = 23000
+    ns_tag = "gc"
 
 
 class GraftHostSplicePath(GraftPath):
@@ -404,7 +417,7 @@ class GraftG2GPath(GraftPath):
         self.d.add(nsx(self.cns), "ep-out4 type ipv4 addr 0.0.0.0 port dynamic")
 
     def client(self):
-        return self.d.envx(nsx(self.cns)) + [self.d.h.graft_bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
+        return self.d.envx(nsx(self.cns)) + [self.d.bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
 
 
 class GraftSplicePath(GraftG2GPath):
@@ -424,13 +437,14 @@ class GraftNatPath(GraftPath):
     baseline = "host+nat"
 
 
-ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftNatPath,
+ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftComparePath, GraftNatPath,
              GraftG2GPath, GraftSplicePath, GraftHostSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
 
 
 class Graftd:
-    def __init__(self, h, ns, tag, extra=()):
+    def __init__(self, h, ns, tag, extra=(), bin_dir=None):
         self.h = h
+        self.bin_dir = bin_dir
         self.dir = tempfile.mkdtemp(prefix=f"gb-graftd-{tag.replace('+', '')}-", dir=RUN.tmp)
         self.control = os.path.join(self.dir, "graftd.sock")
         self.broker = f"gb-bench/{RUNID}/{tag}"
@@ -443,7 +457,7 @@ class Graftd:
         self.own = ["--control", self.control, "--broker-name", self.broker,
                     "--state-dir", os.path.join(self.dir, "state"),
                     "--pin-dir", f"/sys/fs/bpf/{uniq}", "--cgroup", uniq]
-        self.p = spawn(enter + [h.graft_bin("graftd")] + self.own + list(extra), f"graftd-{tag}", env=env)
+        self.p = spawn(enter + [self.bin("graftd")] + self.own + list(extra), f"graftd-{tag}", env=env)
         RUN.cleanups.append(self.remove)
         t = time.time()
         while not os.path.exists(self.control):
@@ -454,15 +468,19 @@ class Graftd:
     def remove(self):
         """Stops this graftd and removes its pinned eBPF companion and cgroup."""
         kill_proc(self.p)
-        subprocess.run([self.h.graft_bin("graftd")] + self.own + ["--remove"],
+        subprocess.run([self.bin("graftd")] + self.own + ["--remove"],
                        capture_output=True, timeout=30)
+
+    def bin(self, name):
+        """graft's binary `name` of this graftd's build."""
+        return self.h.graft_bin(name, self.bin_dir)
 
     def envx(self, prefix):
         """A command prefix that runs in `prefix` with this graftd's environment."""
         return prefix + ["env", f"GRAFT_CONTROL={self.control}", f"GRAFT_BROKER={self.broker}"]
 
     def ip_graft(self, prefix, args):
-        return sh(self.envx(prefix) + [self.h.graft_bin("ip-graft")] + args)
+        return sh(self.envx(prefix) + [self.bin("ip-graft")] + args)
 
     def add(self, prefix, spec):
         """`ip graft add SPEC` (SPEC as typed, split on blanks) in `prefix`."""
