@@ -739,14 +739,16 @@ impl Companion {
     /// map update and `SO_COOKIE` read per socket. The endpoint is added
     /// with `policy` first when needed. Make the sockets on this thread, then
     /// settle with [`Companion::settle_marks`] before this thread makes any
-    /// other inet socket. Err: nothing may be made (limit reached, endpoint
-    /// refused, map update failed).
+    /// other inet socket. With `no_join` they never join the splice (a
+    /// client opening connection after connection). Err: nothing may be
+    /// made (limit reached, endpoint refused, map update failed).
     pub fn arm_marks(
         &mut self,
         key: &EndpointKey,
         policy: &[PolicyRule],
         want: usize,
         limit: Option<u32>,
+        no_join: bool,
     ) -> Result<Armed, Error> {
         if !self.endpoints.contains_key(key) {
             self.add_endpoint(*key, policy)?;
@@ -768,7 +770,11 @@ impl Companion {
         let tid = thread_key();
         let mark = maps::GraftMark {
             endpoint: id,
-            flags: maps::SK_HANDED,
+            flags: if no_join {
+                maps::SK_HANDED | maps::SK_NO_JOIN
+            } else {
+                maps::SK_HANDED
+            },
             left: n,
             pad: 0,
         };

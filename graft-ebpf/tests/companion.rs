@@ -366,7 +366,7 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
     let to = server.local_addr().unwrap();
     let denied = SocketAddr::from(([127, 0, 0, 2], to.port()));
 
-    let armed = c.arm_marks(&ep, &deny, 5, Some(3)).unwrap();
+    let armed = c.arm_marks(&ep, &deny, 5, Some(3), false).unwrap();
     assert_eq!(armed.count(), 3, "capped by the limit");
     let made = [
         socket(libc::AF_INET, libc::SOCK_STREAM),
@@ -387,13 +387,13 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
     let after = socket(libc::AF_INET, libc::SOCK_STREAM);
     assert_eq!(c.socket_endpoint(after.as_fd()), None, "disarmed");
     assert!(matches!(
-        c.arm_marks(&ep, &deny, 2, Some(3)),
+        c.arm_marks(&ep, &deny, 2, Some(3), false),
         Err(graft_ebpf::Error::LimitReached { live: 3, .. })
     ));
 
     // Made on another thread: not marked by the kernel, so settling marks
     // them itself.
-    let armed = c.arm_marks(&ep, &deny, 2, None).unwrap();
+    let armed = c.arm_marks(&ep, &deny, 2, None, false).unwrap();
     let elsewhere: Vec<OwnedFd> = std::thread::spawn(|| {
         (0..2)
             .map(|_| socket(libc::AF_INET, libc::SOCK_STREAM))
@@ -410,7 +410,7 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
     assert_eq!(c.live(&ep), Some(5));
 
     // Half and half: which ones are marked is unknown, so none goes.
-    let armed = c.arm_marks(&ep, &deny, 2, None).unwrap();
+    let armed = c.arm_marks(&ep, &deny, 2, None, false).unwrap();
     let mine = socket(libc::AF_INET, libc::SOCK_STREAM);
     let theirs = std::thread::spawn(|| socket(libc::AF_INET, libc::SOCK_STREAM))
         .join()
@@ -432,7 +432,7 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
     back(&c, 5);
 
     // One made and closed again (a failed bind ends a batch): the rest go.
-    let armed = c.arm_marks(&ep, &deny, 3, None).unwrap();
+    let armed = c.arm_marks(&ep, &deny, 3, None, false).unwrap();
     let kept = [
         socket(libc::AF_INET, libc::SOCK_STREAM),
         socket(libc::AF_INET, libc::SOCK_STREAM),
@@ -444,7 +444,7 @@ fn sockets_made_while_armed_are_marked_as_they_are_made() {
 
     // Another thread of graftd registers a socket between arming and
     // settling: the limit is checked again.
-    let armed = c.arm_marks(&ep, &deny, 2, Some(9)).unwrap();
+    let armed = c.arm_marks(&ep, &deny, 2, Some(9), false).unwrap();
     assert_eq!(armed.count(), 2);
     let other = std::thread::spawn(|| socket(libc::AF_INET, libc::SOCK_STREAM))
         .join()

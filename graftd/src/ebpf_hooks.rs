@@ -123,7 +123,14 @@ pub trait Hooks: Send + Sync {
     /// `sockets_handed_out`; `Some(Err)`: make none (refused as
     /// `sockets_handed_out` would); `Some(Ok(a))`: make at most `a.count`,
     /// then `settle_marks` before this thread makes any other socket.
-    fn arm_marks(&self, _ep: &EndpointRef<'_>, _want: usize) -> Option<io::Result<Armed>> {
+    /// `no_join`: they are for a client that opens connection after
+    /// connection, and never join the splice.
+    fn arm_marks(
+        &self,
+        _ep: &EndpointRef<'_>,
+        _n: usize,
+        _no_join: bool,
+    ) -> Option<io::Result<Armed>> {
         None
     }
 
@@ -344,7 +351,12 @@ impl Hooks for Ebpf {
         (n, why.map(|e| refusal(e, ep)))
     }
 
-    fn arm_marks(&self, ep: &EndpointRef<'_>, want: usize) -> Option<io::Result<Armed>> {
+    fn arm_marks(
+        &self,
+        ep: &EndpointRef<'_>,
+        want: usize,
+        no_join: bool,
+    ) -> Option<io::Result<Armed>> {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
             return Some(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
@@ -353,7 +365,7 @@ impl Hooks for Ebpf {
             return None;
         }
         Some(
-            c.arm_marks(&key(ep), ep.policy, want, ep.limit)
+            c.arm_marks(&key(ep), ep.policy, want, ep.limit, no_join)
                 .map(|a| Armed {
                     count: a.count(),
                     token: Box::new(a),

@@ -731,8 +731,13 @@ impl Supervisor {
         }
         let mut rec = [0u8; REQUEST_LEN];
         req.encode(&mut rec);
-        let (reply, mut socks) =
-            broker::handle_sized(&self.ctx, self.ns, &rec, &mut self.budget, 1);
+        let (reply, mut socks) = broker::handle_sized(
+            &self.ctx,
+            self.ns,
+            &rec,
+            &mut self.budget,
+            broker::Batch::FIRST,
+        );
         if want.dual.is_some() && reply.reason == Reason::NoDualStack {
             return None;
         }

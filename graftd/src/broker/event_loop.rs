@@ -14,7 +14,7 @@ use graft_core::proto::broker::{Op, BATCH_FIRST, BATCH_MAX, REPLY_LEN, REQUEST_L
 use graft_core::NetnsId;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::{decode, handle_sized, Cmd, LogBudget, MAX_CONNS_PER_BROKER};
+use super::{decode, handle_sized, Batch, Cmd, LogBudget, MAX_CONNS_PER_BROKER};
 use crate::sys::{self, Next};
 use crate::Ctx;
 
@@ -30,6 +30,8 @@ struct Conn {
     last: Instant,
     /// Size of the next `SocketBatch` reply (see `BATCH_FIRST`).
     batch: usize,
+    /// `SocketBatch` replies sent so far.
+    batches: u32,
 }
 
 pub struct Loop {
@@ -188,6 +190,7 @@ impl Loop {
                         ns,
                         last: Instant::now(),
                         batch: BATCH_FIRST,
+                        batches: 0,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -230,9 +233,11 @@ impl Loop {
                 let r = crate::seccomp::attach(ctx, ns, fd.as_fd(), &buf[..len]);
                 (r, Vec::new())
             } else {
-                let r = handle_sized(ctx, ns, &buf[..len], log_budget, conn.batch);
+                let batch = Batch::after(conn.batches, conn.batch);
+                let r = handle_sized(ctx, ns, &buf[..len], log_budget, batch);
                 if r.0.op == Op::SocketBatch && r.0.errno == 0 {
                     conn.batch = (conn.batch * 2).min(BATCH_MAX);
+                    conn.batches = conn.batches.saturating_add(1);
                 }
                 r
             };

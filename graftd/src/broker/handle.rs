@@ -80,16 +80,48 @@ pub fn handle(
     rec: &[u8],
     log_budget: &mut LogBudget,
 ) -> (Reply, Vec<OwnedFd>) {
-    handle_sized(ctx, ns, rec, log_budget, BATCH_FIRST)
+    handle_sized(ctx, ns, rec, log_budget, Batch::FIRST)
 }
 
-/// Answers one record; a `SocketBatch` gets up to `batch` sockets.
+/// Batches a broker connection has had before the next one marks its
+/// sockets never to join the splice: 8 + 16 + 32 sockets, then the process
+/// is opening connection after connection (each socket's sockmap entry would
+/// cost it more than the few sends it carries; `bench/profile-g2g-close`).
+pub const CHURN_AFTER_BATCHES: u32 = 3;
+
+/// What a `SocketBatch` on a broker connection gets.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    /// Most sockets.
+    pub size: usize,
+    /// The connection has had [`CHURN_AFTER_BATCHES`] batches: its sockets
+    /// stay off the splice.
+    pub churning: bool,
+}
+
+impl Batch {
+    /// The first batch of a connection.
+    pub const FIRST: Batch = Batch {
+        size: graft_core::proto::broker::BATCH_FIRST,
+        churning: false,
+    };
+
+    /// The batch after `served` batches, the last of size `size`.
+    pub fn after(served: u32, size: usize) -> Batch {
+        Batch {
+            size,
+            churning: served >= CHURN_AFTER_BATCHES,
+        }
+    }
+}
+
+/// Answers one record; a `SocketBatch` gets up to `batch.size` sockets.
 pub fn handle_sized(
     ctx: &Ctx,
     ns: NetnsId,
     rec: &[u8],
     log_budget: &mut LogBudget,
-    batch: usize,
+    batch: Batch,
 ) -> (Reply, Vec<OwnedFd>) {
     let Some(req) = decode::request(ns, rec) else {
         return (decode::malformed(rec), Vec::new());
@@ -150,14 +182,14 @@ fn sockets(
     ns: NetnsId,
     ep: &Endpoint,
     req: &Request,
-    batch: usize,
+    batch: Batch,
     log_budget: &mut LogBudget,
 ) -> (Reply, Vec<OwnedFd>) {
     // An egress socket of a unix endpoint is handed out connected:
     // a batch would open connections nobody uses yet.
     let unix = matches!(ep.spec.addr, EndpointAddr::Unix { .. });
     let mut want = if req.op == Op::SocketBatch && !unix {
-        batch.clamp(1, BATCH_MAX)
+        batch.size.clamp(1, BATCH_MAX)
     } else {
         1
     };
@@ -165,7 +197,7 @@ fn sockets(
     // map update per batch instead of two system calls per socket); the
     // request carries no option (plan refuses the refused class anyway).
     let armed = if want > 1 && matches!(ep.target, Target::Own) && req.nopts == 0 {
-        match ctx.hooks.arm_marks(&ep.hook_ref(), want) {
+        match ctx.hooks.arm_marks(&ep.hook_ref(), want, batch.churning) {
             Some(Ok(a)) => {
                 want = a.count;
                 Some(a)
@@ -193,7 +225,23 @@ fn sockets(
     let fds: Vec<_> = made.iter().map(|m| m.fd.as_fd()).collect();
     let (ok, why) = match armed {
         Some(a) => ctx.hooks.settle_marks(a, &fds, &ep.hook_ref()),
-        None => ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref()),
+        None => {
+            let handed = ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref());
+            if batch.churning && req.op == Op::SocketBatch {
+                // Made elsewhere (a worker in the target namespace): kept
+                // off the splice one by one. Only a cost saved: a socket
+                // that still joins is spliced correctly.
+                for &fd in &fds[..handed.0.min(fds.len())] {
+                    if let Err(e) = ctx.hooks.keep_off_splice(fd) {
+                        log::debug!(
+                            "endpoint {}: a churning client's socket may join the splice: {e}",
+                            ep.spec.name
+                        );
+                    }
+                }
+            }
+            handed
+        }
     };
     drop(fds);
     if ok < made.len() {
