@@ -107,11 +107,13 @@
 //!   does not see: graftd marks its sockets `GRAFT_SK_NO_JOIN`
 //!   ([`Companion::keep_off_splice`]; an accepted socket inherits it from
 //!   its listener), and they stay on TCP.
-//!   It stays opt-in: a connection per request between grafted pairs pays
-//!   each socket's sockmap setup and deferred teardown (kernel workqueue)
-//!   and gains little (0–4 % fewer requests/s, `bench/profile-g2g-close`),
-//!   and the unpinned latency goal is out of this VM's reach (its
-//!   cross-CPU wake-up dominates); see README's Performance.
+//!   It stays opt-in: stdio on a socket (`fdopen`, `fread`) reads through
+//!   glibc's internal `read`, which the library cannot repeat (checked:
+//!   2 EAGAIN per connection). A client opening connection after
+//!   connection (its broker connection had three batches) gets sockets
+//!   marked `GRAFT_SK_NO_JOIN` ([`Companion::arm_marks`]): each one's
+//!   sockmap setup and deferred teardown (kernel workqueue) cost more than
+//!   the few sends it carries (`bench/profile-g2g-close`).
 //! * Reordering is impossible by construction: a socket enters the splice
 //!   map at establishment (before any data, unless data rode in the SYN, in
 //!   which case it never splices), and a direction that sent anything through
