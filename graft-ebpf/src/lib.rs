@@ -752,10 +752,10 @@ impl Companion {
         limit: Option<u32>,
         no_join: bool,
     ) -> Result<Armed, Error> {
-        if !self.endpoints.contains_key(key) {
-            self.add_endpoint(*key, policy)?;
-        }
-        let id = self.endpoints[key];
+        let id = match self.endpoints.get(key) {
+            Some(&id) => id,
+            None => self.add_endpoint(*key, policy)?,
+        };
         let handed = self
             .ids
             .get(&maps::GraftEpKey::new(key), 0)

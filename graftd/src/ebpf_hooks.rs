@@ -70,6 +70,9 @@ pub struct EndpointRef<'a> {
 /// How many sockets, from the first, may be handed out, and why not more.
 pub type Handed = (usize, Option<io::Error>);
 
+/// What [`Hooks::arm_marks`] says: not armed, refused, or armed.
+pub type Arming = Option<io::Result<Armed>>;
+
 /// Marking at creation, armed by [`Hooks::arm_marks`].
 pub struct Armed {
     /// How many sockets may be made.
@@ -125,12 +128,7 @@ pub trait Hooks: Send + Sync {
     /// then `settle_marks` before this thread makes any other socket.
     /// `no_join`: they are for a client that opens connection after
     /// connection, and never join the splice.
-    fn arm_marks(
-        &self,
-        _ep: &EndpointRef<'_>,
-        _n: usize,
-        _no_join: bool,
-    ) -> Option<io::Result<Armed>> {
+    fn arm_marks(&self, _ep: &EndpointRef<'_>, _n: usize, _no_join: bool) -> Arming {
         None
     }
 
@@ -351,12 +349,7 @@ impl Hooks for Ebpf {
         (n, why.map(|e| refusal(e, ep)))
     }
 
-    fn arm_marks(
-        &self,
-        ep: &EndpointRef<'_>,
-        want: usize,
-        no_join: bool,
-    ) -> Option<io::Result<Armed>> {
+    fn arm_marks(&self, ep: &EndpointRef<'_>, want: usize, no_join: bool) -> Arming {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
             return Some(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));

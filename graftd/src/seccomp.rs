@@ -736,7 +736,7 @@ impl Supervisor {
             self.ns,
             &rec,
             &mut self.budget,
-            broker::Batch::FIRST,
+            broker::Batch::ONE,
         );
         if want.dual.is_some() && reply.reason == Reason::NoDualStack {
             return None;

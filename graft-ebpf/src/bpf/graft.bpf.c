@@ -810,10 +810,10 @@ int graft_sock_release(struct bpf_sock *sk)
  * sockets) arms this map under its own pid_tgid: the next `left` inet sockets
  * that thread makes are marked as they are made, saving graftd a
  * map_update_elem and a getsockopt(SO_COOKIE) per socket. graftd disarms
- * it after the batch and checks that `left` went down by exactly the number
- * of sockets it made; otherwise it marks them the ordinary way or refuses
- * them (never hands out an unmarked socket). Not pinned: only the running
- * graftd arms it. */
+ * it after the batch and checks from `left` that every socket it made was
+ * marked; if none was it marks them the ordinary way, if only some were it
+ * refuses them all (never hands out an unmarked socket). Not pinned: only
+ * the running graftd arms it. */
 struct graft_mark {
 	__u32 endpoint;
 	__u32 flags;

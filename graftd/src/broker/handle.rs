@@ -100,7 +100,14 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// One socket, for a request that is not a connection's batch.
+    pub const ONE: Batch = Batch {
+        size: 1,
+        churning: false,
+    };
+
     /// The first batch of a connection.
+    #[cfg(test)]
     pub const FIRST: Batch = Batch {
         size: graft_core::proto::broker::BATCH_FIRST,
         churning: false,
