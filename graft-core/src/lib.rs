@@ -92,7 +92,9 @@ pub const ENV_GETSOCKNAME: &str = "GRAFT_GETSOCKNAME";
 /// `PID-START:FD`, the process graft started (pid and start time) and the
 /// descriptor holding its copy of the listener. Children inherit it, so a
 /// restarted graftd finds the listener in one of them when that process is
-/// gone (graftd's `adopt` module).
+/// gone (graftd's `adopt` module). A `graft` run inside a grafted program
+/// adds its own, comma-separated: every filter stays, and so does every
+/// listener copy.
 pub const ENV_SECCOMP_LISTENER: &str = "GRAFT_SECCOMP_LISTENER";
 
 /// Where libgraft-convert maps its system-call trampoline (one page, with

@@ -150,15 +150,37 @@ pub fn attach(
     drop(listener);
     let me = std::process::id();
     let start = graft_seccomp::pidfd::start_time(me).unwrap_or(0);
+    let inherited = std::env::var(graft_core::ENV_SECCOMP_LISTENER).ok();
     Ok(Attached {
         killable,
-        env: format!("{me}-{start}:{held}"),
+        env: listener_env(inherited.as_deref(), &format!("{me}-{start}:{held}")),
     })
+}
+
+/// The program's [`graft_core::ENV_SECCOMP_LISTENER`]: its own listener
+/// added to those it inherits (a `graft` run inside a grafted program: the
+/// outer filters stay, and so do their listener copies), comma-separated,
+/// so graftd can find each of them again in a descendant.
+fn listener_env(inherited: Option<&str>, own: &str) -> String {
+    match inherited.filter(|v| !v.is_empty()) {
+        Some(v) => format!("{v},{own}"),
+        None => own.to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nested_launcher_adds_its_listener_to_the_inherited_ones() {
+        assert_eq!(listener_env(None, "7-99:100"), "7-99:100");
+        assert_eq!(listener_env(Some(""), "7-99:100"), "7-99:100");
+        assert_eq!(
+            listener_env(Some("5-42:100,6-43:101"), "7-99:102"),
+            "5-42:100,6-43:101,7-99:102"
+        );
+    }
 
     #[test]
     fn auto_mode_follows_the_program() {

@@ -224,18 +224,24 @@ fn holder_listener(pid: u32, start: u64, fd: i32) -> Result<std::os::fd::OwnedFd
         .map_err(|e| format!("its copy of the listener (fd {fd}) is gone ({e})"))
 }
 
+/// Whether an environment block (`/proc/PID/environ`) lists the listener
+/// `item` (`PID-START:FD`) in [`graft_core::ENV_SECCOMP_LISTENER`], a
+/// comma-separated list when `graft` ran inside a grafted program.
+fn names_listener(environ: &[u8], item: &str) -> bool {
+    let prefix = format!("{}=", graft_core::ENV_SECCOMP_LISTENER);
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|v| v.strip_prefix(prefix.as_bytes()))
+        .any(|list| list.split(|&b| b == b',').any(|i| i == item.as_bytes()))
+}
+
 /// A process other than the recorded one that holds `saved`'s listener:
 /// in the listener's namespace, its environment names it, and its
 /// descriptor is a seccomp listener. (pid, start time, the listener.)
 /// (Taking a stranger's listener would grant nothing: a supervisor grafts
 /// only sockets of its own namespace.)
 fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
-    let want = format!(
-        "{}={}:{}",
-        graft_core::ENV_SECCOMP_LISTENER,
-        saved.id,
-        saved.fd
-    );
+    let want = format!("{}:{}", saved.id, saved.fd);
     let procs = fs::read_dir("/proc").ok()?;
     for pid in procs
         .flatten()
@@ -255,7 +261,7 @@ fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
         let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if !env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+        if !names_listener(&env, &want) {
             continue;
         }
         let Some(start) = pidfd::start_time(pid) else {
@@ -266,4 +272,26 @@ fn find_inheritor(saved: &Saved) -> Option<(u32, u64, std::os::fd::OwnedFd)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_environment_names_a_listener_alone_or_in_a_nested_list() {
+        let env = |v: &str| format!("A=1\0{}={v}\0B=2\0", graft_core::ENV_SECCOMP_LISTENER);
+        assert!(names_listener(env("5-42:100").as_bytes(), "5-42:100"));
+        assert!(names_listener(
+            env("5-42:100,7-99:101").as_bytes(),
+            "5-42:100"
+        ));
+        assert!(names_listener(
+            env("5-42:100,7-99:101").as_bytes(),
+            "7-99:101"
+        ));
+        assert!(!names_listener(env("5-42:1000").as_bytes(), "5-42:100"));
+        assert!(!names_listener(env("15-42:100").as_bytes(), "5-42:100"));
+        assert!(!names_listener(b"OTHER=5-42:100\0", "5-42:100"));
+    }
 }
