@@ -110,7 +110,8 @@
 //!   It stays opt-in: stdio on a socket (`fdopen`, `fread`) reads through
 //!   glibc's internal `read`, which the library cannot repeat (checked:
 //!   2 EAGAIN per connection). A client opening connection after
-//!   connection (its broker connection had three batches) gets sockets
+//!   connection (its broker connection had three batches in a row, each
+//!   within a second of the one before) gets sockets
 //!   marked `GRAFT_SK_NO_JOIN` ([`Companion::arm_marks`]): each one's
 //!   sockmap setup and deferred teardown (kernel workqueue) cost more than
 //!   the few sends it carries (`bench/profile-g2g-close`).

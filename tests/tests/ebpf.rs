@@ -509,11 +509,13 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
 
 /// Sequential connections for the churn splice test: `server IP PORT N`
 /// echoes the 1000 bytes of each of N connections and exits; `client IP
-/// PORT N` opens N connections one after the other, each sending 1000 bytes
-/// and reading them back, and prints "ok N".
+/// PORT N [PACE]` opens N connections one after the other, each sending 1000
+/// bytes and reading them back (with PACE, a 1.1 s pause after every PACE
+/// connections), and prints "ok N".
 const CHURN_PY: &str = r#"
-import socket, sys
+import socket, sys, time
 mode, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pace = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 def exact(s, k):
     b = b''
     while len(b) < k:
@@ -536,14 +538,18 @@ else:
         s.sendall(bytes([i % 251]) * 1000)
         assert exact(s, 1000) == bytes([i % 251]) * 1000
         s.close()
+        if pace and (i + 1) % pace == 0:
+            time.sleep(1.1)
     print('ok', n)
 "#;
 
 /// With --splice, a client opening connection after connection stops
-/// joining the splice once its broker connection has had three batches of
-/// sockets (8 + 16 + 32): each socket's sockmap entry would cost it more
-/// than the few sends it carries. A client with fewer connections is
-/// spliced whole. Counted by the client endpoint's spliced bytes.
+/// joining the splice once its broker connection has had three quick
+/// batches of sockets in a row (8 + 16 + 32, each within a second of the
+/// one before): each socket's sockmap entry would cost it more than the few
+/// sends it carries. A client with fewer connections, or one that pauses
+/// longer than that between batches, is spliced whole. Counted by the
+/// client endpoint's spliced bytes.
 #[test]
 fn splice_leaves_a_churning_client_on_tcp() {
     let test = "splice_leaves_a_churning_client_on_tcp";
@@ -571,7 +577,8 @@ fn splice_leaves_a_churning_client_on_tcp() {
                 .as_u64()
                 .unwrap_or(0)
         };
-        for conns in [20u64, 200] {
+        // (connections, a pause after every PACE of them: 0 for none)
+        for (conns, pace) in [(20u64, 0), (200, 0), (64, 8)] {
             let n = conns.to_string();
             let mut srv = env.graft_in(&c1, &["-i", &format!("{ip}:{port}={ein}"), "--"]);
             srv.args([PY, &py, "server", ip, port, &n]);
@@ -584,12 +591,16 @@ fn splice_leaves_a_churning_client_on_tcp() {
             assert_eq!(first.trim(), "listening");
             let before = spliced();
             let mut cli = env.graft_in(&c2, &["-e", &format!("{ip}/32={eout}"), "--"]);
-            cli.args([PY, &py, "client", ip, port, &n]);
+            cli.args([PY, &py, "client", ip, port, &n, &pace.to_string()]);
             assert_eq!(ok(cli, "client").trim(), format!("ok {conns}"));
             assert!(srv.wait_timeout(LIMIT).success(), "server failed");
             let sent = spliced() - before;
-            if conns == 20 {
-                assert_eq!(sent, 20 * 1000, "{eout}: a short run is spliced whole");
+            if conns != 200 {
+                assert_eq!(
+                    sent,
+                    conns * 1000,
+                    "{eout}: a short or paced run is spliced whole"
+                );
             } else {
                 // Only the first three batches' sockets may join.
                 assert!(

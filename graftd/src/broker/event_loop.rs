@@ -14,7 +14,7 @@ use graft_core::proto::broker::{Op, BATCH_FIRST, BATCH_MAX, REPLY_LEN, REQUEST_L
 use graft_core::NetnsId;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::{decode, handle_sized, Batch, Cmd, LogBudget, MAX_CONNS_PER_BROKER};
+use super::{decode, handle_sized, Batch, Cmd, LogBudget, CHURN_WINDOW, MAX_CONNS_PER_BROKER};
 use crate::sys::{self, Next};
 use crate::Ctx;
 
@@ -30,8 +30,11 @@ struct Conn {
     last: Instant,
     /// Size of the next `SocketBatch` reply (see `BATCH_FIRST`).
     batch: usize,
-    /// `SocketBatch` replies sent so far.
+    /// `SocketBatch` replies sent in a row, each within `CHURN_WINDOW` of
+    /// the one before.
     batches: u32,
+    /// When the last `SocketBatch` reply was sent.
+    last_batch: Instant,
 }
 
 pub struct Loop {
@@ -191,6 +194,7 @@ impl Loop {
                         last: Instant::now(),
                         batch: BATCH_FIRST,
                         batches: 0,
+                        last_batch: Instant::now(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -237,7 +241,13 @@ impl Loop {
                 let r = handle_sized(ctx, ns, &buf[..len], log_budget, batch);
                 if r.0.op == Op::SocketBatch && r.0.errno == 0 {
                     conn.batch = (conn.batch * 2).min(BATCH_MAX);
-                    conn.batches = conn.batches.saturating_add(1);
+                    let now = Instant::now();
+                    conn.batches = if now.duration_since(conn.last_batch) > CHURN_WINDOW {
+                        1
+                    } else {
+                        conn.batches.saturating_add(1)
+                    };
+                    conn.last_batch = now;
                 }
                 r
             };

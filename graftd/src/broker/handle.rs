@@ -83,11 +83,19 @@ pub fn handle(
     handle_sized(ctx, ns, rec, log_budget, Batch::FIRST)
 }
 
-/// Batches a broker connection has had before the next one marks its
-/// sockets never to join the splice: 8 + 16 + 32 sockets, then the process
-/// is opening connection after connection (each socket's sockmap entry would
-/// cost it more than the few sends it carries; `bench/profile-g2g-close`).
+/// Batches a broker connection has had in a row, each within
+/// [`CHURN_WINDOW`] of the one before, before the next one marks its
+/// sockets never to join the splice: 8 + 16 + 32 sockets that quickly, and
+/// the process is opening connection after connection (each socket's
+/// sockmap entry would cost it more than the few sends it carries;
+/// `bench/profile-g2g-close`).
 pub const CHURN_AFTER_BATCHES: u32 = 3;
+
+/// A batch asked for longer than this after the one before starts the
+/// count again: a process that reconnects now and then (a driver, a health
+/// check) keeps its connections spliced, however many it makes over its
+/// life.
+pub const CHURN_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a `SocketBatch` on a broker connection gets.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +121,8 @@ impl Batch {
         churning: false,
     };
 
-    /// The batch after `served` batches, the last of size `size`.
+    /// The batch after `served` quick batches in a row (see
+    /// [`CHURN_WINDOW`]), the last of size `size`.
     pub fn after(served: u32, size: usize) -> Batch {
         Batch {
             size,

@@ -32,7 +32,7 @@ use graft_core::NetnsId;
 
 use crate::Ctx;
 
-pub use handle::{handle_sized, Batch, LogBudget};
+pub use handle::{handle_sized, Batch, LogBudget, CHURN_WINDOW};
 
 /// Most connections one namespace's broker keeps open.
 pub const MAX_CONNS_PER_BROKER: usize = 1024;
