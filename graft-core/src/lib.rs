@@ -29,6 +29,7 @@
 pub mod call;
 pub mod endpoint;
 pub mod exec;
+pub mod fds;
 pub mod le;
 pub mod mountinfo;
 pub mod name;

@@ -217,12 +217,22 @@ pub struct Armed {
     key: EndpointKey,
     n: u32,
     limit: Option<u32>,
+    no_join: bool,
 }
 
 impl Armed {
     /// How many sockets may be made.
     pub fn count(&self) -> usize {
         self.n as usize
+    }
+}
+
+/// The mark's flags of a socket graftd hands out.
+fn handed_flags(no_join: bool) -> u32 {
+    if no_join {
+        maps::SK_HANDED | maps::SK_NO_JOIN
+    } else {
+        maps::SK_HANDED
     }
 }
 
@@ -676,6 +686,18 @@ impl Companion {
         key: &EndpointKey,
         limit: Option<u32>,
     ) -> (usize, Option<Error>) {
+        self.register_marked(fds, key, limit, false)
+    }
+
+    /// [`Companion::register_sockets`]; with `no_join` the sockets never
+    /// join the splice (`GRAFT_SK_NO_JOIN`, in the same mark).
+    fn register_marked(
+        &mut self,
+        fds: &[BorrowedFd<'_>],
+        key: &EndpointKey,
+        limit: Option<u32>,
+        no_join: bool,
+    ) -> (usize, Option<Error>) {
         let Some(&id) = self.endpoints.get(key) else {
             let e = Error::UnknownEndpoint {
                 name: key.name.to_string(),
@@ -707,7 +729,7 @@ impl Companion {
             }
             let marked = GraftSk {
                 endpoint: id,
-                flags: maps::SK_HANDED,
+                flags: handed_flags(no_join),
                 cookie: socket_cookie(fd),
             };
             if let Err(e) = self.sk.insert(&fd.as_raw_fd(), marked, 0) {
@@ -773,11 +795,7 @@ impl Companion {
         let tid = thread_key();
         let mark = maps::GraftMark {
             endpoint: id,
-            flags: if no_join {
-                maps::SK_HANDED | maps::SK_NO_JOIN
-            } else {
-                maps::SK_HANDED
-            },
+            flags: handed_flags(no_join),
             left: n,
             pad: 0,
         };
@@ -789,6 +807,7 @@ impl Companion {
             key: *key,
             n,
             limit,
+            no_join,
         })
     }
 
@@ -809,7 +828,7 @@ impl Companion {
         }
         let marked = left.map_or(0, |l| armed.n.saturating_sub(l) as usize);
         if marked == 0 && !fds.is_empty() {
-            return self.register_sockets(fds, &armed.key, armed.limit);
+            return self.register_marked(fds, &armed.key, armed.limit, armed.no_join);
         }
         // Every socket marked here counts as handed out: one refused below,
         // or made and closed again by a failed bind, is released unused, and
@@ -886,20 +905,22 @@ impl Companion {
     }
 
     /// [`Companion::register_sockets`], adding the endpoint with `policy`
-    /// first when needed.
+    /// first when needed; with `no_join` the sockets never join the splice
+    /// (a client opening connection after connection).
     pub fn register_sockets_with_policy(
         &mut self,
         fds: &[BorrowedFd<'_>],
         key: &EndpointKey,
         policy: &[PolicyRule],
         limit: Option<u32>,
+        no_join: bool,
     ) -> (usize, Option<Error>) {
         if !self.endpoints.contains_key(key) {
             if let Err(e) = self.add_endpoint(*key, policy) {
                 return (0, Some(e));
             }
         }
-        self.register_sockets(fds, key, limit)
+        self.register_marked(fds, key, limit, no_join)
     }
 
     /// Starts recording, for every inet socket made from now on in the

@@ -109,14 +109,11 @@ pub trait Hooks: Send + Sync {
 
     /// Sockets were made (and bound, or left for `connect()` to bind) for
     /// `ep` and are about to be handed out, for listening or connecting
-    /// alike. Returns how many of them, from the first, may go, and why the
-    /// next may not.
-    fn sockets_handed_out(
-        &self,
-        socks: &[BorrowedFd<'_>],
-        _ep: &EndpointRef<'_>,
-    ) -> (usize, Option<io::Error>) {
-        (socks.len(), None)
+    /// alike; with `no_join` they never join the splice (a client opening
+    /// connection after connection). Returns how many of them, from the
+    /// first, may go, and why the next may not.
+    fn sockets_handed_out(&self, s: &[BorrowedFd<'_>], _ep: &EndpointRef<'_>, _nj: bool) -> Handed {
+        (s.len(), None)
     }
 
     /// Up to `want` sockets for `ep` are about to be made on the calling
@@ -243,18 +240,14 @@ impl Hooks for WithoutEbpf {
         }
     }
 
-    fn sockets_handed_out(
-        &self,
-        socks: &[BorrowedFd<'_>],
-        ep: &EndpointRef<'_>,
-    ) -> (usize, Option<io::Error>) {
+    fn sockets_handed_out(&self, s: &[BorrowedFd<'_>], ep: &EndpointRef<'_>, _nj: bool) -> Handed {
         let errno = if !ep.policy.is_empty() {
             libc::EPERM
         } else if ep.own_limit {
             // Closes cannot be counted: fail closed.
             libc::ENOBUFS
         } else {
-            return (socks.len(), None);
+            return (s.len(), None);
         };
         (0, Some(io::Error::from_raw_os_error(errno)))
     }
@@ -330,11 +323,7 @@ impl Hooks for Ebpf {
         }
     }
 
-    fn sockets_handed_out(
-        &self,
-        socks: &[BorrowedFd<'_>],
-        ep: &EndpointRef<'_>,
-    ) -> (usize, Option<io::Error>) {
+    fn sockets_handed_out(&self, s: &[BorrowedFd<'_>], ep: &EndpointRef<'_>, nj: bool) -> Handed {
         let mut g = self.lock();
         let Some(c) = g.as_mut() else {
             return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
@@ -345,7 +334,7 @@ impl Hooks for Ebpf {
                 log::warn!("{line}");
             }
         }
-        let (n, why) = c.register_sockets_with_policy(socks, &key(ep), ep.policy, ep.limit);
+        let (n, why) = c.register_sockets_with_policy(s, &key(ep), ep.policy, ep.limit, nj);
         (n, why.map(|e| refusal(e, ep)))
     }
 

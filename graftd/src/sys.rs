@@ -158,24 +158,10 @@ pub fn next_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Next {
 
 /// Sends one record (and optionally one descriptor) without blocking; a peer
 /// that does not read its replies gets `EAGAIN` here, never a stalled daemon.
-/// Closes `fds`: numbers made one after the other (a batch of sockets) are
-/// usually one run, which one close_range (Linux 5.9) closes instead of a
-/// close each.
+/// Closes `fds` (a batch of sockets sent): see `graft_core::fds`.
 pub fn close_all(fds: Vec<OwnedFd>) {
     let mut raw: Vec<RawFd> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
-    raw.sort_unstable();
-    for run in raw.chunk_by(|a, b| b - a == 1) {
-        let (first, last) = (run[0], run[run.len() - 1]);
-        // SAFETY: closes exactly the numbers of `run`, distinct descriptors
-        // owned here (the range holds no others: it is filled by the run).
-        if run.len() > 1 && unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } == 0 {
-            continue;
-        }
-        for &fd in run {
-            // SAFETY: an owned descriptor, closed once.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
+    graft_core::fds::close_runs(&mut raw);
 }
 
 pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], pass: &[BorrowedFd<'_>]) -> io::Result<()> {

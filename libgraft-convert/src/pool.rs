@@ -33,7 +33,7 @@
 //! the parent closes it); a child made without fork handlers (vfork, clone)
 //! that grafts finds the parent's pid on the pool and does the same.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use graft_core::proto::broker::{Op, Reply, Request, BATCH_MAX, REQUEST_LEN};
@@ -228,32 +228,7 @@ fn keep(k: usize, first: Option<OwnedFd>, extra: &mut [Option<OwnedFd>]) {
             n += 1;
         }
     }
-    close_all(&received[..n]);
-}
-
-/// Closes `fds`, descriptors this module owns (at most a batch): a batch
-/// arrives at the lowest free numbers, a run or a few, each of which one
-/// close_range closes instead of a close per socket.
-fn close_all(fds: &[RawFd]) {
-    let mut sorted = [RawFd::MAX; BATCH_MAX];
-    let n = fds.len().min(BATCH_MAX);
-    sorted[..n].copy_from_slice(&fds[..n]);
-    let sorted = &mut sorted[..n];
-    sorted.sort_unstable();
-    let mut i = 0;
-    while i < n {
-        let mut j = i;
-        while j + 1 < n && sorted[j + 1] == sorted[j] + 1 {
-            j += 1;
-        }
-        // Distinct numbers filling [sorted[i], sorted[j]]: ours only.
-        if j == i || sys::sys_close_range(sorted[i], sorted[j]).is_err() {
-            for &fd in &sorted[i..=j] {
-                sys::sys_close(fd);
-            }
-        }
-        i = j + 1;
-    }
+    graft_core::fds::close_runs(&mut received[..n]);
 }
 
 fn name_words(ep: &EndpointName) -> [u64; 2] {
@@ -449,29 +424,6 @@ mod tests {
             }
             sys::sys_close(c);
         });
-    }
-
-    /// Runs of numbers are closed together, single ones alone, and nothing
-    /// between them is touched.
-    #[test]
-    fn close_all_closes_exactly_the_given_numbers() {
-        let socks: Vec<RawFd> = (0..7)
-            .map(|_| sys::sys_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap())
-            .map(IntoRawFd::into_raw_fd)
-            .collect();
-        // Keep the third and the sixth; close the rest, given out of order.
-        let mine = [socks[4], socks[0], socks[1], socks[3], socks[6]];
-        let ino = |fd| sys::sys_fstat(fd).map(|(i, _)| i);
-        let before: Vec<_> = socks.iter().map(|&fd| ino(fd)).collect();
-        close_all(&mine);
-        // Another test's thread may reuse a closed number at once: closed
-        // means the number no longer names the same socket.
-        for (i, &fd) in socks.iter().enumerate() {
-            let kept = ino(fd) == before[i];
-            assert_eq!(kept, i == 2 || i == 5, "{fd}");
-        }
-        sys::sys_close(socks[2]);
-        sys::sys_close(socks[5]);
     }
 
     /// Once a key has had two batches, it asks for the next one while it

@@ -324,13 +324,6 @@ pub fn sys_close(fd: RawFd) {
     unsafe { libc::syscall(libc::SYS_close, fd) };
 }
 
-/// Closes every descriptor from `lo` to `hi` (Linux 5.9); the caller owns
-/// them all.
-pub fn sys_close_range(lo: RawFd, hi: RawFd) -> Result<(), c_int> {
-    // SAFETY: no pointers.
-    check(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0) }).map(drop)
-}
-
 pub fn sys_fcntl(fd: RawFd, cmd: c_int, arg: c_long) -> Result<c_int, c_int> {
     // SAFETY: only called with int-argument commands.
     check(unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) }).map(|r| r as c_int)

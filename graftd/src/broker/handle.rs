@@ -242,21 +242,8 @@ fn sockets(
     let (ok, why) = match armed {
         Some(a) => ctx.hooks.settle_marks(a, &fds, &ep.hook_ref()),
         None => {
-            let handed = ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref());
-            if batch.churning && req.op == Op::SocketBatch {
-                // Made elsewhere (a worker in the target namespace): kept
-                // off the splice one by one. Only a cost saved: a socket
-                // that still joins is spliced correctly.
-                for &fd in &fds[..handed.0.min(fds.len())] {
-                    if let Err(e) = ctx.hooks.keep_off_splice(fd) {
-                        log::debug!(
-                            "endpoint {}: a churning client's socket may join the splice: {e}",
-                            ep.spec.name
-                        );
-                    }
-                }
-            }
-            handed
+            let no_join = batch.churning && req.op == Op::SocketBatch;
+            ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref(), no_join)
         }
     };
     drop(fds);
@@ -478,7 +465,7 @@ fn socket_for(
     let made = make_for(ctx, ep, req, want_addr)?;
     match ctx
         .hooks
-        .sockets_handed_out(&[made.fd.as_fd()], &ep.hook_ref())
+        .sockets_handed_out(&[made.fd.as_fd()], &ep.hook_ref(), false)
     {
         (1, _) => Ok(made),
         (_, why) => Err(hook_refusal(why)),
@@ -536,6 +523,7 @@ mod tests {
             &self,
             socks: &[std::os::fd::BorrowedFd<'_>],
             _ep: &crate::ebpf_hooks::EndpointRef<'_>,
+            _no_join: bool,
         ) -> (usize, Option<io::Error>) {
             let n = socks.len().min(self.0);
             let why = (n < socks.len()).then(|| io::Error::from_raw_os_error(self.1));
