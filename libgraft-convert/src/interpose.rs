@@ -586,18 +586,36 @@ pub unsafe extern "C" fn accept4(
     unsafe { accepted(fd, sys::accept4(fd, a, len, flags), a, len, cap) }
 }
 
+/// What to do after a receive failed with EAGAIN ([`after_eagain`]).
+enum Eagain {
+    /// An answer the program can expect: return it.
+    Return,
+    /// A blocking socket woke without data: receive again, as TCP would
+    /// have gone on waiting.
+    Repeat,
+    /// As `Repeat`, but a signal may have woken it and a handler without
+    /// `SA_RESTART` is installed: fail with EINTR, as TCP would have.
+    Interrupted,
+}
+
 /// Whether a receive that failed with EAGAIN must be repeated: the socket is
 /// blocking, the call did not ask not to wait (`MSG_DONTWAIT`) and no receive
 /// timeout is set, so EAGAIN is not an answer the program can expect. The
 /// kernel's sockmap receive path (`tcp_bpf_recvmsg`, which spliced sockets
-/// take: `graftd --splice`) returns it after a wake-up that brought no data,
-/// e.g. when another thread's send on the same socket frees memory (seen on
-/// 6.18). Only sockets the library knows (made by this process's `socket()`,
-/// grafted, or accepted) are looked at; the check costs two system calls,
-/// paid only on that error path.
+/// take: `graftd --splice`) returns it after any wake-up that brought no
+/// data (seen on 6.18): another thread's send on the same socket freeing
+/// memory, the ACK of the socket's own FIN, and every signal delivered
+/// while it waits, where TCP restarts the call (`SA_RESTART`) or fails with
+/// EINTR. Which of these woke it cannot be told afterwards, so the receive
+/// is repeated unless a handler without `SA_RESTART` is installed: then
+/// EINTR, which such a program must expect from any blocking call. Only
+/// sockets the library knows (made by this process's `socket()`, grafted,
+/// or accepted) are looked at; the checks cost a few system calls (up to
+/// 64 more when the program has signal handlers), paid only on that error
+/// path.
 #[cold]
 #[inline(never)]
-fn blocking_eagain(fd: c_int, flags: c_int) -> bool {
+fn after_eagain(fd: c_int, flags: c_int) -> Eagain {
     let e = errno();
     if (e != libc::EAGAIN && e != libc::EWOULDBLOCK)
         || flags & libc::MSG_DONTWAIT != 0
@@ -607,22 +625,37 @@ fn blocking_eagain(fd: c_int, flags: c_int) -> bool {
             table::INGRESS | table::EGRESS | table::LOCAL
         )
     {
-        return false;
+        return Eagain::Return;
     }
-    let retry = matches!(sys::sys_fcntl(fd, libc::F_GETFL, 0), Ok(fl) if fl & libc::O_NONBLOCK == 0)
+    let blocking = matches!(sys::sys_fcntl(fd, libc::F_GETFL, 0), Ok(fl) if fl & libc::O_NONBLOCK == 0)
         && sys::sys_rcvtimeo_unset(fd);
-    set_errno(e);
-    retry
+    let what = if !blocking {
+        Eagain::Return
+    } else if sys::sys_interrupting_handler() {
+        Eagain::Interrupted
+    } else {
+        Eagain::Repeat
+    };
+    set_errno(if matches!(what, Eagain::Interrupted) {
+        libc::EINTR
+    } else {
+        e
+    });
+    what
 }
 
 /// `call`, one receive on `fd` with `flags`, repeated while it fails with
-/// an EAGAIN that a blocking socket must not return ([`blocking_eagain`]).
+/// an EAGAIN that a blocking socket must not return ([`after_eagain`]).
 #[inline(always)]
 fn repeated(fd: c_int, flags: c_int, mut call: impl FnMut() -> ssize_t) -> ssize_t {
     loop {
         let r = call();
-        if r >= 0 || !blocking_eagain(fd, flags) {
+        if r >= 0 {
             return r;
+        }
+        match after_eagain(fd, flags) {
+            Eagain::Repeat => continue,
+            Eagain::Return | Eagain::Interrupted => return r,
         }
     }
 }

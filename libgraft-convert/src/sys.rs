@@ -451,6 +451,49 @@ pub fn sys_sleep_ms(ms: u32) {
     }
 }
 
+/// Whether any signal has a handler installed without `SA_RESTART`: one
+/// whose delivery makes a blocking call fail with EINTR rather than be
+/// restarted. Asks the kernel for every signal (up to 64 system calls), so
+/// what the program set through any path (`sigaction`, `signal`,
+/// `siginterrupt`, a raw system call) counts; for cold paths only.
+pub fn sys_interrupting_handler() -> bool {
+    /// The kernel's `struct sigaction` on x86-64 and aarch64.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    // glibc's own SIGCANCEL (32) and SIGSETXID (33) interrupt nothing the
+    // program waits in.
+    (1..=64)
+        .filter(|&s| !matches!(s, libc::SIGKILL | libc::SIGSTOP | 32 | 33))
+        .any(|s| {
+            let mut old = KernelSigaction {
+                handler: 0,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            // SAFETY: no new action; `old` is writable and of the size
+            // passed (the kernel's sigset_t is 8 bytes).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    s,
+                    std::ptr::null::<KernelSigaction>(),
+                    &mut old as *mut KernelSigaction,
+                    8usize,
+                )
+            };
+            r == 0
+                && old.handler != libc::SIG_DFL
+                && old.handler != libc::SIG_IGN
+                && old.flags & libc::SA_RESTART as u64 == 0
+        })
+}
+
 pub fn sys_getpid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }

@@ -4,22 +4,27 @@
  * the exported `read`), plus readv and recvmmsg.
  *
  * usage: splice_reader PORT BYTES MODE...
- *        (MODE: read readv recv recvfrom recvmmsg)
+ *        (MODE: read readv recv recvfrom recvmmsg restart interrupt)
  *
  * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
  * shuts down its side, while the main thread reads with MODE, on the same
- * blocking socket, until the peer's "ok" and EOF. Prints one line per
- * connection: "MODE got ok eagain N", N counting reads that failed with
- * EAGAIN (which a blocking socket must never return). */
+ * blocking socket, until the peer's "ok" and EOF. Modes `restart` and
+ * `interrupt` read with `read` while a SIGALRM every 2 ms reaches the
+ * reading thread, its handler installed with SA_RESTART (TCP restarts the
+ * read) or without (TCP fails it with EINTR). Prints one line per
+ * connection: "MODE got ok eagain N eintr M", N counting reads that failed
+ * with EAGAIN (which a blocking socket must never return), M with EINTR. */
 #define _GNU_SOURCE /* recvmmsg */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -34,7 +39,13 @@ static void *writer(void *arg)
 	static char data[1 << 16];
 	long long left = total;
 
+	sigset_t alrm;
+
 	(void)arg;
+	/* SIGALRM is for the reading thread. */
+	sigemptyset(&alrm);
+	sigaddset(&alrm, SIGALRM);
+	pthread_sigmask(SIG_BLOCK, &alrm, NULL);
 	memset(data, 'x', sizeof(data));
 	while (left > 0) {
 		size_t k = left < (long long)sizeof(data) ? (size_t)left : sizeof(data);
@@ -54,7 +65,8 @@ static void *writer(void *arg)
  * length it does not, so that fortification checks at run time. */
 static ssize_t read_with(const char *mode, char (*buf)[16])
 {
-	if (strcmp(mode, "read") == 0)
+	if (strcmp(mode, "read") == 0 || strcmp(mode, "restart") == 0 ||
+	    strcmp(mode, "interrupt") == 0)
 		return read(sock, *buf, want);
 	if (strcmp(mode, "recv") == 0)
 		return recv(sock, *buf, want, 0);
@@ -76,6 +88,33 @@ static ssize_t read_with(const char *mode, char (*buf)[16])
 	exit(2);
 }
 
+static volatile sig_atomic_t alarms;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	alarms++;
+}
+
+/* A SIGALRM every 2 ms from now (`on`), its handler with SA_RESTART or
+ * not; or none (`!on`). */
+static void alarm_every_2ms(int on, int restart)
+{
+	struct itimerval it = { .it_interval = { 0, 2000 }, .it_value = { 0, 2000 } };
+	struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = restart ? SA_RESTART : 0 };
+
+	if (!on) {
+		memset(&it, 0, sizeof(it));
+		setitimer(ITIMER_REAL, &it, NULL);
+		sa.sa_handler = SIG_DFL;
+		sigaction(SIGALRM, &sa, NULL);
+		return;
+	}
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGALRM, &sa, NULL);
+	setitimer(ITIMER_REAL, &it, NULL);
+}
+
 int main(int argc, char **argv)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET };
@@ -90,7 +129,8 @@ int main(int argc, char **argv)
 	for (int i = 3; i < argc; i++) {
 		char got[64] = "", buf[16];
 		size_t have = 0;
-		int eagain = 0;
+		int eagain = 0, eintr = 0;
+		int sig = strcmp(argv[i], "restart") == 0 || strcmp(argv[i], "interrupt") == 0;
 		pthread_t t;
 
 		sock = socket(AF_INET, SOCK_STREAM, 0);
@@ -99,11 +139,17 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		pthread_create(&t, NULL, writer, NULL);
+		if (sig)
+			alarm_every_2ms(1, strcmp(argv[i], "restart") == 0);
 		for (;;) {
 			ssize_t n = read_with(argv[i], &buf);
 
 			if (n < 0 && errno == EAGAIN) {
 				eagain++;
+				continue;
+			}
+			if (n < 0 && errno == EINTR) {
+				eintr++;
 				continue;
 			}
 			if (n < 0) {
@@ -117,9 +163,11 @@ int main(int argc, char **argv)
 				have += (size_t)n;
 			}
 		}
+		if (sig)
+			alarm_every_2ms(0, 0);
 		pthread_join(t, NULL);
 		close(sock);
-		printf("%s got %s eagain %d\n", argv[i], got, eagain);
+		printf("%s got %s eagain %d eintr %d\n", argv[i], got, eagain, eintr);
 		fflush(stdout);
 	}
 	return 0;
