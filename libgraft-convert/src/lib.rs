@@ -115,6 +115,18 @@
 //!   the host address the socket really has; `app` reports, for sockets
 //!   grafted on ingress, the address the application bound (with the real port
 //!   if it asked for port 0). Egress sockets always report the host address.
+//! * **Spliced sockets** (`graftd --splice`): the kernel's sockmap receive
+//!   path fails a blocking receive with EAGAIN after any wake-up without
+//!   data (a signal, the ACK of the socket's own FIN, another thread's send
+//!   freeing memory). The receives (`read`, `readv`, `recv`, `recvfrom`,
+//!   `recvmsg`, `recvmmsg` without a timeout, and the fortified
+//!   `__read_chk`, `__recv_chk`, `__recvfrom_chk`) repeat such a receive on
+//!   a blocking socket without `SO_RCVTIMEO`, as TCP goes on waiting, or
+//!   fail it with EINTR when a signal handler without `SA_RESTART` is
+//!   installed, as TCP would after such a signal. `fdopen` on a grafted or
+//!   accepted TCP socket makes a stream whose reads go through that
+//!   `read` ([`stdio`]: libc's stdio reads through an internal `read` no
+//!   preload library sees).
 //! * `GRAFT_VERBOSE=1` (`graft -v`) prints one line per decision:
 //!   `graft: pid 123 fd 5 bind 0.0.0.0:5201 -> ep-in4 (host 127.0.0.1:8080)`,
 //!   `graft: pid 123 fd 6 connect 127.0.0.1:9000 -> not grafted (excluded)`.
@@ -160,11 +172,12 @@
 //! (request, reply, `dup3`), [`fail`] the errno and the one line of every
 //! failure, [`sys`] the real functions (one table line per hook) and the
 //! raw system calls, [`table`] the per-descriptor state, [`broker`] and
-//! [`pool`] the exchange with graftd.
+//! [`pool`] the exchange with graftd, [`stdio`] the streams `fdopen` makes
+//! on grafted sockets.
 //!
 //! Unsafe code lives in [`sys`] (the C boundary), [`table`] (mmap'd pages),
 //! the configuration pointer in `config`, taking a pooled descriptor back in
-//! [`pool`], and the exported functions.
+//! [`pool`], the exported functions, and the streams of [`stdio`].
 
 // Unit tests build without the exported functions (the test binary must not
 // interpose on itself), which leaves the code they call unused there.
@@ -181,6 +194,8 @@ mod install;
 mod interpose;
 mod log;
 mod pool;
+#[cfg(not(test))]
+mod stdio;
 mod sys;
 mod table;
 mod trampoline;

@@ -203,12 +203,40 @@ hooks! {
     unsafe fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, cap: size_t, flags: c_int, a: *mut sockaddr, l: *mut socklen_t) -> isize
         // SAFETY: recvfrom(2)'s contract, and the bound.
         => if n > cap { chk_fail() } else { unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize } };
+    /// # Safety
+    /// Same contract as fdopen(3).
+    unsafe fn fdopen(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE
+        // SAFETY: the caller's contract is fdopen(3)'s.
+        => unsafe { fdopen_unresolved(fd, mode) };
     safe fn setns(fd: c_int, nstype: c_int) -> c_int
         // SAFETY: setns(2) takes no pointers.
         => unsafe { libc::syscall(libc::SYS_setns, fd, nstype) as c_int };
     safe fn unshare(flags: c_int) -> c_int
         // SAFETY: unshare(2) takes no pointers.
         => unsafe { libc::syscall(libc::SYS_unshare, flags) as c_int };
+}
+
+/// fdopen(3) before the constructor resolved it (a library constructor that
+/// ran first): no system call stands in for it, so it is looked up now.
+///
+/// # Safety
+/// fdopen(3)'s contract.
+unsafe fn fdopen_unresolved(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE {
+    // SAFETY: a NUL-terminated name; RTLD_NEXT skips our own export.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"fdopen".as_ptr()) };
+    if f.is_null() {
+        set_errno(libc::ENOSYS);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: libc's fdopen, whose C signature this is; the caller's
+    // arguments unchanged.
+    unsafe {
+        let f = std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(c_int, *const libc::c_char) -> *mut libc::FILE,
+        >(f);
+        f(fd, mode)
+    }
 }
 
 /// What glibc's fortified calls do when the length exceeds the buffer

@@ -4,11 +4,13 @@
  * the exported `read`), plus readv and recvmmsg.
  *
  * usage: splice_reader PORT BYTES MODE...
- *        (MODE: read readv recv recvfrom recvmmsg restart interrupt)
+ *        (MODE: read readv recv recvfrom recvmmsg fread restart interrupt)
  *
  * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
  * shuts down its side, while the main thread reads with MODE, on the same
- * blocking socket, until the peer's "ok" and EOF. Modes `restart` and
+ * blocking socket, until the peer's "ok" and EOF. Mode `fread` reads
+ * through stdio, a stream `fdopen`ed on a copy of the socket (an error
+ * flag counted by its errno and cleared). Modes `restart` and
  * `interrupt` read with `read` while a SIGALRM every 2 ms reaches the
  * reading thread, its handler installed with SA_RESTART (TCP restarts the
  * read) or without (TCP fails it with EINTR). Prints one line per
@@ -29,6 +31,7 @@
 #include <unistd.h>
 
 static int sock;
+static FILE *stream;
 static long long total;
 /* Not a constant: glibc then calls the checking functions (with a constant
  * length that fits, it calls the plain ones). */
@@ -72,6 +75,15 @@ static ssize_t read_with(const char *mode, char (*buf)[16])
 		return recv(sock, *buf, want, 0);
 	if (strcmp(mode, "recvfrom") == 0)
 		return recvfrom(sock, *buf, want, 0, NULL, NULL);
+	if (strcmp(mode, "fread") == 0) {
+		size_t n = fread(*buf, 1, want, stream);
+
+		if (n == 0 && ferror(stream)) {
+			clearerr(stream);
+			return -1; /* errno is the failed read's */
+		}
+		return (ssize_t)n;
+	}
 	if (strcmp(mode, "readv") == 0) {
 		struct iovec iov = { .iov_base = *buf, .iov_len = want };
 
@@ -138,6 +150,21 @@ int main(int argc, char **argv)
 			perror("connect");
 			return 1;
 		}
+		if (strcmp(argv[i], "fread") == 0) {
+			int copy = dup(sock);
+
+			stream = fdopen(copy, "r");
+			if (!stream || fileno(stream) != copy) {
+				fprintf(stderr, "fdopen: %s, fileno %d of %d\n", strerror(errno),
+					stream ? fileno(stream) : -1, copy);
+				return 1;
+			}
+			/* As on any socket stream: not seekable. */
+			if (fseek(stream, 0, SEEK_SET) != -1 || errno != ESPIPE) {
+				fprintf(stderr, "fseek on a socket stream: %s\n", strerror(errno));
+				return 1;
+			}
+		}
 		pthread_create(&t, NULL, writer, NULL);
 		if (sig)
 			alarm_every_2ms(1, strcmp(argv[i], "restart") == 0);
@@ -166,6 +193,11 @@ int main(int argc, char **argv)
 		if (sig)
 			alarm_every_2ms(0, 0);
 		pthread_join(t, NULL);
+		if (stream && fclose(stream) != 0) {
+			perror("fclose");
+			return 1;
+		}
+		stream = NULL;
 		close(sock);
 		printf("%s got %s eagain %d eintr %d\n", argv[i], got, eagain, eintr);
 		fflush(stdout);

@@ -195,14 +195,16 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
 /// The same from a C program built with `_FORTIFY_SOURCE`, whose `read`,
 /// `recv` and `recvfrom` are glibc's `__read_chk`, `__recv_chk` and
 /// `__recvfrom_chk` (they reach libc's internal read, never the exported
-/// one), and with `readv` and `recvmmsg`: each mode twice.
+/// one), with `readv` and `recvmmsg`, and with stdio (`fread` on a stream
+/// `fdopen` made, which reads through libc's internal read): each mode
+/// twice.
 #[test]
 fn fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain() {
     let test = "fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain";
     let Some(exe) = splice_reader(test) else {
         return;
     };
-    let modes = ["read", "readv", "recv", "recvfrom", "recvmmsg"];
+    let modes = ["read", "readv", "recv", "recvfrom", "recvmmsg", "fread"];
     let n = N.to_string();
     let port = PORT.to_string();
     let mut client = vec![exe.as_str(), &port, &n];
@@ -296,6 +298,7 @@ fn splice_reader(test: &str) -> Option<String> {
         "__recvfrom_chk",
         "readv",
         "recvmmsg",
+        "fdopen",
     ] {
         assert!(
             syms.lines()
