@@ -33,12 +33,34 @@ extern "C" fn constructor() {
         sys::resolve_all();
         crate::trampoline::map();
         config::init();
+        if config::active() {
+            inherited_connections();
+        }
     });
     // SAFETY: the handlers only touch atomics and make raw system calls
     // (the child's closes its pooled sockets), valid in any state of
     // either process.
     unsafe { libc::pthread_atfork(None, Some(after_fork), Some(after_fork_child)) };
     INSIDE.set(false);
+}
+
+/// TCP connections the process inherited across exec (an inetd-style child
+/// reading its stdin, a program re-executing itself) are connected sockets
+/// like the ones `accept` gives: recorded as such now, so that a spliced
+/// one's receives are repeated and `fdopen` gives it a stream of ours, as
+/// in the process that made it. A few system calls per inherited
+/// descriptor, once.
+fn inherited_connections() {
+    sys::sys_each_open_fd(|fd| {
+        let int = |name| sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, name);
+        if table::state(fd) == table::UNKNOWN
+            && int(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+            && matches!(int(libc::SO_DOMAIN), Some(libc::AF_INET | libc::AF_INET6))
+            && sys::sys_sockname(fd, true).is_ok()
+        {
+            table::set(fd, table::LOCAL);
+        }
+    });
 }
 
 /// After fork(), in parent and child: sockets made before are shared with

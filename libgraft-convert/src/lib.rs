@@ -126,7 +126,9 @@
 //!   installed, as TCP would after such a signal. `fdopen` on a grafted or
 //!   accepted TCP socket makes a stream whose reads go through that
 //!   `read` ([`stdio`]: libc's stdio reads through an internal `read` no
-//!   preload library sees).
+//!   preload library sees). TCP connections inherited across exec are
+//!   recorded as connected in the constructor (one listing of
+//!   `/proc/self/fd`), so the same holds for an inetd-style child.
 //! * `GRAFT_VERBOSE=1` (`graft -v`) prints one line per decision:
 //!   `graft: pid 123 fd 5 bind 0.0.0.0:5201 -> ep-in4 (host 127.0.0.1:8080)`,
 //!   `graft: pid 123 fd 6 connect 127.0.0.1:9000 -> not grafted (excluded)`.

@@ -522,6 +522,54 @@ pub fn sys_interrupting_handler() -> bool {
         })
 }
 
+/// Calls `f` with every open descriptor of the process (from
+/// `/proc/self/fd`, read with raw system calls into a stack buffer), except
+/// the one the listing itself uses. Nothing when /proc is not mounted.
+pub fn sys_each_open_fd(mut f: impl FnMut(RawFd)) {
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let dir = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    let Ok(dir) = check(dir) else {
+        return;
+    };
+    let dir = dir as RawFd;
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut at = 0;
+        // Each record: inode (8), offset (8), its length (2), type (1), the
+        // NUL-terminated name.
+        while at + 19 < n as usize {
+            let len = usize::from(u16::from_ne_bytes([buf[at + 16], buf[at + 17]]));
+            if len == 0 || at + len > n as usize {
+                break;
+            }
+            let name = &buf[at + 19..at + len];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(fd) = std::str::from_utf8(name)
+                .ok()
+                .and_then(|t| t.parse::<RawFd>().ok())
+            {
+                if fd != dir {
+                    f(fd);
+                }
+            }
+            at += len;
+        }
+    }
+    sys_close(dir);
+}
+
 pub fn sys_getpid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }

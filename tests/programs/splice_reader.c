@@ -4,7 +4,8 @@
  * the exported `read`), plus readv and recvmmsg.
  *
  * usage: splice_reader PORT BYTES MODE...
- *        (MODE: read readv recv recvfrom recvmmsg fread restart interrupt)
+ *        (MODE: read readv recv recvfrom recvmmsg fread restart interrupt
+ *         inherited)
  *
  * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
  * shuts down its side, while the main thread reads with MODE, on the same
@@ -13,7 +14,9 @@
  * flag counted by its errno and cleared). Modes `restart` and
  * `interrupt` read with `read` while a SIGALRM every 2 ms reaches the
  * reading thread, its handler installed with SA_RESTART (TCP restarts the
- * read) or without (TCP fails it with EINTR). Prints one line per
+ * read) or without (TCP fails it with EINTR). Mode `inherited` hands the
+ * reading to a child that this program execs with the socket as its stdin
+ * (as inetd does), which reads it as `restart` does. Prints one line per
  * connection: "MODE got ok eagain N eintr M", N counting reads that failed
  * with EAGAIN (which a blocking socket must never return), M with EINTR. */
 #define _GNU_SOURCE /* recvmmsg */
@@ -28,6 +31,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int sock;
@@ -68,7 +72,7 @@ static void *writer(void *arg)
  * length it does not, so that fortification checks at run time. */
 static ssize_t read_with(const char *mode, char (*buf)[16])
 {
-	if (strcmp(mode, "read") == 0 || strcmp(mode, "restart") == 0 ||
+	if (strcmp(mode, "read") == 0 || strcmp(mode, "restart") == 0 || strcmp(mode, "stdin") == 0 ||
 	    strcmp(mode, "interrupt") == 0)
 		return read(sock, *buf, want);
 	if (strcmp(mode, "recv") == 0)
@@ -135,6 +139,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: splice_reader PORT BYTES MODE...\n");
 		return 2;
 	}
+	/* The child of mode `inherited`: reads its stdin. */
+	int child = strcmp(argv[3], "stdin") == 0;
+
 	a.sin_port = htons((unsigned short)atoi(argv[1]));
 	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	total = atoll(argv[2]);
@@ -142,9 +149,14 @@ int main(int argc, char **argv)
 		char got[64] = "", buf[16];
 		size_t have = 0;
 		int eagain = 0, eintr = 0;
-		int sig = strcmp(argv[i], "restart") == 0 || strcmp(argv[i], "interrupt") == 0;
+		int sig = child || strcmp(argv[i], "restart") == 0 ||
+			  strcmp(argv[i], "interrupt") == 0;
 		pthread_t t;
 
+		if (child) {
+			sock = 0;
+			goto read;
+		}
 		sock = socket(AF_INET, SOCK_STREAM, 0);
 		if (sock < 0 || connect(sock, (struct sockaddr *)&a, sizeof(a)) < 0) {
 			perror("connect");
@@ -166,8 +178,28 @@ int main(int argc, char **argv)
 			}
 		}
 		pthread_create(&t, NULL, writer, NULL);
+		if (strcmp(argv[i], "inherited") == 0) {
+			pid_t pid = fork();
+			int st;
+
+			if (pid == 0) {
+				dup2(sock, 0);
+				execl("/proc/self/exe", argv[0], argv[1], argv[2], "stdin", (char *)NULL);
+				perror("exec");
+				_exit(1);
+			}
+			if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) ||
+			    WEXITSTATUS(st) != 0) {
+				fprintf(stderr, "inherited: the reading child failed\n");
+				return 1;
+			}
+			pthread_join(t, NULL);
+			close(sock);
+			continue;
+		}
+read:
 		if (sig)
-			alarm_every_2ms(1, strcmp(argv[i], "restart") == 0);
+			alarm_every_2ms(1, child || strcmp(argv[i], "restart") == 0);
 		for (;;) {
 			ssize_t n = read_with(argv[i], &buf);
 
@@ -192,14 +224,16 @@ int main(int argc, char **argv)
 		}
 		if (sig)
 			alarm_every_2ms(0, 0);
-		pthread_join(t, NULL);
+		if (!child)
+			pthread_join(t, NULL);
 		if (stream && fclose(stream) != 0) {
 			perror("fclose");
 			return 1;
 		}
 		stream = NULL;
 		close(sock);
-		printf("%s got %s eagain %d eintr %d\n", argv[i], got, eagain, eintr);
+		printf("%s got %s eagain %d eintr %d\n", child ? "inherited" : argv[i], got,
+		       eagain, eintr);
 		fflush(stdout);
 	}
 	return 0;
