@@ -61,6 +61,9 @@ fn inherited_connections() {
             table::set(fd, table::LOCAL);
         }
     });
+    if table::state(0) == table::LOCAL {
+        crate::stdio::adopt_stdin();
+    }
 }
 
 /// After fork(), in parent and child: sockets made before are shared with

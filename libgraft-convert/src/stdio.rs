@@ -32,6 +32,7 @@ struct CookieIo {
 extern "C" {
     fn fopencookie(cookie: *mut c_void, mode: *const c_char, io: CookieIo) -> *mut FILE;
     static stderr: *mut FILE;
+    static mut stdin: *mut FILE;
 }
 
 /// Offset of `_fileno` in glibc's `struct _IO_FILE` on LP64: `_flags` and
@@ -144,5 +145,21 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
         Some(f) => f,
         // SAFETY: forwarded unchanged.
         None => unsafe { sys::fdopen(fd, mode) },
+    }
+}
+
+/// In the constructor, when descriptor 0 is a TCP connection the process
+/// inherited (an inetd-style program, whose requests come on stdin): makes
+/// `stdin` a stream of ours on it, before anything read from libc's. A
+/// program that reads stdin through stdio (`fgets(.., stdin)`, `scanf`,
+/// `getchar`) then reads through the library's `read`. C++ streams set up
+/// before this keep libc's stream.
+pub fn adopt_stdin() {
+    if let Some(f) = stream(0, c"r".as_ptr()).filter(|f| !f.is_null()) {
+        // SAFETY: the constructor runs before main, on one thread; `stdin`
+        // is libc's variable, which programs may assign (glibc documents
+        // it) and every stdio function reads. libc's own stream stays
+        // open, unused, on the same descriptor.
+        unsafe { *std::ptr::addr_of_mut!(stdin) = f };
     }
 }

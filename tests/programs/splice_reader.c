@@ -5,7 +5,7 @@
  *
  * usage: splice_reader PORT BYTES MODE...
  *        (MODE: read readv recv recvfrom recvmmsg fread restart interrupt
- *         inherited)
+ *         inherited inherited-stdio)
  *
  * One connection per MODE to 127.0.0.1:PORT: a second thread sends BYTES and
  * shuts down its side, while the main thread reads with MODE, on the same
@@ -16,7 +16,8 @@
  * reading thread, its handler installed with SA_RESTART (TCP restarts the
  * read) or without (TCP fails it with EINTR). Mode `inherited` hands the
  * reading to a child that this program execs with the socket as its stdin
- * (as inetd does), which reads it as `restart` does. Prints one line per
+ * (as inetd does), which reads it as `restart` does; `inherited-stdio`
+ * the same, the child reading through the `stdin` stream. Prints one line per
  * connection: "MODE got ok eagain N eintr M", N counting reads that failed
  * with EAGAIN (which a blocking socket must never return), M with EINTR. */
 #define _GNU_SOURCE /* recvmmsg */
@@ -79,7 +80,7 @@ static ssize_t read_with(const char *mode, char (*buf)[16])
 		return recv(sock, *buf, want, 0);
 	if (strcmp(mode, "recvfrom") == 0)
 		return recvfrom(sock, *buf, want, 0, NULL, NULL);
-	if (strcmp(mode, "fread") == 0) {
+	if (strcmp(mode, "fread") == 0 || strcmp(mode, "stdin-stdio") == 0) {
 		size_t n = fread(*buf, 1, want, stream);
 
 		if (n == 0 && ferror(stream)) {
@@ -140,7 +141,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	/* The child of mode `inherited`: reads its stdin. */
-	int child = strcmp(argv[3], "stdin") == 0;
+	int child = strcmp(argv[3], "stdin") == 0 || strcmp(argv[3], "stdin-stdio") == 0;
 
 	a.sin_port = htons((unsigned short)atoi(argv[1]));
 	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -155,6 +156,8 @@ int main(int argc, char **argv)
 
 		if (child) {
 			sock = 0;
+			if (strcmp(argv[3], "stdin-stdio") == 0)
+				stream = stdin;
 			goto read;
 		}
 		sock = socket(AF_INET, SOCK_STREAM, 0);
@@ -178,13 +181,14 @@ int main(int argc, char **argv)
 			}
 		}
 		pthread_create(&t, NULL, writer, NULL);
-		if (strcmp(argv[i], "inherited") == 0) {
+		if (strncmp(argv[i], "inherited", 9) == 0) {
 			pid_t pid = fork();
 			int st;
 
 			if (pid == 0) {
 				dup2(sock, 0);
-				execl("/proc/self/exe", argv[0], argv[1], argv[2], "stdin", (char *)NULL);
+				execl("/proc/self/exe", argv[0], argv[1], argv[2],
+				      argv[i][9] ? "stdin-stdio" : "stdin", (char *)NULL);
 				perror("exec");
 				_exit(1);
 			}
@@ -232,8 +236,9 @@ read:
 		}
 		stream = NULL;
 		close(sock);
-		printf("%s got %s eagain %d eintr %d\n", child ? "inherited" : argv[i], got,
-		       eagain, eintr);
+		printf("%s got %s eagain %d eintr %d\n",
+		       !child ? argv[i] : strcmp(argv[i], "stdin") == 0 ? "inherited" : "inherited-stdio",
+		       got, eagain, eintr);
 		fflush(stdout);
 	}
 	return 0;

@@ -232,15 +232,15 @@ fn fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain() {
 /// `SA_RESTART` restarts the read and one without fails it with EINTR; the
 /// library gives the same answers, also in a program that inherited the
 /// socket across exec as its stdin (inetd-style: its library did not see
-/// the socket made). A SIGALRM every 2 ms, the reader's only signal; each
-/// mode twice.
+/// the socket made), reading it with `read` or through the `stdin` stream.
+/// A SIGALRM every 2 ms, the reader's only signal; each mode twice.
 #[test]
 fn signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp() {
     let test = "signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp";
     let Some(exe) = splice_reader(test) else {
         return;
     };
-    let modes = ["restart", "interrupt", "inherited"];
+    let modes = ["restart", "interrupt", "inherited", "inherited-stdio"];
     let n = N.to_string();
     let port = PORT.to_string();
     let mut client = vec![exe.as_str(), &port, &n];
@@ -255,7 +255,7 @@ fn signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp() 
         let (mode, eintr) = (w[0], w[6].parse::<u64>().expect("eintr count"));
         assert_eq!(&w[..5], [mode, "got", "ok", "eagain", "0"], "{l}");
         match mode {
-            "restart" | "inherited" => {
+            "restart" | "inherited" | "inherited-stdio" => {
                 assert_eq!(eintr, 0, "SA_RESTART: TCP restarts the read: {l}")
             }
             _ => assert!(
