@@ -335,15 +335,16 @@ class GraftComparePath(GraftPath):
     ns_tag = "gc"
 
 
-class GraftHostSplicePath(GraftPath):
-    """`graft` with `graftd --splice`: the same rows, every peer a host
-    socket, so nothing can be spliced; shows what splicing costs where it
-    does not apply (churn, egress, a grafted server's host clients)."""
-    name = "graft-splice"
-    label = "graft with `graftd --splice` (host peers: nothing to splice)"
+class GraftHostNoSplicePath(GraftPath):
+    """`graft` with `graftd --no-splice`: the same rows, every peer a host
+    socket, so nothing is spliced in `graft` either; shows what splicing,
+    on by default, costs where it does not apply (churn, egress, a grafted
+    server's host clients)."""
+    name = "graft-nosplice"
+    label = "graft with `graftd --no-splice` (host peers: nothing to splice)"
     base = 22900
     ns_tag = "gsp"
-    graftd_args = ("--splice",)
+    graftd_args = ("--no-splice",)
 
 
 class GraftSeccompPath(GraftPath):
@@ -404,9 +405,10 @@ def remove_cgroup(path):
 
 class GraftG2GPath(GraftPath):
     """Both ends grafted: servers as in `graft`, the client in a second
-    loopback-only namespace under `graft -e` (no eBPF splicing)."""
+    loopback-only namespace under `graft -e`; graftd splices such pairs by
+    default (eBPF sk_msg redirect)."""
     name = "graft-g2g"
-    label = "graft↔graft (client grafted too), no splicing"
+    label = "graft↔graft (client grafted too), spliced (the default)"
     base = 22300
     ns_tag = "gg"
     workloads = Path.workloads
@@ -420,12 +422,12 @@ class GraftG2GPath(GraftPath):
         return self.d.envx(nsx(self.cns)) + [self.d.bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
 
 
-class GraftSplicePath(GraftG2GPath):
-    name = "graft-g2g-splice"
-    label = "graft↔graft with `graftd --splice` (eBPF sk_msg redirect)"
+class GraftNoSplicePath(GraftG2GPath):
+    name = "graft-g2g-nosplice"
+    label = "graft↔graft with `graftd --no-splice` (plain TCP)"
     base = 22400
     ns_tag = "gs"
-    graftd_args = ("--splice",)
+    graftd_args = ("--no-splice",)
 
 
 class GraftNatPath(GraftPath):
@@ -438,7 +440,7 @@ class GraftNatPath(GraftPath):
 
 
 ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftComparePath, GraftNatPath,
-             GraftG2GPath, GraftSplicePath, GraftHostSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
+             GraftG2GPath, GraftNoSplicePath, GraftHostNoSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
 
 
 class Graftd:

@@ -263,7 +263,7 @@ def chart(png, names, metrics, ratios):
         for m in metrics:
             f.write(f'"{m}" ' + " ".join(f"{ratios.get((n, m)) or 0:.3f}" for n in rows) + "\n")
     colors = {"host+nat": "#7f7f7f", "veth": "#bcbd22", "dnat": "#8c564b", "proxy": "#e377c2", "socat": "#ffbb78",
-              "graft": "#1f77b4", "graft+nat": "#17becf", "graft-g2g": "#aec7e8", "graft-g2g-splice": "#9edae5", "graft-splice": "#6baed6",
+              "graft": "#1f77b4", "graft+nat": "#17becf", "graft-g2g": "#aec7e8", "graft-g2g-nosplice": "#9edae5", "graft-nosplice": "#6baed6",
               "host-root": "#000000", "docker-proxy": "#ff7f0e", "docker-dnat": "#d62728",
               "docker-host": "#98df8a", "graft-docker": "#2ca02c"}
     plots = ", ".join(f"'{dat}' using {i + 2}" + (":xtic(1)" if i == 0 else "")

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Run as root from anywhere after `cargo build --workspace` and `cargo build --release -p graft-bench`.
-# Two private graftds (one with --splice), namespaces gms1/gmc1 and gms2/gmc2, iperf3 and
+# Two private graftds (one with --no-splice), namespaces gms1/gmc1 and gms2/gmc2, iperf3 and
 # graft-bench servers; each cell waits for >= 95% idle CPU first. Everything is torn down on exit.
-# Measures host vs graft (no splice) vs graft (--splice) on loopback.
+# Measures host vs graft (--no-splice) vs graft (splicing, the default) on loopback.
 # Usage: gmeasure.sh ROUNDS SECS
 R=${1:-3}; T=${2:-5}
 B=/work/main/target/debug; RB=/work/main/target/release
@@ -12,10 +12,10 @@ export PATH=$W/bin:$PATH
 cleanup() { for p in $W/*.pid; do kill $(cat $p) 2>/dev/null; done; sleep 0.5; for g in sp ns; do $B/graftd --control $W/$g.sock --state-dir $W/$g.state --pin-dir /sys/fs/bpf/gm-$g-$$ --cgroup gm-$g-$$ --remove 2>/dev/null; done; for n in gms1 gmc1 gms2 gmc2; do ip netns pids $n 2>/dev/null | xargs -r kill; ip netns del $n 2>/dev/null; done; }
 trap cleanup EXIT
 for n in gms1 gmc1 gms2 gmc2; do ip netns add $n; ip -n $n link set lo up; done
-# graftd 1: --splice (ports 1610x), graftd 2: no splice (ports 1620x)
+# graftd 1: splicing, the default (ports 1610x), graftd 2: --no-splice (ports 1620x)
 start() { # tag args
   RUST_LOG=info $B/graftd --control $W/$1.sock --broker-name gm/$1 --state-dir $W/$1.state --pin-dir /sys/fs/bpf/gm-$1-$$ --cgroup gm-$1-$$ $2 > $W/$1.log 2>&1 & echo $! > $W/$1.pid; sleep 1; }
-start sp --splice; start ns ""
+start sp ""; start ns --no-splice
 env_of() { echo GRAFT_CONTROL=$W/$1.sock GRAFT_BROKER=gm/$1; }
 for t in sp:1:1610 ns:2:1620; do IFS=: read tag i p <<<"$t"
   env $(env_of $tag) ip netns exec gms$i ip graft add ep-in type ipv4 addr 127.0.0.1 port ${p}1

@@ -89,27 +89,29 @@
 //! * Byte counters are payload bytes: TCP's own counts (SYN and FIN removed)
 //!   when a connection closes, plus, for spliced connections, each redirected
 //!   message as it is sent.
-//! * Splicing is off by default (`graftd --splice`). It only joins two
+//! * Splicing is on by default (`graftd --no-splice` turns it off). It only joins two
 //!   grafted sockets (a host socket cannot opt in: it is not in graftd's
 //!   cgroup, and marking arbitrary host sockets would reach beyond graft's
 //!   own). Spliced sockets take the kernel's sockmap receive path
 //!   (`tcp_bpf_recvmsg`), which differs from plain TCP in one way an
 //!   application can notice: a blocking `recv()` may fail with EAGAIN after a
-//!   wake-up that brought no data (seen on 6.18 while another thread writes
-//!   to the same socket's memory being freed: `tcp_msg_wait_data` returns
-//!   after one wake-up, and `tcp_bpf_recvmsg` turns "no data" into EAGAIN).
+//!   wake-up that brought no data (seen on 6.18: a signal, the ACK of the
+//!   socket's own FIN, another thread's send freeing memory;
+//!   `tcp_msg_wait_data` returns after one wake-up, and `tcp_bpf_recvmsg`
+//!   turns "no data" into EAGAIN).
 //!   Event-driven programs (poll/epoll, non-blocking sockets, CPython with a
 //!   socket timeout) are unaffected (poll, FIONREAD and MSG_PEEK see
 //!   redirected bytes on 6.18); for blocking readers libgraft-convert
 //!   repeats such a receive (read, readv, recv, recvfrom, recvmsg, recvmmsg and
-//!   glibc's fortified `__read_chk`/`__recv_chk`/`__recvfrom_chk`). A
+//!   glibc's fortified `__read_chk`/`__recv_chk`/`__recvfrom_chk`), or fails
+//!   it with EINTR when a handler without SA_RESTART is installed, and gives
+//!   `fdopen`ed sockets (and an inherited socket's `stdin`) streams that read
+//!   through it. A
 //!   program graftd serves in seccomp mode reads with calls the library
 //!   does not see: graftd marks its sockets `GRAFT_SK_NO_JOIN`
 //!   ([`Companion::keep_off_splice`]; an accepted socket inherits it from
 //!   its listener), and they stay on TCP.
-//!   It stays opt-in: stdio on a socket (`fdopen`, `fread`) reads through
-//!   glibc's internal `read`, which the library cannot repeat (checked:
-//!   2 EAGAIN per connection). A client opening connection after
+//!   A client opening connection after
 //!   connection (its broker connection had three batches in a row, each
 //!   within a second of the one before) gets sockets
 //!   marked `GRAFT_SK_NO_JOIN` ([`Companion::arm_marks`]): each one's

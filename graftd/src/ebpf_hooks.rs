@@ -36,7 +36,7 @@ use graft_core::{EndpointName, NetnsId};
 /// What graftd knows about itself when it starts.
 #[derive(Debug, Clone)]
 pub struct DaemonInfo {
-    /// `graftd --splice` was given.
+    /// Splice grafted pairs (`graftd --no-splice` was not given).
     pub splice: bool,
     /// `graftd --no-ebpf` was not given: try to load the companion.
     pub ebpf: bool,

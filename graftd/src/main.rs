@@ -58,10 +58,14 @@ struct Cli {
     /// Abstract name of the broker socket opened in each namespace (no leading NUL).
     #[arg(long, value_name = "NAME", env = graft_core::ENV_BROKER, default_value = graft_core::DEFAULT_BROKER_NAME, value_parser = broker_name)]
     broker_name: String,
-    /// Splice TCP connections whose two ends are both grafted sockets of
-    /// this host in the kernel (needs graft-ebpf; seccomp-mode programs'
-    /// sockets stay on TCP).
+    /// Do not splice TCP connections whose two ends are both grafted
+    /// sockets of this host (by default the eBPF companion hands each send
+    /// straight to the peer's receive queue; seccomp-mode programs' sockets
+    /// and churning clients stay on TCP either way).
     #[arg(long)]
+    no_splice: bool,
+    /// Splice (the default; kept for the command lines of earlier releases).
+    #[arg(long, hide = true, conflicts_with = "no_splice")]
     splice: bool,
     /// Do not load the eBPF companion (no in-kernel egress policy, counters,
     /// splicing or bind guard: egress ports are then taken when a socket is
@@ -189,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let store = persist::Store::open(&cli.state_dir)?;
     let saved = store.load()?;
     let info = DaemonInfo {
-        splice: cli.splice,
+        splice: cli.splice || !cli.no_splice,
         ebpf: !cli.no_ebpf,
         own_netns: own,
         pin_dir: cli.pin_dir.clone(),

@@ -627,7 +627,7 @@ enum Eagain {
 /// blocking, the call did not ask not to wait (`MSG_DONTWAIT`) and no receive
 /// timeout is set, so EAGAIN is not an answer the program can expect. The
 /// kernel's sockmap receive path (`tcp_bpf_recvmsg`, which spliced sockets
-/// take: `graftd --splice`) returns it after any wake-up that brought no
+/// take: graftd splices grafted pairs by default) returns it after any wake-up that brought no
 /// data (seen on 6.18): another thread's send on the same socket freeing
 /// memory, the ACK of the socket's own FIN, and every signal delivered
 /// while it waits, where TCP restarts the call (`SA_RESTART`) or fails with

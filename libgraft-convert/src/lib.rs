@@ -115,7 +115,7 @@
 //!   the host address the socket really has; `app` reports, for sockets
 //!   grafted on ingress, the address the application bound (with the real port
 //!   if it asked for port 0). Egress sockets always report the host address.
-//! * **Spliced sockets** (`graftd --splice`): the kernel's sockmap receive
+//! * **Spliced sockets** (graftd splices grafted pairs by default): the kernel's sockmap receive
 //!   path fails a blocking receive with EAGAIN after any wake-up without
 //!   data (a signal, the ACK of the socket's own FIN, another thread's send
 //!   freeing memory). The receives (`read`, `readv`, `recv`, `recvfrom`,

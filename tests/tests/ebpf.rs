@@ -1,7 +1,7 @@
 //! End-to-end tests of graft-ebpf inside graftd (issue 6): the in-kernel
 //! egress policy (EPERM from connect()/sendto() of a grafted program, other
 //! programs untouched), the per-endpoint counters of `ip -s graft show`,
-//! splicing (`graftd --splice`) of grafted↔grafted connections, the
+//! splicing (on by default; the tests still say `--splice`) of grafted↔grafted connections, the
 //! setsockopt guard (escape options refused on grafted sockets), and graftd
 //! without eBPF (`--no-ebpf`).
 //!
@@ -441,18 +441,26 @@ fn pingpong_pair(
     check_pair(&srv, &cli, n as u64, true);
 }
 
-/// An [`ebpf_env_netns`] whose graftd splices.
+/// An [`ebpf_env_netns`] whose graftd splices (its default).
 fn splice_env_netns<const N: usize>(test: &str, names: [&str; N]) -> Option<(Env, [Netns; N])> {
-    ebpf_env_netns(test, &["--splice"], names)
+    ebpf_env_netns(test, &[], names)
 }
 
-/// grafted↔grafted with --splice, IPv4 and IPv6: the bytes arrive exactly
-/// (sha256 both ways, ping-pong, half-close, close), TCP in the sockets'
-/// namespace carries only control segments, and the counters match.
+/// grafted↔grafted, IPv4 and IPv6, with graftd's default: the bytes arrive
+/// exactly (sha256 both ways, ping-pong, half-close, close), TCP in the
+/// sockets' namespace carries only control segments, and the counters
+/// match. With `--no-splice` the same pairs go through TCP, as exactly.
 #[test]
 fn splice_grafted_pairs_v4_v6_byte_exact() {
     let test = "splice_grafted_pairs_v4_v6_byte_exact";
-    let Some((env, [host, c1, c2])) = splice_env_netns(test, ["sph", "sp1", "sp2"]) else {
+    grafted_pairs(test, &[], true);
+    grafted_pairs(test, &["--no-splice"], false);
+}
+
+/// The transfers of [`splice_grafted_pairs_v4_v6_byte_exact`] under a
+/// graftd run with `args`, `spliced` or not.
+fn grafted_pairs(test: &str, args: &[&str], spliced: bool) {
+    let Some((env, [host, c1, c2])) = ebpf_env_netns(test, args, ["sph", "sp1", "sp2"]) else {
         return;
     };
     const N: usize = 8 << 20;
@@ -491,9 +499,23 @@ fn splice_grafted_pairs_v4_v6_byte_exact() {
         let segs = out_segs(&host) - segs;
         // 2 × 8 MiB through TCP on loopback takes hundreds of segments;
         // spliced, only handshakes, FINs and their ACKs remain.
-        assert!(
-            segs < 60,
-            "{ty}: {segs} TCP segments: the transfer was not spliced"
+        if spliced {
+            assert!(
+                segs < 60,
+                "{ty}: {segs} TCP segments: the transfer was not spliced"
+            );
+        } else {
+            assert!(
+                segs > 200,
+                "{ty}: {segs} TCP segments: spliced under --no-splice"
+            );
+        }
+        assert_eq!(
+            env.stats_in(&c2, &eout)
+                .get("spliced_bytes")
+                .is_some_and(|v| !v.is_null()),
+            spliced,
+            "{ty}: the spliced count is shown exactly when splicing is on"
         );
         let si = env.stats_in(&c1, &ein);
         let so = env.stats_in(&c2, &eout);
@@ -668,7 +690,7 @@ fn splice_leaves_seccomp_mode_programs_on_tcp() {
 fn counters_without_splice_count_payload_bytes() {
     let Some((env, [host, c1, c2])) = ebpf_env_netns(
         "counters_without_splice_count_payload_bytes",
-        &[],
+        &["--no-splice"],
         ["cth", "ct1", "ct2"],
     ) else {
         return;

@@ -1,4 +1,4 @@
-//! A blocking `recv()` on a spliced socket (`graftd --splice`) never fails
+//! A blocking `recv()` on a spliced socket (graftd's default) never fails
 //! with EAGAIN (issue 10).
 //!
 //! Spliced sockets take the kernel's sockmap receive path
@@ -87,16 +87,12 @@ struct Run {
     segs: u64,
 }
 
-/// Starts graftd with `--splice` and the python server (`runs`
+/// Starts graftd (splicing, its default) and the python server (`runs`
 /// connections of `N` bytes) grafted in its own namespace, then runs the
 /// client `client(program args)` under `graft -e` in another; `None` when
 /// the test is skipped (one line said why).
 fn spliced(test: &str, needs: &[&str], runs: usize, client: &[&str]) -> Option<Run> {
-    let env = Env::with_graftd(
-        test,
-        &[&["python3", "nstat"], needs].concat(),
-        &["--splice"],
-    )?;
+    let env = Env::with_graftd(test, &[&["python3", "nstat"], needs].concat(), &[])?;
     let start = Instant::now();
     loop {
         let log = env.d.log_text();
