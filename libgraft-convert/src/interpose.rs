@@ -803,3 +803,84 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     // SAFETY: forwarded unchanged.
     repeated(fd, flags, || unsafe { sys::recvmsg(fd, msg, flags) })
 }
+
+/// Bytes one `splice()` from a grafted socket moves at most (a stack
+/// buffer: threads may run on small stacks).
+const SPLICE_CHUNK: usize = 16 << 10;
+
+/// # Safety
+/// splice(2). From a grafted or accepted TCP socket into a pipe the bytes
+/// are received and written instead ([`socket_to_pipe`]): the kernel's
+/// `tcp_splice_read` takes only what TCP queued, never what a spliced peer
+/// handed over, so a blocking splice would wait forever, and return 0 at
+/// the peer's FIN with the data still queued.
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut i64,
+    fd_out: c_int,
+    off_out: *mut i64,
+    len: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    if off_in.is_null()
+        && off_out.is_null()
+        && config::active()
+        && matches!(table::state(fd_in), table::EGRESS | table::LOCAL)
+    {
+        if let Some(r) = socket_to_pipe(fd_in, fd_out, len, flags) {
+            return r;
+        }
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { sys::splice(fd_in, off_in, fd_out, off_out, len, flags) }
+}
+
+/// `splice(fd_in, NULL, fd_out, NULL, len, flags)` from the TCP socket
+/// `fd_in` into the pipe `fd_out` as a receive (the library's `recv`, so an
+/// empty wake-up is repeated) and a write of what came: never more than
+/// the pipe has room for, so nothing received is left unwritten. Waits for
+/// room as splice does (not with SPLICE_F_NONBLOCK or a non-blocking
+/// pipe); the socket's own O_NONBLOCK decides whether the receive waits,
+/// as in `tcp_splice_read`. `None`: not such a pair, the real splice
+/// answers.
+fn socket_to_pipe(fd_in: c_int, fd_out: c_int, len: size_t, flags: c_uint) -> Option<ssize_t> {
+    if sys::sys_getsockopt_int(fd_in, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
+        return None;
+    }
+    let room = loop {
+        let room = sys::sys_pipe_room(fd_out)?;
+        if room > 0 || len == 0 {
+            break room;
+        }
+        let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0
+            || matches!(sys::sys_fcntl(fd_out, libc::F_GETFL, 0), Ok(fl) if fl & libc::O_NONBLOCK != 0);
+        if nonblock {
+            set_errno(libc::EAGAIN);
+            return Some(-1);
+        }
+        if !sys::sys_wait_ready(fd_out, libc::POLLOUT)
+            && (errno() != libc::EINTR || sys::sys_interrupting_handler())
+        {
+            return Some(-1);
+        }
+    };
+    let want = len.min(room).min(SPLICE_CHUNK);
+    if want == 0 {
+        return Some(0);
+    }
+    let mut buf = [0u8; SPLICE_CHUNK];
+    // SAFETY: `buf` is writable for `want` <= its length.
+    let got = unsafe { recv(fd_in, buf.as_mut_ptr().cast(), want, 0) };
+    if got <= 0 {
+        return Some(got);
+    }
+    match sys::sys_write_all(fd_out, &buf[..got as usize]) {
+        Ok(()) => Some(got),
+        Err((0, e)) => {
+            set_errno(e);
+            Some(-1)
+        }
+        Err((n, _)) => Some(n as ssize_t),
+    }
+}

@@ -204,6 +204,11 @@ hooks! {
         // SAFETY: recvfrom(2)'s contract, and the bound.
         => if n > cap { chk_fail() } else { unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, n, flags, a, l) as isize } };
     /// # Safety
+    /// Same contract as splice(2).
+    unsafe fn splice(fd_in: c_int, off_in: *mut i64, fd_out: c_int, off_out: *mut i64, len: size_t, flags: c_uint) -> isize
+        // SAFETY: the caller's contract is splice(2)'s.
+        => unsafe { libc::syscall(libc::SYS_splice, fd_in, off_in, fd_out, off_out, len, flags) as isize };
+    /// # Safety
     /// Same contract as fdopen(3).
     unsafe fn fdopen(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE
         // SAFETY: the caller's contract is fdopen(3)'s.
@@ -568,6 +573,55 @@ pub fn sys_each_open_fd(mut f: impl FnMut(RawFd)) {
         }
     }
     sys_close(dir);
+}
+
+/// Free bytes in the pipe `fd` (its size less what it holds); `None` when
+/// `fd` is not a pipe.
+pub fn sys_pipe_room(fd: RawFd) -> Option<usize> {
+    let size = sys_fcntl(fd, libc::F_GETPIPE_SZ, 0).ok()?;
+    let mut held: c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    check(unsafe { libc::syscall(libc::SYS_ioctl, fd, libc::FIONREAD, &mut held as *mut c_int) })
+        .ok()?;
+    Some((size.max(0) as usize).saturating_sub(held.max(0) as usize))
+}
+
+/// Waits until `fd` is ready for `events` (poll(2), no timeout); false
+/// when the wait failed (EINTR included; errno says).
+pub fn sys_wait_ready(fd: RawFd, events: libc::c_short) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, writable; no timeout, no signal mask.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ppoll,
+            &mut p as *mut libc::pollfd,
+            1,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<libc::sigset_t>(),
+            8usize,
+        )
+    };
+    r > 0
+}
+
+/// Writes all of `b` to `fd`, waiting for room when it is non-blocking;
+/// the count written before an error.
+pub fn sys_write_all(fd: RawFd, mut b: &[u8]) -> Result<(), (usize, c_int)> {
+    let total = b.len();
+    while !b.is_empty() {
+        // SAFETY: `b` is readable for its length.
+        match check(unsafe { libc::syscall(libc::SYS_write, fd, b.as_ptr(), b.len()) }) {
+            Ok(n) => b = &b[n as usize..],
+            Err(libc::EAGAIN) if sys_wait_ready(fd, libc::POLLOUT) => {}
+            Err(libc::EINTR) => {}
+            Err(e) => return Err((total - b.len(), e)),
+        }
+    }
+    Ok(())
 }
 
 pub fn sys_getpid() -> i32 {

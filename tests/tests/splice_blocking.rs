@@ -65,9 +65,15 @@ else:
         t = threading.Thread(target=writer)
         t.start()
         got, eagain = b"", 0
+        if mode == "client-splice":
+            r, w = os.pipe()
         while True:
             try:
-                b = s.recv(16)
+                if mode == "client-splice":
+                    k = os.splice(s.fileno(), w, 16)
+                    b = os.read(r, k) if k else b""
+                else:
+                    b = s.recv(16)
             except BlockingIOError:
                 eagain += 1
                 continue
@@ -307,4 +313,29 @@ fn splice_reader(test: &str) -> Option<String> {
         );
     }
     Some(exe.display().to_string())
+}
+
+/// `splice(2)` from a spliced socket into a pipe (what proxies such as
+/// HAProxy do to move bytes without copying them): the kernel's TCP splice
+/// reads only what TCP queued, never what the peer handed over, so without
+/// the library a blocking splice returns 0 at the peer's FIN with the reply
+/// still queued. python's `os.splice`, the same client as above otherwise.
+#[test]
+fn splice_from_a_spliced_socket_gets_every_byte() {
+    let test = "splice_from_a_spliced_socket_gets_every_byte";
+    let (n, runs) = (N.to_string(), RUNS.to_string());
+    let client = [
+        "python3",
+        "{script}",
+        "client-splice",
+        &PORT.to_string(),
+        &n,
+        &runs,
+    ];
+    let Some(run) = spliced(test, &[], RUNS, &client) else {
+        return;
+    };
+    let want = ["client got ok eagain 0"; RUNS].join("\n");
+    assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
+    assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
 }
