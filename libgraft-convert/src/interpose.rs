@@ -697,8 +697,59 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 /// recv(2).
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
-    // SAFETY: forwarded unchanged.
-    repeated(fd, flags, || unsafe { sys::recv(fd, buf, n, flags) })
+    // SAFETY: forwarded unchanged; then the rest of the caller's buffer.
+    let r = repeated(fd, flags, || unsafe { sys::recv(fd, buf, n, flags) });
+    // SAFETY: `at < n`, inside the caller's buffer of n bytes.
+    wait_all(fd, flags, r, n, |at| unsafe {
+        sys::recv(fd, buf.cast::<u8>().add(at).cast(), n - at, flags)
+    })
+}
+
+/// A receive of `n` bytes with `MSG_WAITALL` that got `r`: what the kernel
+/// does for TCP (wait for all `n`, less only at EOF, an error or a signal)
+/// but not for a spliced socket, whose sockmap receive returns what is
+/// queued. On such a socket (one the library knows, blocking for this
+/// call) the rest is received with `more(bytes so far)`, each receive
+/// repeated as [`repeated`] does; what came is returned, with errno as
+/// before, when one ends early.
+#[inline(always)]
+fn wait_all(
+    fd: c_int,
+    flags: c_int,
+    r: ssize_t,
+    n: size_t,
+    more: impl FnMut(usize) -> ssize_t,
+) -> ssize_t {
+    if r <= 0 || flags & libc::MSG_WAITALL == 0 || r as usize >= n {
+        return r;
+    }
+    rest_of(fd, flags, r as usize, n, more)
+}
+
+#[cold]
+#[inline(never)]
+fn rest_of(
+    fd: c_int,
+    flags: c_int,
+    mut got: usize,
+    n: usize,
+    mut more: impl FnMut(usize) -> ssize_t,
+) -> ssize_t {
+    if flags & libc::MSG_DONTWAIT != 0
+        || !config::active()
+        || !matches!(table::state(fd), table::EGRESS | table::LOCAL)
+    {
+        return got as ssize_t;
+    }
+    let saved = errno();
+    while got < n {
+        match repeated(fd, flags, || more(got)) {
+            k if k > 0 => got += k as usize,
+            _ => break,
+        }
+    }
+    set_errno(saved);
+    got as ssize_t
 }
 
 /// # Safety
@@ -713,8 +764,12 @@ pub unsafe extern "C" fn recvfrom(
     len: *mut socklen_t,
 ) -> ssize_t {
     // SAFETY: forwarded unchanged.
-    repeated(fd, flags, || unsafe {
+    let r = repeated(fd, flags, || unsafe {
         sys::recvfrom(fd, buf, n, flags, a, len)
+    });
+    // SAFETY: `at < n`, inside the caller's buffer of n bytes.
+    wait_all(fd, flags, r, n, |at| unsafe {
+        sys::recvfrom(fd, buf.cast::<u8>().add(at).cast(), n - at, flags, a, len)
     })
 }
 
@@ -752,8 +807,13 @@ pub unsafe extern "C" fn __recv_chk(
     flags: c_int,
 ) -> ssize_t {
     // SAFETY: forwarded unchanged (the real one checks n against cap).
-    repeated(fd, flags, || unsafe {
+    let r = repeated(fd, flags, || unsafe {
         sys::__recv_chk(fd, buf, n, cap, flags)
+    });
+    // SAFETY: `at < n <= cap` (checked by the first call), inside the
+    // caller's buffer.
+    wait_all(fd, flags, r, n, |at| unsafe {
+        sys::__recv_chk(fd, buf.cast::<u8>().add(at).cast(), n - at, cap - at, flags)
     })
 }
 
@@ -770,8 +830,21 @@ pub unsafe extern "C" fn __recvfrom_chk(
     len: *mut socklen_t,
 ) -> ssize_t {
     // SAFETY: forwarded unchanged (the real one checks n against cap).
-    repeated(fd, flags, || unsafe {
+    let r = repeated(fd, flags, || unsafe {
         sys::__recvfrom_chk(fd, buf, n, cap, flags, a, len)
+    });
+    // SAFETY: `at < n <= cap` (checked by the first call), inside the
+    // caller's buffer.
+    wait_all(fd, flags, r, n, |at| unsafe {
+        sys::__recvfrom_chk(
+            fd,
+            buf.cast::<u8>().add(at).cast(),
+            n - at,
+            cap - at,
+            flags,
+            a,
+            len,
+        )
     })
 }
 
@@ -801,7 +874,24 @@ pub unsafe extern "C" fn recvmmsg(
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: forwarded unchanged.
-    repeated(fd, flags, || unsafe { sys::recvmsg(fd, msg, flags) })
+    let r = repeated(fd, flags, || unsafe { sys::recvmsg(fd, msg, flags) });
+    if r <= 0 || flags & libc::MSG_WAITALL == 0 || msg.is_null() {
+        return r;
+    }
+    // SAFETY: the caller's msghdr, which the kernel just read.
+    let (iov, iovlen) = unsafe { ((*msg).msg_iov, (*msg).msg_iovlen) };
+    if iovlen != 1 || iov.is_null() {
+        // Several buffers: not continued (a copy of the vector would be
+        // needed to advance it).
+        return r;
+    }
+    // SAFETY: the caller's one iovec.
+    let (base, n) = unsafe { ((*iov).iov_base, (*iov).iov_len) };
+    // SAFETY: `at < n`, inside the caller's buffer; the rest is received
+    // with recv (the control data and flags came with the first part).
+    wait_all(fd, flags, r, n, |at| unsafe {
+        sys::recv(fd, base.cast::<u8>().add(at).cast(), n - at, flags)
+    })
 }
 
 /// Bytes one `splice()` from a grafted socket moves at most (a stack

@@ -130,7 +130,9 @@
 //!   recorded as connected in the constructor (one listing of
 //!   `/proc/self/fd`), so the same holds for an inetd-style child.
 //!   `splice` from such a socket into a pipe is a receive and a write (the
-//!   kernel's TCP splice never sees what a spliced peer handed over).
+//!   kernel's TCP splice never sees what a spliced peer handed over), and a
+//!   receive with `MSG_WAITALL` that came back short is continued (the
+//!   sockmap receive returns what is queued).
 //! * `GRAFT_VERBOSE=1` (`graft -v`) prints one line per decision:
 //!   `graft: pid 123 fd 5 bind 0.0.0.0:5201 -> ep-in4 (host 127.0.0.1:8080)`,
 //!   `graft: pid 123 fd 6 connect 127.0.0.1:9000 -> not grafted (excluded)`.

@@ -29,6 +29,9 @@ const PORT: u16 = 15077;
 const SCRIPT: &str = r#"
 import os, socket, sys, threading, time
 mode, port, n, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# "chunked": the server's reply is "ok" and 99,998 more bytes, in ten
+# sends 10 ms apart.
+chunked = sys.argv[5:] == ["chunked"]
 if mode == "server":
     l = socket.socket()
     l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,7 +51,13 @@ if mode == "server":
             if not b:
                 break
             got += len(b)
-        c.sendall(b"ok")
+        if chunked:
+            reply = b"ok" + b"x" * 99998
+            for i in range(10):
+                c.sendall(reply[i * 10000:(i + 1) * 10000])
+                time.sleep(0.01)
+        else:
+            c.sendall(b"ok")
         c.close()
         print(f"server got {got} eagain {eagain}", flush=True)
 else:
@@ -65,6 +74,9 @@ else:
         t = threading.Thread(target=writer)
         t.start()
         got, eagain = b"", 0
+        if mode == "client-waitall":
+            b = s.recv(100000, socket.MSG_WAITALL)
+            print(f"client waitall got {len(b)}", flush=True)
         if mode == "client-splice":
             r, w = os.pipe()
         while True:
@@ -82,7 +94,10 @@ else:
             got += b
         t.join()
         s.close()
-        print(f"client got {got.decode(errors='replace')} eagain {eagain}", flush=True)
+        if mode == "client-waitall":
+            print(f"client got {len(got)} bytes more eagain {eagain}", flush=True)
+        else:
+            print(f"client got {got.decode(errors='replace')} eagain {eagain}", flush=True)
 "#;
 
 /// What one spliced run left: the client's stdout, the server's lines, and
@@ -98,6 +113,18 @@ struct Run {
 /// client `client(program args)` under `graft -e` in another; `None` when
 /// the test is skipped (one line said why).
 fn spliced(test: &str, needs: &[&str], runs: usize, client: &[&str]) -> Option<Run> {
+    spliced_with(test, needs, runs, client, "ok")
+}
+
+/// [`spliced`] with the server's `reply`: "ok", or "chunked" (see the
+/// script).
+fn spliced_with(
+    test: &str,
+    needs: &[&str],
+    runs: usize,
+    client: &[&str],
+    reply: &str,
+) -> Option<Run> {
     let env = Env::with_graftd(test, &[&["python3", "nstat"], needs].concat(), &[])?;
     let start = Instant::now();
     loop {
@@ -130,6 +157,7 @@ fn spliced(test: &str, needs: &[&str], runs: usize, client: &[&str]) -> Option<R
         PORT.to_string(),
         N.to_string(),
         runs.to_string(),
+        reply.to_owned(),
     ])
     .stdout(Stdio::piped());
     let mut srv = Proc::spawn(srv, "spliced server");
@@ -336,6 +364,31 @@ fn splice_from_a_spliced_socket_gets_every_byte() {
         return;
     };
     let want = ["client got ok eagain 0"; RUNS].join("\n");
+    assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
+    assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
+}
+
+/// `recv(n, MSG_WAITALL)` on a spliced socket: TCP waits for all `n` bytes
+/// (less only at EOF, an error or a signal); the kernel's sockmap receive
+/// returns what is queued, here the first of ten sends (10,000 of 100,000
+/// bytes without the library). python's `recv` with the flag; the server's
+/// reply comes in ten sends 10 ms apart.
+#[test]
+fn msg_waitall_on_a_spliced_socket_waits_for_all() {
+    let test = "msg_waitall_on_a_spliced_socket_waits_for_all";
+    let (n, runs) = (N.to_string(), RUNS.to_string());
+    let client = [
+        "python3",
+        "{script}",
+        "client-waitall",
+        &PORT.to_string(),
+        &n,
+        &runs,
+    ];
+    let Some(run) = spliced_with(test, &[], RUNS, &client, "chunked") else {
+        return;
+    };
+    let want = ["client waitall got 100000\nclient got 0 bytes more eagain 0"; RUNS].join("\n");
     assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
     assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
 }
