@@ -203,23 +203,7 @@ fn spliced_with(
 #[test]
 fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
     let test = "blocking_recv_on_a_spliced_socket_never_sees_eagain";
-    let (n, runs) = (N.to_string(), RUNS.to_string());
-    let client = [
-        "python3",
-        "{script}",
-        "client",
-        &PORT.to_string(),
-        &n,
-        &runs,
-    ];
-    let Some(run) = spliced(test, &[], RUNS, &client) else {
-        return;
-    };
-    let want = ["client got ok eagain 0"; RUNS].join("\n");
-    assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
-    // 90 MB through TCP on loopback takes thousands of segments; spliced,
-    // only handshakes, the "ok"s, FINs and ACKs remain.
-    assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
+    python_client(test, "client", "ok", "client got ok eagain 0");
 }
 
 /// The same from a C program built with `_FORTIFY_SOURCE`, whose `read`,
@@ -231,15 +215,8 @@ fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
 #[test]
 fn fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain() {
     let test = "fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain";
-    let Some(exe) = splice_reader(test) else {
-        return;
-    };
     let modes = ["read", "readv", "recv", "recvfrom", "recvmmsg", "fread"];
-    let n = N.to_string();
-    let port = PORT.to_string();
-    let mut client = vec![exe.as_str(), &port, &n];
-    client.extend(modes.iter().chain(&modes));
-    let Some(run) = spliced(test, &["cc", "nm"], 2 * modes.len(), &client) else {
+    let Some(run) = reader_twice(test, &modes) else {
         return;
     };
     let want: Vec<String> = modes
@@ -267,15 +244,8 @@ fn fortified_vector_and_mmsg_reads_on_a_spliced_socket_never_see_eagain() {
 #[test]
 fn signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp() {
     let test = "signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp";
-    let Some(exe) = splice_reader(test) else {
-        return;
-    };
     let modes = ["restart", "interrupt", "inherited", "inherited-stdio"];
-    let n = N.to_string();
-    let port = PORT.to_string();
-    let mut client = vec![exe.as_str(), &port, &n];
-    client.extend(modes.iter().chain(&modes));
-    let Some(run) = spliced(test, &["cc", "nm"], 2 * modes.len(), &client) else {
+    let Some(run) = reader_twice(test, &modes) else {
         return;
     };
     let lines: Vec<&str> = run.client.lines().collect();
@@ -295,6 +265,16 @@ fn signals_restart_or_interrupt_a_blocking_read_on_a_spliced_socket_as_on_tcp() 
         }
     }
     assert!(run.segs < 400, "{} TCP segments: not spliced", run.segs);
+}
+
+/// `splice_reader` (see [`splice_reader`]) run as the spliced client with
+/// each of `modes` twice; `None` when the test is skipped.
+fn reader_twice(test: &str, modes: &[&str]) -> Option<Run> {
+    let exe = splice_reader(test)?;
+    let (n, port) = (N.to_string(), PORT.to_string());
+    let mut client = vec![exe.as_str(), &port, &n];
+    client.extend(modes.iter().chain(modes));
+    spliced(test, &["cc", "nm"], 2 * modes.len(), &client)
 }
 
 /// `tests/programs/splice_reader.c` built with `_FORTIFY_SOURCE` (checked:
@@ -351,21 +331,7 @@ fn splice_reader(test: &str) -> Option<String> {
 #[test]
 fn splice_from_a_spliced_socket_gets_every_byte() {
     let test = "splice_from_a_spliced_socket_gets_every_byte";
-    let (n, runs) = (N.to_string(), RUNS.to_string());
-    let client = [
-        "python3",
-        "{script}",
-        "client-splice",
-        &PORT.to_string(),
-        &n,
-        &runs,
-    ];
-    let Some(run) = spliced(test, &[], RUNS, &client) else {
-        return;
-    };
-    let want = ["client got ok eagain 0"; RUNS].join("\n");
-    assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
-    assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
+    python_client(test, "client-splice", "ok", "client got ok eagain 0");
 }
 
 /// `recv(n, MSG_WAITALL)` on a spliced socket: TCP waits for all `n` bytes
@@ -376,19 +342,26 @@ fn splice_from_a_spliced_socket_gets_every_byte() {
 #[test]
 fn msg_waitall_on_a_spliced_socket_waits_for_all() {
     let test = "msg_waitall_on_a_spliced_socket_waits_for_all";
-    let (n, runs) = (N.to_string(), RUNS.to_string());
-    let client = [
-        "python3",
-        "{script}",
+    python_client(
+        test,
         "client-waitall",
-        &PORT.to_string(),
-        &n,
-        &runs,
-    ];
-    let Some(run) = spliced_with(test, &[], RUNS, &client, "chunked") else {
+        "chunked",
+        "client waitall got 100000\nclient got 0 bytes more eagain 0",
+    );
+}
+
+/// The python script's client in `mode` against its server answering
+/// `reply`, [`RUNS`] connections: each must print `each`, and TCP must
+/// have carried almost nothing (90 MB through TCP on loopback takes
+/// thousands of segments; spliced, only handshakes, the replies, FINs and
+/// ACKs remain).
+fn python_client(test: &str, mode: &str, reply: &str, each: &str) {
+    let (n, runs, port) = (N.to_string(), RUNS.to_string(), PORT.to_string());
+    let client = ["python3", "{script}", mode, &port, &n, &runs];
+    let Some(run) = spliced_with(test, &[], RUNS, &client, reply) else {
         return;
     };
-    let want = ["client waitall got 100000\nclient got 0 bytes more eagain 0"; RUNS].join("\n");
+    let want = [each; RUNS].join("\n");
     assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
     assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
 }
