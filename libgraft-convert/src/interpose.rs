@@ -627,11 +627,11 @@ enum Eagain {
 /// blocking, the call did not ask not to wait (`MSG_DONTWAIT`) and no receive
 /// timeout is set, so EAGAIN is not an answer the program can expect. The
 /// kernel's sockmap receive path (`tcp_bpf_recvmsg`, which spliced sockets
-/// take: graftd splices grafted pairs by default) returns it after any wake-up that brought no
-/// data (seen on 6.18): another thread's send on the same socket freeing
-/// memory, the ACK of the socket's own FIN, and every signal delivered
-/// while it waits, where TCP restarts the call (`SA_RESTART`) or fails with
-/// EINTR. Which of these woke it cannot be told afterwards, so the receive
+/// take: graftd splices grafted pairs by default) returns it after any
+/// wake-up that brought no data (seen on 6.18): another thread's send on
+/// the same socket freeing memory, the ACK of the socket's own FIN, and
+/// every signal delivered while it waits, where TCP restarts the call
+/// (`SA_RESTART`) or fails with EINTR. Which of these woke it cannot be told afterwards, so the receive
 /// is repeated unless a handler without `SA_RESTART` is installed: then
 /// EINTR, which such a program must expect from any blocking call. Only
 /// sockets the library knows (made by this process's `socket()`, grafted,
@@ -735,7 +735,9 @@ fn rest_of(
     n: usize,
     mut more: impl FnMut(usize) -> ssize_t,
 ) -> ssize_t {
-    if flags & libc::MSG_DONTWAIT != 0
+    // A peek continued would copy the first bytes again: TCP waits for
+    // all of them before copying, which no receive from here can do.
+    if flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK) != 0
         || !config::active()
         || !matches!(table::state(fd), table::EGRESS | table::LOCAL)
     {
