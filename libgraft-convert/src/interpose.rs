@@ -736,10 +736,12 @@ fn rest_of(
     mut more: impl FnMut(usize) -> ssize_t,
 ) -> ssize_t {
     // A peek continued would copy the first bytes again: TCP waits for
-    // all of them before copying, which no receive from here can do.
+    // all of them before copying, which no receive from here can do. With
+    // a receive timeout, TCP's short answer may be the timeout's.
     if flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK) != 0
         || !config::active()
         || !matches!(table::state(fd), table::EGRESS | table::LOCAL)
+        || !sys::sys_rcvtimeo_unset(fd)
     {
         return got as ssize_t;
     }
