@@ -51,19 +51,53 @@ extern "C" fn constructor() {
 /// in the process that made it. A few system calls per inherited
 /// descriptor, once.
 fn inherited_connections() {
-    sys::sys_each_open_fd(|fd| {
-        let int = |name| sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, name);
-        if table::state(fd) == table::UNKNOWN
-            && int(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-            && matches!(int(libc::SO_DOMAIN), Some(libc::AF_INET | libc::AF_INET6))
-            && sys::sys_sockname(fd, true).is_ok()
-        {
-            table::set(fd, table::LOCAL);
-        }
-    });
+    sys::sys_each_open_fd(note_connection);
     if table::state(0) == table::LOCAL {
         crate::stdio::adopt_stdin();
     }
+}
+
+/// Records `fd`, a descriptor the library did not see made (inherited,
+/// received over SCM_RIGHTS), as a connection when it is a connected TCP
+/// socket.
+fn note_connection(fd: c_int) {
+    let int = |name| sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, name);
+    if table::state(fd) == table::UNKNOWN
+        && int(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && matches!(int(libc::SO_DOMAIN), Some(libc::AF_INET | libc::AF_INET6))
+        && sys::sys_sockname(fd, true).is_ok()
+    {
+        table::set(fd, table::LOCAL);
+    }
+}
+
+/// After a recvmsg that returned control data: TCP connections received
+/// over SCM_RIGHTS (a server handing accepted connections to a worker
+/// process) are recorded as connections, as inherited ones are.
+///
+/// # Safety
+/// `msg` is the caller's msghdr that the kernel just filled.
+#[cold]
+#[inline(never)]
+unsafe fn received_connections(msg: *const msghdr) {
+    let saved = errno();
+    // SAFETY: the kernel filled msg_control up to msg_controllen; the CMSG
+    // macros stay inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<c_int>();
+                let n = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<c_int>();
+                for i in 0..n {
+                    note_connection(std::ptr::read_unaligned(data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    set_errno(saved);
 }
 
 /// After fork(), in parent and child: sockets made before are shared with
@@ -879,6 +913,11 @@ pub unsafe extern "C" fn recvmmsg(
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: forwarded unchanged.
     let r = repeated(fd, flags, || unsafe { sys::recvmsg(fd, msg, flags) });
+    // SAFETY: the caller's msghdr, which the kernel just filled.
+    if r >= 0 && !msg.is_null() && unsafe { (*msg).msg_controllen } != 0 && config::active() {
+        // SAFETY: as above.
+        unsafe { received_connections(msg) };
+    }
     if r <= 0 || flags & libc::MSG_WAITALL == 0 || msg.is_null() {
         return r;
     }

@@ -128,7 +128,8 @@
 //!   `read` ([`stdio`]: libc's stdio reads through an internal `read` no
 //!   preload library sees). TCP connections inherited across exec are
 //!   recorded as connected in the constructor (one listing of
-//!   `/proc/self/fd`), so the same holds for an inetd-style child.
+//!   `/proc/self/fd`), and those received over SCM_RIGHTS by `recvmsg`, so
+//!   the same holds for an inetd-style child or a worker process.
 //!   `splice` from such a socket into a pipe is a receive and a write (the
 //!   kernel's TCP splice never sees what a spliced peer handed over), and a
 //!   receive with `MSG_WAITALL` that came back short is continued (the

@@ -27,7 +27,7 @@ const RUNS: usize = 3;
 const PORT: u16 = 15077;
 
 const SCRIPT: &str = r#"
-import os, socket, sys, threading, time
+import os, signal, socket, subprocess, sys, threading, time
 mode, port, n, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 # "chunked": the server's reply is "ok" and 99,998 more bytes, in ten
 # sends 10 ms apart.
@@ -61,10 +61,11 @@ if mode == "server":
         c.close()
         print(f"server got {got} eagain {eagain}", flush=True)
 else:
-    for _ in range(runs):
-        s = socket.create_connection(("127.0.0.1", port))
+    def use(s):
         data = os.urandom(1 << 16)
         def writer():
+            # Signals are for the reading thread.
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
             left = n
             while left > 0:
                 k = min(left, len(data))
@@ -98,6 +99,29 @@ else:
             print(f"client got {len(got)} bytes more eagain {eagain}", flush=True)
         else:
             print(f"client got {got.decode(errors='replace')} eagain {eagain}", flush=True)
+    if mode == "receiver":
+        # A worker handed the connection over a unix socket (SCM_RIGHTS),
+        # reading it while a SIGALRM every 2 ms comes (python's handlers
+        # have no SA_RESTART).
+        pair = socket.socket(fileno=int(os.environ["GRAFT_TEST_PAIR"]))
+        _, fds, _, _ = socket.recv_fds(pair, 1, 1)
+        signal.signal(signal.SIGALRM, lambda *a: None)
+        signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+        use(socket.socket(fileno=fds[0]))
+        sys.exit(0)
+    for _ in range(runs):
+        s = socket.create_connection(("127.0.0.1", port))
+        if mode != "client-passed":
+            use(s)
+            continue
+        a, b = socket.socketpair()
+        env = dict(os.environ, GRAFT_TEST_PAIR=str(b.fileno()))
+        worker = subprocess.Popen([sys.executable, sys.argv[0], "receiver", str(port), str(n), "1"],
+                                  pass_fds=[b.fileno()], env=env)
+        socket.send_fds(a, [b"c"], [s.fileno()])
+        s.close()
+        b.close()
+        worker.wait()
 "#;
 
 /// What one spliced run left: the client's stdout, the server's lines, and
@@ -364,4 +388,15 @@ fn python_client(test: &str, mode: &str, reply: &str, each: &str) {
     let want = [each; RUNS].join("\n");
     assert_eq!(run.client.trim(), want, "server:\n{}", run.server);
     assert!(run.segs < 200, "{} TCP segments: not spliced", run.segs);
+}
+
+/// A connection handed to another process over a unix socket (SCM_RIGHTS,
+/// as servers with worker processes do) is known to that process's library
+/// as a connection: signals into its blocking receive on a spliced socket
+/// (python: EAGAIN raised as BlockingIOError without the library) are
+/// EINTR that python retries, as on TCP.
+#[test]
+fn a_connection_received_over_scm_rights_reads_as_on_tcp() {
+    let test = "a_connection_received_over_scm_rights_reads_as_on_tcp";
+    python_client(test, "client-passed", "ok", "client got ok eagain 0");
 }
