@@ -365,7 +365,8 @@ fn bpf_err<E: std::error::Error>(op: impl Into<String>) -> impl FnOnce(E) -> Err
 /// How to start the companion.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// Splice local grafted↔grafted TCP connections (`graftd --splice`).
+    /// Splice local grafted↔grafted TCP connections (graftd's default;
+    /// off with `graftd --no-splice`).
     pub splice: bool,
     /// The cgroup the programs are attached to and the process moves into:
     /// a name, made under the cgroup the process starts in, or an absolute

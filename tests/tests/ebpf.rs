@@ -1,7 +1,7 @@
 //! End-to-end tests of graft-ebpf inside graftd (issue 6): the in-kernel
 //! egress policy (EPERM from connect()/sendto() of a grafted program, other
 //! programs untouched), the per-endpoint counters of `ip -s graft show`,
-//! splicing (on by default; the tests still say `--splice`) of grafted↔grafted connections, the
+//! splicing (graftd's default; `--no-splice` turns it off) of grafted↔grafted connections, the
 //! setsockopt guard (escape options refused on grafted sockets), and graftd
 //! without eBPF (`--no-ebpf`).
 //!
@@ -565,7 +565,7 @@ else:
     print('ok', n)
 "#;
 
-/// With --splice, a client opening connection after connection stops
+/// With splicing on, a client opening connection after connection stops
 /// joining the splice once its broker connection has had three quick
 /// batches of sockets in a row (8 + 16 + 32, each within a second of the
 /// one before): each socket's sockmap entry would cost it more than the few

@@ -64,7 +64,7 @@ pub struct Stats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
     /// Of `bytes_sent`, those handed straight to a grafted peer's receive
-    /// queue (`graftd --splice`; absent with splicing off).
+    /// queue (graftd's default; absent with `graftd --no-splice`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spliced_bytes: Option<u64>,
     /// Sockets handed out and not yet closed (counted by graft-ebpf).
