@@ -226,8 +226,12 @@ fn spliced_with(
 
 #[test]
 fn blocking_recv_on_a_spliced_socket_never_sees_eagain() {
-    let test = "blocking_recv_on_a_spliced_socket_never_sees_eagain";
-    python_client(test, "client", "ok", "client got ok eagain 0");
+    python_client(
+        "blocking_recv_on_a_spliced_socket_never_sees_eagain",
+        "client",
+        "ok",
+        "client got ok eagain 0",
+    );
 }
 
 /// The same from a C program built with `_FORTIFY_SOURCE`, whose `read`,
@@ -354,8 +358,12 @@ fn splice_reader(test: &str) -> Option<String> {
 /// still queued. python's `os.splice`, the same client as above otherwise.
 #[test]
 fn splice_from_a_spliced_socket_gets_every_byte() {
-    let test = "splice_from_a_spliced_socket_gets_every_byte";
-    python_client(test, "client-splice", "ok", "client got ok eagain 0");
+    python_client(
+        "splice_from_a_spliced_socket_gets_every_byte",
+        "client-splice",
+        "ok",
+        "client got ok eagain 0",
+    );
 }
 
 /// `recv(n, MSG_WAITALL)` on a spliced socket: TCP waits for all `n` bytes
@@ -365,9 +373,8 @@ fn splice_from_a_spliced_socket_gets_every_byte() {
 /// reply comes in ten sends 10 ms apart.
 #[test]
 fn msg_waitall_on_a_spliced_socket_waits_for_all() {
-    let test = "msg_waitall_on_a_spliced_socket_waits_for_all";
     python_client(
-        test,
+        "msg_waitall_on_a_spliced_socket_waits_for_all",
         "client-waitall",
         "chunked",
         "client waitall got 100000\nclient got 0 bytes more eagain 0",
@@ -397,6 +404,10 @@ fn python_client(test: &str, mode: &str, reply: &str, each: &str) {
 /// EINTR that python retries, as on TCP.
 #[test]
 fn a_connection_received_over_scm_rights_reads_as_on_tcp() {
-    let test = "a_connection_received_over_scm_rights_reads_as_on_tcp";
-    python_client(test, "client-passed", "ok", "client got ok eagain 0");
+    python_client(
+        "a_connection_received_over_scm_rights_reads_as_on_tcp",
+        "client-passed",
+        "ok",
+        "client got ok eagain 0",
+    );
 }
