@@ -88,7 +88,7 @@ unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, n: si
     while done < n {
         // SAFETY: stdio's buffer of `n` bytes; `done < n`.
         let r = unsafe { libc::syscall(libc::SYS_write, fd, buf.add(done), n - done) };
-        if r < 0 {
+        if r <= 0 {
             break;
         }
         done += r as usize;
