@@ -143,6 +143,28 @@ fn graftable(fd: RawFd, sa: &SocketAddr) -> Option<Kind> {
 }
 
 /// Whether the socket has a local port (bound) or a peer (connected).
+/// Records `fd`, a descriptor the library did not see made (inherited
+/// across exec, received over SCM_RIGHTS), as a connection when it is a
+/// connected TCP socket: what an accepted one is.
+pub fn connection_seen(fd: RawFd) {
+    if table::state(fd) == table::UNKNOWN
+        && kind(fd).is_some_and(|k| {
+            k.sotype == libc::SOCK_STREAM && matches!(k.family, libc::AF_INET | libc::AF_INET6)
+        })
+        && sys::sys_sockname(fd, true).is_ok()
+    {
+        table::set(fd, table::LOCAL);
+    }
+}
+
+/// Whether `fd` is a TCP socket the library knows as a connection (grafted
+/// for egress, accepted, inherited or received connected): the sockets
+/// graftd may splice.
+pub fn known_tcp(fd: RawFd) -> bool {
+    matches!(table::state(fd), table::EGRESS | table::LOCAL)
+        && kind(fd).is_some_and(|k| k.sotype == libc::SOCK_STREAM)
+}
+
 fn bound_or_connected(fd: RawFd) -> bool {
     let bound = matches!(sys::sys_sockname(fd, false), Ok((b, n)) if addr::parse(&b[..n]).is_some_and(|a| a.port() != 0));
     bound || sys::sys_sockname(fd, true).is_ok()

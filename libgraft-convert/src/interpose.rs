@@ -51,23 +51,9 @@ extern "C" fn constructor() {
 /// in the process that made it. A few system calls per inherited
 /// descriptor, once.
 fn inherited_connections() {
-    sys::sys_each_open_fd(note_connection);
+    sys::sys_each_open_fd(decide::connection_seen);
     if table::state(0) == table::LOCAL {
         crate::stdio::adopt_stdin();
-    }
-}
-
-/// Records `fd`, a descriptor the library did not see made (inherited,
-/// received over SCM_RIGHTS), as a connection when it is a connected TCP
-/// socket.
-fn note_connection(fd: c_int) {
-    let int = |name| sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, name);
-    if table::state(fd) == table::UNKNOWN
-        && int(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-        && matches!(int(libc::SO_DOMAIN), Some(libc::AF_INET | libc::AF_INET6))
-        && sys::sys_sockname(fd, true).is_ok()
-    {
-        table::set(fd, table::LOCAL);
     }
 }
 
@@ -91,7 +77,7 @@ unsafe fn received_connections(msg: *const msghdr) {
                 let n = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize)
                     / std::mem::size_of::<c_int>();
                 for i in 0..n {
-                    note_connection(std::ptr::read_unaligned(data.add(i)));
+                    decide::connection_seen(std::ptr::read_unaligned(data.add(i)));
                 }
             }
             c = libc::CMSG_NXTHDR(msg, c);
@@ -956,11 +942,7 @@ pub unsafe extern "C" fn splice(
     len: size_t,
     flags: c_uint,
 ) -> ssize_t {
-    if off_in.is_null()
-        && off_out.is_null()
-        && config::active()
-        && matches!(table::state(fd_in), table::EGRESS | table::LOCAL)
-    {
+    if off_in.is_null() && off_out.is_null() && config::active() && decide::known_tcp(fd_in) {
         if let Some(r) = socket_to_pipe(fd_in, fd_out, len, flags) {
             return r;
         }
@@ -978,9 +960,6 @@ pub unsafe extern "C" fn splice(
 /// as in `tcp_splice_read`. `None`: not such a pair, the real splice
 /// answers.
 fn socket_to_pipe(fd_in: c_int, fd_out: c_int, len: size_t, flags: c_uint) -> Option<ssize_t> {
-    if sys::sys_getsockopt_int(fd_in, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
-        return None;
-    }
     let room = loop {
         let room = sys::sys_pipe_room(fd_out)?;
         if room > 0 || len == 0 {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use libc::{c_char, c_int, c_void, size_t, ssize_t, FILE};
 
-use crate::{config, interpose, sys, table};
+use crate::{config, decide, interpose, sys};
 
 /// glibc's `cookie_io_functions_t`.
 #[repr(C)]
@@ -66,9 +66,7 @@ fn layout_known() -> bool {
 /// Whether `fd` needs a stream of ours: a TCP socket the library grafted
 /// or accepted (the sockets that can be spliced).
 fn ours(fd: c_int) -> bool {
-    config::active()
-        && matches!(table::state(fd), table::EGRESS | table::LOCAL)
-        && sys::sys_getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+    config::active() && decide::known_tcp(fd)
 }
 
 fn fd_of(cookie: *mut c_void) -> c_int {
@@ -83,15 +81,17 @@ unsafe extern "C" fn cookie_read(cookie: *mut c_void, buf: *mut c_char, n: size_
 /// Writes all of `buf` or fails part-way, as glibc's own file streams do
 /// (the count written; the stream sets its error flag when it is short).
 unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, n: size_t) -> ssize_t {
-    let fd = fd_of(cookie);
+    if n == 0 || buf.is_null() {
+        return 0;
+    }
+    // SAFETY: stdio's buffer of `n` bytes, readable for the call.
+    let b = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) };
     let mut done = 0;
     while done < n {
-        // SAFETY: stdio's buffer of `n` bytes; `done < n`.
-        let r = unsafe { libc::syscall(libc::SYS_write, fd, buf.add(done), n - done) };
-        if r <= 0 {
-            break;
+        match sys::sys_write(fd_of(cookie), &b[done..]) {
+            Ok(k) if k > 0 => done += k,
+            _ => break,
         }
-        done += r as usize;
     }
     done as ssize_t
 }

@@ -608,14 +608,19 @@ pub fn sys_wait_ready(fd: RawFd, events: libc::c_short) -> bool {
     r > 0
 }
 
+/// One write(2) of `b` to `fd`: the count written.
+pub fn sys_write(fd: RawFd, b: &[u8]) -> Result<usize, c_int> {
+    // SAFETY: `b` is readable for its length.
+    check(unsafe { libc::syscall(libc::SYS_write, fd, b.as_ptr(), b.len()) }).map(|n| n as usize)
+}
+
 /// Writes all of `b` to `fd`, waiting for room when it is non-blocking;
 /// the count written before an error.
 pub fn sys_write_all(fd: RawFd, mut b: &[u8]) -> Result<(), (usize, c_int)> {
     let total = b.len();
     while !b.is_empty() {
-        // SAFETY: `b` is readable for its length.
-        match check(unsafe { libc::syscall(libc::SYS_write, fd, b.as_ptr(), b.len()) }) {
-            Ok(n) => b = &b[n as usize..],
+        match sys_write(fd, b) {
+            Ok(n) => b = &b[n..],
             Err(libc::EAGAIN) if sys_wait_ready(fd, libc::POLLOUT) => {}
             Err(libc::EINTR) => {}
             Err(e) => return Err((total - b.len(), e)),
