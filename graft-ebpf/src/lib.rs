@@ -304,6 +304,7 @@ const PINNED_MAPS: &[&str] = &[
     "graft_counters_map",
     "graft_socks",
     "graft_sock_ep",
+    "graft_splice_owed_map",
     "graft_global_map",
     "graft_listeners",
     "graft_ep_ids",

@@ -14,7 +14,8 @@
  *    is a grafted socket of this host too (graft_listeners tells a client
  *    whether it connected to a grafted listener).
  *  - sk_msg (attached to graft_socks): redirects each send into the peer's
- *    receive queue when the peer is a grafted socket of this host too.
+ *    receive queue when the peer is a grafted socket of this host too, and
+ *    credits the bytes to both endpoints in steps (graft_splice_owed).
  *  - cgroup/sock_release: counts closed handed-out sockets, so graftd knows
  *    each endpoint's live sockets (its limit) without watching them.
  *  - cgroup/setsockopt: refuses, on grafted sockets, the options graftd
@@ -109,6 +110,28 @@ struct {
 	__type(value, __u32);
 } graft_sock_ep SEC(".maps");
 
+/* What a spliced socket's sends owe the counters, credited in one go every
+ * GRAFT_SPLICE_FLUSH_MSGS messages or GRAFT_SPLICE_FLUSH_BYTES bytes and
+ * when its connection ends: a ping-pong pair's sends on two
+ * CPUs would otherwise each pull both endpoints' shared counters across,
+ * and look the peer up, once per message. Pinned, so that a graftd restart
+ * loses nothing owed. Not BPF_F_CLONE: owed by this socket alone. */
+struct graft_splice_owed {
+	__u32 peer_ep; /* the receiving socket's endpoint; 0: not known yet */
+	__u32 msgs;
+	__u64 bytes;
+};
+
+#define GRAFT_SPLICE_FLUSH_MSGS 64
+#define GRAFT_SPLICE_FLUSH_BYTES (1u << 20)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct graft_splice_owed);
+} graft_splice_owed_map SEC(".maps");
+
 /* Grafted TCP listeners (splicing on), with how many listen there: a socket
  * in graft_socks costs every send and receive a detour through the sockmap
  * code even when nothing is redirected, so a client joins only when it
@@ -147,6 +170,40 @@ struct {
 static __always_inline struct graft_counters *counters(__u32 endpoint)
 {
 	return bpf_map_lookup_elem(&graft_counters_map, &endpoint);
+}
+
+/* Credits what a spliced socket of `endpoint` owes (see
+ * graft_splice_owed) to its endpoint and its peer's, and clears it. */
+static __always_inline void splice_flush(struct graft_splice_owed *o, __u32 endpoint)
+{
+	struct graft_counters *c;
+	__u64 bytes = o->bytes;
+	__u32 msgs = o->msgs;
+
+	if (!msgs)
+		return;
+	o->msgs = 0;
+	o->bytes = 0;
+	c = counters(endpoint);
+	if (c) {
+		__sync_fetch_and_add(&c->spliced_msgs, msgs);
+		__sync_fetch_and_add(&c->spliced_bytes, bytes);
+		__sync_fetch_and_add(&c->bytes_sent, bytes);
+	}
+	if (o->peer_ep) {
+		c = counters(o->peer_ep);
+		if (c)
+			__sync_fetch_and_add(&c->bytes_received, bytes);
+	}
+}
+
+/* At a connection's end: what its socket `sk` still owes. */
+static __always_inline void splice_settle(struct bpf_sock *sk, __u32 endpoint)
+{
+	struct graft_splice_owed *o = bpf_sk_storage_get(&graft_splice_owed_map, sk, 0, 0);
+
+	if (o)
+		splice_flush(o, endpoint);
 }
 
 /* ---------------------------------------------------------------- policy */
@@ -565,6 +622,12 @@ int graft_sockops(struct bpf_sock_ops *skops)
 				listener_closed(skops);
 			return 1;
 		}
+		/* Every connection ends in CLOSE, under its socket's lock as
+		 * its sends run: nothing it sent is left owed. (A socket
+		 * marked GRAFT_SK_NO_JOIN before it connected never joined:
+		 * nothing owed, no entry to delete.) */
+		if (splice_enabled && !(gs->flags & GRAFT_SK_NO_JOIN))
+			splice_settle(sk, gs->endpoint);
 		if (!(gs->flags & GRAFT_SK_ESTABLISHED))
 			return 1;
 		/* bytes_acked and bytes_received count sequence space: the
@@ -597,7 +660,7 @@ int graft_sockops(struct bpf_sock_ops *skops)
 			__sync_fetch_and_add(&c->bytes_sent, sent);
 			__sync_fetch_and_add(&c->bytes_received, rcvd);
 		}
-		if (splice_enabled) {
+		if (splice_enabled && !(gs->flags & GRAFT_SK_NO_JOIN)) {
 			struct graft_sock_key k;
 
 			sock_key(skops, &k);
@@ -627,7 +690,7 @@ SEC("sk_msg")
 int graft_sk_msg(struct sk_msg_md *msg)
 {
 	struct graft_sock_key peer;
-	struct graft_counters *c;
+	struct graft_splice_owed *o;
 	struct graft_sk *gs;
 	__u32 *peer_ep;
 	__u32 size = msg->size;
@@ -672,18 +735,30 @@ int graft_sk_msg(struct sk_msg_md *msg)
 		gs->flags |= GRAFT_SK_NO_SPLICE;
 		return SK_PASS;
 	}
-	c = counters(gs->endpoint);
-	if (c) {
-		__sync_fetch_and_add(&c->spliced_msgs, 1);
-		__sync_fetch_and_add(&c->spliced_bytes, size);
-		__sync_fetch_and_add(&c->bytes_sent, size);
+	o = bpf_sk_storage_get(&graft_splice_owed_map, msg->sk, 0,
+			       BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		/* No memory for the record: credit this message at once. */
+		struct graft_splice_owed now = { .msgs = 1, .bytes = size };
+
+		peer_ep = bpf_map_lookup_elem(&graft_sock_ep, &peer);
+		if (peer_ep)
+			now.peer_ep = *peer_ep;
+		splice_flush(&now, gs->endpoint);
+		return SK_PASS;
 	}
-	peer_ep = bpf_map_lookup_elem(&graft_sock_ep, &peer);
-	if (peer_ep) {
-		c = counters(*peer_ep);
-		if (c)
-			__sync_fetch_and_add(&c->bytes_received, size);
+	/* The peer of a connection never changes: looked up once. */
+	if (!o->peer_ep) {
+		peer_ep = bpf_map_lookup_elem(&graft_sock_ep, &peer);
+		if (peer_ep)
+			o->peer_ep = *peer_ep;
 	}
+	/* The socket's lock serialises its sends, its close and its release:
+	 * plain additions. */
+	o->msgs++;
+	o->bytes += size;
+	if (o->msgs >= GRAFT_SPLICE_FLUSH_MSGS || o->bytes >= GRAFT_SPLICE_FLUSH_BYTES)
+		splice_flush(o, gs->endpoint);
 	return SK_PASS;
 }
 
