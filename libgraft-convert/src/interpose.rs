@@ -30,6 +30,7 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 extern "C" fn constructor() {
     INSIDE.set(true);
     let _ = catch_unwind(|| {
+        sys::cache_pid();
         sys::resolve_all();
         crate::trampoline::map();
         config::init();

@@ -9,7 +9,7 @@
 //! every pass-through goes straight to the system call.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
 use libc::{c_int, c_long, c_uint, c_ulong, c_void, mmsghdr, msghdr, size_t, sockaddr, socklen_t};
 
@@ -629,7 +629,63 @@ pub fn sys_write_all(fd: RawFd, mut b: &[u8]) -> Result<(), (usize, c_int)> {
     Ok(())
 }
 
+/// Where [`sys_getpid`] keeps the pid: the first word of a page the kernel
+/// zeroes in every child made without `CLONE_VM` (`MADV_WIPEONFORK`), so a
+/// child of fork, of a raw clone or of anything else learns its own pid
+/// again without a fork handler. Null until the constructor mapped it, or
+/// on a kernel without `MADV_WIPEONFORK` (before 4.14): then every call
+/// asks the kernel. A child sharing its parent's memory (`vfork`, `clone`
+/// with `CLONE_VM`) shares the page and sees the parent's pid, as it shares
+/// the pool's state anyway; a `vfork` child may only exec or exit.
+static PID_PAGE: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Maps [`PID_PAGE`] (constructor only).
+pub fn cache_pid() {
+    const LEN: usize = 4096;
+    // SAFETY: a fresh private anonymous mapping of our own.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return;
+    }
+    // SAFETY: p is the mapping just made; nobody else knows it.
+    if unsafe { libc::madvise(p, LEN, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: as above.
+        unsafe { libc::munmap(p, LEN) };
+        return;
+    }
+    PID_PAGE.store(p.cast::<AtomicI32>(), Ordering::Release);
+}
+
+/// The calling process's pid: one system call per process, not per call
+/// (the pool checks it on every socket it hands out).
 pub fn sys_getpid() -> i32 {
+    let page = PID_PAGE.load(Ordering::Acquire);
+    // SAFETY: a non-null PID_PAGE is a page-aligned, zero-filled mapping
+    // that is never unmapped, whose first word is used only as this
+    // AtomicI32.
+    let Some(cell) = (unsafe { page.as_ref() }) else {
+        return getpid_now();
+    };
+    match cell.load(Ordering::Relaxed) {
+        0 => {
+            let pid = getpid_now();
+            cell.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
+fn getpid_now() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
 }
