@@ -166,12 +166,20 @@ def set_up(h, classes, out):
 
 
 def measure(h, cfg, out):
-    """Every cell, runs interleaved: run 1 of every path, then run 2, …"""
+    """Every cell, runs interleaved: run 1 of every path, then run 2, …, the
+    paths' order rotated by one each run. The cell run second of a pair
+    measured ~5 % lower in paired runs on the 2-CPU VM whichever build it
+    was (bench/results/2026-12-02-s20-ka-check.md and …-ka-swapped.md, and
+    2026-12-02-s21-compare*.md): in a fixed order, the host row (first)
+    gained and the last path lost. Over a multiple of the path count of
+    runs, every path runs in every position equally often."""
     total = cfg.runs * len(cfg.workloads) * len(out.paths)
     done = 0
     for r in range(cfg.runs):
+        k = r % max(1, len(out.paths))
+        order = out.paths[k:] + out.paths[:k]
         for wl in cfg.workloads:
-            for p in out.paths:
+            for p in order:
                 if wl not in p.workloads:
                     continue
                 done += 1

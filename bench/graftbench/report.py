@@ -84,7 +84,7 @@ def write_results(h, cfg, out):
     L.append(f"# graft bench — {label} ({date})\n")
     L.append(f"- Machine: {mach}")
     L.append("- Tools: " + "; ".join(f"{k}: {v}" for k, v in vers.items()))
-    L.append(f"- Mode: `{cfg.mode}`, {cfg.runs} interleaved run(s) per cell, {cfg.secs} s per iperf3/wrk cell; "
+    L.append(f"- Mode: `{cfg.mode}`, {cfg.runs} interleaved run(s) per cell (the paths' order rotated each run), {cfg.secs} s per iperf3/wrk cell; "
              f"started {started} UTC, finished {datetime.datetime.utcnow().strftime('%H:%M:%S')} UTC")
     L.append(f"- Command: `{' '.join(sys.argv)}`")
     L.append("- Cells are `median [min–max]` over the runs. Ratios are *performance relative to host*: "
