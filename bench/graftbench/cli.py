@@ -16,7 +16,7 @@ from typing import Optional
 
 from .docker import DOCKER_PATHS, GraftDockerPath, docker_available
 from .harness import Harness, find_bins
-from .paths import ALL_PATHS, GraftComparePath, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
+from .paths import ALL_PATHS, GraftComparePath, GraftG2GComparePath, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
 from .proc import RUN, BenchError, cleanup, on_signal, record, say
 from .report import fmt, replot, write_results
 from .workloads import config, micro, run_cell
@@ -83,7 +83,7 @@ def parse(argv, doc):
     ap.add_argument("--no-docker", action="store_true")
     ap.add_argument("--bin-dir")
     ap.add_argument("--compare", metavar="BIN_DIR",
-                    help="also run graft's rows with another build's graftd/graft/ip-graft (path graft-cmp)")
+                    help="also run graft's rows with another build's graftd/graft/ip-graft (paths graft-cmp, graft-g2g-cmp)")
     ap.add_argument("--out")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
@@ -104,8 +104,10 @@ def parse(argv, doc):
         missing = [b for b in ("graftd", "graft", "ip-graft") if not os.path.isfile(os.path.join(a.compare, b))]
         if missing:
             ap.error(f"--compare {a.compare}: no {', '.join(missing)} there")
-    elif a.paths and "graft-cmp" in a.paths.split(","):
-        ap.error("path graft-cmp needs --compare BIN_DIR")
+    else:
+        for cmp in ("graft-cmp", "graft-g2g-cmp"):
+            if a.paths and cmp in a.paths.split(","):
+                ap.error(f"path {cmp} needs --compare BIN_DIR")
     mode = next(m for m in ("full", "quick", "smoke", "replot") if getattr(a, m))
     return Options(mode=mode, label=a.label, runs=a.runs, secs=a.secs, paths=a.paths, workloads=a.workloads,
                    no_docker=a.no_docker, bin_dir=a.bin_dir, compare=a.compare, out=a.out, keep=a.keep,
@@ -116,11 +118,12 @@ def choose_paths(h, opts, out):
     """The path classes to run: Docker rows when an engine and image are
     there, --paths with every baseline they need, graft rows when built."""
     classes = list(ALL_PATHS)
-    if opts.compare:
-        GraftComparePath.bin_dir = os.path.abspath(opts.compare)
-        GraftComparePath.label = f"graft with the binaries of {GraftComparePath.bin_dir} (--compare)"
-    else:
-        classes.remove(GraftComparePath)
+    for cmp in (GraftComparePath, GraftG2GComparePath):
+        if opts.compare:
+            cmp.bin_dir = os.path.abspath(opts.compare)
+            cmp.label = f"{cmp.label.split(' with ')[0]} with the binaries of {cmp.bin_dir} (--compare)"
+        else:
+            classes.remove(cmp)
     if opts.no_docker:
         out.skipped.append("docker rows: --no-docker")
     else:

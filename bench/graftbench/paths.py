@@ -422,6 +422,15 @@ class GraftG2GPath(GraftPath):
         return self.d.envx(nsx(self.cns)) + [self.d.bin("graft"), "-e", "0.0.0.0/0=ep-out4", "--"]
 
 
+class GraftG2GComparePath(GraftG2GPath):
+    """`graft-g2g`'s rows with the binaries of another build (bench/run
+    --compare DIR), as `graft-cmp` is to `graft`."""
+    name = "graft-g2g-cmp"
+    label = "graft↔graft with the binaries of --compare (another build)"
+    base = 23100
+    ns_tag = "ggm"
+
+
 class GraftNoSplicePath(GraftG2GPath):
     name = "graft-g2g-nosplice"
     label = "graft↔graft with `graftd --no-splice` (plain TCP)"
@@ -440,7 +449,7 @@ class GraftNatPath(GraftPath):
 
 
 ALL_PATHS = [HostPath, HostNatPath, VethPath, DnatPath, ProxyPath, SocatPath, GraftPath, GraftComparePath, GraftNatPath,
-             GraftG2GPath, GraftNoSplicePath, GraftHostNoSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
+             GraftG2GPath, GraftG2GComparePath, GraftNoSplicePath, GraftHostNoSplicePath, GraftSeccompPath, GraftSeccompCgroupPath]
 
 
 class Graftd:
