@@ -591,7 +591,10 @@ fn splice_carries_bytes_exactly_v4_v6_dualstack() {
                 .map(|i| 1 + i % 97 + (1 + i % 5).min(1 + i % 97))
                 .sum::<u64>()
             + 4;
-        let after = settled(|| spliced() - before == total, spliced);
+        graft_tests::wait_until("spliced bytes credited", Duration::from_secs(5), || {
+            spliced() - before == total
+        });
+        let after = spliced();
         assert_eq!(
             after - before,
             total,
@@ -771,21 +774,51 @@ fn splice_keeps_namespaces_apart() {
                 c.counters(srv).unwrap().spliced_bytes,
             )
         };
-        let got = settled(|| both() == (4 << 20, 1 << 20), both);
-        assert_eq!(got, (4 << 20, 1 << 20), "{cli:?} / {srv:?}");
+        graft_tests::wait_until("spliced bytes credited", Duration::from_secs(5), || {
+            both() == (4 << 20, 1 << 20)
+        });
     }
 }
 
-/// `value()` once `done()` holds, or after 5 s of asking (counters credited
-/// when a connection ends land a moment after the last close).
-fn settled<T>(done: impl Fn() -> bool, value: impl Fn() -> T) -> T {
-    for _ in 0..500 {
-        if done() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+/// A spliced socket's sends are credited while its connection lives, in
+/// steps (every 64 sends or 1 MiB), and in full when it ends.
+#[test]
+fn splice_credits_a_live_connection_in_steps() {
+    let Some((_g, mut c)) = start("splice-steps", true) else {
+        return;
+    };
+    let [srv, cli] = endpoints_here(&mut c, ["st-srv", "st-cli"]);
+    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
+    let mut s = client(&mut c, &cli, l.local_addr().unwrap());
+    let (mut a, _) = l.accept().unwrap();
+    const N: usize = 4 << 20;
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; N];
+        a.read_exact(&mut got).map(|()| (a, checksum(&got)))
+    });
+    let chunk = pattern(4096, 7);
+    for _ in 0..N / chunk.len() {
+        s.write_all(&chunk).unwrap();
     }
-    value()
+    let (mut a, sum) = reader.join().unwrap().unwrap();
+    assert_eq!(sum, checksum(&chunk.repeat(N / chunk.len())));
+    let live = c.counters(&cli).unwrap().spliced_bytes;
+    assert!(
+        (3 << 20..=N as u64).contains(&live),
+        "{live} of {N} bytes credited while the connection lives"
+    );
+    // A few sends more, below a step: credited when the connection ends.
+    for _ in 0..10 {
+        s.write_all(&chunk[..100]).unwrap();
+    }
+    let mut rest = [0u8; 1000];
+    a.read_exact(&mut rest).unwrap();
+    drop((s, a));
+    graft_tests::wait_until(
+        "the rest credited at the end",
+        Duration::from_secs(5),
+        || c.counters(&cli).unwrap().spliced_bytes == N as u64 + 1000,
+    );
 }
 
 // ---------------------------------------------------------------- helpers
