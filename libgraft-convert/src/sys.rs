@@ -642,24 +642,13 @@ static PID_PAGE: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
 /// Maps [`PID_PAGE`] (constructor only).
 pub fn cache_pid() {
     const LEN: usize = 4096;
-    // SAFETY: a fresh private anonymous mapping of our own.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
+    let Some(p) = sys_mmap(LEN) else {
         return;
-    }
-    // SAFETY: p is the mapping just made; nobody else knows it.
-    if unsafe { libc::madvise(p, LEN, libc::MADV_WIPEONFORK) } != 0 {
+    };
+    // SAFETY: p is the mapping just made, LEN bytes; nobody else knows it.
+    if unsafe { libc::madvise(p.cast(), LEN, libc::MADV_WIPEONFORK) } != 0 {
         // SAFETY: as above.
-        unsafe { libc::munmap(p, LEN) };
+        unsafe { libc::munmap(p.cast(), LEN) };
         return;
     }
     PID_PAGE.store(p.cast::<AtomicI32>(), Ordering::Release);
