@@ -623,10 +623,11 @@ int graft_sockops(struct bpf_sock_ops *skops)
 			return 1;
 		}
 		/* Every connection ends in CLOSE, under its socket's lock as
-		 * its sends run: nothing it sent is left owed. (A socket
-		 * marked GRAFT_SK_NO_JOIN before it connected never joined:
-		 * nothing owed, no entry to delete.) */
-		if (splice_enabled && !(gs->flags & GRAFT_SK_NO_JOIN))
+		 * its sends run: nothing it sent is left owed, also when a
+		 * graftd restarted with splicing off. (A socket marked
+		 * GRAFT_SK_NO_JOIN before it connected never joined: nothing
+		 * owed, no entry to delete.) */
+		if (!(gs->flags & GRAFT_SK_NO_JOIN))
 			splice_settle(sk, gs->endpoint);
 		if (!(gs->flags & GRAFT_SK_ESTABLISHED))
 			return 1;
@@ -753,8 +754,8 @@ int graft_sk_msg(struct sk_msg_md *msg)
 		if (peer_ep)
 			o->peer_ep = *peer_ep;
 	}
-	/* The socket's lock serialises its sends, its close and its release:
-	 * plain additions. */
+	/* The socket's lock serialises its sends and its connection's end
+	 * (sockops, splice_settle): plain additions. */
 	o->msgs++;
 	o->bytes += size;
 	if (o->msgs >= GRAFT_SPLICE_FLUSH_MSGS || o->bytes >= GRAFT_SPLICE_FLUSH_BYTES)
