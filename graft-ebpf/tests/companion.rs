@@ -821,6 +821,70 @@ fn splice_credits_a_live_connection_in_steps() {
     );
 }
 
+/// What a spliced socket owes outlives a graftd restart: its record is
+/// pinned with the counters, and the next graftd's programs credit it when
+/// the connection ends.
+#[test]
+fn what_a_spliced_socket_owes_survives_a_restart() {
+    let test = "what_a_spliced_socket_owes_survives_a_restart";
+    let guard = lock();
+    if !root_or_skip(test) {
+        return;
+    }
+    let tag = format!("graft-test-owed-{}", std::process::id());
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(&tag);
+    let opts = Options {
+        splice: true,
+        cgroup_name: Some(tag.clone()),
+        pin_dir: Some(pin.clone()),
+    };
+    let mut c = match Companion::start(&opts) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("SKIP: {test}: eBPF companion unavailable: {e}");
+            return;
+        }
+    };
+    /// Back to the original cgroup, then the pins and the cgroup removed
+    /// (on failure too).
+    struct Unpin(std::path::PathBuf, std::path::PathBuf, String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+            let _ = graft_ebpf::remove_pinned(&self.1, &self.2);
+        }
+    }
+    let _unpin = Unpin(c.original_cgroup(), pin, tag);
+    let [srv, cli] = endpoints_here(&mut c, ["ow-srv", "ow-cli"]);
+    let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
+    let mut s = client(&mut c, &cli, l.local_addr().unwrap());
+    let (mut a, _) = l.accept().unwrap();
+    // Fewer sends than a step: all of it owed.
+    for i in 0..10u8 {
+        s.write_all(&[i; 100]).unwrap();
+        let mut got = [0u8; 100];
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(got, [i; 100]);
+    }
+    assert_eq!(
+        c.counters(&cli).unwrap().spliced_bytes,
+        0,
+        "owed, not credited"
+    );
+    drop(c);
+    let c = Companion::start(&opts).expect("second start");
+    drop((s, a));
+    graft_tests::wait_until(
+        "the owed bytes credited by the next graftd",
+        Duration::from_secs(5),
+        || c.counters(&cli).unwrap().spliced_bytes == 1000,
+    );
+    let srv_in = c.counters(&srv).unwrap().bytes_received;
+    assert_eq!(srv_in, 1000, "the peer's received bytes too");
+    drop(c);
+    drop(guard);
+}
+
 // ---------------------------------------------------------------- helpers
 
 fn socket(family: i32, ty: i32) -> OwnedFd {
