@@ -27,6 +27,7 @@ use std::io;
 use std::net::SocketAddrV6;
 use std::os::fd::BorrowedFd;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use graft_core::endpoint::EndpointAddr;
 use graft_core::proto::control::Stats;
@@ -110,8 +111,10 @@ pub trait Hooks: Send + Sync {
     /// Sockets were made (and bound, or left for `connect()` to bind) for
     /// `ep` and are about to be handed out, for listening or connecting
     /// alike; with `no_join` they never join the splice (a client opening
-    /// connection after connection). Returns how many of them, from the
-    /// first, may go, and why the next may not.
+    /// connection after connection, a program served in seccomp mode, whose
+    /// reads are not the library's: a blocking read of a spliced socket
+    /// could fail with EAGAIN). Returns how many of them, from the first,
+    /// may go, and why the next may not.
     fn sockets_handed_out(&self, s: &[BorrowedFd<'_>], _ep: &EndpointRef<'_>, _nj: bool) -> Handed {
         (s.len(), None)
     }
@@ -123,8 +126,7 @@ pub trait Hooks: Send + Sync {
     /// `sockets_handed_out`; `Some(Err)`: make none (refused as
     /// `sockets_handed_out` would); `Some(Ok(a))`: make at most `a.count`,
     /// then `settle_marks` before this thread makes any other socket.
-    /// `no_join`: they are for a client that opens connection after
-    /// connection, and never join the splice.
+    /// `no_join`: they never join the splice (as for `sockets_handed_out`).
     fn arm_marks(&self, _ep: &EndpointRef<'_>, _n: usize, _no_join: bool) -> Arming {
         None
     }
@@ -157,14 +159,6 @@ pub trait Hooks: Send + Sync {
     /// every one must be read.
     fn options_set(&self, _sock: BorrowedFd<'_>) -> Option<u64> {
         None
-    }
-
-    /// `sock`, just made for a program graftd serves in seccomp mode,
-    /// must never be spliced (its reads are not the library's). An error
-    /// refuses the socket: left spliceable, a blocking read could fail
-    /// with EAGAIN.
-    fn keep_off_splice(&self, _sock: BorrowedFd<'_>) -> io::Result<()> {
-        Ok(())
     }
 
     /// graftd is about to exit: undo what `load` set up.
@@ -209,6 +203,7 @@ pub fn load(info: &DaemonInfo) -> Box<dyn Hooks> {
             Box::new(Ebpf {
                 guarded: c.bind_guarded(),
                 companion: Mutex::new(Some(c)),
+                splice_checked: Mutex::new(None),
             })
         }
         Err(e) => {
@@ -259,6 +254,8 @@ struct Ebpf {
     guarded: bool,
     /// `None` once stopping.
     companion: Mutex<Option<graft_ebpf::Companion>>,
+    /// When sockets handed out last asked for a splice problem.
+    splice_checked: Mutex<Option<Instant>>,
 }
 
 impl Ebpf {
@@ -266,6 +263,27 @@ impl Ebpf {
     /// while holding it leaves them consistent, so poisoning is ignored.
     fn lock(&self) -> MutexGuard<'_, Option<graft_ebpf::Companion>> {
         self.companion.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs new splice failures, asked (one bpf() lookup) at most once a
+    /// second by the sockets handed out: a trapped connect in seccomp mode
+    /// or a single socket would otherwise pay it each time. `ip graft show`
+    /// asks every time.
+    fn report_splice_problem(&self, c: &mut graft_ebpf::Companion) {
+        if !c.splice() {
+            return;
+        }
+        let mut last = self
+            .splice_checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Some(line) = c.splice_problem() {
+            log::warn!("{line}");
+        }
     }
 }
 
@@ -328,12 +346,7 @@ impl Hooks for Ebpf {
         let Some(c) = g.as_mut() else {
             return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
         };
-        // One bpf() lookup: only worth it when there is splicing to report.
-        if c.splice() {
-            if let Some(line) = c.splice_problem() {
-                log::warn!("{line}");
-            }
-        }
+        self.report_splice_problem(c);
         let (n, why) = c.register_sockets_with_policy(s, &key(ep), ep.policy, ep.limit, nj);
         (n, why.map(|e| refusal(e, ep)))
     }
@@ -361,11 +374,7 @@ impl Hooks for Ebpf {
         let (Some(c), Ok(a)) = (g.as_mut(), armed.token.downcast::<graft_ebpf::Armed>()) else {
             return (0, Some(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
         };
-        if c.splice() {
-            if let Some(line) = c.splice_problem() {
-                log::warn!("{line}");
-            }
-        }
+        self.report_splice_problem(c);
         let (n, why) = c.settle_marks(*a, socks);
         (n, why.map(|e| refusal(e, ep)))
     }
@@ -391,17 +400,6 @@ impl Hooks for Ebpf {
 
     fn options_set(&self, sock: BorrowedFd<'_>) -> Option<u64> {
         self.lock().as_ref()?.options_set(sock)
-    }
-
-    fn keep_off_splice(&self, sock: BorrowedFd<'_>) -> io::Result<()> {
-        let mut g = self.lock();
-        let Some(c) = g.as_mut() else {
-            return Ok(());
-        };
-        c.keep_off_splice(sock).map_err(|e| {
-            log::warn!("{e}");
-            io::Error::from_raw_os_error(libc::EIO)
-        })
     }
 
     fn steer_v6(&self, listener: BorrowedFd<'_>, to: SocketAddrV6) -> io::Result<()> {

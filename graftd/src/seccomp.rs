@@ -215,10 +215,19 @@ struct AppSocket {
     family: libc::c_int,
     sotype: libc::c_int,
     protocol: libc::c_int,
-    inode: u64,
+    /// Read when first needed (only sockets bound to port 0 are told by
+    /// it): most trapped connects never ask.
+    inode: std::cell::OnceCell<u64>,
 }
 
 impl AppSocket {
+    /// The socket's inode (0 if it cannot be read: no socket has it).
+    fn inode(&self) -> u64 {
+        *self
+            .inode
+            .get_or_init(|| nix::sys::stat::fstat(self.sock.as_raw_fd()).map_or(0, |st| st.st_ino))
+    }
+
     fn stream(&self) -> bool {
         self.sotype == libc::SOCK_STREAM
     }
@@ -402,7 +411,7 @@ impl Supervisor {
                     // A client's bind before connecting: decided at its
                     // first connect/send (as in the preload library).
                     if !self.rules.egress.is_empty() || !self.rules.ingress.is_empty() {
-                        self.remember_port0(app.inode);
+                        self.remember_port0(app.inode());
                     }
                     return Verdict::Continue;
                 }
@@ -421,7 +430,7 @@ impl Supervisor {
                 if connected {
                     return Verdict::Continue;
                 }
-                let was_port0 = self.port0.contains(&app.inode);
+                let was_port0 = !self.port0.is_empty() && self.port0.contains(&app.inode());
                 if bound.is_some() && !was_port0 {
                     // Bound by the program to a port of its choosing: the
                     // container's, as in the preload library.
@@ -430,8 +439,8 @@ impl Supervisor {
                 match self.rules.match_egress(sa.ip()) {
                     EgressDecision::Graft(ep) => {
                         if was_port0 {
-                            self.port0.retain(|&i| i != app.inode);
-                            if let Some(line) = epoll_refusal(pid, fd, app.inode) {
+                            self.port0.retain(|&i| i != app.inode());
+                            if let Some(line) = epoll_refusal(pid, fd, app.inode()) {
                                 let head = format!("{} {sa}: endpoint \"{ep}\"", call.name());
                                 self.tell(pfd.as_fd(), &format!("{head}: {line}"));
                                 return Verdict::Fail(libc::EPERM);
@@ -517,7 +526,7 @@ impl Supervisor {
         let ip = match bound {
             _ if connected => return Verdict::Continue,
             Some(b) if b.port() == 0 => b.ip(),
-            Some(b) if self.port0.contains(&app.inode) => b.ip(),
+            Some(b) if self.port0.contains(&app.inode()) => b.ip(),
             Some(_) => return Verdict::Continue,
             None => return Verdict::Continue,
         };
@@ -528,7 +537,7 @@ impl Supervisor {
         else {
             return Verdict::Continue;
         };
-        self.port0.retain(|&i| i != app.inode);
+        self.port0.retain(|&i| i != app.inode());
         let (ep, v6) = match m {
             BindMatch::One { ep, v6 } => (ep, v6),
             BindMatch::Dual { ep4, ep6 } => {
@@ -629,13 +638,12 @@ impl Supervisor {
         if !fits || !(sotype == libc::SOCK_STREAM || sotype == libc::SOCK_DGRAM) {
             return None;
         }
-        let inode = nix::sys::stat::fstat(sock.as_raw_fd()).ok()?.st_ino;
         Some(AppSocket {
             sock,
             family,
             sotype,
             protocol,
-            inode,
+            inode: std::cell::OnceCell::new(),
         })
     }
 
@@ -736,7 +744,7 @@ impl Supervisor {
             self.ns,
             &rec,
             &mut self.budget,
-            broker::Batch::ONE,
+            broker::Batch::SECCOMP,
         );
         if want.dual.is_some() && reply.reason == Reason::NoDualStack {
             return None;
@@ -753,14 +761,7 @@ impl Supervisor {
             );
             return Some(Verdict::Fail(libc::EPROTO));
         };
-        if let Err(e) = self.ctx.hooks.keep_off_splice(new.as_fd()) {
-            self.tell(
-                pfd,
-                &format!("{head}: could not keep the host socket off splicing ({e})"),
-            );
-            return Some(Verdict::Fail(e.raw_os_error().unwrap_or(libc::EIO)));
-        }
-        if let Err(e) = self.install(n, pfd, fd, &app.sock, &new) {
+        if let Err(e) = self.install(n, fd, &new) {
             if !notify::id_valid(self.listener.as_fd(), n.id) {
                 return Some(Verdict::Gone);
             }
@@ -791,30 +792,25 @@ impl Supervisor {
         })
     }
 
-    /// Puts `new` over the caller's `fd`, with the old socket's O_NONBLOCK
-    /// and the descriptor's close-on-exec flag.
-    fn install(
-        &self,
-        n: &notify::Notif,
-        pfd: BorrowedFd<'_>,
-        fd: i32,
-        old: &OwnedFd,
-        new: &OwnedFd,
-    ) -> io::Result<()> {
+    /// Puts `new` over the caller's `fd`, with the replaced socket's
+    /// O_NONBLOCK and the descriptor's close-on-exec flag.
+    fn install(&self, n: &notify::Notif, fd: i32, new: &OwnedFd) -> io::Result<()> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        let fl = OFlag::from_bits_truncate(fcntl(old.as_raw_fd(), FcntlArg::F_GETFL)?);
-        if fl.contains(OFlag::O_NONBLOCK) {
+        // The file's status flags and the descriptor's close-on-exec flag
+        // in one read (no F_GETFL on our copy of the program's socket).
+        let flags = fd_flags(n.pid as libc::pid_t, fd)?;
+        if flags & libc::O_NONBLOCK as u32 != 0 {
             fcntl(new.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         }
-        let _ = pfd;
-        let cloexec = fd_cloexec(n.pid as libc::pid_t, fd)?;
+        let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
         notify::install_fd(self.listener.as_fd(), n.id, new.as_fd(), fd, cloexec)
     }
 }
 
-/// Whether descriptor `fd` of thread `tid` is close-on-exec (the flags
-/// line of its fdinfo holds O_CLOEXEC).
-fn fd_cloexec(tid: libc::pid_t, fd: i32) -> io::Result<bool> {
+/// The flags of descriptor `fd` of thread `tid` as its fdinfo shows them:
+/// the file's status flags (`O_NONBLOCK`), and `O_CLOEXEC` when the
+/// descriptor is close-on-exec.
+fn fd_flags(tid: libc::pid_t, fd: i32) -> io::Result<u32> {
     use std::io::Read;
     // One read: the flags line comes second, well within the buffer (a
     // socket's fdinfo is four short lines); no size probe, no read to EOF.
@@ -827,7 +823,7 @@ fn fd_cloexec(tid: libc::pid_t, fd: i32) -> io::Result<bool> {
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-    Ok(flags & libc::O_CLOEXEC as u32 != 0)
+    Ok(flags)
 }
 
 /// When socket `inode` (descriptor `fd` of process `pid`) is registered

@@ -105,13 +105,19 @@ pub struct Batch {
     /// The connection has had [`CHURN_AFTER_BATCHES`] batches: its sockets
     /// stay off the splice.
     pub churning: bool,
+    /// For a trapped call of a program served in seccomp mode: its reads
+    /// are not the preload library's, so the socket never joins the splice
+    /// (marked so as it is handed out), and nobody reads the reply's
+    /// address.
+    pub seccomp: bool,
 }
 
 impl Batch {
-    /// One socket, for a request that is not a connection's batch.
-    pub const ONE: Batch = Batch {
+    /// One socket for a program served in seccomp mode.
+    pub const SECCOMP: Batch = Batch {
         size: 1,
         churning: false,
+        seccomp: true,
     };
 
     /// The first batch of a connection.
@@ -119,6 +125,7 @@ impl Batch {
     pub const FIRST: Batch = Batch {
         size: graft_core::proto::broker::BATCH_FIRST,
         churning: false,
+        seccomp: false,
     };
 
     /// The batch after `served` quick batches in a row (see
@@ -127,7 +134,13 @@ impl Batch {
         Batch {
             size,
             churning: served >= CHURN_AFTER_BATCHES,
+            seccomp: false,
         }
+    }
+
+    /// Whether the sockets answering `op` never join the splice.
+    fn no_join(&self, op: Op) -> bool {
+        (self.churning && op == Op::SocketBatch) || self.seccomp
     }
 }
 
@@ -213,7 +226,10 @@ fn sockets(
     // map update per batch instead of two system calls per socket); the
     // request carries no option (plan refuses the refused class anyway).
     let armed = if want > 1 && matches!(ep.target, Target::Own) && req.nopts == 0 {
-        match ctx.hooks.arm_marks(&ep.hook_ref(), want, batch.churning) {
+        match ctx
+            .hooks
+            .arm_marks(&ep.hook_ref(), want, batch.no_join(req.op))
+        {
             Some(Ok(a)) => {
                 want = a.count;
                 Some(a)
@@ -230,7 +246,7 @@ fn sockets(
     let mut made: Vec<factory::Made> = Vec::with_capacity(want);
     let mut failed = None;
     for _ in 0..want {
-        match make_for(ctx, ep, req, made.is_empty()) {
+        match make_for(ctx, ep, req, made.is_empty() && !batch.seccomp) {
             Ok(m) => made.push(m),
             Err(r) => {
                 failed = Some(r);
@@ -241,10 +257,9 @@ fn sockets(
     let fds: Vec<_> = made.iter().map(|m| m.fd.as_fd()).collect();
     let (ok, why) = match armed {
         Some(a) => ctx.hooks.settle_marks(a, &fds, &ep.hook_ref()),
-        None => {
-            let no_join = batch.churning && req.op == Op::SocketBatch;
-            ctx.hooks.sockets_handed_out(&fds, &ep.hook_ref(), no_join)
-        }
+        None => ctx
+            .hooks
+            .sockets_handed_out(&fds, &ep.hook_ref(), batch.no_join(req.op)),
     };
     drop(fds);
     if ok < made.len() {
