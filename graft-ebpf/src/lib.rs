@@ -719,7 +719,8 @@ impl Companion {
         if !fds.first().is_some_and(|&fd| is_inet(fd)) {
             return (fds.len(), None);
         }
-        let live_before = self.live_of(id, v.handed);
+        // The live count (a counters lookup) matters only under a limit.
+        let live_before = limit.map_or(0, |_| self.live_of(id, v.handed));
         let mut done = 0;
         let mut why = None;
         for &fd in fds {
@@ -787,7 +788,8 @@ impl Companion {
             .ids
             .get(&maps::GraftEpKey::new(key), 0)
             .map_or(0, |v| v.handed);
-        let live = self.live_of(id, handed);
+        // The live count (a counters lookup) matters only under a limit.
+        let live = limit.map_or(0, |_| self.live_of(id, handed));
         let room = limit.map_or(u64::MAX, |l| u64::from(l).saturating_sub(live));
         if room == 0 {
             return Err(Error::LimitReached {
