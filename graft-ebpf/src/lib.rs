@@ -108,9 +108,10 @@
 //!   `fdopen`ed sockets (and an inherited socket's `stdin`) streams that read
 //!   through it. A
 //!   program graftd serves in seccomp mode reads with calls the library
-//!   does not see: graftd marks its sockets `GRAFT_SK_NO_JOIN`
-//!   ([`Companion::keep_off_splice`]; an accepted socket inherits it from
-//!   its listener), and they stay on TCP.
+//!   does not see: graftd registers its sockets marked `GRAFT_SK_NO_JOIN`
+//!   ([`Companion::register_sockets_with_policy`] with `no_join`, or
+//!   [`Companion::keep_off_splice`] for a socket marked already; an
+//!   accepted socket inherits it from its listener), and they stay on TCP.
 //!   A client opening connection after
 //!   connection (its broker connection had three batches in a row, each
 //!   within a second of the one before) gets sockets
