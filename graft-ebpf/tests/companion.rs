@@ -18,6 +18,8 @@ use graft_ebpf::{Companion, EndpointKey, Options};
 use graft_seccomp::sockopt;
 use graft_tests::{root_or_skip, Netns};
 
+mod common;
+
 /// One companion at a time: `Companion::start` moves this test process into
 /// a cgroup of its own, and a process is in one cgroup at a time.
 static LOCK: Mutex<()> = Mutex::new(());
@@ -845,16 +847,11 @@ fn what_a_spliced_socket_owes_survives_a_restart() {
             return;
         }
     };
-    /// Back to the original cgroup, then the pins and the cgroup removed
-    /// (on failure too).
-    struct Unpin(std::path::PathBuf, std::path::PathBuf, String);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
-            let _ = graft_ebpf::remove_pinned(&self.1, &self.2);
-        }
-    }
-    let _unpin = Unpin(c.original_cgroup(), pin, tag);
+    let _cleanup = common::Cleanup {
+        pin,
+        cgroup: tag,
+        original: Some(c.original_cgroup()),
+    };
     let [srv, cli] = endpoints_here(&mut c, ["ow-srv", "ow-cli"]);
     let l = listener(&mut c, &srv, "127.0.0.1:0".parse().unwrap());
     let mut s = client(&mut c, &cli, l.local_addr().unwrap());

@@ -12,22 +12,8 @@ use graft_core::{EndpointName, NetnsId};
 use graft_ebpf::{remove_pinned, Companion, EndpointKey, Options};
 use graft_tests::root_or_skip;
 
-/// Moves the process back to where it came from and removes the pins and the
-/// cgroup.
-struct Cleanup {
-    pin: PathBuf,
-    cgroup: String,
-    original: Option<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(o) = &self.original {
-            let _ = std::fs::write(o.join("cgroup.procs"), std::process::id().to_string());
-        }
-        let _ = remove_pinned(&self.pin, &self.cgroup);
-    }
-}
+mod common;
+use common::Cleanup;
 
 fn sendto(s: &UdpSocket, port: u16) -> Result<(), i32> {
     s.send_to(b"x", ("127.0.0.1", port))

@@ -430,7 +430,7 @@ impl Supervisor {
                 if connected {
                     return Verdict::Continue;
                 }
-                let was_port0 = !self.port0.is_empty() && self.port0.contains(&app.inode());
+                let was_port0 = self.bound_to_port0(&app);
                 if bound.is_some() && !was_port0 {
                     // Bound by the program to a port of its choosing: the
                     // container's, as in the preload library.
@@ -526,7 +526,7 @@ impl Supervisor {
         let ip = match bound {
             _ if connected => return Verdict::Continue,
             Some(b) if b.port() == 0 => b.ip(),
-            Some(b) if self.port0.contains(&app.inode()) => b.ip(),
+            Some(b) if self.bound_to_port0(&app) => b.ip(),
             Some(_) => return Verdict::Continue,
             None => return Verdict::Continue,
         };
@@ -555,6 +555,12 @@ impl Supervisor {
         };
         self.graft(n, pfd.as_fd(), &app, &want)
             .unwrap_or(Verdict::Fail(libc::EPROTO))
+    }
+
+    /// Whether the program bound `app` to port 0 itself (see `port0`);
+    /// its inode is read only when some such socket is pending.
+    fn bound_to_port0(&self, app: &AppSocket) -> bool {
+        !self.port0.is_empty() && self.port0.contains(&app.inode())
     }
 
     fn remember_port0(&mut self, inode: u64) {
