@@ -18,7 +18,7 @@ from .docker import DOCKER_PATHS, GraftDockerPath, docker_available
 from .harness import Harness, find_bins
 from .paths import ALL_PATHS, GraftComparePath, GraftG2GComparePath, GraftPath, GraftSeccompCgroupPath, cgroup2_mount
 from .proc import RUN, BenchError, cleanup, on_signal, record, say
-from .report import fmt, replot, write_results
+from .report import HALT_POLL_NS, fmt, idle_info, replot, write_results
 from .workloads import config, micro, run_cell
 
 DOCKER_DAEMONS = {"dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2",
@@ -41,6 +41,7 @@ class Options:
     out: Optional[str] = None
     keep: bool = False
     replot: Optional[str] = None
+    halt_poll_ns: Optional[int] = None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Outcome:
     notes: dict = field(default_factory=dict)     # (path, metric) -> contaminated samples
     failures: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    idle: str = "?"                               # the vCPUs' idle policy during the run
     rc: int = 0
 
     def fail(self, what):
@@ -86,6 +88,10 @@ def parse(argv, doc):
                     help="also run graft's rows with another build's graftd/graft/ip-graft (paths graft-cmp, graft-g2g-cmp)")
     ap.add_argument("--out")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--halt-poll-ns", type=int, metavar="NS",
+                    help="for this run, let an idle vCPU poll NS ns before it halts (cpuidle-haltpoll's "
+                         "guest_halt_poll_ns; restored at the end): cross-CPU wake-ups then cost what they "
+                         "cost on bare metal instead of a VM exit each")
     a = ap.parse_args(argv)
     if not (a.full or a.quick or a.smoke or a.replot):
         ap.error("one of --full, --quick, --smoke, --replot RESULT.json is required")
@@ -108,10 +114,30 @@ def parse(argv, doc):
         for cmp in ("graft-cmp", "graft-g2g-cmp"):
             if a.paths and cmp in a.paths.split(","):
                 ap.error(f"path {cmp} needs --compare BIN_DIR")
+    if a.halt_poll_ns is not None:
+        if not (0 <= a.halt_poll_ns <= 10_000_000):
+            ap.error("--halt-poll-ns must be 0..10000000")
+        if not os.path.exists(HALT_POLL_NS):
+            ap.error(f"--halt-poll-ns: no {HALT_POLL_NS} (the cpuidle-haltpoll driver of a KVM guest)")
     mode = next(m for m in ("full", "quick", "smoke", "replot") if getattr(a, m))
     return Options(mode=mode, label=a.label, runs=a.runs, secs=a.secs, paths=a.paths, workloads=a.workloads,
                    no_docker=a.no_docker, bin_dir=a.bin_dir, compare=a.compare, out=a.out, keep=a.keep,
-                   replot=a.replot)
+                   replot=a.replot, halt_poll_ns=a.halt_poll_ns)
+
+
+def set_halt_poll(ns):
+    """Sets guest_halt_poll_ns for the run; the old value goes back at
+    teardown (also on error or signal)."""
+    with open(HALT_POLL_NS) as f:
+        old = f.read().strip()
+
+    def restore():
+        with open(HALT_POLL_NS, "w") as f:
+            f.write(old)
+
+    with open(HALT_POLL_NS, "w") as f:
+        f.write(str(ns))
+    RUN.cleanups.append(restore)
 
 
 def choose_paths(h, opts, out):
@@ -242,6 +268,13 @@ def main(argv, doc):
 
     h = start(opts)
     out = Outcome(started=datetime.datetime.utcnow().strftime("%H:%M:%S"))
+    if opts.halt_poll_ns is not None:
+        try:
+            set_halt_poll(opts.halt_poll_ns)
+        except OSError as e:
+            say(f"bench/run: --halt-poll-ns: {HALT_POLL_NS}: {e.strerror}")
+            return 2
+    out.idle = idle_info()
     say(f"bench: mode {opts.mode}, work dir {RUN.tmp}, graft-bench {h.bench}, "
         f"graft binaries {h.bin_dir or 'ABSENT'}")
     classes = choose_paths(h, opts, out)

@@ -36,6 +36,28 @@ def ratio(path_v, host_v, hib):
     return path_v / host_v if hib else host_v / path_v
 
 
+HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def idle_info():
+    """How an idle vCPU waits: the cpuidle driver and, with cpuidle-haltpoll,
+    how long it polls before it halts. A halted vCPU's wake-up is a VM exit:
+    on these machines that sets the unpinned latency and churn cells."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    driver = read("/sys/devices/system/cpu/cpuidle/current_driver") or "none"
+    poll = read(HALT_POLL_NS)
+    if poll is None:
+        return f"cpuidle {driver}"
+    note = " (an idle vCPU halts at once)" if poll == "0" else ""
+    return f"cpuidle {driver}, guest_halt_poll_ns={poll}{note}"
+
+
 def machine_info():
     kern = os.uname().release
     model = "?"
@@ -82,7 +104,7 @@ def write_results(h, cfg, out):
 
     L = []
     L.append(f"# graft bench — {label} ({date})\n")
-    L.append(f"- Machine: {mach}")
+    L.append(f"- Machine: {mach}; idle: {out.idle}")
     L.append("- Tools: " + "; ".join(f"{k}: {v}" for k, v in vers.items()))
     L.append(f"- Mode: `{cfg.mode}`, {cfg.runs} interleaved run(s) per cell (the paths' order rotated each run), {cfg.secs} s per iperf3/wrk cell; "
              f"started {started} UTC, finished {datetime.datetime.utcnow().strftime('%H:%M:%S')} UTC")
