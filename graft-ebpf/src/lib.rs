@@ -56,11 +56,12 @@
 //!   (a container's, a unit's), `graft_app_sock_create` and
 //!   `graft_app_setsockopt` are attached to *that* cgroup for as long as
 //!   graftd serves it ([`Companion::watch_options`], links not pinned):
-//!   every inet socket made there gets a record of which carried options
-//!   (`graft_core::sockopt::SNAPSHOT`) it was set, so graftd reads those
-//!   few instead of all of them at a trapped connect
-//!   ([`Companion::options_set`]). The only programs that see sockets
-//!   graftd did not make; they change nothing.
+//!   every inet socket made there gets a record of its family, type,
+//!   protocol and namespace and of which carried options
+//!   (`graft_core::sockopt::SNAPSHOT`) it was set, so at a trapped connect
+//!   graftd asks the socket for none of the first and only those few of
+//!   the options ([`Companion::app_socket`]). The only programs that see
+//!   sockets graftd did not make; they change nothing.
 //!
 //! Outliving graftd ([`Options::pin_dir`]): the maps in `PINNED_MAPS` are
 //! pinned as `DIR/maps/NAME` and every cgroup program is attached by a
@@ -254,6 +255,19 @@ pub struct OptionWatch {
     _links: Vec<OwnedFd>,
 }
 
+/// A watched program's socket as the companion recorded it
+/// ([`Companion::app_socket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppSocket {
+    /// Bit i: `graft_core::sockopt::SNAPSHOT[i]` was set on it.
+    pub options_set: u64,
+    /// The netns cookie of the namespace it was made in.
+    pub netns_cookie: u64,
+    /// (family, type, protocol) as made; `None` when it may have changed
+    /// since (`IPV6_ADDRFORM`): ask the socket.
+    pub kind: Option<(libc::c_int, libc::c_int, libc::c_int)>,
+}
+
 /// The one list of programs attached to the companion's cgroup: name in
 /// graft.bpf.c, aya type, hook (`enum bpf_attach_type`). Each becomes one
 /// bpf_link, pinned as `PIN_DIR/links/NAME`.
@@ -412,7 +426,7 @@ pub struct Companion {
     _socks: Option<SockHash<MapData, [u8; 56]>>,
     /// Options set on sockets of programs served in seccomp mode (see
     /// [`Companion::watch_options`]).
-    app_opts: SkStorage<MapData, u64>,
+    app_opts: SkStorage<MapData, maps::GraftAppSock>,
     /// The dual-stack steering map, when `graft_sk_lookup` is attached to
     /// graftd's own namespace; else why not.
     steer: Result<SockHash<MapData, [u8; 24]>, String>,
@@ -932,7 +946,7 @@ impl Companion {
 
     /// Starts recording, for every inet socket made from now on in the
     /// cgroup of process `pid`, which of `graft_core::sockopt::SNAPSHOT`'s
-    /// options it is set (read back with [`Companion::options_set`]), until
+    /// options it is set (read back with [`Companion::app_socket`]), until
     /// the returned watch is dropped. `None` when that cgroup is the
     /// hierarchy's root, graftd's own or one above it (every socket of the
     /// host, or graftd's, would carry a record) or cannot be seen.
@@ -953,10 +967,20 @@ impl Companion {
         Ok(Some(OptionWatch { _links: links }))
     }
 
-    /// Which options were set on socket `fd` (bit i: `SNAPSHOT[i]`), if it
-    /// was made under a watch; `None`: its history is unknown.
-    pub fn options_set(&self, fd: BorrowedFd<'_>) -> Option<u64> {
-        self.app_opts.get(&fd.as_raw_fd(), 0).ok()
+    /// What socket `fd` was made as, in which namespace, and which options
+    /// were set on it since (bit i: `SNAPSHOT[i]`), if it was made under a
+    /// watch; `None`: its history is unknown.
+    pub fn app_socket(&self, fd: BorrowedFd<'_>) -> Option<AppSocket> {
+        let r = self.app_opts.get(&fd.as_raw_fd(), 0).ok()?;
+        Some(AppSocket {
+            options_set: r.set,
+            netns_cookie: r.netns,
+            kind: (r.family != 0).then_some((
+                r.family as libc::c_int,
+                r.sotype as libc::c_int,
+                r.protocol as libc::c_int,
+            )),
+        })
     }
 
     /// Keeps the marked socket `fd` (and, for a listener, every connection

@@ -121,6 +121,22 @@ pub struct GraftMark {
     pub pad: u32,
 }
 
+/// `struct graft_app_sock`: what an inet socket of a watched program was
+/// made as, and which carried options were set on it since.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraftAppSock {
+    /// Bit i: `graft_core::sockopt::SNAPSHOT[i]` was set.
+    pub set: u64,
+    /// Netns cookie of the namespace the socket was made in.
+    pub netns: u64,
+    /// 0: changed since it was made (`IPV6_ADDRFORM`).
+    pub family: u32,
+    pub sotype: u32,
+    pub protocol: u32,
+    pub pad: u32,
+}
+
 /// `struct graft_global`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,7 +145,7 @@ pub struct GraftGlobal {
     pub splice_errors: u64,
 }
 
-// SAFETY (all eight): plain #[repr(C)] integer structs without padding holes
+// SAFETY (all nine): plain #[repr(C)] integer structs without padding holes
 // the kernel could leak through (each layout is a multiple of its alignment
 // and its fields are laid out back to back), valid for any bit pattern.
 unsafe impl aya::Pod for GraftSk {}
@@ -147,6 +163,8 @@ unsafe impl aya::Pod for GraftEpKey {}
 unsafe impl aya::Pod for GraftEpVal {}
 // SAFETY: see above.
 unsafe impl aya::Pod for GraftMark {}
+// SAFETY: see above.
+unsafe impl aya::Pod for GraftAppSock {}
 
 /// An address as the four network-order words the kernel compares, and its
 /// family (IPv4 in word 0).
@@ -258,6 +276,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<GraftRule>(), 40);
         assert_eq!(std::mem::size_of::<GraftPolicy>(), 8 + 40 * MAX_RULES);
         assert_eq!(std::mem::size_of::<GraftCounters>(), 72);
+        assert_eq!(std::mem::size_of::<GraftAppSock>(), 32);
     }
 
     #[test]

@@ -154,10 +154,11 @@ pub trait Hooks: Send + Sync {
         None
     }
 
-    /// Which of `graft_core::sockopt::SNAPSHOT`'s options were set on the
-    /// program's socket `sock` (bit i: `SNAPSHOT[i]`); `None`: unknown, so
-    /// every one must be read.
-    fn options_set(&self, _sock: BorrowedFd<'_>) -> Option<u64> {
+    /// The program's socket `sock` as recorded under a watch: what it was
+    /// made as, in which namespace, and which of
+    /// `graft_core::sockopt::SNAPSHOT`'s options were set on it; `None`:
+    /// unknown, so the socket itself must be asked (every option read).
+    fn app_socket(&self, _sock: BorrowedFd<'_>) -> Option<graft_ebpf::AppSocket> {
         None
     }
 
@@ -398,8 +399,8 @@ impl Hooks for Ebpf {
         }
     }
 
-    fn options_set(&self, sock: BorrowedFd<'_>) -> Option<u64> {
-        self.lock().as_ref()?.options_set(sock)
+    fn app_socket(&self, sock: BorrowedFd<'_>) -> Option<graft_ebpf::AppSocket> {
+        self.lock().as_ref()?.app_socket(sock)
     }
 
     fn steer_v6(&self, listener: BorrowedFd<'_>, to: SocketAddrV6) -> io::Result<()> {

@@ -215,6 +215,9 @@ struct AppSocket {
     family: libc::c_int,
     sotype: libc::c_int,
     protocol: libc::c_int,
+    /// The eBPF companion's record of it (made in a watched cgroup):
+    /// `None`, its history is unknown.
+    recorded: Option<graft_ebpf::AppSocket>,
     /// Read when first needed (only sockets bound to port 0 are told by
     /// it): most trapped connects never ask.
     inode: std::cell::OnceCell<u64>,
@@ -627,15 +630,27 @@ impl Supervisor {
     }
 
     fn app_socket_kind(&self, sock: OwnedFd, sa: Option<&SocketAddr>) -> Option<AppSocket> {
+        // A socket the program made in a watched cgroup: its namespace and
+        // kind as recorded when it was made, not asked of it (four
+        // getsockopt calls). A socket grafted already was made by graftd
+        // and has no record.
+        let recorded = self.ctx.hooks.app_socket(sock.as_fd());
         // First: a socket grafted already (every later sendto with an
-        // address on it is trapped too) is told by this one call.
-        if !self.in_our_netns(sock.as_fd()) {
+        // address on it is trapped too) is told by this one check.
+        if !self.in_our_netns(sock.as_fd(), recorded.map(|r| r.netns_cookie)) {
             return None;
         }
-        let int = |name| sockopt::get_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
-        let family = int(libc::SO_DOMAIN)?;
-        let sotype = int(libc::SO_TYPE)?;
-        let protocol = int(libc::SO_PROTOCOL)?;
+        let (family, sotype, protocol) = match recorded.and_then(|r| r.kind) {
+            Some(k) => k,
+            None => {
+                let int = |name| sockopt::get_int(sock.as_fd(), libc::SOL_SOCKET, name).ok();
+                (
+                    int(libc::SO_DOMAIN)?,
+                    int(libc::SO_TYPE)?,
+                    int(libc::SO_PROTOCOL)?,
+                )
+            }
+        };
         let fits = match sa {
             Some(SocketAddr::V4(_)) => family == libc::AF_INET,
             Some(SocketAddr::V6(_)) => family == libc::AF_INET6,
@@ -649,19 +664,22 @@ impl Supervisor {
             family,
             sotype,
             protocol,
+            recorded,
             inode: std::cell::OnceCell::new(),
         })
     }
 
     /// Whether the program's socket `sock` lives in the namespace this
-    /// supervisor serves.
-    fn in_our_netns(&self, sock: BorrowedFd<'_>) -> bool {
-        let mut b = [0u8; 8];
-        let cookie = matches!(
-            sockopt::get(sock, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut b),
-            Ok(8)
-        )
-        .then(|| u64::from_ne_bytes(b));
+    /// supervisor serves. `recorded`: its netns cookie, when known already.
+    fn in_our_netns(&self, sock: BorrowedFd<'_>, recorded: Option<u64>) -> bool {
+        let cookie = recorded.or_else(|| {
+            let mut b = [0u8; 8];
+            matches!(
+                sockopt::get(sock, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut b),
+                Ok(8)
+            )
+            .then(|| u64::from_ne_bytes(b))
+        });
         if cookie.is_some() && cookie == self.ns_cookie.get() {
             return true;
         }
@@ -730,16 +748,18 @@ impl Supervisor {
             }
         }
         if let Some((_, fresh)) = self.fresh.iter().find(|(k, _)| *k == kind) {
-            let set = self.ctx.hooks.options_set(app.sock.as_fd());
+            let set = app.recorded.map(|r| r.options_set);
             let read = snapshot(app, fresh, set, &mut req);
+            // Tests read this line: "as recorded" says the kind and the
+            // namespace came from the record too.
             log::debug!(
                 "seccomp listener of {}: pid {} fd {fd}: read {read} option(s), {}",
                 self.ns,
                 n.pid,
-                if set.is_some() {
-                    "as recorded"
-                } else {
-                    "no record"
+                match app.recorded {
+                    Some(r) if r.kind.is_some() => "as recorded",
+                    Some(_) => "as recorded, kind asked",
+                    None => "no record",
                 }
             );
         }

@@ -1307,10 +1307,12 @@ impl Drop for OwnCgroup {
 }
 
 /// A program in a cgroup of its own (a container's): the eBPF companion
-/// records which options it sets on its sockets, so a trapped connect reads
-/// only those (one or two here) instead of all 47 an AF_INET stream
-/// socket can carry; what was set still travels (SO_RCVBUF, seen with `ss`
-/// on the host side), and the recording ends with the program.
+/// records what each of its sockets was made as, in which namespace, and
+/// which options it sets on it, so a trapped connect asks the socket for
+/// none of the first ("as recorded") and reads only those options (one or
+/// two here) instead of all 47 an AF_INET stream socket can carry; what was
+/// set still travels (SO_RCVBUF, seen with `ss` on the host side), and the
+/// recording ends with the program.
 #[test]
 fn options_of_a_program_in_its_own_cgroup_are_recorded_not_searched() {
     let test = "options_of_a_program_in_its_own_cgroup_are_recorded_not_searched";

@@ -818,13 +818,15 @@ int graft_setsockopt(struct bpf_sockopt *ctx)
  * every carried option of the program's socket to find the few it set:
  * each inet socket made there gets a record, and each setsockopt on it sets
  * the bit of its option (graft_core::sockopt::SNAPSHOT order, filled in by
- * the loader). A socket without a record was made elsewhere or earlier:
- * graftd reads all of its options. */
+ * the loader). The record also says what the socket was made as and in
+ * which namespace, which graftd would otherwise ask the socket (four
+ * getsockopt calls per trapped call). A socket without a record was made
+ * elsewhere or earlier: graftd reads all of that from the socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, __u64);
+	__type(value, struct graft_app_sock);
 } graft_app_opts SEC(".maps");
 
 /* (level << 16 | optname) -> bit. */
@@ -838,7 +840,15 @@ struct {
 SEC("cgroup/sock_create")
 int graft_app_sock_create(struct bpf_sock *sk)
 {
-	bpf_sk_storage_get(&graft_app_opts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct graft_app_sock *r;
+
+	r = bpf_sk_storage_get(&graft_app_opts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (r) {
+		r->netns = bpf_get_netns_cookie(sk);
+		r->family = sk->family;
+		r->type = sk->type;
+		r->protocol = sk->protocol;
+	}
 	return 1;
 }
 
@@ -847,12 +857,18 @@ int graft_app_setsockopt(struct bpf_sockopt *ctx)
 {
 	__u32 key = ((__u32)ctx->level << 16) | ((__u32)ctx->optname & 0xffff);
 	__u32 *bit = bpf_map_lookup_elem(&graft_opt_bits, &key);
-	__u64 *set;
+	int addrform = ctx->level == SOL_IPV6 && ctx->optname == IPV6_ADDRFORM;
+	struct graft_app_sock *r;
 
-	if (bit && ctx->sk) {
-		set = bpf_sk_storage_get(&graft_app_opts, ctx->sk, 0, 0);
-		if (set)
-			__sync_fetch_and_or(set, 1ULL << (*bit & 63));
+	if (ctx->sk && (bit || addrform)) {
+		r = bpf_sk_storage_get(&graft_app_opts, ctx->sk, 0, 0);
+		/* IPV6_ADDRFORM may turn it into an AF_INET socket: the
+		 * family recorded no longer holds (also when the call fails,
+		 * which only costs graftd the getsockopt calls). */
+		if (r && addrform)
+			r->family = 0;
+		if (r && bit)
+			__sync_fetch_and_or(&r->set, 1ULL << (*bit & 63));
 	}
 	/* As graft_setsockopt: the kernel applies the caller's own buffer. */
 	if (ctx->optlen > GRAFT_SOCKOPT_MAX)

@@ -125,6 +125,17 @@ struct graft_listen_key {
 	__u32 ip[4];
 };
 
+/* graft_app_opts: what an inet socket of a watched program was made as,
+ * and which carried options were set on it since. */
+struct graft_app_sock {
+	__u64 set;      /* bit i: graft_core::sockopt::SNAPSHOT[i] was set */
+	__u64 netns;    /* netns cookie of the namespace it was made in */
+	__u32 family;   /* 0: changed since (IPV6_ADDRFORM): ask the socket */
+	__u32 type;
+	__u32 protocol;
+	__u32 pad;
+};
+
 /* Global (not per-endpoint) diagnostics, index 0 of an array. */
 struct graft_global {
 	__u64 last_splice_error; /* negative errno of the last failed insertion */
