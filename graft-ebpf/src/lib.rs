@@ -249,6 +249,13 @@ fn thread_key() -> u64 {
     (u64::from(std::process::id()) << 32) | u64::from(tid)
 }
 
+/// An endpoint's count of sockets handed out and of their closes last read.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    handed: u64,
+    released: u64,
+}
+
 /// A recording of a cgroup's socket options: detached when dropped.
 #[derive(Debug)]
 pub struct OptionWatch {
@@ -431,6 +438,10 @@ pub struct Companion {
     /// graftd's own namespace; else why not.
     steer: Result<SockHash<MapData, [u8; 24]>, String>,
     endpoints: StdHashMap<EndpointKey, u32>,
+    /// Per endpoint id: what `graft_ep_ids` holds as handed out (only
+    /// graftd writes it, under the caller's lock) and the last
+    /// `released` count read, so registering a socket reads neither map.
+    tallies: StdHashMap<u32, Tally>,
     next_id: u32,
     splice: bool,
     splice_errors_seen: u64,
@@ -555,6 +566,7 @@ impl Companion {
             app_opts,
             steer,
             endpoints: StdHashMap::new(),
+            tallies: StdHashMap::new(),
             next_id: 1,
             splice: opts.splice,
             splice_errors_seen: 0,
@@ -574,6 +586,13 @@ impl Companion {
             };
             max = max.max(v.id);
             self.endpoints.insert(key, v.id);
+            self.tallies.insert(
+                v.id,
+                Tally {
+                    handed: v.handed,
+                    released: 0,
+                },
+            );
         }
         let stored = self.next.get(&0, 0).unwrap_or(0);
         let next = u64::from(max).saturating_add(1).max(stored).max(1);
@@ -668,6 +687,7 @@ impl Companion {
             self.next_id = self.next_id.wrapping_add(1).max(1);
             let _ = self.next.set(0, u64::from(self.next_id), 0);
             self.endpoints.insert(key, id);
+            self.tallies.insert(id, Tally::default());
         }
         Ok(id)
     }
@@ -677,6 +697,7 @@ impl Companion {
     /// gone; fail closed).
     pub fn remove_endpoint(&mut self, key: &EndpointKey) {
         if let Some(id) = self.endpoints.remove(key) {
+            self.tallies.remove(&id);
             let _ = self.policies.remove(&id);
             let _ = self.counters.remove(&id);
             let _ = self.ids.remove(&maps::GraftEpKey::new(key));
@@ -724,18 +745,16 @@ impl Companion {
             };
             return (0, Some(e));
         };
-        let k = maps::GraftEpKey::new(key);
-        let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
-            id,
-            pad: 0,
-            handed: 0,
-        });
         // A batch answers one request: its sockets are all of one kind.
         if !fds.first().is_some_and(|&fd| is_inet(fd)) {
             return (fds.len(), None);
         }
-        // The live count (a counters lookup) matters only under a limit.
-        let live_before = limit.map_or(0, |_| self.live_of(id, v.handed));
+        let mut v = maps::GraftEpVal {
+            id,
+            pad: 0,
+            handed: self.handed(id),
+        };
+        let live_before = self.live_within(id, v.handed, fds.len(), limit);
         let mut done = 0;
         let mut why = None;
         for &fd in fds {
@@ -764,8 +783,11 @@ impl Companion {
         }
         // Only graftd writes this entry (under the caller's lock), so the
         // read-modify-write cannot lose a count.
-        match self.ids.insert(k, v, 0) {
-            Ok(()) => (done, why),
+        match self.ids.insert(maps::GraftEpKey::new(key), v, 0) {
+            Ok(()) => {
+                self.tallies.entry(id).or_default().handed = v.handed;
+                (done, why)
+            }
             // The marked sockets are refused too: handing out sockets the
             // count does not know would let closes drive it below zero.
             Err(e) => (
@@ -799,12 +821,8 @@ impl Companion {
             Some(&id) => id,
             None => self.add_endpoint(*key, policy)?,
         };
-        let handed = self
-            .ids
-            .get(&maps::GraftEpKey::new(key), 0)
-            .map_or(0, |v| v.handed);
-        // The live count (a counters lookup) matters only under a limit.
-        let live = limit.map_or(0, |_| self.live_of(id, handed));
+        let handed = self.handed(id);
+        let live = self.live_within(id, handed, want, limit);
         let room = limit.map_or(u64::MAX, |l| u64::from(l).saturating_sub(live));
         if room == 0 {
             return Err(Error::LimitReached {
@@ -855,7 +873,7 @@ impl Companion {
         // or made and closed again by a failed bind, is released unused, and
         // cgroup/sock_release counts that. (One more marked than made is the
         // last one, closed by the failure that ended the batch.)
-        let counted = self.count_handed(&armed.key, marked);
+        let counted = self.count_handed(&armed.key, marked, armed.limit);
         if marked < fds.len() {
             let e = Error::Bpf {
                 op: format!(
@@ -886,21 +904,26 @@ impl Companion {
     }
 
     /// Adds `n` to the sockets `key` handed out; returns its live count
-    /// before them.
-    fn count_handed(&mut self, key: &EndpointKey, n: usize) -> Result<u64, Error> {
+    /// before them, as far as `limit` needs it (see
+    /// [`Companion::live_within`]).
+    fn count_handed(
+        &mut self,
+        key: &EndpointKey,
+        n: usize,
+        limit: Option<u32>,
+    ) -> Result<u64, Error> {
         let Some(&id) = self.endpoints.get(key) else {
             return Err(Error::UnknownEndpoint {
                 name: key.name.to_string(),
                 netns: key.netns,
             });
         };
-        let k = maps::GraftEpKey::new(key);
-        let mut v = self.ids.get(&k, 0).unwrap_or(maps::GraftEpVal {
+        let mut v = maps::GraftEpVal {
             id,
             pad: 0,
-            handed: 0,
-        });
-        let live = self.live_of(id, v.handed);
+            handed: self.handed(id),
+        };
+        let live = self.live_within(id, v.handed, n, limit);
         if n == 0 {
             return Ok(live);
         }
@@ -908,13 +931,38 @@ impl Companion {
         // As in register_sockets: only graftd writes this entry, under the
         // caller's lock.
         self.ids
-            .insert(k, v, 0)
-            .map(|()| live)
-            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))
+            .insert(maps::GraftEpKey::new(key), v, 0)
+            .map_err(bpf_err(format!("count a socket of endpoint {}", key.name)))?;
+        self.tallies.entry(id).or_default().handed = v.handed;
+        Ok(live)
+    }
+
+    /// Sockets endpoint `id` has handed out, as `graft_ep_ids` holds it.
+    fn handed(&self, id: u32) -> u64 {
+        self.tallies.get(&id).map_or(0, |t| t.handed)
     }
 
     fn live_of(&self, id: u32, handed: u64) -> u64 {
         let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
+        handed.saturating_sub(released)
+    }
+
+    /// The live count of endpoint `id` (which has handed out `handed`)
+    /// as far as `limit` needs it before `more` new sockets: 0 without a
+    /// limit; else at most `handed` minus the closes last seen (closes only
+    /// add up), and the exact count (a counters lookup) only when that
+    /// bound leaves no room for them.
+    fn live_within(&mut self, id: u32, handed: u64, more: usize, limit: Option<u32>) -> u64 {
+        let Some(l) = limit else {
+            return 0;
+        };
+        let seen = self.tallies.get(&id).map_or(0, |t| t.released);
+        let at_most = handed.saturating_sub(seen);
+        if at_most.saturating_add(more as u64) <= u64::from(l) {
+            return at_most;
+        }
+        let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
+        self.tallies.entry(id).or_default().released = released;
         handed.saturating_sub(released)
     }
 
