@@ -152,7 +152,7 @@ pub fn serve(
         fresh: Vec::new(),
         ns_cookie: std::cell::Cell::new(None),
         pidfds: Vec::new(),
-        _watch: watch,
+        watch,
         _record: record,
     };
     let spawned = std::thread::Builder::new()
@@ -274,9 +274,9 @@ struct Supervisor {
     ns_cookie: std::cell::Cell<Option<u64>>,
     /// Pidfds of the program's threads, oldest first.
     pidfds: Vec<(libc::pid_t, Arc<OwnedFd>)>,
-    /// The eBPF companion's record of the options the program sets on its
-    /// sockets, while this listener is served.
-    _watch: Option<Box<dyn Send>>,
+    /// The eBPF companion's recording of the program's sockets (what each
+    /// was made as, the options set on it), while this listener is served.
+    watch: Option<Box<dyn Send>>,
     /// This listener written down, so a restarted graftd serves it again;
     /// removed with the supervisor (the program is gone).
     _record: Option<crate::adopt::Record>,
@@ -395,7 +395,8 @@ impl Supervisor {
         let Some(sa) = sockaddr::parse(&raw[..got]) else {
             return Verdict::Continue;
         };
-        let (pfd, app) = match self.app_socket(n, fd, Some(&sa)) {
+        let fresh = matches!(call, Call::Bind | Call::Connect);
+        let (pfd, app) = match self.app_socket(n, fd, Some(&sa), fresh) {
             Ok((p, Some(a))) => (p, a),
             Ok((_, None)) => return Verdict::Continue,
             Err(v) => return v,
@@ -511,7 +512,7 @@ impl Supervisor {
     /// now when an ingress rule covers port 0 of its address (as the preload
     /// library does); the listen then continues on the host socket.
     fn decide_listen(&mut self, n: &notify::Notif, fd: i32) -> Verdict {
-        let (pfd, app) = match self.app_socket(n, fd, None) {
+        let (pfd, app) = match self.app_socket(n, fd, None, true) {
             Ok((p, Some(a))) => (p, a),
             Ok((_, None)) => return Verdict::Continue,
             Err(v) => return v,
@@ -609,12 +610,16 @@ impl Supervisor {
     /// The trapped thread's pidfd, and its descriptor `fd` if that is an
     /// AF_INET/AF_INET6 stream or datagram socket of the family of `sa`,
     /// living in the program's own namespace (a host socket, grafted
-    /// already, is left alone).
+    /// already, is left alone). `fresh`: the call is one a socket grafted
+    /// already does not make (bind, connect, listen), so the companion's
+    /// record is asked first; sends also come on grafted sockets, which
+    /// have none, so for them the socket's namespace is asked first.
     fn app_socket(
         &mut self,
         n: &notify::Notif,
         fd: i32,
         sa: Option<&SocketAddr>,
+        fresh: bool,
     ) -> Result<(Arc<OwnedFd>, Option<AppSocket>), Verdict> {
         let mut pfd = self.pidfd(n, false)?;
         let mut got = pidfd::getfd(pfd.as_fd(), fd);
@@ -625,21 +630,44 @@ impl Supervisor {
             got = pidfd::getfd(pfd.as_fd(), fd);
         }
         // Any other failure (EBADF): the kernel fails the call itself.
-        let app = got.ok().and_then(|sock| self.app_socket_kind(sock, sa));
+        let app = got
+            .ok()
+            .and_then(|sock| self.app_socket_kind(sock, sa, fresh));
         Ok((pfd, app))
     }
 
-    fn app_socket_kind(&self, sock: OwnedFd, sa: Option<&SocketAddr>) -> Option<AppSocket> {
+    /// The companion's record of the program's socket `sock`, when its
+    /// sockets are being recorded.
+    fn record(&self, sock: BorrowedFd<'_>) -> Option<graft_ebpf::AppSocket> {
+        self.watch.as_ref()?;
+        self.ctx.hooks.app_socket(sock)
+    }
+
+    fn app_socket_kind(
+        &self,
+        sock: OwnedFd,
+        sa: Option<&SocketAddr>,
+        fresh: bool,
+    ) -> Option<AppSocket> {
         // A socket the program made in a watched cgroup: its namespace and
         // kind as recorded when it was made, not asked of it (four
         // getsockopt calls). A socket grafted already was made by graftd
         // and has no record.
-        let recorded = self.ctx.hooks.app_socket(sock.as_fd());
+        let early = if fresh {
+            self.record(sock.as_fd())
+        } else {
+            None
+        };
         // First: a socket grafted already (every later sendto with an
         // address on it is trapped too) is told by this one check.
-        if !self.in_our_netns(sock.as_fd(), recorded.map(|r| r.netns_cookie)) {
+        if !self.in_our_netns(sock.as_fd(), early.map(|r| r.netns_cookie)) {
             return None;
         }
+        let recorded = if fresh {
+            early
+        } else {
+            self.record(sock.as_fd())
+        };
         let (family, sotype, protocol) = match recorded.and_then(|r| r.kind) {
             Some(k) => k,
             None => {
