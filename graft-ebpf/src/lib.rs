@@ -749,11 +749,7 @@ impl Companion {
         if !fds.first().is_some_and(|&fd| is_inet(fd)) {
             return (fds.len(), None);
         }
-        let mut v = maps::GraftEpVal {
-            id,
-            pad: 0,
-            handed: self.handed(id),
-        };
+        let mut v = self.ep_val(id);
         let live_before = self.live_within(id, v.handed, fds.len(), limit);
         let mut done = 0;
         let mut why = None;
@@ -821,7 +817,7 @@ impl Companion {
             Some(&id) => id,
             None => self.add_endpoint(*key, policy)?,
         };
-        let handed = self.handed(id);
+        let handed = self.ep_val(id).handed;
         let live = self.live_within(id, handed, want, limit);
         let room = limit.map_or(u64::MAX, |l| u64::from(l).saturating_sub(live));
         if room == 0 {
@@ -918,11 +914,7 @@ impl Companion {
                 netns: key.netns,
             });
         };
-        let mut v = maps::GraftEpVal {
-            id,
-            pad: 0,
-            handed: self.handed(id),
-        };
+        let mut v = self.ep_val(id);
         let live = self.live_within(id, v.handed, n, limit);
         if n == 0 {
             return Ok(live);
@@ -937,14 +929,22 @@ impl Companion {
         Ok(live)
     }
 
-    /// Sockets endpoint `id` has handed out, as `graft_ep_ids` holds it.
-    fn handed(&self, id: u32) -> u64 {
-        self.tallies.get(&id).map_or(0, |t| t.handed)
+    /// Endpoint `id`'s entry in `graft_ep_ids`, as graftd last wrote it.
+    fn ep_val(&self, id: u32) -> maps::GraftEpVal {
+        maps::GraftEpVal {
+            id,
+            pad: 0,
+            handed: self.tallies.get(&id).map_or(0, |t| t.handed),
+        }
+    }
+
+    /// Closes of endpoint `id`'s sockets so far (a counters lookup).
+    fn released(&self, id: u32) -> u64 {
+        self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0)
     }
 
     fn live_of(&self, id: u32, handed: u64) -> u64 {
-        let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
-        handed.saturating_sub(released)
+        handed.saturating_sub(self.released(id))
     }
 
     /// The live count of endpoint `id` (which has handed out `handed`)
@@ -961,7 +961,7 @@ impl Companion {
         if at_most.saturating_add(more as u64) <= u64::from(l) {
             return at_most;
         }
-        let released = self.counters.get(&id, 0).map(|c| c.released).unwrap_or(0);
+        let released = self.released(id);
         self.tallies.entry(id).or_default().released = released;
         handed.saturating_sub(released)
     }
