@@ -517,9 +517,14 @@ fn grafted_pairs(test: &str, args: &[&str], spliced: bool) {
             spliced,
             "{ty}: the spliced count is shown exactly when splicing is on"
         );
+        let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
+        // Each side's received bytes are credited as the other's socket
+        // ends (spliced) or its own does (TCP): both ended once both read
+        // in full, and then every count is final.
+        stats_when(&env, &c2, &eout, "bytes_received", N as u64 + pp);
+        stats_when(&env, &c1, &ein, "bytes_received", N as u64 + pp);
         let si = env.stats_in(&c1, &ein);
         let so = env.stats_in(&c2, &eout);
-        let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
         assert_eq!(si["passive_established"], 2, "{si}");
         assert_eq!(so["active_established"], 2, "{so}");
         assert_eq!(so["bytes_sent"], N as u64 + pp, "{so}");
@@ -616,13 +621,13 @@ fn splice_leaves_a_churning_client_on_tcp() {
             cli.args([PY, &py, "client", ip, port, &n, &pace.to_string()]);
             assert_eq!(ok(cli, "client").trim(), format!("ok {conns}"));
             assert!(srv.wait_timeout(LIMIT).success(), "server failed");
+            let whole = conns * 1000;
+            if conns != 200 {
+                stats_when(&env, &c2, &eout, "spliced_bytes", before + whole);
+            }
             let sent = spliced() - before;
             if conns != 200 {
-                assert_eq!(
-                    sent,
-                    conns * 1000,
-                    "{eout}: a short or paced run is spliced whole"
-                );
+                assert_eq!(sent, whole, "{eout}: a short or paced run is spliced whole");
             } else {
                 // Only the first three batches' sockets may join.
                 assert!(
@@ -679,9 +684,24 @@ fn splice_leaves_seccomp_mode_programs_on_tcp() {
         segs < 60,
         "both preloaded: {segs} TCP segments: not spliced"
     );
-    let so = env.stats_in(&c2, "out");
     let pp: u64 = (0..300u64).map(|i| 1 + i % 97).sum();
+    let so = stats_when(&env, &c2, "out", "spliced_bytes", N as u64 + pp);
     assert_eq!(so["spliced_bytes"], N as u64 + pp, "{so}");
+}
+
+/// Endpoint `ep`'s stats in `ns` once `key` reads `want`, or as they are
+/// after 5 s: a connection's bytes are credited when its socket ends (CLOSE,
+/// once the peer's FIN is in), which can follow the programs' exit by a
+/// moment. The caller asserts.
+fn stats_when(env: &Env, ns: &Netns, ep: &str, key: &str, want: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = env.stats_in(ns, ep);
+        if s[key].as_u64() == Some(want) || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Without splicing, the counters come from TCP when each connection closes:
